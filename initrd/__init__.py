@@ -1,0 +1,1 @@
+"""The initramfs builder: freezes the runtime into a minimal, reproducible initramfs."""

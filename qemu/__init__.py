@@ -1,0 +1,1 @@
+"""The QEMU boot harness and its pytest plugin."""
