@@ -1,0 +1,139 @@
+"""The on-disk model of the state filesystem (DESIGN.md §3).
+
+```
+overlayroot/deployments/<id>/{root.erofs|root.squashfs|root/}, manifest.json
+overlayroot/etc/<id>/{upper,work}
+overlayroot/var/  overlayroot/home/
+```
+
+Reading is done by the boot stage, writing by ``overlayroot deploy``; both go through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from overlayroot.errors import BootError
+
+TOP = "overlayroot"
+MANIFEST = "manifest.json"
+FORMATS = {"erofs": "root.erofs", "squashfs": "root.squashfs", "dir": "root"}
+# Ids become directory names and appear on the kernel command line.
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+
+
+def check_id(deployment_id: str) -> str:
+    if not ID_PATTERN.match(deployment_id):
+        raise BootError(
+            f"invalid deployment id {deployment_id!r}: use 1-64 letters, digits, '.', '_', '+'"
+            " or '-', starting with a letter or digit"
+        )
+    return deployment_id
+
+
+@dataclass(frozen=True)
+class Manifest:
+    id: str
+    created: str  # RFC 3339, UTC
+    format: str  # a key of FORMATS
+    image: str  # a value of FORMATS, relative to the deployment's directory
+    sha256: str
+    size: int
+    origin: str
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: Path) -> Manifest:
+        try:
+            data = json.loads(text)
+            manifest = cls(
+                id=str(data["id"]),
+                created=str(data["created"]),
+                format=str(data["format"]),
+                image=str(data["image"]),
+                sha256=str(data["sha256"]),
+                size=int(data["size"]),
+                origin=str(data.get("origin", "")),
+            )
+        except (ValueError, KeyError, TypeError) as e:
+            raise BootError(f"{where}: not a valid deployment manifest ({e})") from None
+        if FORMATS.get(manifest.format) != manifest.image:
+            raise BootError(
+                f"{where}: format {manifest.format!r} does not match image {manifest.image!r}"
+            )
+        return manifest
+
+
+@dataclass(frozen=True)
+class StateLayout:
+    """Paths inside a state filesystem mounted at ``root``."""
+
+    root: Path
+
+    @property
+    def top(self) -> Path:
+        return self.root / TOP
+
+    @property
+    def deployments(self) -> Path:
+        return self.top / "deployments"
+
+    @property
+    def var(self) -> Path:
+        return self.top / "var"
+
+    @property
+    def home(self) -> Path:
+        return self.top / "home"
+
+    def deployment_dir(self, deployment_id: str) -> Path:
+        return self.deployments / check_id(deployment_id)
+
+    def etc_upper(self, deployment_id: str) -> Path:
+        return self.top / "etc" / check_id(deployment_id) / "upper"
+
+    def etc_work(self, deployment_id: str) -> Path:
+        return self.top / "etc" / check_id(deployment_id) / "work"
+
+    def image_path(self, manifest: Manifest) -> Path:
+        return self.deployment_dir(manifest.id) / manifest.image
+
+    def exists(self) -> bool:
+        return self.deployments.is_dir()
+
+    def deployment_ids(self) -> list[str]:
+        """Staged deployments, sorted; half-staged directories (``.``-prefixed) are not ones."""
+        try:
+            names = os.listdir(self.deployments)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in names if ID_PATTERN.match(n) and not n.startswith("."))
+
+    def read_manifest(self, deployment_id: str) -> Manifest:
+        path = self.deployment_dir(deployment_id) / MANIFEST
+        try:
+            text = path.read_text()
+        except FileNotFoundError:
+            raise BootError(f"deployment {deployment_id!r} has no manifest at {path}") from None
+        except OSError as e:
+            raise BootError(f"cannot read {path}: {e.strerror}") from None
+        manifest = Manifest.from_json(text, path)
+        if manifest.id != deployment_id:
+            raise BootError(f"{path}: manifest id {manifest.id!r} != directory {deployment_id!r}")
+        return manifest
+
+    def manifests(self) -> list[Manifest]:
+        return [self.read_manifest(i) for i in self.deployment_ids()]
+
+
+def newest(manifests: list[Manifest]) -> Manifest | None:
+    """The default deployment before boot counting exists: the newest, ties broken by id."""
+    if not manifests:
+        return None
+    return max(manifests, key=lambda m: (m.created, m.id))
