@@ -1,0 +1,223 @@
+"""The kernel command line: split it as the kernel does, then read our options from it.
+
+Pure functions, no I/O: ``parse_options(open("/proc/cmdline").read())`` is the whole use.
+"""
+
+from __future__ import annotations
+
+from overlayroot.errors import BootError
+from overlayroot.layout import check_id
+
+ETC_MODES = ("persistent", "transient", "readonly")
+ONFAIL_ACTIONS = ("reboot", "poweroff", "shell")
+DEFAULT_TIMEOUT = 30.0
+DEFAULT_TRIES = 3
+MAX_TIMEOUT = 3600.0
+MAX_TRIES = 100
+
+PREFIX = "overlayroot."
+KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries")
+_WHITESPACE = " \t\n\v\f\r"
+
+
+class CmdlineError(BootError):
+    """A malformed ``overlayroot.*`` option."""
+
+
+def split(cmdline: str) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """Split like the kernel's ``next_arg()`` (kernel/params.c), quotes and all.
+
+    Returns the ``(key, value)`` parameters (value ``None`` for a bare word) and the words after
+    ``--``, which the kernel hands to init as its arguments (``key=value`` kept whole).
+    """
+    params: list[tuple[str, str | None]] = []
+    args = cmdline
+    while True:
+        args = args.lstrip(_WHITESPACE)
+        if not args:
+            return params, []
+        key, value, args = _next_arg(args)
+        if key == "--" and value is None:
+            init_args: list[str] = []
+            while args := args.lstrip(_WHITESPACE):
+                key, value, args = _next_arg(args)
+                init_args.append(key if value is None else f"{key}={value}")
+            return params, init_args
+        params.append((key, value))
+
+
+def _next_arg(args: str) -> tuple[str, str | None, str]:
+    """One parameter off the front of ``args`` (no leading white space): key, value, rest."""
+    quoted = args[0] == '"'
+    if quoted:
+        args = args[1:]
+    in_quote = quoted
+    equals = 0  # as in the kernel, an '=' at the very start does not split the word
+    i = 0
+    while i < len(args):
+        c = args[i]
+        if c in _WHITESPACE and not in_quote:
+            break
+        if equals == 0 and c == "=":
+            equals = i
+        if c == '"':
+            in_quote = not in_quote
+        i += 1
+    word, rest = args[:i], args[i + 1 :]
+    if equals == 0:
+        if quoted and word.endswith('"'):
+            word = word[:-1]
+        return word, None, rest
+    key, value = word[:equals], word[equals + 1 :]
+    # The kernel drops one quote at the start of the value, and one closing quote at the end of
+    # the word when the value or the whole word was quoted: never two.
+    value_quoted = value.startswith('"')
+    if value_quoted:
+        value = value[1:]
+    if (value_quoted or quoted) and value.endswith('"'):
+        value = value[:-1]
+    return key, value, rest
+
+
+class Options:
+    """What the command line asks of the boot stage."""
+
+    __slots__ = (
+        "debug",
+        "deployment",
+        "enabled",
+        "etc",
+        "init",
+        "init_args",
+        "onfail",
+        "read_only",
+        "rootflags",
+        "rootfstype",
+        "state",
+        "timeout",
+        "tries",
+    )
+
+    def __init__(self) -> None:
+        self.enabled = True
+        self.state: str | None = None
+        self.deployment: str | None = None
+        self.timeout = DEFAULT_TIMEOUT
+        self.etc = "persistent"
+        self.debug = False
+        self.onfail = "reboot"
+        self.tries = DEFAULT_TRIES
+        self.init: str | None = None
+        self.init_args: list[str] = []
+        self.read_only: bool | None = None
+        self.rootflags: str | None = None
+        self.rootfstype: str | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in sorted(self.__slots__)}
+
+    def __repr__(self) -> str:
+        return f"Options({self.to_dict()!r})"
+
+
+def parse_options(cmdline: str) -> tuple[Options, list[str]]:
+    """Read our options; returns them and warnings for the console.
+
+    The last occurrence of a key wins, as everywhere on the kernel command line.
+    ``rd.overlayroot.*`` is the same as ``overlayroot.*``. An unknown ``overlayroot.*`` key is a warning; a known key
+    with a bad value is a :class:`CmdlineError`, because booting something other than what was
+    asked for is worse than stopping with a clear message.
+    """
+    params, init_args = split(cmdline)
+    opts = Options()
+    opts.init_args = init_args
+    warnings: list[str] = []
+    root: str | None = None
+    for key, value in params:
+        if key == "root":
+            root = value
+        elif key == "init":
+            opts.init = value or None
+        elif key == "ro" and value is None:
+            opts.read_only = True
+        elif key == "rw" and value is None:
+            opts.read_only = False
+        elif key == "rootflags":
+            opts.rootflags = value
+        elif key == "rootfstype":
+            opts.rootfstype = value
+        elif key in ("overlayroot", "rd.overlayroot"):
+            opts.enabled = _parse_switch(key, value)
+        else:
+            name = key[3:] if key.startswith("rd.") else key
+            if name.startswith(PREFIX):
+                _apply(opts, name[len(PREFIX) :], key, value, warnings)
+    if opts.state is None:
+        opts.state = root or None
+    return opts, warnings
+
+
+def _apply(opts: Options, name: str, key: str, value: str | None, warnings: list[str]) -> None:
+    if name == "state":
+        opts.state = _required(key, value)
+    elif name == "deployment":
+        wanted = _required(key, value)
+        if wanted == "auto":
+            opts.deployment = None
+        else:
+            try:
+                opts.deployment = check_id(wanted)
+            except BootError as e:
+                raise CmdlineError(f"{key}: {e}") from None
+    elif name == "timeout":
+        opts.timeout = _number(key, value, 0.0, MAX_TIMEOUT)
+    elif name == "tries":
+        opts.tries = int(_number(key, value, 1, MAX_TRIES, integer=True))
+    elif name == "etc":
+        opts.etc = _choice(key, value, ETC_MODES)
+    elif name == "onfail":
+        opts.onfail = _choice(key, value, ONFAIL_ACTIONS)
+    elif name == "debug":
+        opts.debug = True if value is None else _parse_switch(key, value)
+    else:
+        known = ", ".join(PREFIX + k for k in KNOWN_KEYS)
+        warnings.append(f"ignoring unknown option {key!r} (known: {known})")
+
+
+def _required(key: str, value: str | None) -> str:
+    if not value:
+        raise CmdlineError(f"{key} needs a value, as in {key}=VALUE")
+    return value
+
+
+def _choice(key: str, value: str | None, choices: tuple[str, ...]) -> str:
+    value = _required(key, value)
+    if value not in choices:
+        raise CmdlineError(f"{key}={value} is not one of: {', '.join(choices)}")
+    return value
+
+
+def _number(
+    key: str, value: str | None, low: float, high: float, *, integer: bool = False
+) -> float:
+    text = _required(key, value)
+    try:
+        number = int(text) if integer else float(text)
+    except ValueError:
+        kind = "a whole number" if integer else "a number of seconds"
+        raise CmdlineError(f"{key}={text} is not {kind}") from None
+    if not low <= number <= high:  # also rejects nan
+        raise CmdlineError(f"{key}={text} is out of range ({low:g} to {high:g})")
+    return number
+
+
+_TRUE = ("1", "on", "yes", "true", "enable", "enabled")
+_FALSE = ("0", "off", "no", "false", "disable", "disabled")
+
+
+def _parse_switch(key: str, value: str | None) -> bool:
+    if value is None or value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise CmdlineError(f"{key}={value} is not on or off")

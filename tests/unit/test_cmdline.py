@@ -1,0 +1,185 @@
+"""The command line parser against a literal port of the kernel's next_arg(), and our options."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from overlayroot.cmdline import CmdlineError, parse_options, split
+
+
+def kernel_parse(cmdline: str) -> tuple[list[tuple[str, str | None]], list[str]]:
+    """kernel/params.c next_arg() and parse_args(), ported line by line on a NUL-terminated
+    character array, as the oracle for :func:`split`."""
+    buf = [*cmdline, "\0"]
+
+    def isspace(c: str) -> bool:
+        return c in " \t\n\v\f\r"
+
+    def cstr(start: int) -> str:
+        end = buf.index("\0", start)
+        return "".join(buf[start:end])
+
+    def skip_spaces(p: int) -> int:
+        while isspace(buf[p]):
+            p += 1
+        return p
+
+    def next_arg(args: int) -> tuple[int, int | None, int]:
+        equals = 0
+        in_quote = quoted = False
+        if buf[args] == '"':
+            args += 1
+            in_quote = quoted = True
+        i = 0
+        while buf[args + i] != "\0":
+            if isspace(buf[args + i]) and not in_quote:
+                break
+            if equals == 0 and buf[args + i] == "=":
+                equals = i
+            if buf[args + i] == '"':
+                in_quote = not in_quote
+            i += 1
+        param = args
+        val: int | None
+        if not equals:
+            val = None
+        else:
+            buf[args + equals] = "\0"
+            val = args + equals + 1
+            if buf[val] == '"':
+                val += 1
+                if buf[args + i - 1] == '"':
+                    buf[args + i - 1] = "\0"
+        if quoted and i > 0 and buf[args + i - 1] == '"':
+            buf[args + i - 1] = "\0"
+        if buf[args + i] != "\0":
+            buf[args + i] = "\0"
+            args += i + 1
+        else:
+            args += i
+        return param, val, skip_spaces(args)
+
+    params: list[tuple[str, str | None]] = []
+    args = skip_spaces(0)
+    while buf[args] != "\0":
+        param, val, args = next_arg(args)
+        if val is None and cstr(param) == "--":
+            rest: list[str] = []
+            while buf[args] != "\0":
+                param, val, args = next_arg(args)
+                rest.append(cstr(param) if val is None else f"{cstr(param)}={cstr(val)}")
+            return params, rest
+        params.append((cstr(param), None if val is None else cstr(val)))
+    return params, []
+
+
+words = st.text(alphabet='ab=" \t-.', max_size=30)
+
+
+@settings(max_examples=2000)
+@given(words)
+def test_split_matches_the_kernel_on_any_input(cmdline: str) -> None:
+    assert split(cmdline) == kernel_parse(cmdline)
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "expected"),
+    [
+        ('a="b c" d', ([("a", "b c"), ("d", None)], [])),
+        ('"a=b c" d', ([("a", "b c"), ("d", None)], [])),
+        ("  ro  root=LABEL=x\n", ([("ro", None), ("root", "LABEL=x")], [])),
+        ('init=/bin/sh -- "x y" -s', ([("init", "/bin/sh")], ["x y", "-s"])),
+        ('a="b"c', ([("a", 'b"c')], [])),
+    ],
+)
+def test_split_examples(cmdline: str, expected: object) -> None:
+    assert split(cmdline) == expected
+    assert kernel_parse(cmdline) == expected
+
+
+def test_defaults_take_the_state_from_root() -> None:
+    opts, warnings = parse_options("BOOT_IMAGE=/vmlinuz root=LABEL=state ro quiet")
+    assert opts.state == "LABEL=state"
+    assert opts.deployment is None
+    assert opts.etc == "persistent"
+    assert opts.timeout == 30.0
+    assert opts.read_only is True
+    assert opts.onfail == "reboot"
+    assert warnings == []
+
+
+def test_overlayroot_state_wins_over_root_in_any_order() -> None:
+    opts, _ = parse_options("overlayroot.state=UUID=1234 root=/dev/vda")
+    assert opts.state == "UUID=1234"
+
+
+def test_rd_prefix_and_last_occurrence_wins() -> None:
+    opts, _ = parse_options(
+        "rd.overlayroot.deployment=a overlayroot.deployment=b rd.overlayroot.etc=transient"
+    )
+    assert opts.deployment == "b"
+    assert opts.etc == "transient"
+
+
+def test_all_options() -> None:
+    opts, warnings = parse_options(
+        'overlayroot.state="PARTLABEL=my state" overlayroot.deployment=v2 overlayroot.timeout=2.5'
+        " overlayroot.etc=readonly overlayroot.debug overlayroot.onfail=poweroff"
+        " overlayroot.tries=5 init=/sbin/init2 rw rootflags=noatime rootfstype=ext4 -- single"
+    )
+    assert warnings == []
+    assert (opts.state, opts.deployment, opts.timeout) == ("PARTLABEL=my state", "v2", 2.5)
+    assert (opts.etc, opts.debug, opts.onfail, opts.tries) == ("readonly", True, "poweroff", 5)
+    assert (opts.init, opts.read_only, opts.init_args) == ("/sbin/init2", False, ["single"])
+    assert (opts.rootflags, opts.rootfstype) == ("noatime", "ext4")
+
+
+def test_deployment_auto_means_the_default() -> None:
+    assert parse_options("overlayroot.deployment=x overlayroot.deployment=auto")[0].deployment is None
+
+
+def test_overlayroot_off() -> None:
+    assert parse_options("overlayroot=off")[0].enabled is False
+    assert parse_options("rd.overlayroot=0")[0].enabled is False
+    assert parse_options("")[0].enabled is True
+
+
+def test_unknown_keys_warn_and_do_not_stop_the_boot() -> None:
+    opts, warnings = parse_options("overlayroot.colour=blue rd.overlayroot.x overlay.foo=1")
+    assert len(warnings) == 2
+    assert "overlayroot.colour" in warnings[0]
+    assert "overlayroot.state" in warnings[0]  # the message lists the known keys
+    assert opts.state is None
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "message"),
+    [
+        ("overlayroot.timeout=abc", "overlayroot.timeout=abc is not a number of seconds"),
+        ("overlayroot.timeout=-1", "overlayroot.timeout=-1 is out of range"),
+        ("overlayroot.timeout=nan", "overlayroot.timeout=nan is out of range"),
+        ("overlayroot.tries=0", "overlayroot.tries=0 is out of range"),
+        ("overlayroot.tries=2.5", "overlayroot.tries=2.5 is not a whole number"),
+        ("overlayroot.etc=rw", "overlayroot.etc=rw is not one of: persistent, transient, readonly"),
+        ("rd.overlayroot.onfail=halt", "rd.overlayroot.onfail=halt is not one of"),
+        ("overlayroot.state=", "overlayroot.state needs a value"),
+        ("overlayroot.state", "overlayroot.state needs a value"),
+        ("overlayroot.deployment=../x", "overlayroot.deployment: invalid deployment id '../x'"),
+        ("overlayroot.debug=maybe", "overlayroot.debug=maybe is not on or off"),
+        ("overlayroot=perhaps", "overlayroot=perhaps is not on or off"),
+    ],
+)
+def test_malformed_values_are_clear_errors(cmdline: str, message: str) -> None:
+    with pytest.raises(CmdlineError, match="^" + message.replace(".", r"\.").replace("(", r"\(")):
+        parse_options(cmdline)
+
+
+@given(st.lists(st.sampled_from([
+    "ro", "rw", "root=/dev/vda", "overlayroot.etc=transient", "overlayroot.unknown=1",
+    "overlayroot.timeout=5", "rd.overlayroot.state=LABEL=x", "quiet", "init=/x", "--", "a=b",
+])))
+def test_valid_words_never_raise(words: list[str]) -> None:
+    opts, _ = parse_options(" ".join(words))
+    assert opts.etc in ("persistent", "transient")
