@@ -1,0 +1,99 @@
+"""The few system calls Python's ``os`` lacks, through cffi in out-of-line ABI mode.
+
+Every failure becomes an ``OSError`` that names the path or device, like ``os`` does.
+"""
+
+from __future__ import annotations
+
+import os
+
+from overlayroot._syscalls_ffi import ffi
+
+MS_RDONLY = 1
+MS_NOSUID = 2
+MS_NODEV = 4
+MS_NOEXEC = 8
+MS_REMOUNT = 32
+MS_BIND = 4096
+MS_MOVE = 8192
+MS_REC = 16384
+MS_PRIVATE = 1 << 18
+MNT_DETACH = 2
+
+RB_AUTOBOOT = 0x01234567
+RB_POWER_OFF = 0x4321FEDC
+
+LOOP_SET_FD = 0x4C00
+LOOP_CLR_FD = 0x4C01
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_CONFIGURE = 0x4C0A
+LOOP_CTL_GET_FREE = 0x4C82
+LO_FLAGS_READ_ONLY = 1
+LO_FLAGS_AUTOCLEAR = 4
+
+_FINIT_MODULE = {"x86_64": 313, "aarch64": 273, "riscv64": 273, "armv7l": 379, "i686": 350}
+
+_lib = ffi.dlopen(None)
+
+
+def _check(result: int, *names: str | None) -> int:
+    if result < 0:
+        err = ffi.errno
+        raise OSError(err, os.strerror(err), *names)
+    return result
+
+
+def _c(text: str | None) -> object:
+    return ffi.NULL if text is None else text.encode()
+
+
+def mount(
+    source: str | None,
+    target: str,
+    fstype: str | None = None,
+    flags: int = 0,
+    data: str | None = None,
+) -> None:
+    """mount(2). The error names the source and the target: ``'/dev/loop0' -> '/sysroot'``."""
+    result = _lib.mount(_c(source), _c(target), _c(fstype), flags, _c(data))
+    if result < 0:
+        err = ffi.errno
+        if source and source != "none" and not flags & (MS_REMOUNT | MS_PRIVATE):
+            raise OSError(err, os.strerror(err), source, None, target)
+        raise OSError(err, os.strerror(err), target)
+
+
+def umount(target: str, flags: int = 0) -> None:
+    _check(_lib.umount2(target.encode(), flags), target)
+
+
+def sync() -> None:
+    _lib.sync()
+
+
+def reboot(command: int) -> None:
+    """reboot(2): does not return when it works."""
+    _check(_lib.reboot(command))
+
+
+def finit_module(fd: int, name: str, params: str = "") -> None:
+    number = _FINIT_MODULE.get(os.uname().machine)
+    if number is None:
+        raise OSError(38, f"finit_module: unknown syscall number on {os.uname().machine}", name)
+    args = (ffi.cast("long", fd), ffi.new("char[]", params.encode()), ffi.cast("long", 0))
+    _check(_lib.syscall(number, *args), name)
+
+
+def ioctl_int(fd: int, request: int, arg: int, name: str) -> int:
+    """An ioctl whose argument is a plain integer; returns its non-negative result."""
+    return _check(_lib.ioctl(fd, request, ffi.cast("unsigned long", arg)), name)
+
+
+def ioctl_ptr(fd: int, request: int, arg: object, name: str) -> int:
+    """An ioctl whose argument is a pointer to a cffi struct made by :func:`new`."""
+    return _check(_lib.ioctl(fd, request, arg), name)
+
+
+def new(ctype: str) -> object:
+    """A zeroed C object, e.g. ``new("struct loop_config *")``."""
+    return ffi.new(ctype)
