@@ -124,9 +124,9 @@ def parse_options(cmdline: str) -> tuple[Options, list[str]]:
     """Read our options; returns them and warnings for the console.
 
     The last occurrence of a key wins, as everywhere on the kernel command line.
-    ``rd.overlayroot.*`` is the same as ``overlayroot.*``. An unknown ``overlayroot.*`` key is a warning; a known key
-    with a bad value is a :class:`CmdlineError`, because booting something other than what was
-    asked for is worse than stopping with a clear message.
+    ``rd.overlayroot.*`` is the same as ``overlayroot.*``. An unknown ``overlayroot.*`` key is
+    a warning; a known key with a bad value is a :class:`CmdlineError`, because booting
+    something other than what was asked for is worse than stopping with a clear message.
     """
     params, init_args = split(cmdline)
     opts = Options()
