@@ -103,6 +103,10 @@ class Machine:
         return self
 
     @property
+    def started(self) -> bool:
+        return self._process is not None
+
+    @property
     def console(self) -> str:
         """Everything the guest and QEMU printed so far, with \\r\\n made \\n."""
         with self._changed:

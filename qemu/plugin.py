@@ -1,0 +1,131 @@
+"""pytest plugin: the `kernel`, `qemu_accel` and `machine` fixtures, console logs on failure.
+
+Every console log of a test lands in `<cache>/test-logs/<test id>/<name>.log`; a failed test's
+report names them, a passing test's logs are deleted.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from collections.abc import Generator, Sequence
+from pathlib import Path
+
+import pytest
+
+from qemu.accel import choose_accel
+from qemu.kernel import Kernel, KernelUnavailable, debian_cloud_kernel, kernel_from_env
+from qemu.machine import Machine
+from qemu.paths import cache_dir
+
+_console_logs = pytest.StashKey[list[Path]]()
+_failed = pytest.StashKey[bool]()
+
+
+class MachineFactory:
+    """`machine(initrd=..., disks=[...], cmdline="...", name="boot1")`: a Machine not yet started.
+
+    Start it with `with machine(...) as m:` or `m.start()`; whatever still runs is killed at the
+    end of the test.
+    """
+
+    def __init__(self, kernel: Kernel, accel: str, log_dir: Path, logs: list[Path]) -> None:
+        self._kernel = kernel
+        self._accel = accel
+        self._log_dir = log_dir
+        self._logs = logs
+        self._machines: list[Machine] = []
+
+    def __call__(
+        self,
+        *,
+        initrd: Path,
+        disks: Sequence[Path] = (),
+        cmdline: str = "",
+        name: str = "boot",
+        memory_mb: int = 1024,
+    ) -> Machine:
+        log_path = self._log_dir / f"{_sanitise(name)}.log"
+        if log_path in self._logs:
+            raise ValueError(f"a machine named {name!r} already booted in this test")
+        self._logs.append(log_path)
+        machine = Machine(
+            self._kernel,
+            initrd,
+            log_path=log_path,
+            disks=disks,
+            cmdline=cmdline,
+            accel=self._accel,
+            memory_mb=memory_mb,
+        )
+        self._machines.append(machine)
+        return machine
+
+    def close(self) -> None:
+        for machine in self._machines:
+            if machine.started:
+                machine.kill()
+
+
+@pytest.fixture(scope="session")
+def kernel() -> Kernel:
+    """The kernel under test: $OVERLAYROOT_KERNEL(_MODULES), else Debian's cloud kernel."""
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+    from_env = kernel_from_env()
+    if from_env is not None:
+        return from_env
+    try:
+        return debian_cloud_kernel(cache_dir())
+    except KernelUnavailable as error:
+        pytest.skip(f"no kernel to boot: {error}")
+
+
+@pytest.fixture(scope="session")
+def qemu_accel(kernel: Kernel) -> str:
+    """ "kvm" if a probe guest boots under KVM here, else "tcg"; $OVERLAYROOT_QEMU_ACCEL forces."""
+    return choose_accel(kernel)
+
+
+@pytest.fixture
+def machine(
+    request: pytest.FixtureRequest, kernel: Kernel, qemu_accel: str
+) -> Generator[MachineFactory, None, None]:
+    log_dir = cache_dir() / "test-logs" / _sanitise(request.node.nodeid)
+    shutil.rmtree(log_dir, ignore_errors=True)
+    logs: list[Path] = []
+    request.node.stash[_console_logs] = logs
+    factory = MachineFactory(kernel, qemu_accel, log_dir, logs)
+    yield factory
+    factory.close()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "machine" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.qemu)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, None]:
+    outcome = yield
+    report = outcome.get_result()
+    logs = item.stash.get(_console_logs, None)
+    if not logs:
+        return
+    if report.failed:
+        item.stash[_failed] = True
+        paths = " ".join(str(log) for log in logs)
+        longrepr = report.longrepr
+        if hasattr(longrepr, "addsection"):
+            longrepr.addsection("console logs", paths)
+        else:
+            report.sections.append(("console logs", paths))
+    if report.when == "teardown" and not item.stash.get(_failed, False):
+        shutil.rmtree(logs[0].parent, ignore_errors=True)
+
+
+def _sanitise(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", name).strip("_")[:200] or "test"
