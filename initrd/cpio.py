@@ -83,9 +83,7 @@ class Member:
 def write_cpio(out: BinaryIO, members: Iterable[Member], mtime: int = 0) -> int:
     """Write ``members`` in the given order plus the trailer; return the bytes written."""
     written = 0
-    ino = 0
-    for member in members:
-        ino += 1
+    for ino, member in enumerate(members, start=1):
         written += out.write(_build(member, ino, mtime))
     written += out.write(_build(Member(TRAILER, 0), 0, 0))
     return written

@@ -30,6 +30,7 @@ from pathlib import Path, PurePosixPath
 from elftools.common.exceptions import ELFError
 from elftools.elf.dynamic import DynamicSection
 from elftools.elf.elffile import ELFFile
+from elftools.elf.segments import InterpSegment
 
 # Debian multiarch triplets by (ELF class, e_machine); glibc's configured search dirs use them.
 _MULTIARCH = {
@@ -40,6 +41,13 @@ _MULTIARCH = {
     (64, "EM_RISCV"): "riscv64-linux-gnu",
     (64, "EM_PPC64"): "powerpc64le-linux-gnu",
     (64, "EM_S390"): "s390x-linux-gnu",
+}
+# Dynamic tags whose value is a string, and the DynamicTag attribute pyelftools gives it under.
+_STRING_TAGS = {
+    "DT_NEEDED": "needed",
+    "DT_RPATH": "rpath",
+    "DT_RUNPATH": "runpath",
+    "DT_SONAME": "soname",
 }
 _PLATFORM = {"EM_X86_64": "x86_64", "EM_386": "i686", "EM_AARCH64": "aarch64"}
 
@@ -87,37 +95,27 @@ def read_elf(path: Path, root: Path = Path("/")) -> ElfInfo:
     host = _host(root, PurePosixPath(path))
     try:
         with open(host, "rb") as f:
-            elf = ELFFile(f)  # type: ignore[no-untyped-call]
+            elf = ELFFile(f)
             interp: PurePosixPath | None = None
-            needed: list[str] = []
-            rpath: list[str] = []
-            runpath: list[str] = []
-            soname = None
             for segment in elf.iter_segments():
-                if segment["p_type"] == "PT_INTERP":
+                if isinstance(segment, InterpSegment):
                     interp = PurePosixPath(segment.get_interp_name())
+            strings: dict[str, list[str]] = {attr: [] for attr in _STRING_TAGS.values()}
             for section in elf.iter_sections():
-                if not isinstance(section, DynamicSection):
-                    continue
-                for tag in section.iter_tags():
-                    kind = tag.entry.d_tag
-                    if kind == "DT_NEEDED":
-                        needed.append(tag.needed)
-                    elif kind == "DT_RPATH":
-                        rpath.extend(p for p in tag.rpath.split(":") if p)
-                    elif kind == "DT_RUNPATH":
-                        runpath.extend(p for p in tag.runpath.split(":") if p)
-                    elif kind == "DT_SONAME":
-                        soname = tag.soname
+                if isinstance(section, DynamicSection):
+                    for tag in section.iter_tags():
+                        attr = _STRING_TAGS.get(tag.entry.d_tag)
+                        if attr is not None:
+                            strings[attr].append(str(getattr(tag, attr)))
             return ElfInfo(
                 path=PurePosixPath(path),
                 elf_class=elf.elfclass,
                 machine=elf["e_machine"],
                 interpreter=interp,
-                soname=soname,
-                needed=tuple(needed),
-                rpath=tuple(rpath),
-                runpath=tuple(runpath),
+                soname=strings["soname"][0] if strings["soname"] else None,
+                needed=tuple(strings["needed"]),
+                rpath=tuple(p for value in strings["rpath"] for p in value.split(":") if p),
+                runpath=tuple(p for value in strings["runpath"] for p in value.split(":") if p),
             )
     except (ELFError, OSError) as e:
         raise ElfClosureError(f"{path}: not a readable ELF file ({e})") from e
@@ -290,7 +288,7 @@ def _matches(root: Path, path: PurePosixPath, obj: ElfInfo) -> bool:
         return False
     try:
         with open(host, "rb") as f:
-            elf = ELFFile(f)  # type: ignore[no-untyped-call]
+            elf = ELFFile(f)
             return bool(elf.elfclass == obj.elf_class and elf["e_machine"] == obj.machine)
     except (ELFError, OSError):
         return False
