@@ -1,0 +1,5 @@
+import sys
+
+from overlayroot.cli import main
+
+sys.exit(main())

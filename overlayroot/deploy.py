@@ -1,0 +1,560 @@
+"""``overlayroot deploy``: lay out a state filesystem offline (DESIGN.md §3).
+
+Given a directory tree or an erofs/squashfs image, write one deployment into
+``<sysroot>/overlayroot/deployments/<id>/`` together with its manifest, and the persistent
+directories the boot stage expects. Image-building pipelines run this; the tests make disks
+with it.
+
+The steps, each failing with a ``BootError`` that names the path and what to do:
+
+1. check the sysroot and the source (a tree must hold the lower's mount points; an image is
+   recognised by its superblock magic and copied as is);
+2. take a lock on ``deployments/`` so two deploys cannot interleave, refuse an existing id;
+3. build or copy the image into ``deployments/.staging-<id>/`` and hash it;
+4. write the manifest, fsync image, manifest and directory;
+5. create ``etc/<id>/{upper,work}``, ``var/``, ``home/``;
+6. rename the staging directory into place and fsync ``deployments/``.
+
+Whatever fails after step 2 removes the staging directory: nothing is left half-staged, and the
+boot stage ignores ``.``-prefixed names anyway.
+
+Reproducible builds: ``--created`` or ``SOURCE_DATE_EPOCH`` fix the manifest's timestamp, the
+image's build time and every file's mtime (mkfs.erofs 1.5 cannot fix one without the other, so
+squashfs and dir deployments do the same for consistency), and the erofs UUID is derived from
+the id. Without them file mtimes are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TextIO
+
+from overlayroot import layout
+from overlayroot.errors import BootError
+
+# The directories the read-only lower must provide as mount points (DESIGN.md §4).
+MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
+IMAGE_FORMATS = ("erofs", "squashfs")
+# Superblock magics: (format, offset, struct format, value).
+MAGICS = (
+    ("erofs", 1024, "<I", 0xE0F5E1E2),
+    ("squashfs", 0, "<4s", b"hsqs"),
+)
+TOOLS = {
+    "erofs": ("mkfs.erofs", "erofs-utils"),
+    "squashfs": ("mksquashfs", "squashfs-tools"),
+}
+# Namespace of the erofs filesystem UUIDs derived from deployment ids.
+UUID_NAMESPACE = uuid.UUID("3f0d6c52-5b0e-4a8c-9d7e-2f1c8a4b6e10")
+DIR_MODE = 0o755
+
+
+def run(args: argparse.Namespace) -> int:
+    created = parse_created(args.created, os.environ.get("SOURCE_DATE_EPOCH"))
+    manifest, where = deploy(
+        Path(args.sysroot),
+        Path(args.source),
+        deployment_id=args.deployment_id,
+        fmt=args.format,
+        created=created,
+        progress=Progress.for_stream(sys.stderr),
+    )
+    if args.json:
+        print(json.dumps({**manifest.to_dict(), "path": str(where)}, indent=2, sort_keys=True))
+    else:
+        print(
+            f"deployed {manifest.id} ({manifest.format}, {manifest.size / 2**20:.1f} MiB,"
+            f" sha256 {manifest.sha256[:16]}…) at {where}"
+        )
+    return 0
+
+
+def parse_created(option: str | None, source_date_epoch: str | None) -> int | None:
+    """UNIX seconds from ``--created`` or ``SOURCE_DATE_EPOCH``; None means "now, not fixed"."""
+    if option is not None:
+        text, what = option, "--created"
+    elif source_date_epoch:
+        text, what = "@" + source_date_epoch.strip(), "SOURCE_DATE_EPOCH"
+    else:
+        return None
+    try:
+        if text.startswith("@"):
+            epoch = int(text[1:])
+        else:
+            from datetime import UTC, datetime
+
+            moment = datetime.fromisoformat(text)
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=UTC)
+            epoch = int(moment.timestamp())
+    except ValueError:
+        epoch = -1
+    if epoch < 0:
+        raise BootError(
+            f"{what} {text!r} is not a time: give RFC 3339 ('2024-05-01T12:00:00Z') or"
+            " '@<unix seconds>' (not before 1970)"
+        )
+    return epoch
+
+
+def default_id(epoch: int) -> str:
+    """Ids sort like their creation times and say when they were made."""
+    return time.strftime("%Y%m%d.%H%M%S", time.gmtime(epoch))
+
+
+def erofs_uuid(deployment_id: str) -> str:
+    return str(uuid.uuid5(UUID_NAMESPACE, deployment_id))
+
+
+def detect_image(path: Path) -> str:
+    """``erofs`` or ``squashfs``, from the superblock magic."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2048)
+    except OSError as e:
+        raise BootError(f"cannot read {path}: {e.strerror}") from None
+    for fmt, offset, layout_, value in MAGICS:
+        size = struct.calcsize(layout_)
+        if len(head) >= offset + size and struct.unpack_from(layout_, head, offset)[0] == value:
+            return fmt
+    raise BootError(
+        f"{path} is not an erofs or squashfs image: give a directory tree, or an image made"
+        " with mkfs.erofs or mksquashfs"
+    )
+
+
+def check_mount_points(source: Path, present: Callable[[str], bool]) -> None:
+    missing = [name for name in MOUNT_POINTS if not present(name)]
+    if missing:
+        raise BootError(
+            f"{source} lacks the mount points the read-only root needs: {', '.join(missing)}"
+            " (create them as empty directories, not symlinks, in the source)"
+        )
+
+
+def tree_has_dir(source: Path) -> Callable[[str], bool]:
+    def present(name: str) -> bool:
+        try:
+            return stat.S_ISDIR(os.lstat(source / name).st_mode)
+        except OSError:
+            return False
+
+    return present
+
+
+def image_top_dirs(image: Path, fmt: str) -> set[str] | None:
+    """Directories at the top of an image, listed by the format's own tool; None when the tool
+    is not installed (copying an image needs no tool, so this check is best effort)."""
+    if fmt == "erofs":
+        command = ["dump.erofs", "--ls", "--path=/", str(image)]
+    else:
+        command = ["unsquashfs", "-lln", "-max-depth", "1", str(image)]
+    if not shutil.which(command[0]):
+        return None
+    result = subprocess.run(command, capture_output=True, text=True, errors="replace")
+    if result.returncode != 0:
+        raise BootError(
+            f"{image} looks like {fmt} but {command[0]} cannot read it:"
+            f" {last_lines(result.stderr or result.stdout)}"
+        )
+    found = set()
+    for line in result.stdout.splitlines():
+        if fmt == "erofs":
+            # "       NID TYPE  FILENAME"; type 2 is a directory (EROFS_FT_DIR).
+            fields = line.split(None, 2)
+            if len(fields) == 3 and fields[0].isdigit() and fields[1] == "2":
+                found.add(fields[2])
+        elif line.startswith("d") and "squashfs-root/" in line:
+            found.add(line.split("squashfs-root/", 1)[1])
+    return found
+
+
+def deploy(
+    sysroot: Path,
+    source: Path,
+    *,
+    deployment_id: str | None = None,
+    fmt: str | None = None,
+    created: int | None = None,
+    progress: Progress | None = None,
+) -> tuple[layout.Manifest, Path]:
+    """Stage ``source`` as a deployment on the state filesystem at ``sysroot``.
+
+    ``created`` (UNIX seconds) makes the result reproducible; None means now, mtimes kept.
+    Returns the manifest and the deployment's directory.
+    """
+    progress = progress or Progress(None)
+    if not sysroot.is_dir():
+        raise BootError(
+            f"sysroot {sysroot} is not a directory: mount the state filesystem there (or create"
+            " the directory to pack later)"
+        )
+    fmt, image_source = inspect_source(source, fmt)
+    reproducible = created is not None
+    epoch = created if created is not None else int(time.time())
+    deployment_id = layout.check_id(deployment_id or default_id(epoch))
+
+    state = layout.StateLayout(sysroot)
+    with converting_os_errors(f"preparing {state.top}"):
+        for directory in (state.deployments, state.var, state.home):
+            make_dir(directory)
+    with lock(state.deployments):
+        final = state.deployment_dir(deployment_id)
+        if os.path.lexists(final):
+            raise BootError(
+                f"deployment {deployment_id!r} already exists at {final}: choose another --id"
+                " or remove it first"
+            )
+        staging = state.deployments / f".staging-{deployment_id}"
+        if os.path.lexists(staging):
+            progress.note(f"removing {staging}, left over by an interrupted deploy")
+            shutil.rmtree(staging)
+        try:
+            manifest = stage(
+                staging,
+                source,
+                deployment_id=deployment_id,
+                fmt=fmt,
+                image_source=image_source,
+                epoch=epoch,
+                reproducible=reproducible,
+                progress=progress,
+            )
+            with converting_os_errors(f"creating the /etc upper of {deployment_id}"):
+                for directory in (state.etc_upper(deployment_id), state.etc_work(deployment_id)):
+                    make_dir(directory)
+                fsync_dir(state.top / "etc" / deployment_id)
+                fsync_dir(state.top / "etc")
+            with converting_os_errors(f"moving {staging} to {final}"):
+                os.rename(staging, final)
+                fsync_dir(state.deployments)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+    return manifest, final
+
+
+def inspect_source(source: Path, fmt: str | None) -> tuple[str, bool]:
+    """The format to write and whether the source is an image to copy."""
+    if not os.path.lexists(source):
+        raise BootError(
+            f"source {source} does not exist: give a directory tree or an erofs/squashfs image"
+        )
+    if source.is_dir():
+        check_mount_points(source, tree_has_dir(source))
+        return fmt or "erofs", False
+    if not source.is_file():
+        raise BootError(
+            f"source {source} is neither a directory nor an image file: give a directory tree"
+            " or an erofs/squashfs image"
+        )
+    detected = detect_image(source)
+    if fmt is not None and fmt != detected:
+        raise BootError(
+            f"{source} is a {detected} image, but --format {fmt} was given: an image is copied"
+            f" as is; drop --format or give a directory tree"
+        )
+    top = image_top_dirs(source, detected)
+    if top is not None:
+        check_mount_points(source, top.__contains__)
+    return detected, True
+
+
+def stage(
+    staging: Path,
+    source: Path,
+    *,
+    deployment_id: str,
+    fmt: str,
+    image_source: bool,
+    epoch: int,
+    reproducible: bool,
+    progress: Progress,
+) -> layout.Manifest:
+    with converting_os_errors(f"creating {staging}"):
+        make_dir(staging)
+    image = staging / layout.FORMATS[fmt]
+    if image_source:
+        with converting_os_errors(f"copying {source} to {image}"):
+            copy_file(source, image, progress)
+    elif fmt == "dir":
+        with converting_os_errors(f"copying {source} to {image}"):
+            copy_tree(source, image, mtime=epoch if reproducible else None, progress=progress)
+            os.sync()
+    else:
+        build_image(source, image, fmt, deployment_id, epoch if reproducible else None, progress)
+    with converting_os_errors(f"hashing {image}"):
+        if fmt == "dir":
+            size = tree_size(image)
+        else:
+            size = image.stat().st_size
+            fsync_file(image)
+        with progress.task(f"hashing {image.name}", size) as report:
+            digest = layout.image_sha256(image, report)
+    manifest = layout.Manifest(
+        id=deployment_id,
+        created=layout.created_stamp(epoch),
+        format=fmt,
+        image=image.name,
+        sha256=digest,
+        size=size,
+        origin=str(source.resolve()),
+    )
+    with converting_os_errors(f"writing {staging / layout.MANIFEST}"):
+        write_file(staging / layout.MANIFEST, manifest.to_json().encode())
+        fsync_dir(staging)
+    return manifest
+
+
+def build_image(
+    source: Path,
+    image: Path,
+    fmt: str,
+    deployment_id: str,
+    fixed_time: int | None,
+    progress: Progress,
+) -> None:
+    tool, package = TOOLS[fmt]
+    if not shutil.which(tool):
+        raise BootError(f"{tool} not found: it builds {fmt} images; apt-get install {package}")
+    if fmt == "erofs":
+        # Owners are kept (no --all-root: we run as root and the image is the system), and so
+        # are xattrs (-x left at its default; -x is xattr tolerance, not an exclude).
+        command = [tool, "--quiet", f"-U{erofs_uuid(deployment_id)}"]
+        if fixed_time is not None:
+            command.append(f"-T{fixed_time}")
+        command += [str(image), str(source)]
+    else:
+        command = [tool, str(source), str(image), "-noappend", "-no-progress", "-quiet"]
+        if fixed_time is not None:
+            command += ["-mkfs-time", str(fixed_time), "-all-time", str(fixed_time)]
+    # Both tools read SOURCE_DATE_EPOCH themselves; our options alone decide.
+    env = {k: v for k, v in os.environ.items() if k != "SOURCE_DATE_EPOCH"}
+    with progress.task(f"building {image.name} with {tool}", None):
+        result = subprocess.run(
+            command,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
+        )
+    if result.returncode != 0:
+        output = result.stderr + result.stdout
+        hint = (
+            "free space on the state filesystem"
+            if "space" in output.lower()
+            else ("check that the source is readable")
+        )
+        raise BootError(
+            f"{tool} failed to build {image} from {source} (exit {result.returncode}):"
+            f" {last_lines(output)}; {hint}"
+        )
+
+
+def copy_file(source: Path, target: Path, progress: Progress) -> None:
+    total = source.stat().st_size
+    with (
+        progress.task(f"copying {source.name}", total) as report,
+        open(source, "rb") as src,
+        open(target, "xb") as dst,
+    ):
+        done = 0
+        while chunk := src.read(layout.CHUNK):
+            dst.write(chunk)
+            done += len(chunk)
+            report(done)
+    os.chmod(target, 0o644)
+
+
+def copy_tree(source: Path, target: Path, *, mtime: int | None, progress: Progress) -> None:
+    """Copy keeping owners, modes, xattrs, symlinks, devices and hardlinks; mtimes too unless
+    ``mtime`` fixes them all."""
+    links: dict[tuple[int, int], str] = {}
+    root = (os.fsdecode(source), os.fsdecode(target))
+    directories = [(*root, os.lstat(source))]
+    stack = [root]
+    done = 0
+    os.mkdir(target, 0o700)
+    with progress.task(f"copying {source}", None) as report:
+        while stack:
+            src_dir, dst_dir = stack.pop()
+            with os.scandir(src_dir) as entries:
+                names = sorted(entry.name for entry in entries)
+            for name in names:
+                src, dst = f"{src_dir}/{name}", f"{dst_dir}/{name}"
+                st = os.lstat(src)
+                if stat.S_ISDIR(st.st_mode):
+                    os.mkdir(dst, 0o700)
+                    stack.append((src, dst))
+                    directories.append((src, dst, st))
+                    continue
+                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
+                    first = links.setdefault((st.st_dev, st.st_ino), dst)
+                    if first != dst:
+                        os.link(first, dst)
+                        continue
+                if stat.S_ISREG(st.st_mode):
+                    shutil.copyfile(src, dst, follow_symlinks=False)
+                    done += st.st_size
+                    report(done)
+                elif stat.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(src), dst)
+                else:
+                    os.mknod(dst, st.st_mode, st.st_rdev)
+                copy_metadata(src, dst, st, mtime)
+        # Directories last and deepest first: filling them changed their mtimes.
+        for src, dst, st in reversed(directories):
+            copy_metadata(src, dst, st, mtime)
+
+
+def copy_metadata(src: str, dst: str, st: os.stat_result, mtime: int | None) -> None:
+    """Owner first (chown clears set-id bits and file capabilities), then mode, xattrs, times."""
+    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
+    if not stat.S_ISLNK(st.st_mode):
+        os.chmod(dst, stat.S_IMODE(st.st_mode))
+    for attr in os.listxattr(src, follow_symlinks=False):
+        os.setxattr(dst, attr, os.getxattr(src, attr, follow_symlinks=False), follow_symlinks=False)
+    times = (mtime * 10**9,) * 2 if mtime is not None else (st.st_atime_ns, st.st_mtime_ns)
+    os.utime(dst, ns=times, follow_symlinks=False)
+
+
+def tree_size(root: Path) -> int:
+    """Bytes of the regular files in a tree, each hardlinked file counted once."""
+    seen: set[int] = set()
+    total = 0
+    for directory, _, files in os.walk(root):
+        for name in files:
+            st = os.lstat(os.path.join(directory, name))
+            if stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
+                seen.add(st.st_ino)
+                total += st.st_size
+    return total
+
+
+def make_dir(path: Path) -> None:
+    """Create ``path`` (and parents) with mode 0755 whatever the umask; keep it if it exists."""
+    missing = []
+    for directory in (path, *path.parents):
+        if directory.is_dir():
+            break
+        missing.append(directory)
+    for directory in reversed(missing):
+        os.mkdir(directory)
+        os.chmod(directory, DIR_MODE)
+
+
+def write_file(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def lock(directory: Path) -> Iterator[None]:
+    """An exclusive lock on ``directory`` for as long as one deploy writes into it."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise BootError(
+                f"another deploy is writing to {directory}: wait for it to finish"
+            ) from None
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def converting_os_errors(doing: str) -> Iterator[None]:
+    """Turn an ``OSError`` into a ``BootError`` that says what was being done."""
+    try:
+        yield
+    except OSError as e:
+        where = f" ({e.filename})" if e.filename else ""
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            advice = "free space on the state filesystem and deploy again"
+        elif e.errno in (errno.EACCES, errno.EPERM):
+            advice = "run as root (owners and device nodes must be kept)"
+        elif e.errno == errno.EROFS:
+            advice = "remount the state filesystem read-write"
+        else:
+            advice = "check the path and try again"
+        raise BootError(f"{doing}: {e.strerror}{where}; {advice}") from None
+
+
+def last_lines(text: str, count: int = 3) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return " / ".join(lines[-count:]) or "no output"
+
+
+class Progress:
+    """One updating status line on a terminal; silent when ``stream`` is not one."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        self.stream = stream
+
+    @classmethod
+    def for_stream(cls, stream: TextIO) -> Progress:
+        return cls(stream if stream.isatty() else None)
+
+    def note(self, message: str) -> None:
+        print(f"overlayroot: {message}", file=self.stream or sys.stderr)
+
+    @contextlib.contextmanager
+    def task(self, what: str, total: int | None) -> Iterator[Callable[[int], None]]:
+        stream = self.stream
+        if stream is None:
+            yield lambda done: None
+            return
+        start = last = time.monotonic()
+
+        def report(done: int) -> None:
+            nonlocal last
+            now = time.monotonic()
+            if now - last < 0.2:
+                return
+            last = now
+            amount = f"{done / 2**20:.0f}" + (f"/{total / 2**20:.0f}" if total else "")
+            stream.write(f"\r\033[K{what}: {amount} MiB")
+            stream.flush()
+
+        stream.write(f"\r\033[K{what}…")
+        stream.flush()
+        yield report
+        stream.write(f"\r\033[K{what}: done in {time.monotonic() - start:.1f} s\n")
+        stream.flush()
