@@ -1,0 +1,201 @@
+"""PID 1 of the standalone initramfs: find the state filesystem, assemble the root, switch to it.
+
+No shell, no udev, no blkid: every step is Python and a system call. The steps, in order:
+
+1. mount /proc, /sys, /dev (devtmpfs) and /run (tmpfs); make / private;
+2. read the kernel command line;
+3. load the kernel modules the builder listed;
+4. wait for the state device named by ``overlayroot.state=`` (else ``root=``);
+5. mount it on /sysroot;
+6. assemble the root there (:mod:`overlayroot.assemble`);
+7. switch root and exec the deployment's init.
+
+A failure prints ``overlayroot: error: <what failed and what to do>`` and then does what
+``overlayroot.onfail=`` says. PID 1 must never exit: the kernel would panic.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from overlayroot import devices, modload, syscalls
+from overlayroot.assemble import assemble
+from overlayroot.cmdline import Options, parse_options
+from overlayroot.errors import BootError
+from overlayroot.switchroot import switch_root
+
+SYSROOT = "/sysroot"
+RUN_DIR = "/run/overlayroot"
+REBOOT_DELAY = 10.0  # seconds to read the message before the screen is gone
+
+
+class Console:
+    """Messages for the person at the console, with times when ``overlayroot.debug`` is on."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.debug = False
+        self.onfail = "reboot"  # until the command line says otherwise
+
+    def say(self, message: str) -> None:
+        print(f"overlayroot: {message}", flush=True)
+
+    def step(self, message: str) -> None:
+        if self.debug:
+            self.say(f"[{time.monotonic() - self.start:7.3f}] {message}")
+
+    def warn(self, message: str) -> None:
+        self.say(f"warning: {message}")
+
+    def error(self, message: str) -> None:
+        for i, line in enumerate(message.splitlines() or [""]):
+            self.say(("error: " if i == 0 else "       ") + line)
+
+
+def mount_api_filesystems() -> None:
+    for source, target, fstype, flags, data in (
+        ("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+         None),
+        ("sysfs", "/sys", "sysfs", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+         None),
+        ("devtmpfs", "/dev", "devtmpfs", syscalls.MS_NOSUID, "mode=0755"),
+        ("tmpfs", "/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755"),
+    ):
+        os.makedirs(target, exist_ok=True)
+        syscalls.mount(source, target, fstype, flags, data)
+    syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+
+
+def read_cmdline() -> str:
+    with open("/proc/cmdline") as f:
+        return f.read()
+
+
+def mount_state(device: devices.BlockDevice, opts: Options, read_only: bool) -> None:
+    fstype = opts.rootfstype or (device.probe.fstype if device.probe else None)
+    if fstype is None:
+        raise BootError(
+            f"{device.path} has no filesystem overlayroot recognises (ext4, btrfs, xfs); name"
+            " its type with rootfstype="
+        )
+    os.makedirs(SYSROOT, exist_ok=True)
+    flags = syscalls.MS_RDONLY if read_only else 0
+    try:
+        syscalls.mount(device.path, SYSROOT, fstype, flags, opts.rootflags)
+    except OSError as e:
+        raise BootError(
+            f"cannot mount the state filesystem {device.path} ({fstype}) on {SYSROOT}:"
+            f" {e.strerror}"
+        ) from None
+
+
+def boot(console: Console) -> None:
+    """Steps 1 to 7; returns only by raising."""
+    mount_api_filesystems()
+    console.step("mounted /proc /sys /dev /run")
+    opts, warnings = parse_options(read_cmdline())
+    console.debug = opts.debug
+    console.onfail = opts.onfail
+    for warning in warnings:
+        console.warn(warning)
+    loaded, warnings = modload.load_listed()
+    console.step(f"loaded {len(loaded)} kernel modules")
+    for warning in warnings:
+        console.warn(warning)
+    if not opts.state:
+        raise BootError("no state device given: set overlayroot.state= or root= on the kernel"
+                        " command line, e.g. overlayroot.state=LABEL=state")
+    device = devices.find(opts.state, opts.timeout)
+    console.step(f"found {device.describe()}")
+    if not opts.enabled:
+        # overlayroot=off: boot the device as an ordinary root, as the kernel would.
+        mount_state(device, opts, read_only=opts.read_only is not False)
+        init = opts.init or "/sbin/init"
+        console.say(f"overlayroot=off: switching root to {device.path} ({init})")
+        switch_root(SYSROOT, init, opts.init_args)
+        return
+    # The state filesystem holds the writable layers: read-write whatever ro/rw say, which
+    # describe the root the system sees, and that root is read-only in any case.
+    mount_state(device, opts, read_only=False)
+    console.step(f"mounted {device.path} on {SYSROOT}")
+    booted = assemble(SYSROOT, RUN_DIR, opts, device=device.path)
+    console.step(f"assembled deployment {booted.deployment.id}")
+    assert booted.init is not None
+    console.say(f"switching root to {booted.deployment.id} ({booted.init})")
+    try:
+        switch_root(SYSROOT, booted.init, opts.init_args)
+    except OSError as e:
+        raise BootError(
+            f"cannot start {booted.init} in deployment {booted.deployment.id}: {e}"
+        ) from None
+
+
+def fail(console: Console, onfail: str) -> None:
+    """What ``overlayroot.onfail=`` says, once a boot cannot go on. Never returns."""
+    syscalls.sync()
+    if onfail == "shell":
+        python_shell(console)
+        onfail = "reboot"
+    if onfail == "reboot":
+        console.say(f"rebooting in {REBOOT_DELAY:g} s")
+        time.sleep(REBOOT_DELAY)
+        command = syscalls.RB_AUTOBOOT
+    else:
+        console.say("powering off")
+        command = syscalls.RB_POWER_OFF
+    while True:
+        try:
+            syscalls.reboot(command)
+        except OSError as e:
+            console.error(f"reboot(2) failed: {e}")
+        time.sleep(60)
+
+
+def python_shell(console: Console) -> None:
+    """A Python prompt on the console: the initramfs has no shell, only this interpreter.
+    ``exit`` or end of input leaves it."""
+    console.say("emergency Python prompt; the state filesystem is at /sysroot if it mounted;"
+                " end with Ctrl-D")
+    namespace: dict[str, object] = {"os": os, "syscalls": syscalls}
+    while True:
+        try:
+            line = input(">>> ")
+        except EOFError:
+            return
+        if line.strip() in ("exit", "exit()"):
+            return
+        try:
+            exec(compile(line, "<console>", "single"), namespace)
+        except SystemExit:
+            return
+        except BaseException as e:
+            print(f"{type(e).__name__}: {e}", flush=True)
+
+
+def describe_bug(e: BaseException) -> str:
+    """Where an unexpected exception came from, without importing ``traceback`` (not frozen)."""
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(f"  {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in"
+                      f" {tb.tb_frame.f_code.co_name}")
+        tb = tb.tb_next
+    return "\n".join([f"internal error (a bug in overlayroot): {type(e).__name__}: {e}",
+                      *frames])
+
+
+def main() -> None:
+    console = Console()
+    try:
+        boot(console)
+        raise BootError("switch_root returned")
+    except BootError as e:
+        console.error(str(e))
+    except BaseException as e:
+        console.error(describe_bug(e))
+    fail(console, console.onfail)
+
+
+if __name__ == "__main__":
+    main()
