@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
@@ -79,23 +79,6 @@ class Tree:
                 data = data.encode()
             yield Member(name, node.mode, data, node.rdev)
 
-    def write_directory(self, dest: Path) -> None:
-        """Materialise the tree under ``dest`` (for initramfs generators that copy a payload)."""
-        for member in self.members():
-            target = dest / member.name
-            kind = stat.S_IFMT(member.mode)
-            perm = stat.S_IMODE(member.mode)
-            if kind == stat.S_IFDIR:
-                target.mkdir(exist_ok=True)
-                target.chmod(perm)
-            elif kind == stat.S_IFREG:
-                target.write_bytes(member.data)
-                target.chmod(perm)
-            elif kind == stat.S_IFLNK:
-                target.symlink_to(member.data.decode())
-            elif kind == stat.S_IFCHR:
-                os.mknod(target, member.mode, os.makedev(*member.rdev))
-
     def _add(self, path: str | PurePosixPath, node: Node) -> None:
         real = self.resolve(path)
         existing = self._nodes.get(real)
@@ -120,3 +103,21 @@ class Tree:
             else:
                 current = candidate
         return current
+
+
+def write_directory(dest: Path, members: Iterable[Member]) -> None:
+    """Materialise ``members`` under ``dest`` (for initramfs generators that copy a payload)."""
+    for member in members:
+        target = dest / member.name
+        kind = stat.S_IFMT(member.mode)
+        perm = stat.S_IMODE(member.mode)
+        if kind == stat.S_IFDIR:
+            target.mkdir(exist_ok=True)
+            target.chmod(perm)
+        elif kind == stat.S_IFREG:
+            target.write_bytes(member.data)
+            target.chmod(perm)
+        elif kind == stat.S_IFLNK:
+            target.symlink_to(member.data.decode())
+        elif kind == stat.S_IFCHR:
+            os.mknod(target, member.mode, os.makedev(*member.rdev))

@@ -1,0 +1,212 @@
+"""Assemble the standalone initramfs of docs/internals.md, or its payload tree, reproducibly."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+import os
+import shutil
+import stat
+import subprocess
+import time
+from dataclasses import asdict, dataclass, field
+from enum import StrEnum
+from pathlib import Path, PurePosixPath
+
+from initrd.cpio import write_cpio
+from initrd.elf import ElfClosureError, resolve_closure
+from initrd.freeze import DEFAULT_ENTRIES, Frozen, freeze
+from initrd.kmod import DEFAULT_MODULES, ModuleSet, decompress, resolve_modules
+from initrd.tree import Tree, TreeError, write_directory
+from overlayroot.errors import BootError
+
+SOURCE_ROOT = Path(__file__).resolve().parent.parent
+STAGE_DIR = PurePosixPath("/usr/lib/overlayroot")
+EMPTY_DIRS = ("/dev", "/proc", "/sys", "/run", "/sysroot", "/tmp")
+
+
+class Compression(StrEnum):
+    ZSTD = "zstd"
+    GZIP = "gzip"
+    NONE = "none"
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    modules_dir: Path | None
+    """The kernel's ``/lib/modules/<version>``; None builds an image without kernel modules."""
+    output: Path
+    """The archive to write, or the directory to fill when ``payload`` is set."""
+    python: Path = Path("/usr/bin/python3")
+    compress: Compression = Compression.ZSTD
+    extra_modules: tuple[str, ...] = ()
+    source_date_epoch: int = 0
+    payload: bool = False
+    """Write the tree into ``output`` (a directory) for another initramfs generator to copy."""
+    source_root: Path = SOURCE_ROOT
+    """Where the ``overlayroot`` package to freeze lives."""
+    entries: tuple[str, ...] = DEFAULT_ENTRIES
+
+
+@dataclass(frozen=True)
+class BuildResult:
+    output: Path
+    compression: str
+    size: int
+    """Bytes written: the compressed archive, or the payload's file bytes."""
+    uncompressed_size: int
+    entries: int
+    kernel_version: str | None
+    kernel_modules: tuple[str, ...]
+    frozen_modules: int
+    extension_modules: tuple[str, ...]
+    libraries: int
+    python: str
+    seconds: float = field(compare=False)
+
+    def to_json(self) -> dict[str, object]:
+        data = asdict(self)
+        data["output"] = str(self.output)
+        return data
+
+
+def build_initramfs(config: BuildConfig) -> BuildResult:
+    """Build the image ``config`` describes; raise BootError for anything the user can fix."""
+    started = time.monotonic()
+    _check_output(config)
+    frozen = freeze(config.python, config.source_root, config.entries, config.source_date_epoch)
+    kernel = (
+        resolve_modules(config.modules_dir, (*DEFAULT_MODULES, *config.extra_modules))
+        if config.modules_dir is not None
+        else None
+    )
+    tree, libraries = make_tree(frozen, kernel)
+    members = list(tree.members())
+    if config.payload:
+        config.output.mkdir(parents=True, exist_ok=True)
+        if any(config.output.iterdir()):
+            raise BootError(f"{config.output}: payload directory is not empty; give an empty one")
+        write_directory(config.output, members)
+        size = uncompressed = sum(len(m.data) for m in members)
+    else:
+        archive = io.BytesIO()
+        write_cpio(archive, members, config.source_date_epoch)
+        data = compress(archive.getvalue(), config.compress)
+        _write_atomically(config.output, data)
+        size, uncompressed = len(data), archive.tell()
+    return BuildResult(
+        output=config.output,
+        compression="payload" if config.payload else str(config.compress),
+        size=size,
+        uncompressed_size=uncompressed,
+        entries=len(members),
+        kernel_version=kernel.kernel_version if kernel else None,
+        kernel_modules=tuple(m.name for m in kernel.modules) if kernel else (),
+        frozen_modules=len(frozen.modules),
+        extension_modules=tuple(e.name for e in frozen.extensions),
+        libraries=libraries,
+        python=str(frozen.python),
+        seconds=round(time.monotonic() - started, 3),
+    )
+
+
+def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
+    """The image tree, and how many shared libraries it holds."""
+    tree = Tree()
+    for directory in EMPTY_DIRS:
+        tree.mkdir(directory)
+    tree.add_char_device("/dev/console", 5, 1, 0o600)
+
+    extension_sources = {PurePosixPath(e.source) for e in frozen.extensions}
+    try:
+        closure = resolve_closure([Path(frozen.python), *(Path(p) for p in extension_sources)])
+    except ElfClosureError as e:
+        raise BootError(f"cannot collect the interpreter's libraries: {e}") from e
+    try:
+        # Links first: /lib → usr/lib must exist before anything is added under /lib.
+        for link in closure.symlinks:
+            tree.add_symlink(link.path, link.target)
+        for path in closure.files:
+            if path not in extension_sources:
+                tree.add_file(path, Path(path), _perm(Path(path)))
+        tree.add_file(frozen.zip_path, frozen.zip_data)
+        tree.mkdir(frozen.dynload_dir)
+        for ext in frozen.extensions:
+            tree.add_file(ext.path, ext.source, _perm(ext.source))
+        tree.add_file("/init", init_script(frozen.python), 0o755)
+
+        module_paths = []
+        if kernel is not None:
+            base = PurePosixPath("/lib/modules") / kernel.kernel_version
+            for module in kernel.modules:
+                tree.add_file(base / module.relative, decompress(module.source))
+                module_paths.append(str(base / module.relative))
+        tree.add_file(STAGE_DIR / "modules.list", "".join(f"{p}\n" for p in module_paths).encode())
+        tree.add_file(STAGE_DIR / "build.json", build_info(frozen, kernel))
+    except TreeError as e:
+        raise BootError(f"cannot lay out the image: {e}") from e
+    libraries = len(closure.files) - 1 - len(extension_sources)
+    return tree, libraries
+
+
+def init_script(python: PurePosixPath) -> bytes:
+    return f"#!{python} -IS\nfrom overlayroot.init import main\n\nmain()\n".encode()
+
+
+def build_info(frozen: Frozen, kernel: ModuleSet | None) -> bytes:
+    info = {
+        "kernel_version": kernel.kernel_version if kernel else None,
+        "python": str(frozen.python),
+        "python_version": ".".join(map(str, frozen.version)),
+        "modules": [m.name for m in kernel.modules] if kernel else [],
+        "builtin_modules": list(kernel.builtin) if kernel else [],
+        "frozen_modules": len(frozen.modules),
+        "extension_modules": [e.name for e in frozen.extensions],
+    }
+    return (json.dumps(info, indent=2, sort_keys=True) + "\n").encode()
+
+
+def compress(data: bytes, method: Compression) -> bytes:
+    """Compress deterministically in a format the kernel's initramfs unpacker reads."""
+    if method is Compression.GZIP:
+        return gzip.compress(data, compresslevel=9, mtime=0)
+    if method is Compression.ZSTD:
+        zstd = shutil.which("zstd")
+        if zstd is None:
+            raise BootError(
+                "the zstd command is not installed; install zstd or use --compress gzip"
+            )
+        # One thread: the output then does not depend on the machine's core count.
+        return subprocess.run(
+            [zstd, "-19", "-T1", "-q", "-c"], input=data, capture_output=True, check=True
+        ).stdout
+    return data
+
+
+def _check_output(config: BuildConfig) -> None:
+    parent = config.output if config.payload else config.output.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise BootError(
+            f"{config.output}: cannot write there; {parent} is not a writable directory"
+        )
+    if not config.payload and config.output.is_dir():
+        raise BootError(f"{config.output}: is a directory; give the image file name with -o")
+    if config.modules_dir is not None and not config.modules_dir.is_dir():
+        raise BootError(
+            f"{config.modules_dir}: no such modules directory; pass the kernel's "
+            "/lib/modules/<version> directory with --modules, or leave it out"
+        )
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_bytes(data)
+    temporary.replace(path)
+
+
+def _perm(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode) & 0o755
