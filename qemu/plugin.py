@@ -100,6 +100,10 @@ def machine(
     factory.close()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "qemu: boots a kernel under QEMU (slow)")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "machine" in getattr(item, "fixturenames", ()):
