@@ -1,0 +1,216 @@
+"""The assembly, for real: erofs/squashfs/dir lowers, the /etc overlay, /var and /home binds."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from overlayroot import syscalls
+from overlayroot.assemble import assemble
+from overlayroot.cmdline import parse_options
+from overlayroot.deploy import deploy
+from overlayroot.errors import BootError
+from tests.host.conftest import make_tree, mkfs_ext4, mounts_under, require_tools
+
+
+class Env:
+    """A state filesystem (ext4 on a loop device) mounted on ``sysroot``, as /init leaves it."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.sysroot = base / "sysroot"
+        self.run = base / "run"
+        self.sysroot.mkdir()
+        self.run.mkdir()
+        image = base / "state.img"
+        mkfs_ext4(image)
+        # mount(8) sets up the loop device with autoclear, so it goes with the mount.
+        subprocess.run(["mount", "-o", "loop", str(image), str(self.sysroot)], check=True)
+
+    def deploy(self, name: str, fmt: str = "erofs", *, init: bool = True) -> str:
+        tree = make_tree(self.base / f"tree-{name}", init=init)
+        (tree / "etc/release").write_text(f"{name}\n")
+        deploy(self.sysroot, tree, deployment_id=name, fmt=fmt, created=1_700_000_000)
+        return name
+
+    def assemble(self, cmdline: str = "") -> object:
+        opts, _ = parse_options(cmdline)
+        return assemble(str(self.sysroot), str(self.run), opts, device="/dev/test")
+
+    @property
+    def state(self) -> Path:
+        return self.run / "state"
+
+
+@pytest.fixture
+def env(mount_ns: Path) -> Env:
+    require_tools("mkfs.ext4", "mkfs.erofs", "mksquashfs")
+    return Env(mount_ns)
+
+
+def mount_options(path: Path) -> str:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            if fields[4] == str(path):
+                return " ".join(fields[5:])
+    raise AssertionError(f"{path} is not a mount point")
+
+
+@pytest.mark.parametrize("fmt", ["erofs", "squashfs", "dir"])
+def test_assembles_a_read_only_root_with_writable_etc_var_home(env: Env, fmt: str) -> None:
+    env.deploy("v1", fmt)
+    env.assemble()
+    root = env.sysroot
+    assert (root / "etc/release").read_text() == "v1\n"
+    with pytest.raises(OSError) as e:
+        (root / "newfile").write_text("x")
+    assert e.value.errno == errno.EROFS
+    (root / "etc/hostname").write_text("edited\n")
+    (root / "var/written").write_text("var\n")
+    (root / "home/written").write_text("home\n")
+    upper = env.state / "overlayroot/etc/v1/upper"
+    assert (upper / "hostname").read_text() == "edited\n"
+    assert (env.state / "overlayroot/var/written").read_text() == "var\n"
+    assert (env.state / "overlayroot/home/written").read_text() == "home\n"
+    etc_options = mount_options(root / "etc")
+    # The kernel lists these only when they are on (DESIGN.md §4: on breaks updates).
+    for option in ("index=on", "redirect_dir=on", "metacopy=on", "xino=on", "xino=auto"):
+        assert option not in etc_options
+
+
+def test_an_empty_var_is_seeded_from_the_image_once(env: Env) -> None:
+    env.deploy("v1")
+    env.assemble()
+    var = env.state / "overlayroot/var"
+    assert (var / "lib/testdata/seed").read_text() == "from the image\n"
+    assert os.readlink(var / "lock") == "../run/lock"
+    (var / "lib/testdata/seed").write_text("changed at run time\n")
+    for point in reversed(mounts_under(env.sysroot)):
+        syscalls.umount(point, syscalls.MNT_DETACH)
+    syscalls.mount(str(env.state), str(env.sysroot), None, syscalls.MS_MOVE)
+    env.assemble()
+    assert (env.sysroot / "var/lib/testdata/seed").read_text() == "changed at run time\n"
+
+
+def test_booted_json_says_what_was_booted(env: Env) -> None:
+    env.deploy("v1")
+    env.deploy("v2", "squashfs")
+    env.assemble("overlayroot.deployment=v1 overlayroot.etc=transient")
+    booted = json.loads((env.run / "booted.json").read_text())
+    assert booted["deployment"] == "v1"
+    assert booted["device"] == "/dev/test"
+    assert booted["lower"] == "erofs"
+    assert booted["etc"] == "transient"
+    assert booted["init"] == "/sbin/init"
+    assert booted["loop"].startswith("/dev/loop")
+    assert booted["manifest"]["sha256"]
+
+
+def test_the_newest_deployment_is_the_default(env: Env) -> None:
+    env.deploy("b-old")
+    tree = make_tree(env.base / "tree-new")
+    deploy(env.sysroot, tree, deployment_id="a-new", created=1_800_000_000)
+    env.assemble()
+    assert json.loads((env.run / "booted.json").read_text())["deployment"] == "a-new"
+
+
+def test_transient_etc_forgets_and_readonly_etc_refuses(env: Env) -> None:
+    env.deploy("v1")
+    env.assemble("overlayroot.etc=transient")
+    (env.sysroot / "etc/hostname").write_text("gone after reboot\n")
+    assert not (env.state / "overlayroot/etc/v1/upper/hostname").exists()
+    for point in reversed(mounts_under(env.sysroot)):
+        syscalls.umount(point, syscalls.MNT_DETACH)
+    syscalls.umount(str(env.run / "etc-transient"), syscalls.MNT_DETACH)
+    syscalls.mount(str(env.state), str(env.sysroot), None, syscalls.MS_MOVE)
+    env.assemble("overlayroot.etc=readonly")
+    with pytest.raises(OSError) as e:
+        (env.sysroot / "etc/hostname").write_text("x")
+    assert e.value.errno == errno.EROFS
+
+
+def test_the_etc_upper_survives_and_belongs_to_its_deployment(env: Env) -> None:
+    env.deploy("v1")
+    env.deploy("v2")
+    env.assemble("overlayroot.deployment=v1")
+    (env.sysroot / "etc/mine").write_text("v1 edit\n")
+    for point in reversed(mounts_under(env.sysroot)):
+        syscalls.umount(point, syscalls.MNT_DETACH)
+    syscalls.mount(str(env.state), str(env.sysroot), None, syscalls.MS_MOVE)
+    env.assemble("overlayroot.deployment=v2")
+    assert not (env.sysroot / "etc/mine").exists()
+    assert (env.sysroot / "etc/release").read_text() == "v2\n"
+
+
+def undone(env: Env) -> None:
+    """After a failed assembly the state filesystem is back on sysroot and nothing else is."""
+    assert mounts_under(env.sysroot) == [str(env.sysroot)]
+    assert (env.sysroot / "overlayroot/deployments").is_dir()
+
+
+def test_missing_deployment_names_the_ones_there(env: Env) -> None:
+    env.deploy("v1")
+    env.deploy("v2")
+    with pytest.raises(BootError, match=r"deployment 'v9' \(overlayroot.deployment=\) is not on"
+                       r" /dev/test; deployments there: v1, v2"):
+        env.assemble("overlayroot.deployment=v9")
+    undone(env)
+
+
+def test_no_state_at_all(env: Env) -> None:
+    with pytest.raises(BootError, match="/dev/test holds no overlayroot state"):
+        env.assemble()
+
+
+def test_no_deployments(env: Env) -> None:
+    (env.sysroot / "overlayroot/deployments").mkdir(parents=True)
+    with pytest.raises(BootError, match="no deployments in .* stage one with `overlayroot deploy"):
+        env.assemble()
+
+
+def test_an_image_that_is_not_a_filesystem(env: Env) -> None:
+    env.deploy("v1")
+    image = env.sysroot / "overlayroot/deployments/v1/root.erofs"
+    image.write_bytes(b"\0" * 65536)
+    with pytest.raises(BootError, match=r"deployment 'v1': its image .*root.erofs does not mount"
+                       r" as erofs \(.*\); the image is damaged or not a filesystem"):
+        env.assemble()
+    undone(env)
+
+
+def test_no_init_and_no_init_option(env: Env) -> None:
+    env.deploy("v1", init=False)
+    with pytest.raises(BootError, match="deployment 'v1' has no executable /sbin/init: the image"
+                       " needs /sbin/init, or name its init with init="):
+        env.assemble()
+    undone(env)
+    with pytest.raises(BootError, match="has no executable /bin/nope: fix init="):
+        env.assemble("init=/bin/nope")
+    undone(env)
+
+
+def test_init_found_through_an_absolute_symlink_inside_the_image(env: Env) -> None:
+    tree = make_tree(env.base / "tree-link", init=False)
+    (tree / "lib/systemd").mkdir(parents=True)
+    (tree / "lib/systemd/systemd").write_text("#!/bin/sh\n")
+    (tree / "lib/systemd/systemd").chmod(0o755)
+    os.symlink("/lib/systemd/systemd", tree / "sbin/init")
+    deploy(env.sysroot, tree, deployment_id="linked", fmt="dir", created=1)
+    env.assemble()
+    assert json.loads((env.run / "booted.json").read_text())["init"] == "/sbin/init"
+
+
+def test_a_lower_without_mount_points(env: Env) -> None:
+    tree = make_tree(env.base / "tree-nodirs")
+    deploy(env.sysroot, tree, deployment_id="v1", fmt="dir", created=1)
+    os.rmdir(env.sysroot / "overlayroot/deployments/v1/root/home")
+    os.rmdir(env.sysroot / "overlayroot/deployments/v1/root/proc")
+    with pytest.raises(BootError, match=r"deployment 'v1' lacks the mount points /home, /proc"):
+        env.assemble()
+    undone(env)
