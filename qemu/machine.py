@@ -174,8 +174,8 @@ class Machine:
         self._join_reader()
 
     def markers(self) -> dict[str, str]:
-        """`OVERLAYROOT-TEST key=value` lines as a dict; `OVERLAYROOT-TEST done` gives done=""."""
-        return {m.group(1): (m.group(2) or "").strip() for m in MARKER.finditer(self.console)}
+        """The console's test markers: see parse_markers."""
+        return parse_markers(self.console)
 
     def __enter__(self) -> Machine:
         return self.start()
@@ -227,6 +227,14 @@ class Machine:
 
     def _failure(self, reason: str, console: str) -> BootFailure:
         return BootFailure(reason, self.log_path, console)
+
+
+def parse_markers(console: str) -> dict[str, str]:
+    """`OVERLAYROOT-TEST key=value` lines as a dict; `OVERLAYROOT-TEST done` gives done="".
+
+    A marker may follow kernel output on the same line: printk and userspace share the console.
+    """
+    return {m.group(1): (m.group(2) or "").strip() for m in MARKER.finditer(console)}
 
 
 def _compile(pattern: Pattern) -> re.Pattern[str]:

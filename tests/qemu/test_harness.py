@@ -12,11 +12,9 @@ import pytest
 from qemu.disks import make_state_disk, partition_offset, read_file
 from qemu.initramfs import make_busybox_initramfs
 from qemu.kernel import Kernel
-from qemu.machine import BootFailure
+from qemu.machine import BootFailure, parse_markers
 from qemu.plugin import MachineFactory
 from qemu.rootfs import SEED, make_test_root
-
-pytestmark = pytest.mark.qemu
 
 BOOT_TIMEOUT = 90.0
 VIRTIO_BLK = ("virtio_pci", "virtio_blk")
@@ -112,6 +110,20 @@ def test_disks_appear_in_order_as_virtio_blk(
     with machine(initrd=initramfs(tmp_path, script, kernel), disks=disks) as guest:
         guest.wait_for(re.compile(r"OVERLAYROOT-TEST vdb=\d+"), BOOT_TIMEOUT)
     assert guest.markers() == {"vda": str(8 << 11), "vdb": str(16 << 11)}
+
+
+def test_markers_are_parsed_anywhere_in_a_console_line() -> None:
+    console = (
+        "[ 1.0] noise\nOVERLAYROOT-TEST root_ro=yes\n"
+        "[ 2.0] kernel: OVERLAYROOT-TEST mount_etc=overlay overlay rw,index=off \n"
+        "OVERLAYROOT-TEST var_token=\nOVERLAYROOT-TEST done\n"
+    )
+    assert parse_markers(console) == {
+        "root_ro": "yes",
+        "mount_etc": "overlay overlay rw,index=off",
+        "var_token": "",
+        "done": "",
+    }
 
 
 def test_state_disk_carries_its_names_and_content(tmp_path: Path) -> None:
