@@ -6,6 +6,7 @@ nothing a test mounts is seen by the host, and it all goes away with the process
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import shutil
@@ -53,10 +54,8 @@ def mount_ns(tmp_path: Path) -> Iterator[Path]:
     enter_private_mount_namespace()
     yield tmp_path
     for point in reversed(mounts_under(tmp_path)):
-        try:
+        with contextlib.suppress(OSError):
             syscalls.umount(point, syscalls.MNT_DETACH)
-        except OSError:
-            pass
 
 
 def require_tools(*tools: str) -> None:

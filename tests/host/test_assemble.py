@@ -170,7 +170,7 @@ def test_no_state_at_all(env: Env) -> None:
 
 def test_no_deployments(env: Env) -> None:
     (env.sysroot / "overlayroot/deployments").mkdir(parents=True)
-    with pytest.raises(BootError, match="no deployments in .* stage one with `overlayroot deploy"):
+    with pytest.raises(BootError, match=r"no deployments in .* stage one with `overlayroot deploy"):
         env.assemble()
 
 
