@@ -84,10 +84,15 @@ def build_initramfs(config: BuildConfig) -> BuildResult:
     tree, libraries = make_tree(frozen, kernel)
     members = list(tree.members())
     if config.payload:
-        config.output.mkdir(parents=True, exist_ok=True)
-        if any(config.output.iterdir()):
-            raise BootError(f"{config.output}: payload directory is not empty; give an empty one")
-        write_directory(config.output, members)
+        try:
+            config.output.mkdir(parents=True, exist_ok=True)
+            if any(config.output.iterdir()):
+                raise BootError(
+                    f"{config.output}: payload directory is not empty; give an empty one"
+                )
+            write_directory(config.output, members)
+        except OSError as e:
+            raise BootError(f"{config.output}: cannot write the payload ({e})") from e
         size = uncompressed = sum(len(m.data) for m in members)
     else:
         archive = io.BytesIO()
@@ -170,14 +175,17 @@ def build_info(frozen: Frozen, kernel: ModuleSet | None) -> bytes:
 def compress(data: bytes, method: Compression) -> bytes:
     """Compress deterministically in a format the kernel's initramfs unpacker reads."""
     if method is Compression.GZIP:
-        return gzip.compress(data, compresslevel=9, mtime=0)
+        # Level 9 is 0.6 % smaller than 6 on this image for three times the time.
+        return gzip.compress(data, compresslevel=6, mtime=0)
     if method is Compression.ZSTD:
         zstd = shutil.which("zstd")
         if zstd is None:
             raise BootError(
                 "the zstd command is not installed; install zstd or use --compress gzip"
             )
-        # One thread: the output then does not depend on the machine's core count.
+        # -19: 4.0 MB in 14 s against 4.6 MB in 0.7 s at -9 (12 MB cpio). A real image is built
+        # once per kernel update and lives in a small /boot; quick test builds use "none". One
+        # thread, so the output does not depend on the machine's core count.
         return subprocess.run(
             [zstd, "-19", "-T1", "-q", "-c"], input=data, capture_output=True, check=True
         ).stdout
@@ -202,10 +210,14 @@ def _check_output(config: BuildConfig) -> None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_bytes(data)
-    temporary.replace(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary.write_bytes(data)
+        temporary.replace(path)
+    except OSError as e:
+        temporary.unlink(missing_ok=True)
+        raise BootError(f"{path}: cannot write the image ({e.strerror}); choose another -o") from e
 
 
 def _perm(path: Path) -> int:
