@@ -111,7 +111,7 @@ def gpt_partitions(path: str, sector_size: int = 512) -> list[Partition]:
         zeroed = header[:16] + b"\0\0\0\0" + header[20:header_size]
         if binascii.crc32(zeroed) != header_crc:
             return []
-        if count > MAX_GPT_ENTRIES or entry_size < GPT_ENTRY.size:
+        if count > MAX_GPT_ENTRIES or not GPT_ENTRY.size <= entry_size <= 4096:
             return []
         f.seek(entries_lba * sector_size)
         table = f.read(count * entry_size)
