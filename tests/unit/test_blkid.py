@@ -44,7 +44,8 @@ def test_btrfs_label_and_fsid() -> None:
     data[base + 0x20 : base + 0x30] = U.bytes
     data[base + 0x12B : base + 0x12B + 4] = b"data"
     found = probe_bytes(bytes(data))
-    assert found is not None and (found.fstype, found.uuid, found.label) == ("btrfs", str(U), "data")
+    assert found is not None
+    assert (found.fstype, found.uuid, found.label) == ("btrfs", str(U), "data")
 
 
 def test_xfs_without_label() -> None:

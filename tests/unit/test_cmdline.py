@@ -137,7 +137,8 @@ def test_all_options() -> None:
 
 
 def test_deployment_auto_means_the_default() -> None:
-    assert parse_options("overlayroot.deployment=x overlayroot.deployment=auto")[0].deployment is None
+    opts, _ = parse_options("overlayroot.deployment=x overlayroot.deployment=auto")
+    assert opts.deployment is None
 
 
 def test_overlayroot_off() -> None:
