@@ -122,6 +122,10 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
     for directory in EMPTY_DIRS:
         tree.mkdir(directory)
     tree.add_char_device("/dev/console", 5, 1, 0o600)
+    # Python seeds its hash randomisation before /init can mount devtmpfs; when getrandom()
+    # would block that early in boot it falls back to /dev/urandom, and dies without one.
+    tree.add_char_device("/dev/urandom", 1, 9, 0o666)
+    tree.add_char_device("/dev/null", 1, 3, 0o666)
 
     extension_sources = {PurePosixPath(e.source) for e in frozen.extensions}
     try:
