@@ -90,7 +90,7 @@ def build_initramfs(config: BuildConfig) -> BuildResult:
                 raise BootError(
                     f"{config.output}: payload directory is not empty; give an empty one"
                 )
-            write_directory(config.output, members)
+            write_directory(config.output, members, config.source_date_epoch)
         except OSError as e:
             raise BootError(f"{config.output}: cannot write the payload ({e})") from e
         size = uncompressed = sum(len(m.data) for m in members)

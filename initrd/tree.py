@@ -105,8 +105,9 @@ class Tree:
         return current
 
 
-def write_directory(dest: Path, members: Iterable[Member]) -> None:
+def write_directory(dest: Path, members: Iterable[Member], mtime: int = 0) -> None:
     """Materialise ``members`` under ``dest`` (for initramfs generators that copy a payload)."""
+    written = []
     for member in members:
         target = dest / member.name
         kind = stat.S_IFMT(member.mode)
@@ -121,3 +122,8 @@ def write_directory(dest: Path, members: Iterable[Member]) -> None:
             target.symlink_to(member.data.decode())
         elif kind == stat.S_IFCHR:
             os.mknod(target, member.mode, os.makedev(*member.rdev))
+            target.chmod(perm)  # mknod applies the umask
+        written.append(target)
+    # Children last touched their parent directories: stamp in reverse order.
+    for target in reversed(written):
+        os.utime(target, (mtime, mtime), follow_symlinks=False)

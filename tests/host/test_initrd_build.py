@@ -1,0 +1,177 @@
+"""Whole images: the frozen stage runs in a chroot of the image, builds are byte-identical."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import subprocess
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from initrd.build import BuildConfig, BuildResult, Compression, build_initramfs
+from initrd.freeze import DEFAULT_ENTRIES
+
+pytestmark = [
+    pytest.mark.host,
+    pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chroot and device nodes"),
+    pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no /usr/bin/python3"),
+]
+
+ZIP = "usr/lib/python311.zip"
+CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
+
+
+def modules_dir() -> Path | None:
+    env = os.environ.get("OVERLAYROOT_KERNEL_MODULES")
+    candidates = [Path(env)] if env else sorted(Path("/tmp/k/x/lib/modules").glob("*"))
+    return next((c for c in candidates if (c / "modules.builtin").is_file()), None)
+
+
+def build(output: Path, **options: object) -> BuildResult:
+    config = BuildConfig(modules_dir=modules_dir(), output=output, **options)  # type: ignore[arg-type]
+    return build_initramfs(config)
+
+
+def in_image(root: Path, *argv: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [CHROOT, str(root), *argv], capture_output=True, text=True, env={}, check=False
+    )
+
+
+@pytest.fixture
+def payload(tmp_path: Path) -> Path:
+    build(tmp_path / "payload", payload=True)
+    return tmp_path / "payload"
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path) -> Path:
+    package = tmp_path / "src/overlayroot"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "init.py").write_text("import json\n\ndef main():\n    print(json.dumps('ran'))\n")
+    return tmp_path / "src"
+
+
+LIST_ORIGINS = (
+    "import sys\n"
+    + "".join(f"import {entry}\n" for entry in DEFAULT_ENTRIES)
+    + "for m in list(sys.modules.values()):\n"
+    "    o = getattr(getattr(m, '__spec__', None), 'origin', None)\n"
+    "    print(o)\n"
+)
+
+
+def test_the_stage_imports_in_the_image_with_nothing_outside_the_frozen_set(
+    payload: Path,
+) -> None:
+    proc = in_image(payload, "/usr/bin/python3.11", "-IS", "-c", LIST_ORIGINS)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stderr == ""  # no "could not find platform libraries" warning either
+    for origin in proc.stdout.split():
+        assert origin in ("None", "built-in", "frozen") or origin.startswith(
+            ("/usr/lib/python311.zip/", "/usr/lib/python3.11/lib-dynload/")
+        ), origin
+
+
+def test_the_stage_fails_to_import_when_a_frozen_module_is_removed(payload: Path) -> None:
+    archive = payload / ZIP
+    with zipfile.ZipFile(archive) as old:
+        members = {i.filename: old.read(i) for i in old.infolist()}
+    del members["overlayroot/errors.pyc"]
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as new:
+        for name, data in members.items():
+            new.writestr(name, data)
+    proc = in_image(payload, "/usr/bin/python3.11", "-IS", "-c", LIST_ORIGINS)
+    assert proc.returncode != 0
+    assert "No module named 'overlayroot.errors'" in proc.stderr
+
+
+def test_init_runs_main_of_the_frozen_stage(tmp_path: Path, stand_in: Path) -> None:
+    build(tmp_path / "p", payload=True, source_root=stand_in)
+    proc = in_image(tmp_path / "p", "/init")
+    assert (proc.returncode, proc.stdout, proc.stderr) == (0, '"ran"\n', "")
+
+
+def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
+    init = (payload / "init").read_text().splitlines()
+    assert init[0] == "#!/usr/bin/python3.11 -IS"
+    console = (payload / "dev/console").lstat()
+    assert stat.S_ISCHR(console.st_mode) and stat.S_IMODE(console.st_mode) == 0o600
+    assert (os.major(console.st_rdev), os.minor(console.st_rdev)) == (5, 1)
+    for directory in ("proc", "sys", "run", "sysroot", "tmp", "usr/lib/python3.11/lib-dynload"):
+        assert (payload / directory).is_dir()
+    # The loader is where PT_INTERP says, through the same links as on the host.
+    assert (payload / "lib64").is_symlink()
+    assert in_image(payload, "/lib64/ld-linux-x86-64.so.2", "--version").returncode == 0
+    info = json.loads((payload / "usr/lib/overlayroot/build.json").read_text())
+    listed = (payload / "usr/lib/overlayroot/modules.list").read_text().splitlines()
+    assert info["frozen_modules"] > 0 and info["python"] == "/usr/bin/python3.11"
+    assert (
+        listed == [f"/lib/modules/{info['kernel_version']}/{p}" for p in _relative(listed, info)]
+        or not listed
+    )
+    for path in listed:
+        assert (payload / path.lstrip("/")).resolve().is_relative_to(payload)
+        assert (payload / path.lstrip("/")).read_bytes()[:4] == b"\x7fELF"
+    if modules_dir() is not None:
+        assert info["modules"][-1] == "virtio_pci" and "erofs" in info["modules"]
+
+
+def _relative(listed: list[str], info: dict[str, object]) -> list[str]:
+    prefix = f"/lib/modules/{info['kernel_version']}/"
+    return [p.removeprefix(prefix) for p in listed]
+
+
+def test_two_builds_are_byte_identical(tmp_path: Path) -> None:
+    for compress in (Compression.NONE, Compression.GZIP):
+        first = build(tmp_path / f"a/initrd.{compress}", compress=compress)
+        second = build(tmp_path / f"b/initrd.{compress}", compress=compress)
+        assert first.size == second.size
+        assert (tmp_path / f"a/initrd.{compress}").read_bytes() == (
+            tmp_path / f"b/initrd.{compress}"
+        ).read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("zstd") is None, reason="zstd is not installed")
+def test_zstd_image_holds_the_same_archive(tmp_path: Path) -> None:
+    build(tmp_path / "plain", compress=Compression.NONE)
+    build(tmp_path / "small", compress=Compression.ZSTD)
+    unpacked = subprocess.run(
+        ["zstd", "-dc", str(tmp_path / "small")], capture_output=True, check=True
+    ).stdout
+    assert unpacked == (tmp_path / "plain").read_bytes()
+
+
+@pytest.mark.skipif(shutil.which("cpio") is None, reason="cpio is not installed")
+def test_archive_unpacks_to_the_payload_tree(tmp_path: Path) -> None:
+    payload = tmp_path / "payload"
+    build(payload, payload=True, source_date_epoch=1700000000)
+    result = build(tmp_path / "initrd", compress=Compression.NONE, source_date_epoch=1700000000)
+    unpacked = tmp_path / "unpacked"
+    unpacked.mkdir()
+    with open(tmp_path / "initrd", "rb") as archive:
+        subprocess.run(["cpio", "-idm", "--quiet"], stdin=archive, cwd=unpacked, check=True)
+    assert tree(unpacked) == tree(payload)
+    assert result.entries == len(tree(payload))
+    assert (unpacked / "init").stat().st_mtime == 1700000000
+    assert (payload / "usr/lib").stat().st_mtime == 1700000000
+    assert in_image(unpacked, "/usr/bin/python3.11", "-IS", "-c", "import json").returncode == 0
+
+
+def tree(root: Path) -> dict[str, tuple[int, object]]:
+    out: dict[str, tuple[int, object]] = {}
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        key = str(path.relative_to(root))
+        if stat.S_ISREG(st.st_mode):
+            out[key] = (st.st_mode, path.read_bytes())
+        elif stat.S_ISLNK(st.st_mode):
+            out[key] = (st.st_mode, os.readlink(path))
+        else:
+            out[key] = (st.st_mode, st.st_rdev)
+    return out

@@ -1,0 +1,78 @@
+"""Freezing: what the target interpreter imports, compiled by it, into a stored zip."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from initrd.freeze import freeze, make_zip
+from overlayroot.errors import BootError
+
+PYTHON = Path("/usr/bin/python3")
+pytestmark = pytest.mark.skipif(not PYTHON.exists(), reason="no /usr/bin/python3 target")
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path) -> Path:
+    """A tiny ``overlayroot`` package: its init imports a little stdlib and _cffi_backend."""
+    package = tmp_path / "src/overlayroot"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("")
+    (package / "init.py").write_text(
+        "import struct\nfrom overlayroot import helper\n\ndef main() -> None:\n    print('ok')\n"
+    )
+    (package / "helper.py").write_text("import json\n")
+    return tmp_path / "src"
+
+
+def test_frozen_set_is_the_entry_modules_imports_plus_startup(stand_in: Path) -> None:
+    frozen = freeze(PYTHON, stand_in)
+    assert {"overlayroot", "overlayroot.init", "overlayroot.helper", "struct", "json"} <= set(
+        frozen.modules
+    )
+    assert {"encodings", "encodings.aliases", "encodings.utf_8"} <= set(frozen.modules)
+    # Modules of the probe itself and of site must not leak in.
+    assert not {"site", "importlib.util", "argparse"} & set(frozen.modules)
+    names = zipfile.ZipFile(io.BytesIO(frozen.zip_data)).namelist()
+    assert "overlayroot/__init__.pyc" in names and "encodings/utf_8.pyc" in names
+    assert names == sorted(names)
+
+
+def test_pyc_are_unchecked_hash_based_and_stored(stand_in: Path) -> None:
+    frozen = freeze(PYTHON, stand_in)
+    archive = zipfile.ZipFile(io.BytesIO(frozen.zip_data))
+    for info in archive.infolist():
+        assert info.compress_type == zipfile.ZIP_STORED
+        assert info.date_time == (1980, 1, 1, 0, 0, 0)
+        flags = int.from_bytes(archive.read(info)[4:8], "little")
+        assert flags == 0b01, info.filename  # hash-based, check_source off
+
+
+def test_extension_modules_go_to_lib_dynload(stand_in: Path) -> None:
+    (stand_in / "overlayroot/init.py").write_text("import _cffi_backend\n")
+    try:
+        frozen = freeze(PYTHON, stand_in)
+    except BootError as e:
+        pytest.skip(f"target has no _cffi_backend: {e}")
+    (ext,) = [e for e in frozen.extensions if e.name == "_cffi_backend"]
+    assert ext.path.parent == frozen.dynload_dir
+    assert ext.path.name == ext.source.name
+
+
+def test_same_sources_freeze_to_the_same_bytes(stand_in: Path, tmp_path: Path) -> None:
+    assert freeze(PYTHON, stand_in).zip_data == freeze(PYTHON, stand_in).zip_data
+    assert make_zip({"b.pyc": b"2", "a.pyc": b"1"}) == make_zip({"a.pyc": b"1", "b.pyc": b"2"})
+
+
+def test_an_entry_that_fails_to_import_is_a_boot_error(stand_in: Path) -> None:
+    (stand_in / "overlayroot/init.py").write_text("import no_such_module_here\n")
+    with pytest.raises(BootError, match="no_such_module_here"):
+        freeze(PYTHON, stand_in)
+
+
+def test_a_missing_interpreter_is_a_boot_error(stand_in: Path, tmp_path: Path) -> None:
+    with pytest.raises(BootError, match=r"no such Python interpreter; pass .* --python"):
+        freeze(tmp_path / "python9", stand_in)
