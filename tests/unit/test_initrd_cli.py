@@ -1,0 +1,87 @@
+"""``overlayroot initrd build``: options, output, and the errors a user can meet."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+
+from initrd import cli
+from overlayroot.errors import BootError
+
+needs_python = pytest.mark.skipif(
+    not Path("/usr/bin/python3").exists(), reason="no /usr/bin/python3 target"
+)
+
+
+def run(*argv: str) -> int:
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    return cli.run(parser.parse_args(argv))
+
+
+def test_a_missing_modules_directory_names_it_and_the_option(tmp_path: Path) -> None:
+    with pytest.raises(BootError, match=r"/nope: no such modules directory.*--modules"):
+        run("--modules", "/nope", "-o", str(tmp_path / "img"))
+
+
+def test_a_missing_interpreter_names_it_and_the_option(tmp_path: Path) -> None:
+    with pytest.raises(BootError, match=r"/no/python: no such Python interpreter.*--python"):
+        run("--python", "/no/python", "-o", str(tmp_path / "img"))
+
+
+def test_an_unwritable_output_names_the_path(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    with pytest.raises(BootError, match=r"file/img: cannot write there"):
+        run("-o", str(tmp_path / "file/img"))
+    with pytest.raises(BootError, match="is a directory"):
+        run("-o", str(tmp_path))
+
+
+@needs_python
+def test_an_unknown_module_names_it_and_the_modules_directory(tmp_path: Path) -> None:
+    kdir = tmp_path / "6.1.0-test"
+    kdir.mkdir()
+    (kdir / "modules.builtin").write_text("")
+    with pytest.raises(BootError, match=rf"kernel module overlay \(requested\).*{kdir}"):
+        run("--modules", str(kdir), "-o", str(tmp_path / "img"), "--compress", "none")
+
+
+def test_add_module_without_modules_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(BootError, match="--add-module needs --modules"):
+        run("--add-module", "dm-verity", "-o", str(tmp_path / "img"))
+
+
+def test_a_bad_source_date_epoch_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
+    with pytest.raises(BootError, match="SOURCE_DATE_EPOCH='yesterday'"):
+        run("-o", str(tmp_path / "img"))
+
+
+def test_output_and_payload_dir_exclude_each_other(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        run("-o", str(tmp_path / "img"), "--payload-dir", str(tmp_path / "p"))
+
+
+@needs_python
+def test_json_reports_the_build(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert run("-o", str(tmp_path / "img"), "--compress", "none", "--json") == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["output"] == str(tmp_path / "img")
+    assert result["size"] == (tmp_path / "img").stat().st_size
+    assert result["frozen_modules"] > 0 and result["kernel_version"] is None
+    assert result["kernel_modules"] == []
+
+
+@needs_python
+def test_summary_is_short_and_names_the_output(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run("-o", str(tmp_path / "img"), "--compress", "gzip") == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"{tmp_path / 'img'}: ") and "(gzip)" in out
+    assert "no kernel modules" in out and len(out.splitlines()) == 3
