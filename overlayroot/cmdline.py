@@ -157,6 +157,17 @@ def parse_options(cmdline: str) -> tuple[Options, list[str]]:
     return opts, warnings
 
 
+def onfail_from(cmdline: str) -> str:
+    """``overlayroot.onfail=`` alone, for when the rest of the command line does not parse:
+    what to do about a malformed option is still what the user asked for."""
+    action = "reboot"
+    for key, value in split(cmdline)[0]:
+        name = key[3:] if key.startswith("rd.") else key
+        if name == PREFIX + "onfail" and value in ONFAIL_ACTIONS:
+            action = value
+    return action
+
+
 def _apply(opts: Options, name: str, key: str, value: str | None, warnings: list[str]) -> None:
     if name == "state":
         opts.state = _required(key, value)

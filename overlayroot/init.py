@@ -21,7 +21,7 @@ import time
 
 from overlayroot import devices, modload, syscalls
 from overlayroot.assemble import assemble
-from overlayroot.cmdline import Options, parse_options
+from overlayroot.cmdline import Options, onfail_from, parse_options
 from overlayroot.errors import BootError
 from overlayroot.switchroot import switch_root
 
@@ -94,9 +94,10 @@ def boot(console: Console) -> None:
     """Steps 1 to 7; returns only by raising."""
     mount_api_filesystems()
     console.step("mounted /proc /sys /dev /run")
-    opts, warnings = parse_options(read_cmdline())
+    cmdline = read_cmdline()
+    console.onfail = onfail_from(cmdline)
+    opts, warnings = parse_options(cmdline)
     console.debug = opts.debug
-    console.onfail = opts.onfail
     for warning in warnings:
         console.warn(warning)
     loaded, warnings = modload.load_listed()

@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlayroot.cmdline import CmdlineError, parse_options, split
+from overlayroot.cmdline import CmdlineError, onfail_from, parse_options, split
 
 
 def kernel_parse(cmdline: str) -> tuple[list[tuple[str, str | None]], list[str]]:
@@ -184,3 +184,11 @@ def test_malformed_values_are_clear_errors(cmdline: str, message: str) -> None:
 def test_valid_words_never_raise(words: list[str]) -> None:
     opts, _ = parse_options(" ".join(words))
     assert opts.etc in ("persistent", "transient")
+
+
+def test_onfail_is_read_even_when_another_option_is_malformed() -> None:
+    cmdline = "overlayroot.etc=bad rd.overlayroot.onfail=poweroff overlayroot.onfail=nonsense"
+    with pytest.raises(CmdlineError):
+        parse_options(cmdline)
+    assert onfail_from(cmdline) == "poweroff"
+    assert onfail_from("quiet") == "reboot"

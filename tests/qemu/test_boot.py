@@ -1,0 +1,156 @@
+"""Issue 2 end to end: our initramfs boots deployments from a state disk under QEMU."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from qemu.disks import partition_offset, read_file
+from qemu.machine import Machine
+from qemu.plugin import MachineFactory
+from tests.qemu.stage import (
+    BASE,
+    FS_LABEL,
+    FS_UUID,
+    PARTLABEL,
+    PARTUUID,
+    disk_from,
+    initramfs,
+    make_root,
+    state_content,
+    state_disk,
+)
+
+__all__ = ["initramfs"]  # the fixture, imported so pytest finds it here
+
+BOOT_TIMEOUT = 120  # seconds of TCG time from power-on to the test init's last word
+
+
+def boot(machine: MachineFactory, initramfs: Path, disk: Path, extra: str = "",
+         name: str = "boot") -> Machine:
+    m = machine(initrd=initramfs, disks=[disk], cmdline=f"{BASE} {extra}", name=name)
+    m.start()
+    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
+        "Kernel panic - not syncing", "Attempted to kill init", "overlayroot: error:"))
+    m.wait_exit(30)
+    return m
+
+
+@pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
+def test_boots_a_read_only_image_with_writable_etc(
+    machine: MachineFactory, initramfs: Path, tmp_path: Path, fmt: str
+) -> None:
+    disk = state_disk(tmp_path, [("v1", fmt, make_root(tmp_path))])
+    m = boot(machine, initramfs, disk)
+    markers = m.markers()
+    assert markers["root_ro"] == "yes"
+    assert markers["root_write_error"] == "Read-only file system"
+    assert markers["etc_writable"] == "yes"
+    assert markers["mount_root"].split()[1] == fmt
+    assert markers["mount_etc"].startswith("overlay overlay")
+    booted = json.loads(markers["booted_json"])
+    assert (booted["deployment"], booted["lower"], booted["device"]) == ("v1", fmt, "/dev/vda1")
+    assert "switching root to v1 (/sbin/init)" in m.console
+    assert "Traceback" not in m.console
+
+
+def test_etc_var_home_survive_a_reboot_and_the_image_does_not_change(
+    machine: MachineFactory, initramfs: Path, tmp_path: Path
+) -> None:
+    disk = state_disk(tmp_path, [("v1", "erofs", make_root(tmp_path))])
+    offset = partition_offset(disk)
+    image_path = "/overlayroot/deployments/v1/root.erofs"
+    before = hashlib.sha256(read_file(disk, offset, image_path)).hexdigest()
+
+    first = boot(machine, initramfs, disk, "test.write=token-1", name="write")
+    assert {first.markers()[f"write_{d}"] for d in ("etc", "var", "home")} == {"ok"}
+    assert first.markers()["write_root"] == "Read-only file system"
+
+    second = boot(machine, initramfs, disk, "test.read=1", name="read")
+    markers = second.markers()
+    assert (markers["etc_token"], markers["var_token"], markers["home_token"]) == (
+        "token-1", "token-1", "token-1")
+    assert markers["var_seed"] == "seeded-from-image"  # the empty /var was seeded once
+
+    after = hashlib.sha256(read_file(disk, offset, image_path)).hexdigest()
+    manifest = json.loads(read_file(disk, offset, "/overlayroot/deployments/v1/manifest.json"))
+    assert before == after == manifest["sha256"]
+    assert read_file(disk, offset, "/overlayroot/etc/v1/upper/test-token") == b"token-1\n"
+
+
+@pytest.mark.parametrize("spec", [f"LABEL={FS_LABEL}", f"UUID={FS_UUID}",
+                                  f"PARTUUID={PARTUUID}", f'"PARTLABEL={PARTLABEL}"'])
+def test_the_state_device_is_found_by_every_kind_of_spec(
+    machine: MachineFactory, initramfs: Path, tmp_path: Path, spec: str
+) -> None:
+    disk = state_disk(tmp_path, [("v1", "erofs", make_root(tmp_path))])
+    # overlayroot.state= comes after root= and wins; root= names a label that does not exist.
+    m = machine(initrd=initramfs, disks=[disk],
+                cmdline=f"{BASE.replace(FS_LABEL, 'wrong')} overlayroot.state={spec}")
+    m.start()
+    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=("overlayroot: error:",))
+    assert json.loads(m.markers()["booted_json"])["device"] == "/dev/vda1"
+
+
+def expect_error(machine: MachineFactory, initramfs: Path, disk: Path, cmdline: str,
+                 message: str) -> Machine:
+    """The boot stops with ``message`` on the console, no traceback, and the machine powers
+    off by itself."""
+    m = machine(initrd=initramfs, disks=[disk], cmdline=f"{BASE} {cmdline}")
+    m.start()
+    m.wait_for("overlayroot: error: ", BOOT_TIMEOUT, failure=("OVERLAYROOT-TEST done",))
+    m.wait_for("overlayroot: powering off", 30)
+    m.wait_exit(30)
+    assert message in m.console, m.console[-3000:]
+    assert "Traceback" not in m.console
+    assert "internal error" not in m.console
+    assert "Kernel panic" not in m.console
+    return m
+
+
+@pytest.fixture
+def good_disk(tmp_path: Path) -> Path:
+    return state_disk(tmp_path, [("v1", "erofs", make_root(tmp_path))])
+
+
+def test_a_label_that_never_appears(machine: MachineFactory, initramfs: Path,
+                                    good_disk: Path) -> None:
+    m = expect_error(machine, initramfs, good_disk,
+                     "overlayroot.state=LABEL=missing overlayroot.timeout=2",
+                     "overlayroot: error: the state device LABEL=missing did not appear"
+                     " within 2 s. Block devices seen:")
+    assert f"/dev/vda1 ext4 LABEL={FS_LABEL} UUID={FS_UUID} PARTUUID={PARTUUID}" in m.console
+
+
+def test_a_missing_deployment(machine: MachineFactory, initramfs: Path, good_disk: Path) -> None:
+    expect_error(machine, initramfs, good_disk, "overlayroot.deployment=v7",
+                 "deployment 'v7' (overlayroot.deployment=) is not on /dev/vda1;"
+                 " deployments there: v1")
+
+
+def test_an_image_that_is_not_a_filesystem(machine: MachineFactory, initramfs: Path,
+                                           tmp_path: Path) -> None:
+    # A state filesystem whose image file was damaged after deployment.
+    content = state_content(tmp_path, [("v1", "erofs", make_root(tmp_path))])
+    (content / "overlayroot/deployments/v1/root.erofs").write_bytes(b"not a filesystem\n" * 4000)
+    disk = disk_from(tmp_path, content)
+    expect_error(machine, initramfs, disk, "",
+                 "deployment 'v1': its image /run/overlayroot/state/overlayroot/deployments/v1/"
+                 "root.erofs does not mount as erofs")
+
+
+def test_a_deployment_without_init(machine: MachineFactory, initramfs: Path,
+                                   tmp_path: Path) -> None:
+    disk = state_disk(tmp_path, [("noinit", "erofs", make_root(tmp_path, with_init=False))])
+    expect_error(machine, initramfs, disk, "",
+                 "deployment 'noinit' has no executable /sbin/init: the image needs /sbin/init,"
+                 " or name its init with init= on the command line")
+
+
+def test_a_malformed_option(machine: MachineFactory, initramfs: Path, good_disk: Path) -> None:
+    expect_error(machine, initramfs, good_disk, "overlayroot.etc=sometimes",
+                 "overlayroot: error: overlayroot.etc=sometimes is not one of: persistent,"
+                 " transient, readonly")
