@@ -48,7 +48,6 @@ from overlayroot.errors import BootError
 
 # The directories the read-only lower must provide as mount points (DESIGN.md §4).
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
-IMAGE_FORMATS = ("erofs", "squashfs")
 # Superblock magics: (format, offset, struct format, value).
 MAGICS = (
     ("erofs", 1024, "<I", 0xE0F5E1E2),
@@ -222,7 +221,8 @@ def deploy(
         staging = state.deployments / f".staging-{deployment_id}"
         if os.path.lexists(staging):
             progress.note(f"removing {staging}, left over by an interrupted deploy")
-            shutil.rmtree(staging)
+            with converting_os_errors(f"removing {staging}"):
+                shutil.rmtree(staging)
         try:
             manifest = stage(
                 staging,
