@@ -22,7 +22,8 @@ from pathlib import Path
 
 from overlayroot.errors import BootError
 
-DEFAULT_MODULES = ("overlay", "loop", "erofs", "squashfs", "virtio_blk", "virtio_pci")
+# softdog: the watchdog a trial boot arms when the machine has no hardware one.
+DEFAULT_MODULES = ("overlay", "loop", "erofs", "squashfs", "virtio_blk", "virtio_pci", "softdog")
 _SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 

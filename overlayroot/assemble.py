@@ -105,15 +105,19 @@ def assemble(
     options: Options,
     *,
     device: str | None = None,
+    manifest: Manifest | None = None,
     check_init: bool = True,
 ) -> Booted:
-    if not os.path.isdir(os.path.join(sysroot, "overlayroot", "deployments")):
-        raise BootError(
-            f"{device or sysroot} holds no overlayroot state (no overlayroot/deployments"
-            " directory); point overlayroot.state= at the state filesystem, or provision it"
-            " with `overlayroot deploy`"
-        )
-    manifest = choose(StateLayout(sysroot), options.deployment, device)
+    """Assemble ``manifest``'s deployment, or (without one) the one the options name, else
+    the newest: the choice without boot counting, for tests and tools."""
+    if manifest is None:
+        if not os.path.isdir(os.path.join(sysroot, "overlayroot", "deployments")):
+            raise BootError(
+                f"{device or sysroot} holds no overlayroot state (no overlayroot/deployments"
+                " directory); point overlayroot.state= at the state filesystem, or provision"
+                " it with `overlayroot deploy`"
+            )
+        manifest = choose(StateLayout(sysroot), options.deployment, device)
     state = os.path.join(run_dir, "state")
     os.makedirs(state, mode=0o755, exist_ok=True)
     undo: list[tuple[str, str]] = []  # ("move", back-to) or ("umount", path), newest last
@@ -142,7 +146,7 @@ def assemble(
             init=init,
             image=image,
         )
-        _write_json_atomically(os.path.join(run_dir, BOOTED_FILE), booted.to_dict())
+        write_booted(run_dir, booted.to_dict())
         return booted
     except BaseException:
         _undo(undo, state)
@@ -313,7 +317,9 @@ def _copy_file(src: str, dst: str) -> None:
             fout.write(chunk)
 
 
-def _write_json_atomically(path: str, data: dict[str, object]) -> None:
+def write_booted(run_dir: str, data: dict[str, object]) -> None:
+    """``<run_dir>/booted.json``: what the running system reads to learn what was booted."""
+    path = os.path.join(run_dir, BOOTED_FILE)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)

@@ -12,11 +12,13 @@ ETC_MODES = ("persistent", "transient", "readonly")
 ONFAIL_ACTIONS = ("reboot", "poweroff", "shell")
 DEFAULT_TIMEOUT = 30.0
 DEFAULT_TRIES = 3
+DEFAULT_WATCHDOG = 300
+MAX_WATCHDOG = 86400
 MAX_TIMEOUT = 3600.0
 MAX_TRIES = 100
 
 PREFIX = "overlayroot."
-KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries")
+KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries", "watchdog")
 _WHITESPACE = " \t\n\v\f\r"
 
 
@@ -96,6 +98,7 @@ class Options:
         "state",
         "timeout",
         "tries",
+        "watchdog",
     )
 
     def __init__(self) -> None:
@@ -107,6 +110,7 @@ class Options:
         self.debug = False
         self.onfail = "reboot"
         self.tries = DEFAULT_TRIES
+        self.watchdog = DEFAULT_WATCHDOG  # seconds a trial boot has to be blessed; 0: off
         self.init: str | None = None
         self.init_args: list[str] = []
         self.read_only: bool | None = None
@@ -184,6 +188,8 @@ def _apply(opts: Options, name: str, key: str, value: str | None, warnings: list
         opts.timeout = _number(key, value, 0.0, MAX_TIMEOUT)
     elif name == "tries":
         opts.tries = int(_number(key, value, 1, MAX_TRIES, integer=True))
+    elif name == "watchdog":
+        opts.watchdog = int(_number(key, value, 0, MAX_WATCHDOG, integer=True))
     elif name == "etc":
         opts.etc = _choice(key, value, ETC_MODES)
     elif name == "onfail":

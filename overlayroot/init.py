@@ -20,37 +20,15 @@ import os
 import time
 
 from overlayroot import devices, modload, syscalls
-from overlayroot.assemble import assemble
 from overlayroot.cmdline import Options, onfail_from, parse_options
+from overlayroot.console import Console
 from overlayroot.errors import BootError
+from overlayroot.prepare import prepare_root
 from overlayroot.switchroot import switch_root
 
 SYSROOT = "/sysroot"
 RUN_DIR = "/run/overlayroot"
 REBOOT_DELAY = 10.0  # seconds to read the message before the screen is gone
-
-
-class Console:
-    """Messages for the person at the console, with times when ``overlayroot.debug`` is on."""
-
-    def __init__(self) -> None:
-        self.start = time.monotonic()
-        self.debug = False
-        self.onfail = "reboot"  # until the command line says otherwise
-
-    def say(self, message: str) -> None:
-        print(f"overlayroot: {message}", flush=True)
-
-    def step(self, message: str) -> None:
-        if self.debug:
-            self.say(f"[{time.monotonic() - self.start:7.3f}] {message}")
-
-    def warn(self, message: str) -> None:
-        self.say(f"warning: {message}")
-
-    def error(self, message: str) -> None:
-        for i, line in enumerate(message.splitlines() or [""]):
-            self.say(("error: " if i == 0 else "       ") + line)
 
 
 def mount_api_filesystems() -> None:
@@ -120,7 +98,7 @@ def boot(console: Console) -> None:
     # describe the root the system sees, and that root is read-only in any case.
     mount_state(device, opts, read_only=False)
     console.step(f"mounted {device.path} on {SYSROOT}")
-    booted = assemble(SYSROOT, RUN_DIR, opts, device=device.path)
+    booted = prepare_root(SYSROOT, RUN_DIR, opts, device.path, console)
     console.step(f"assembled deployment {booted.deployment.id}")
     assert booted.init is not None
     console.say(f"switching root to {booted.deployment.id} ({booted.init})")

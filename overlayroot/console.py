@@ -1,0 +1,29 @@
+"""Messages for the person at the console."""
+
+from __future__ import annotations
+
+import time
+
+
+class Console:
+    """``overlayroot: …`` lines on the console; step times when ``overlayroot.debug`` is on.
+    Also remembers what to do when the boot cannot go on (``overlayroot.onfail=``)."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.debug = False
+        self.onfail = "reboot"  # until the command line says otherwise
+
+    def say(self, message: str) -> None:
+        print(f"overlayroot: {message}", flush=True)
+
+    def step(self, message: str) -> None:
+        if self.debug:
+            self.say(f"[{time.monotonic() - self.start:7.3f}] {message}")
+
+    def warn(self, message: str) -> None:
+        self.say(f"warning: {message}")
+
+    def error(self, message: str) -> None:
+        for i, line in enumerate(message.splitlines() or [""]):
+            self.say(("error: " if i == 0 else "       ") + line)
