@@ -1,0 +1,154 @@
+"""The boot flow on real mounts: counting before hand-over, fallback in the same boot,
+recovery of a damaged boot state, and a counter that cannot be written."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from overlayroot import statefile, syscalls
+from overlayroot.bootstate import BootState, add, bless, mark_bad
+from overlayroot.cmdline import parse_options
+from overlayroot.console import Console
+from overlayroot.errors import BootError
+from overlayroot.layout import StateLayout
+from overlayroot.prepare import prepare_root
+from tests.host.conftest import mounts_under
+from tests.host.test_assemble import Env, env
+
+__all__ = ["env"]
+
+
+def boot(env: Env, cmdline: str = "overlayroot.watchdog=0") -> tuple[dict[str, object], str]:
+    """One boot's preparation; returns booted.json and the console, then undoes the mounts as
+    a reboot would."""
+    opts, _ = parse_options(cmdline)
+    out = io.StringIO()
+    try:
+        with redirect_stdout(out):
+            prepare_root(str(env.sysroot), str(env.run), opts, "/dev/test", Console())
+        booted = json.loads((env.run / "booted.json").read_text())
+    finally:
+        # A failed preparation has undone its own mounts; a finished one is taken apart here.
+        if str(env.state) in mounts_under(env.run):
+            for point in reversed(mounts_under(env.sysroot)):
+                syscalls.umount(point, syscalls.MNT_DETACH)
+            syscalls.mount(str(env.state), str(env.sysroot), None, syscalls.MS_MOVE)
+    return booted, out.getvalue()
+
+
+def state_of(env: Env) -> BootState:
+    return BootState.from_json((env.sysroot / "overlayroot/boot.json").read_text())
+
+
+def history(env: Env) -> list[dict[str, object]]:
+    return statefile.read_history(StateLayout(env.sysroot))
+
+
+def test_a_first_boot_is_a_trial_counted_before_hand_over(env: Env) -> None:
+    env.deploy("v1")
+    booted, console = boot(env, "overlayroot.tries=2 overlayroot.watchdog=0")
+    assert booted["deployment"] == "v1" and booted["trial"] is True and booted["counted"] is True
+    assert state_of(env).entries["v1"].tries_left == 1
+    assert "trial boot of v1: 1 tries left" in console
+    assert [e["event"] for e in history(env)] == ["boot"]
+
+
+def test_an_unblessed_update_falls_back_after_its_tries(env: Env) -> None:
+    env.deploy("v1")
+    boot(env)
+    layout = StateLayout(env.sysroot)
+    state, _ = statefile.load(layout)
+    statefile.save(layout, add(bless(state, "v1"), "v2"))
+    env.deploy("v2")
+    booted_ids = [boot(env, "overlayroot.tries=2 overlayroot.watchdog=0")[0]["deployment"]
+                  for _ in range(4)]
+    assert booted_ids == ["v2", "v2", "v1", "v1"]
+
+
+def test_an_image_that_does_not_mount_falls_back_in_the_same_boot(env: Env) -> None:
+    env.deploy("v1")
+    env.deploy("v2")
+    layout = StateLayout(env.sysroot)
+    state, _ = statefile.load(layout)
+    statefile.save(layout, bless(state, "v1"))
+    image = env.sysroot / "overlayroot/deployments/v2/root.erofs"
+    image.write_bytes(b"\0" * image.stat().st_size)
+    booted, console = boot(env)
+    assert booted["deployment"] == "v1"
+    assert booted["failed"][0]["deployment"] == "v2"  # type: ignore[index]
+    assert "fails its digest check" in console and "falling back to deployment v1" in console
+    assert "fails its digest check" in str(state_of(env).entries["v2"].bad)
+    assert [e["event"] for e in history(env)][-2:] == ["failed", "boot"]
+
+
+def test_a_pinned_deployment_boots_without_counting(env: Env) -> None:
+    env.deploy("v1")
+    env.deploy("v2")
+    booted, _ = boot(env, "overlayroot.deployment=v1 overlayroot.watchdog=0")
+    assert booted["deployment"] == "v1" and booted["trial"] is False
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate", "garbage"])
+def test_a_damaged_state_file_still_boots_and_says_so(env: Env, damage: str) -> None:
+    env.deploy("v1")
+    boot(env)  # writes boot.json and boot.json.prev
+    boot(env)
+    path = env.sysroot / "overlayroot/boot.json"
+    if damage == "delete":
+        path.unlink()
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:40])
+    else:
+        path.write_bytes(os.urandom(300))
+    booted, console = boot(env)
+    assert booted["deployment"] == "v1"
+    assert "recovered the boot state from" in console
+    assert booted["recovery"]
+    assert [e["event"] for e in history(env)][-2:] == ["recovered", "boot"]
+
+
+def test_both_state_files_lost_rebuilds_from_the_history(env: Env) -> None:
+    env.deploy("v1")
+    env.deploy("v2")
+    layout = StateLayout(env.sysroot)
+    statefile.append_history(layout, "blessed", "v1")
+    statefile.append_history(layout, "failed", "v2", reason="kernel panic")
+    (env.sysroot / "overlayroot/boot.json").unlink(missing_ok=True)
+    booted, console = boot(env)
+    assert booted["deployment"] == "v1"
+    assert "rebuilt the boot state from the 2 deployments on disk" in console
+
+
+def test_a_counter_that_cannot_be_written_is_reported_not_ignored(env: Env) -> None:
+    env.deploy("v1")
+    syscalls.mount(None, str(env.sysroot), None, syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+    with pytest.raises(BootError):
+        # A read-only state filesystem cannot hold /etc either; the count failure comes first.
+        boot(env)
+    syscalls.mount(None, str(env.sysroot), None, syscalls.MS_REMOUNT)
+    (env.sysroot / "overlayroot/boot.json").mkdir()  # the rename onto it fails
+    booted, console = boot(env)
+    assert booted["counted"] is False
+    assert "this boot of v1 is NOT counted" in console
+    assert booted["count_error"]
+
+
+def test_nothing_bootable_is_a_clear_error(env: Env) -> None:
+    env.deploy("v1")
+    layout = StateLayout(env.sysroot)
+    state, _ = statefile.load(layout)
+    statefile.save(layout, mark_bad(state, "v1", "hangs at boot"))
+    with pytest.raises(BootError, match="no bootable deployment on /dev/test: every one has failed"
+                       r"(.|\n)*v1: hangs at boot(.|\n)*overlayroot.deployment=ID"):
+        boot(env)
+
+
+def test_no_state(env: Env) -> None:
+    with pytest.raises(BootError, match="/dev/test holds no overlayroot state"):
+        boot(env)
