@@ -7,7 +7,6 @@ import io
 import json
 import os
 from contextlib import redirect_stdout
-from pathlib import Path
 
 import pytest
 
