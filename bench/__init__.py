@@ -1,0 +1,1 @@
+"""Benchmarks that boot real guests; run each as ``python -m bench.<name>``."""
