@@ -16,10 +16,14 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from pathlib import Path
 
 from overlayroot.errors import BootError
+
+# Type-only imports: the boot stage must not pay for importing ``collections`` (or ``typing``).
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 TOP = "overlayroot"
 MANIFEST = "manifest.json"
