@@ -1,18 +1,37 @@
-"""The ``overlayroot`` command: ``deploy``, ``initrd build``.
+"""The ``overlayroot`` command: deployments and their boot state, and ``initrd build``.
 
 This module is frozen into the initramfs with the rest of the package, so it imports only
-``argparse`` at the top; each subcommand imports its module when it runs. ``initrd build``
-belongs to the builder (the ``build`` extra), which the initramfs does not carry: its options are
-parsed by ``initrd.cli`` once it is imported, so ``overlayroot --help`` works without it.
+``argparse`` at the top; each subcommand imports its module when it runs (``FROZEN_MODULES``
+lists them, for a frozen copy of the command). ``initrd build`` belongs to the builder (the
+``build`` extra), which the initramfs does not carry: its options are parsed by ``initrd.cli``
+once it is imported, so ``overlayroot --help`` works without it.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 
 from overlayroot import __version__
 from overlayroot.errors import BootError
+
+# Every module the commands import when they run, besides this one: what a frozen copy of the
+# command (the busybox test root's, say) must carry. The freezer sees only top-level imports.
+FROZEN_MODULES = (
+    "overlayroot.deploy",
+    "overlayroot.manage",
+    "overlayroot.status",
+    "overlayroot.health",
+    "overlayroot.etcdiff",
+    "hashlib",  # layout.image_sha256 imports it when it runs
+    "traceback",  # --debug
+)
+
+SYSROOT_HELP = (
+    "the state filesystem, mounted at DIR (default: the one this system booted from, as"
+    " /run/overlayroot/booted.json says)"
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,15 +42,97 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"overlayroot {__version__}")
     parser.add_argument("--debug", action="store_true", help="print a traceback with every error")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--sysroot", metavar="DIR", help=SYSROOT_HELP)
 
-    deploy = commands.add_parser(
-        "deploy",
-        help="lay out a deployment on a state filesystem",
-        description="Write a deployment (erofs, squashfs or a tree) with its manifest into"
-        " <sysroot>/overlayroot/, with the persistent directories the boot stage expects.",
+    def command(name: str, handler: str, help: str, description: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, parents=[common], help=help, description=description)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    status = command(
+        "status", "overlayroot.status:run_status", "show the deployments and their boot state",
+        "A table of the deployments: which one is booted, the default, the rollback and the"
+        " one-shot choice; priority, tries left, whether each is known good (blessed), why one"
+        " was marked bad; created, size and origin.",
+    )
+    status.add_argument("--json", action="store_true", help="print it as JSON")
+
+    deploy = command(
+        "deploy", "overlayroot.deploy:run", "stage a deployment and make it the default, on trial",
+        "Write a deployment (erofs, squashfs or a tree) with its manifest into the state"
+        " filesystem and make it the default, on trial. In a booted system, it starts with a"
+        " copy of the booted deployment's /etc changes.",
     )
     add_deploy_arguments(deploy)
-    deploy.set_defaults(handler=run_deploy)
+
+    command(
+        "rollback", "overlayroot.manage:run_rollback", "boot the previous good deployment next",
+        "Make the best known-good deployment other than the booted one the default.",
+    )
+    bless = command(
+        "bless", "overlayroot.health:run_bless", "run the health checks, then mark the booted"
+        " deployment good",
+        "Run the health checks in /etc/overlayroot/check.d/required/ and wanted/; if every"
+        " required one passes, mark the booted deployment successful and stop the trial boot's"
+        " watchdog. A required check that fails on a trial boot marks the deployment bad and"
+        " reboots into the fallback.",
+    )
+    bless.add_argument("--no-reboot", action="store_true",
+                       help="when a required check fails, mark the deployment bad but do not"
+                       " reboot")
+
+    mark_bad = command(
+        "mark-bad", "overlayroot.manage:run_mark_bad", "never boot a deployment again by itself",
+        "Mark a deployment bad: it is not booted again unless chosen by hand.",
+    )
+    mark_bad.add_argument("id", metavar="ID")
+    mark_bad.add_argument("--reason", default="marked bad by hand (overlayroot mark-bad)",
+                          help="why, for status and history")
+
+    set_default = command(
+        "set-default", "overlayroot.manage:run_set_default", "choose the deployment to boot",
+        "Make a deployment the default; one not known good gets a fresh set of tries.",
+    )
+    set_default.add_argument("id", metavar="ID")
+    set_default.add_argument("--once", action="store_true",
+                             help="boot it next time only, then the default again")
+
+    for name, verb in (("pin", "keep"), ("unpin", "stop keeping")):
+        pin = command(
+            name, f"overlayroot.manage:run_{name}", f"{verb} a deployment through gc",
+            f"{verb.capitalize()} a deployment through `overlayroot gc`.",
+        )
+        pin.add_argument("id", metavar="ID")
+
+    gc = command(
+        "gc", "overlayroot.manage:run_gc", "remove old deployments",
+        "Remove the deployments beyond the newest N, with their /etc; never the booted, the"
+        " default, the rollback, the one-shot or a pinned one.",
+    )
+    gc.add_argument("--keep", type=int, required=True, metavar="N",
+                    help="how many of the newest deployments to keep")
+    gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
+
+    etc = commands.add_parser("etc", help="the /etc of deployments",
+                              description="The /etc of deployments.")
+    etc_commands = etc.add_subparsers(dest="etc_command", metavar="COMMAND", required=True)
+    diff = etc_commands.add_parser(
+        "diff", parents=[common], help="local changes to /etc",
+        description="What was added, modified and deleted in a deployment's /etc, against its"
+        " image's /etc (default: the booted deployment, else the default).",
+    )
+    diff.set_defaults(handler="overlayroot.etcdiff:run")
+    diff.add_argument("id", metavar="ID", nargs="?")
+    diff.add_argument("--json", action="store_true", help="print it as JSON")
+
+    history = command(
+        "history", "overlayroot.status:run_history", "show the boot history",
+        "Every boot attempt with its outcome, and the fallbacks, blessings and recoveries.",
+    )
+    history.add_argument("-n", type=int, metavar="N", dest="count",
+                         help="only the last N entries")
+    history.add_argument("--json", action="store_true", help="print it as JSON")
 
     initrd = commands.add_parser(
         "initrd", help="build initramfs images", description="Build initramfs images."
@@ -51,11 +152,6 @@ def build_parser() -> argparse.ArgumentParser:
 def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     # Declared here rather than in overlayroot.deploy: importing that for its options would cost
     # every command.
-    parser.add_argument(
-        "--sysroot",
-        required=True,
-        help="the state filesystem's root (mounted, or a directory to pack later)",
-    )
     parser.add_argument("source", help="a directory tree, or an erofs or squashfs image file")
     parser.add_argument(
         "--id",
@@ -81,15 +177,7 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_deploy(args: argparse.Namespace) -> int:
-    from overlayroot import deploy
-
-    return deploy.run(args)
-
-
 def run_initrd_build(args: argparse.Namespace) -> int:
-    import importlib
-
     try:
         # By name: the builder is optional, and absent from the initramfs.
         cli = importlib.import_module("initrd.cli")
@@ -108,7 +196,11 @@ def run_initrd_build(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return int(args.handler(args))
+        handler = args.handler
+        if isinstance(handler, str):
+            module, name = handler.split(":")
+            handler = getattr(importlib.import_module(module), name)
+        return int(handler(args))
     except BootError as e:
         if args.debug:
             import traceback

@@ -1,22 +1,31 @@
-"""``overlayroot deploy``: lay out a state filesystem offline (DESIGN.md §3).
+"""``overlayroot deploy``: stage a deployment on a state filesystem (DESIGN.md §3).
 
 Given a directory tree or an erofs/squashfs image, write one deployment into
 ``<sysroot>/overlayroot/deployments/<id>/`` together with its manifest, and the persistent
-directories the boot stage expects. Image-building pipelines run this; the tests make disks
-with it.
+directories the boot stage expects, and register it in ``boot.json`` as the new default, on
+trial. Inside a system booted by overlayroot it works on the state filesystem the system booted
+from, and the new deployment starts with a copy of the booted deployment's ``/etc`` upper, so
+local edits carry forward. Image-building pipelines run it offline with ``--sysroot``; the tests
+make their disks with it.
 
 The steps, each failing with a ``BootError`` that names the path and what to do:
 
 1. check the sysroot and the source (a tree must hold the lower's mount points; an image is
    recognised by its superblock magic and copied as is);
-2. take a lock on ``deployments/`` so two deploys cannot interleave, refuse an existing id;
+2. take the state lock (``overlayroot/.lock``) so no other command interleaves, refuse an
+   existing id;
 3. build or copy the image into ``deployments/.staging-<id>/`` and hash it;
 4. write the manifest, fsync image, manifest and directory;
-5. create ``etc/<id>/{upper,work}``, ``var/``, ``home/``;
-6. rename the staging directory into place and fsync ``deployments/``.
+5. copy the booted ``/etc`` upper to ``etc/.staging-<id>/`` (whiteouts, opaque directories and
+   every xattr kept) and rename it to ``etc/<id>/``; offline, create an empty one (an existing
+   one is kept: a pipeline may have seeded it); create ``var/``, ``home/``;
+6. register the deployment in ``boot.json`` as the default, on trial (atomic);
+7. rename the staging directory into place and fsync ``deployments/``.
 
-Whatever fails after step 2 removes the staging directory: nothing is left half-staged, and the
-boot stage ignores ``.``-prefixed names anyway.
+A crash before step 6 leaves the old state; between 6 and 7, ``boot.json`` names a deployment
+that is not on disk, which every reader drops (``bootstate.sync``): the old state again. Whatever
+fails removes the staging directories and, after step 6, writes the previous state back, so
+nothing half-staged is ever bootable; the boot stage ignores ``.``-prefixed names anyway.
 
 Reproducible builds: ``--created`` or ``SOURCE_DATE_EPOCH`` fix the manifest's timestamp, the
 image's build time and every file's mtime (mkfs.erofs 1.5 cannot fix one without the other, so
@@ -29,7 +38,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import shutil
@@ -43,7 +51,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from overlayroot import layout
+from overlayroot import bootstate, layout, statefile, target
 from overlayroot.errors import BootError
 
 # The directories the read-only lower must provide as mount points (DESIGN.md §4).
@@ -64,21 +72,35 @@ DIR_MODE = 0o755
 
 def run(args: argparse.Namespace) -> int:
     created = parse_created(args.created, os.environ.get("SOURCE_DATE_EPOCH"))
-    manifest, where = deploy(
-        Path(args.sysroot),
+    where = target.find(args.sysroot)
+    if args.sysroot is None:
+        target.require_root("overlayroot deploy", where)
+    etc_from = None
+    if where.booted_id is not None:
+        etc_from = where.layout.etc_upper(where.booted_id)
+        if not etc_from.is_dir():
+            print(f"overlayroot: warning: the booted deployment has no /etc upper at {etc_from}:"
+                  " the new deployment starts with the image's /etc", file=sys.stderr)
+            etc_from = None
+    manifest, final = deploy(
+        where.layout.root,
         Path(args.source),
         deployment_id=args.deployment_id,
         fmt=args.format,
         created=created,
         progress=Progress.for_stream(sys.stderr),
+        etc_from=etc_from,
     )
     if args.json:
-        print(json.dumps({**manifest.to_dict(), "path": str(where)}, indent=2, sort_keys=True))
+        print(json.dumps({**manifest.to_dict(), "path": str(final)}, indent=2, sort_keys=True))
     else:
         print(
             f"deployed {manifest.id} ({manifest.format}, {manifest.size / 2**20:.1f} MiB,"
-            f" sha256 {manifest.sha256[:16]}…) at {where}"
+            f" sha256 {manifest.sha256[:16]}…) at {final}"
         )
+        carried = f"; /etc carried forward from {where.booted_id}" if etc_from else ""
+        print(f"{manifest.id} is the default now, on trial: it boots next{carried}; once it"
+              " works, `overlayroot bless` keeps it")
     return 0
 
 
@@ -190,10 +212,13 @@ def deploy(
     fmt: str | None = None,
     created: int | None = None,
     progress: Progress | None = None,
+    etc_from: Path | None = None,
 ) -> tuple[layout.Manifest, Path]:
-    """Stage ``source`` as a deployment on the state filesystem at ``sysroot``.
+    """Stage ``source`` as a deployment on the state filesystem at ``sysroot`` and make it the
+    default, on trial.
 
     ``created`` (UNIX seconds) makes the result reproducible; None means now, mtimes kept.
+    ``etc_from`` is an ``/etc`` upper to start the new deployment's from.
     Returns the manifest and the deployment's directory.
     """
     progress = progress or Progress(None)
@@ -211,7 +236,7 @@ def deploy(
     with converting_os_errors(f"preparing {state.top}"):
         for directory in (state.deployments, state.var, state.home):
             make_dir(directory)
-    with lock(state.deployments):
+    with target.locked(state):
         final = state.deployment_dir(deployment_id)
         if os.path.lexists(final):
             raise BootError(
@@ -219,10 +244,13 @@ def deploy(
                 " or remove it first"
             )
         staging = state.deployments / f".staging-{deployment_id}"
-        if os.path.lexists(staging):
-            progress.note(f"removing {staging}, left over by an interrupted deploy")
-            with converting_os_errors(f"removing {staging}"):
-                shutil.rmtree(staging)
+        etc_staging = state.top / "etc" / f".staging-{deployment_id}"
+        for leftover in (staging, etc_staging):
+            if os.path.lexists(leftover):
+                progress.note(f"removing {leftover}, left over by an interrupted deploy")
+                with converting_os_errors(f"removing {leftover}"):
+                    shutil.rmtree(leftover)
+        registered = None
         try:
             manifest = stage(
                 staging,
@@ -234,18 +262,67 @@ def deploy(
                 reproducible=reproducible,
                 progress=progress,
             )
-            with converting_os_errors(f"creating the /etc upper of {deployment_id}"):
-                for directory in (state.etc_upper(deployment_id), state.etc_work(deployment_id)):
-                    make_dir(directory)
-                fsync_dir(state.top / "etc" / deployment_id)
-                fsync_dir(state.top / "etc")
+            if etc_from is None:
+                make_etc(state, deployment_id)
+            else:
+                carry_etc(state, deployment_id, etc_from, etc_staging, progress)
+            registered = register(state, deployment_id, progress)
             with converting_os_errors(f"moving {staging} to {final}"):
                 os.rename(staging, final)
                 fsync_dir(state.deployments)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
+            shutil.rmtree(etc_staging, ignore_errors=True)
+            if registered is not None and not os.path.lexists(final):
+                # Readers drop an entry without a directory anyway; this only tidies up.
+                with contextlib.suppress(OSError):
+                    statefile.save(state, registered.without(deployment_id))
             raise
     return manifest, final
+
+
+def make_etc(state: layout.StateLayout, deployment_id: str) -> None:
+    with converting_os_errors(f"creating the /etc upper of {deployment_id}"):
+        for directory in (state.etc_upper(deployment_id), state.etc_work(deployment_id)):
+            make_dir(directory)
+        fsync_dir(state.top / "etc" / deployment_id)
+        fsync_dir(state.top / "etc")
+
+
+def carry_etc(
+    state: layout.StateLayout,
+    deployment_id: str,
+    upper: Path,
+    staging: Path,
+    progress: Progress,
+) -> None:
+    """``etc/<id>/`` from a copy of ``upper``. Whiteouts (0:0 character devices) and opaque
+    directories (the ``trusted.overlay.opaque`` xattr) are copied like any file, so what was
+    deleted or replaced in /etc stays so."""
+    etc_dir = state.top / "etc" / deployment_id
+    with converting_os_errors(f"copying the /etc upper {upper} for {deployment_id}"):
+        make_dir(staging)
+        copy_tree(upper, staging / "upper", mtime=None, progress=progress)
+        os.mkdir(staging / "work", DIR_MODE)
+        os.sync()
+        if os.path.lexists(etc_dir):
+            # No deployment of this id exists (checked under the lock): an interrupted deploy
+            # or gc left it.
+            progress.note(f"replacing {etc_dir}, left over by an interrupted deploy")
+            shutil.rmtree(etc_dir)
+        os.rename(staging, etc_dir)
+        fsync_dir(state.top / "etc")
+
+
+def register(
+    state: layout.StateLayout, deployment_id: str, progress: Progress
+) -> bootstate.BootState:
+    """Make ``deployment_id`` the default, on trial; returns the state written."""
+    current, notes = statefile.load(state)
+    for note in notes:
+        progress.note(f"warning: {note}")
+    with converting_os_errors(f"registering {deployment_id} in {state.top / statefile.STATE}"):
+        return statefile.save(state, bootstate.add(current, deployment_id))
 
 
 def inspect_source(source: Path, fmt: str | None) -> tuple[str, bool]:
@@ -479,22 +556,6 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def lock(directory: Path) -> Iterator[None]:
-    """An exclusive lock on ``directory`` for as long as one deploy writes into it."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise BootError(
-                f"another deploy is writing to {directory}: wait for it to finish"
-            ) from None
-        yield
     finally:
         os.close(fd)
 

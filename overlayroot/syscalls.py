@@ -31,7 +31,10 @@ LOOP_CTL_GET_FREE = 0x4C82
 LO_FLAGS_READ_ONLY = 1
 LO_FLAGS_AUTOCLEAR = 4
 
+CLONE_NEWNS = 0x00020000
+
 _FINIT_MODULE = {"x86_64": 313, "aarch64": 273, "riscv64": 273, "armv7l": 379, "i686": 350}
+_UNSHARE = {"x86_64": 272, "aarch64": 97, "riscv64": 97, "armv7l": 337, "i686": 310}
 
 _lib = ffi.dlopen(None)
 
@@ -82,6 +85,15 @@ def finit_module(fd: int, name: str, params: str = "") -> None:
         raise OSError(38, f"finit_module: unknown syscall number on {os.uname().machine}", name)
     args = (ffi.cast("long", fd), ffi.new("char[]", params.encode()), ffi.cast("long", 0))
     _check(_lib.syscall(number, *args), name)
+
+
+def unshare(flags: int) -> None:
+    """unshare(2), e.g. ``CLONE_NEWNS`` for mounts no other process sees (Python 3.11's ``os``
+    has no ``unshare``)."""
+    number = _UNSHARE.get(os.uname().machine)
+    if number is None:
+        raise OSError(38, f"unshare: unknown syscall number on {os.uname().machine}")
+    _check(_lib.syscall(number, ffi.cast("long", flags)))
 
 
 def ioctl_int(fd: int, request: int, arg: int, name: str) -> int:

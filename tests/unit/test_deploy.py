@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, layout
+from overlayroot import deploy, layout, target
 from overlayroot.errors import BootError
 
 EPOCH = 1_700_000_000
@@ -258,12 +258,16 @@ def test_leftover_staging_directory_is_replaced(tree: Path, sysroot: Path) -> No
     assert not (where / "root" / "junk").exists()
 
 
-def test_a_concurrent_deploy_is_refused(tree: Path, sysroot: Path) -> None:
-    deployments = layout.StateLayout(sysroot).deployments
-    deployments.mkdir(parents=True)
+def test_a_concurrent_deploy_is_refused(
+    tree: Path, sysroot: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    state = layout.StateLayout(sysroot)
+    state.deployments.mkdir(parents=True)
+    monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
     with (
-        deploy.lock(deployments),
-        pytest.raises(BootError, match=f"another deploy is writing to {deployments}"),
+        target.locked(state),
+        pytest.raises(BootError, match=r"another overlayroot command \(pid \d+: .*\) is changing"
+                      f" the state on {sysroot}: wait for it"),
     ):
         deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
 

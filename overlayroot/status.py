@@ -1,0 +1,228 @@
+"""``overlayroot status`` and ``overlayroot history``: what the boot state and the boot history
+say, for people (tables) and for programs (``--json``). Nothing here writes.
+
+The bless is the step most often missing in the field (DESIGN.md §1), so a booted deployment
+that is on trial and not blessed yet is called out, with how many boots it has left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from overlayroot import bootstate, statefile, target
+from overlayroot.bootstate import BootState
+from overlayroot.errors import BootError
+
+
+def describe(state: BootState, booted: str | None,
+             manifests: dict[str, dict[str, object]]) -> list[dict[str, object]]:
+    """One record per deployment, default first."""
+    default = bootstate.default(state)
+    rollback = bootstate.rollback_target(state, booted)
+    ranked = bootstate.ranked(state)
+    order = ranked + sorted((k for k in state.entries if k not in ranked),
+                            key=lambda k: -state.entries[k].priority)
+    records = []
+    for k in order:
+        e = state.entries[k]
+        manifest = manifests.get(k, {})
+        records.append({
+            "id": k,
+            "booted": k == booted,
+            "default": k == default,
+            "rollback": k == rollback,
+            "once": k == state.once,
+            "pinned": e.pinned,
+            "bootable": e.bootable,
+            "priority": e.priority,
+            "tries_left": e.tries_left,
+            "successful": e.successful,
+            "bad": bad_reason(e),
+            "created": manifest.get("created"),
+            "size": manifest.get("size"),
+            "format": manifest.get("format"),
+            "origin": manifest.get("origin"),
+        })
+    return records
+
+
+def bad_reason(entry: bootstate.Entry) -> str | None:
+    """Why a deployment does not boot by itself any more, if it does not."""
+    if entry.bad:
+        return entry.bad
+    if not entry.successful and entry.tries_left == 0:
+        return "used up its tries without being blessed (it crashed, hung or was reset)"
+    return None
+
+
+def marks(record: dict[str, object]) -> str:
+    names = [n for n in ("booted", "default", "rollback", "once", "pinned") if record[n]]
+    return ",".join(names) or "-"
+
+
+def tries(record: dict[str, object]) -> str:
+    if record["successful"]:
+        return "-"
+    return "new" if record["tries_left"] is None else str(record["tries_left"])
+
+
+def size(value: object) -> str:
+    return f"{value / 2**20:.1f}M" if isinstance(value, int) else "?"
+
+
+def table(rows: list[list[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return "\n".join(
+        "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        for row in rows
+    )
+
+
+def booted_notes(booted: dict[str, object] | None, records: list[dict[str, object]],
+                 damaged: bool) -> list[str]:
+    """What this boot needs the reader to know: an unblessed trial, an uncounted boot, a
+    fallback, a recovered state (unless the state is still ``damaged``: that is said anyway)."""
+    if booted is None:
+        return []
+    notes = []
+    deployment = booted["deployment"]
+    record = next((r for r in records if r["id"] == deployment), None)
+    if record is not None and not record["successful"]:
+        if booted.get("trial"):
+            left = record["tries_left"]
+            notes.append(
+                f"the booted deployment {deployment} is on trial and NOT blessed: unless"
+                f" `overlayroot bless` runs (overlayroot-bless.service does, after"
+                f" boot-complete.target), it falls back after {left} more boot(s)"
+            )
+        else:
+            notes.append(f"the booted deployment {deployment} is not known good (never"
+                         " blessed), and this boot was not counted")
+    if booted.get("counted") is False:
+        notes.append(f"this trial boot was NOT counted: {booted.get('count_error')}")
+    failed = booted.get("failed")
+    if isinstance(failed, list):
+        for failure in failed:
+            notes.append(f"this boot fell back from {failure['deployment']}:"
+                         f" {failure['reason']}")
+    recovery = booted.get("recovery")
+    if isinstance(recovery, list) and not damaged:
+        for note in recovery:
+            notes.append(f"this boot recovered the boot state: {note}")
+    return notes
+
+
+def run_status(args: argparse.Namespace) -> int:
+    where = target.find(args.sysroot)
+    where.require_state()
+    state, recovery = statefile.load(where.layout)
+    notes = [f"the boot state on disk is damaged: {note}" for note in recovery]
+    manifests: dict[str, dict[str, object]] = {}
+    for k in state.entries:
+        try:
+            manifests[k] = dict(where.layout.read_manifest(k).to_dict())
+        except BootError as e:
+            notes.append(str(e))
+    records = describe(state, where.booted_id, manifests)
+    notes = [*booted_notes(where.booted, records, bool(recovery)), *notes]
+    if args.json:
+        print(json.dumps({
+            "state": where.where,
+            "generation": state.generation,
+            "booted": where.booted_id,
+            "default": bootstate.default(state),
+            "rollback": bootstate.rollback_target(state, where.booted_id),
+            "once": state.once,
+            "deployments": records,
+            "notes": notes,
+        }, indent=2))
+        return 0
+    if not records:
+        print(f"no deployments on {where.where}")
+    else:
+        rows = [["ID", "MARKS", "PRIO", "TRIES", "GOOD", "CREATED", "SIZE", "FORMAT", "ORIGIN"]]
+        for r in records:
+            rows.append([str(r["id"]), marks(r), str(r["priority"]), tries(r),
+                         "yes" if r["successful"] else "no", str(r["created"] or "?"),
+                         size(r["size"]), str(r["format"] or "?"), str(r["origin"] or "")])
+        print(table(rows))
+        for r in records:
+            if r["bad"]:
+                print(f"{r['id']}: bad: {r['bad']}")
+    for note in notes:
+        print(f"note: {note}")
+    return 0
+
+
+# -- history -----------------------------------------------------------------------------------
+
+
+def with_outcomes(events: list[dict[str, object]]) -> list[dict[str, object]]:
+    """The history with an ``outcome`` for each boot: what the events after it, up to the next
+    boot, say became of it."""
+    result = []
+    boots = [i for i, e in enumerate(events) if e.get("event") == "boot"]
+    for i, event in enumerate(events):
+        event = dict(event)
+        if event.get("event") == "boot":
+            following = [j for j in boots if j > i]
+            end = following[0] if following else len(events)
+            event["outcome"] = outcome(event, events[i + 1:end], last=not following)
+        result.append(event)
+    return result
+
+
+def outcome(boot: dict[str, object], after: list[dict[str, object]], *, last: bool) -> str:
+    deployment = boot.get("deployment")
+    for event in after:
+        if event.get("deployment") != deployment:
+            continue
+        if event.get("event") == "blessed":
+            return "blessed"
+        if event.get("event") in ("marked-bad", "failed"):
+            return f"marked bad: {event.get('reason')}"
+    if last:
+        return "the latest boot, not blessed yet" if boot.get("trial") else "the latest boot"
+    if boot.get("trial"):
+        return "never blessed: crashed, hung, was reset or lost power before the next boot"
+    return "not a trial (not tracked)"
+
+
+def history_line(event: dict[str, object]) -> str:
+    kind = event.get("event")
+    head = f"{event.get('time', '?')}  {kind:<10}  {event.get('deployment') or '-'}"
+    if kind == "boot":
+        details = []
+        if event.get("trial"):
+            details.append(f"trial, {event.get('tries_left')} tries left after it")
+            if event.get("counted") is False:
+                details.append(f"NOT counted: {event.get('count_error')}")
+        fallback = event.get("fallback_from")
+        if isinstance(fallback, list):
+            details.append(f"fell back from {', '.join(map(str, fallback))}")
+        if event.get("watchdog"):
+            details.append(f"watchdog {event.get('watchdog')} s")
+        details.append(str(event["outcome"]))
+        return f"{head}  " + "; ".join(details)
+    if event.get("reason"):
+        return f"{head}  {event.get('reason')}"
+    return head
+
+
+def run_history(args: argparse.Namespace) -> int:
+    where = target.find(args.sysroot)
+    where.require_state()
+    events = with_outcomes(statefile.read_history(where.layout))
+    if args.count is not None:
+        if args.count < 1:
+            raise BootError(f"-n {args.count}: give a positive number of entries")
+        events = events[-args.count:]
+    if args.json:
+        print(json.dumps(events, indent=2, sort_keys=True))
+    elif not events:
+        print(f"no boot history on {where.where} yet")
+    else:
+        for event in events:
+            print(history_line(event))
+    return 0

@@ -1,0 +1,179 @@
+"""The state filesystem a command works on, what was booted from it, and the lock on it.
+
+In a system booted by overlayroot, the stage left the state filesystem mounted at
+``/run/overlayroot/state`` and said what it booted in ``/run/overlayroot/booted.json``; every
+command works there by default. ``--sysroot DIR`` names a state filesystem mounted elsewhere (an
+offline disk, an image being built); what was booted counts only when ``DIR`` is the same
+directory the running system booted from.
+
+Every change to the boot state happens under an exclusive ``flock`` on ``overlayroot/.lock``, so
+two commands (a deploy and the bless unit, say) cannot interleave their read-modify-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import sys
+import time
+from collections.abc import Iterator
+
+from overlayroot import statefile
+from overlayroot.bootstate import BootState
+from overlayroot.errors import BootError
+from overlayroot.layout import StateLayout
+
+BOOTED = "/run/overlayroot/booted.json"
+LOCK = ".lock"
+LOCK_WAIT = 10.0  # seconds to wait for another command before giving up
+
+
+class Target:
+    """A state filesystem, and ``booted.json`` when the running system booted from it."""
+
+    __slots__ = ("booted", "layout")
+
+    def __init__(self, layout: StateLayout, booted: dict[str, object] | None) -> None:
+        self.layout = layout
+        self.booted = booted
+
+    @property
+    def booted_id(self) -> str | None:
+        return None if self.booted is None else str(self.booted["deployment"])
+
+    @property
+    def where(self) -> str:
+        return str(self.layout.root)
+
+    def require_state(self) -> None:
+        if not self.layout.exists():
+            raise BootError(
+                f"{self.where} holds no overlayroot state (no {self.layout.deployments}):"
+                " give the mounted state filesystem with --sysroot, or deploy one first"
+            )
+
+    def require_booted(self, command: str) -> str:
+        if self.booted_id is None:
+            raise BootError(
+                f"{command} acts on the booted deployment, and {self.where} is not the state"
+                f" filesystem this system booted from (no {BOOTED} naming it)"
+            )
+        return self.booted_id
+
+    def check_known(self, state: BootState, deployment_id: str) -> str:
+        if deployment_id not in state.entries:
+            known = ", ".join(sorted(state.entries)) or "none"
+            raise BootError(
+                f"no deployment {deployment_id!r} on {self.where}; deployments there: {known}"
+            )
+        return deployment_id
+
+    def load(self) -> BootState:
+        """The boot state, recovered if need be; recovery notes go to stderr."""
+        state, notes = statefile.load(self.layout)
+        for note in notes:
+            print(f"overlayroot: warning: {note}", file=sys.stderr)
+        return state
+
+    def save(self, state: BootState) -> BootState:
+        try:
+            return statefile.save(self.layout, state)
+        except OSError as e:
+            raise BootError(
+                f"cannot write {self.layout.top / statefile.STATE}: {e.strerror}; nothing was"
+                f" changed{advice(e.errno)}"
+            ) from None
+
+    def record(self, event: str, deployment: str | None, **fields: object) -> None:
+        """A line of the boot history; a failure is a warning, the state change stands."""
+        try:
+            statefile.append_history(self.layout, event, deployment, **fields)
+        except OSError as e:
+            print(f"overlayroot: warning: cannot add to the boot history"
+                  f" {self.layout.top / statefile.HISTORY}: {e.strerror}", file=sys.stderr)
+
+
+def advice(code: int | None) -> str:
+    if code in (errno.ENOSPC, errno.EDQUOT):
+        return "; free space on the state filesystem and try again"
+    if code in (errno.EACCES, errno.EPERM):
+        return "; run as root"
+    if code == errno.EROFS:
+        return "; remount the state filesystem read-write"
+    return ""
+
+
+def read_booted(path: str = BOOTED) -> dict[str, object] | None:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        raise BootError(f"cannot read {path}, which says what was booted: {e}") from None
+    if not isinstance(data, dict) or "deployment" not in data or "state" not in data:
+        raise BootError(f"{path} does not say which deployment was booted from where")
+    return data
+
+
+def find(sysroot: str | None) -> Target:
+    """The state filesystem at ``sysroot``, else the one the running system booted from."""
+    booted = read_booted(BOOTED)
+    if sysroot is None:
+        if booted is None:
+            raise BootError("no state filesystem: not booted by overlayroot and no --sysroot given")
+        return Target(StateLayout(str(booted["state"])), booted)
+    if booted is not None and not _same_dir(sysroot, str(booted["state"])):
+        booted = None
+    return Target(StateLayout(sysroot), booted)
+
+
+def _same_dir(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def require_root(command: str, target: Target) -> None:
+    if os.geteuid() != 0:
+        raise BootError(f"{command} changes the boot state on {target.where}: run it as root")
+
+
+@contextlib.contextmanager
+def locked(layout: StateLayout, wait: float | None = None) -> Iterator[None]:
+    """Hold ``overlayroot/.lock``; wait up to ``wait`` seconds (default LOCK_WAIT) for it."""
+    path = layout.top / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise BootError(f"cannot open the lock {path}: {e.strerror}{advice(e.errno)}") from None
+    try:
+        deadline = time.monotonic() + (LOCK_WAIT if wait is None else wait)
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise BootError(
+                        f"another overlayroot command ({_holder(fd)}) is changing the state on"
+                        f" {layout.root}: wait for it to finish and try again"
+                    ) from None
+                time.sleep(0.1)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}: {_command_line()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _holder(fd: int) -> str:
+    return os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
+
+
+def _command_line() -> str:
+    return " ".join(["overlayroot", *sys.argv[1:]]) if sys.argv else "overlayroot"

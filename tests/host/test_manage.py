@@ -1,0 +1,466 @@
+"""The ``overlayroot`` commands in a booted system, for real: a state filesystem on a loop device,
+prepared by the boot stage in a private mount namespace, and every command run against it."""
+
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import stat
+from collections.abc import Iterator
+from contextlib import redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from overlayroot import bootstate, cli, health, statefile, syscalls, target, watchdog
+from overlayroot.cmdline import parse_options
+from overlayroot.console import Console
+from overlayroot.layout import StateLayout
+from overlayroot.prepare import prepare_root
+from tests.host.conftest import make_tree, mounts_under
+from tests.host.test_assemble import Env, env
+
+__all__ = ["env"]
+
+NO_WATCHDOG = "overlayroot.watchdog=0"
+
+
+class System:
+    """A machine booted from ``env``'s state filesystem: ``/`` is ``env.sysroot``, the state
+    filesystem is at ``env.run/state`` and ``booted.json`` in ``env.run``."""
+
+    def __init__(self, env: Env, capsys: pytest.CaptureFixture[str]) -> None:
+        self.env = env
+        self.capsys = capsys
+        self.console = ""
+        self.up = False
+
+    @property
+    def state(self) -> StateLayout:
+        return StateLayout(self.env.state if self.up else self.env.sysroot)
+
+    def boot(self, cmdline: str = NO_WATCHDOG) -> dict[str, object]:
+        assert not self.up
+        opts, _ = parse_options(cmdline)
+        out = io.StringIO()
+        with redirect_stdout(out):
+            prepare_root(str(self.env.sysroot), str(self.env.run), opts, "/dev/test", Console())
+        self.console = out.getvalue()
+        self.up = True
+        return self.booted()
+
+    def booted(self) -> dict[str, object]:
+        data = json.loads((self.env.run / "booted.json").read_text())
+        assert isinstance(data, dict)
+        return data
+
+    def shutdown(self) -> None:
+        """Take the assembled root apart and put the state filesystem back on sysroot."""
+        if not self.up:
+            return
+        for point in reversed(mounts_under(self.env.sysroot)):
+            syscalls.umount(point, syscalls.MNT_DETACH)
+        syscalls.mount(str(self.env.state), str(self.env.sysroot), None, syscalls.MS_MOVE)
+        (self.env.run / "booted.json").unlink()
+        self.up = False
+
+    def reboot(self, cmdline: str = NO_WATCHDOG) -> dict[str, object]:
+        self.shutdown()
+        return self.boot(cmdline)
+
+    def run(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        try:
+            code = cli.main(list(argv))
+        except SystemExit as e:
+            code = int(e.code or 0)
+        out, err = self.capsys.readouterr()
+        return code, out, err
+
+    def ok(self, *argv: str) -> str:
+        code, out, err = self.run(*argv)
+        assert code == 0, err
+        return out
+
+    def fails(self, *argv: str) -> str:
+        code, out, err = self.run(*argv)
+        assert code == 1, out + err
+        assert "Traceback" not in err
+        return err
+
+    def status(self, *argv: str) -> dict[str, Any]:
+        data = json.loads(self.ok("status", "--json", *argv))
+        assert isinstance(data, dict)
+        return data
+
+    def entries(self) -> dict[str, bootstate.Entry]:
+        state, _ = statefile.load(self.state)
+        return state.entries
+
+    def default(self) -> str | None:
+        state, _ = statefile.load(self.state)
+        return bootstate.default(state)
+
+    def tree(self, name: str) -> Path:
+        tree = make_tree(self.env.base / f"tree-{name}")
+        (tree / "etc/release").write_text(f"{name}\n")
+        return tree
+
+    def bless_offline(self, deployment_id: str) -> None:
+        state, _ = statefile.load(self.state)
+        statefile.save(self.state, bootstate.bless(state, deployment_id))
+        statefile.append_history(self.state, "blessed", deployment_id)
+
+
+@pytest.fixture
+def system(env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+           tmp_path: Path) -> Iterator[System]:
+    monkeypatch.setattr(target, "BOOTED", str(env.run / "booted.json"))
+    monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
+    monkeypatch.setattr(health, "CHECK_DIR", str(tmp_path / "check.d"))
+    # Never the host's reboot: a file that says it was asked for.
+    reboot = tmp_path / "reboot"
+    reboot.write_text(f"#!/bin/sh\necho rebooted >> {tmp_path / 'rebooted'}\n")
+    reboot.chmod(0o755)
+    monkeypatch.setattr(health, "REBOOT", (str(reboot),))
+    s = System(env, capsys)
+    yield s
+    s.shutdown()
+
+
+def good_v1(system: System) -> None:
+    """v1 deployed, booted once and blessed: the known-good starting point."""
+    system.env.deploy("v1")
+    system.boot()
+    system.ok("bless")
+
+
+def add_check(tmp_path: Path, kind: str, name: str, body: str) -> None:
+    folder = tmp_path / "check.d" / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(f"#!/bin/sh\n{body}\n")
+    (folder / name).chmod(0o755)
+
+
+# -- where the state is ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("command", [["status"], ["history"], ["rollback"], ["bless"],
+                                     ["gc", "--keep", "1"], ["etc", "diff"],
+                                     ["deploy", "/nonexistent-source"]])
+def test_without_a_booted_system_or_sysroot_every_command_says_so(
+    system: System, command: list[str]
+) -> None:
+    assert system.fails(*command) == (
+        "overlayroot: error: no state filesystem: not booted by overlayroot and no --sysroot"
+        " given\n")
+
+
+def test_a_sysroot_without_state_is_named(system: System, tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    err = system.fails("status", "--sysroot", str(empty))
+    assert f"{empty} holds no overlayroot state" in err
+
+
+def test_a_damaged_booted_json_is_named(system: System) -> None:
+    (system.env.run / "booted.json").write_text("{")
+    err = system.fails("status")
+    assert f"cannot read {system.env.run / 'booted.json'}, which says what was booted" in err
+
+
+def test_commands_work_offline_on_a_sysroot(system: System) -> None:
+    system.env.deploy("v1")
+    system.env.deploy("v2")
+    sysroot = str(system.env.sysroot)
+    status = system.status("--sysroot", sysroot)
+    assert (status["booted"], status["default"]) == (None, "v2")
+    system.ok("set-default", "v1", "--sysroot", sysroot)
+    assert system.default() == "v1"
+
+
+# -- status ------------------------------------------------------------------------------------
+
+
+def test_status_marks_booted_default_rollback_and_an_unblessed_trial(system: System) -> None:
+    good_v1(system)
+    system.ok("deploy", str(system.tree("v2")), "--id", "v2")
+    system.reboot("overlayroot.tries=2 " + NO_WATCHDOG)
+    status = system.status()
+    rows = {r["id"]: r for r in status["deployments"]}
+    assert [r["id"] for r in status["deployments"]] == ["v2", "v1"]
+    assert rows["v2"]["booted"] and rows["v2"]["default"] and rows["v2"]["tries_left"] == 1
+    assert rows["v1"]["rollback"] and rows["v1"]["successful"]
+    assert rows["v2"]["format"] == "erofs" and rows["v2"]["origin"].endswith("tree-v2")
+    assert any("v2 is on trial and NOT blessed" in n for n in status["notes"])
+
+    table = system.ok("status")
+    lines = table.splitlines()
+    assert lines[0].split() == ["ID", "MARKS", "PRIO", "TRIES", "GOOD", "CREATED", "SIZE",
+                                "FORMAT", "ORIGIN"]
+    assert lines[1].split()[:5] == ["v2", "booted,default", "2", "1", "no"]
+    assert lines[2].split()[:5] == ["v1", "rollback", "1", "-", "yes"]
+    assert "note: the booted deployment v2 is on trial and NOT blessed: unless `overlayroot" \
+           " bless` runs" in table
+    assert "it falls back after 1 more boot(s)" in table
+
+
+def test_status_shows_why_a_deployment_is_bad(system: System) -> None:
+    good_v1(system)
+    system.ok("deploy", str(system.tree("v2")), "--id", "v2")
+    system.ok("mark-bad", "v2", "--reason", "broke the network")
+    assert "v2: bad: broke the network" in system.ok("status")
+
+
+def test_status_reports_a_fallback_of_this_boot(system: System) -> None:
+    good_v1(system)
+    system.ok("deploy", str(system.tree("v2")), "--id", "v2")
+    system.shutdown()
+    image = system.env.sysroot / "overlayroot/deployments/v2/root.erofs"
+    image.write_bytes(b"\0" * image.stat().st_size)
+    system.boot()
+    notes = system.status()["notes"]
+    assert any(n.startswith("this boot fell back from v2: deployment 'v2': its image")
+               for n in notes)
+
+
+def test_status_reports_the_recovery_of_this_boot(system: System) -> None:
+    good_v1(system)
+    system.shutdown()
+    (system.env.sysroot / "overlayroot/boot.json").write_text("garbage")
+    system.boot()  # boot.json.prev is from before the bless: a trial again, which heals it
+    notes = system.status()["notes"]
+    assert isinstance(notes, list)
+    recovered = [n for n in notes if n.startswith("this boot recovered the boot state: ")]
+    assert "boot.json is unreadable: not JSON" in recovered[0]
+    assert "recovered the boot state from" in recovered[1] and len(recovered) == 2
+    assert not [n for n in notes if "damaged" in n]
+
+
+def test_status_says_once_that_the_state_is_still_damaged(system: System) -> None:
+    good_v1(system)
+    system.ok("set-default", "v1")  # so that boot.json.prev says v1 is good too
+    system.shutdown()
+    (system.env.sysroot / "overlayroot/boot.json").write_text("garbage")
+    system.boot()  # a known-good boot writes nothing: boot.json stays damaged
+    notes = system.status()["notes"]
+    assert isinstance(notes, list)
+    assert not [n for n in notes if n.startswith("this boot recovered")]  # said once, below
+    damaged = [n for n in notes if n.startswith("the boot state on disk is damaged: ")]
+    assert "boot.json is unreadable: not JSON" in damaged[0]
+    assert "recovered the boot state from" in damaged[1] and len(damaged) == 2
+
+
+# -- deploy in the booted system ---------------------------------------------------------------
+
+
+def test_deploy_carries_etc_changes_forward_whiteouts_and_opaque_dirs_included(
+    system: System
+) -> None:
+    tree = system.tree("v1")
+    (tree / "etc/motd").write_text("from the image\n")
+    (tree / "etc/skel").mkdir()
+    (tree / "etc/skel/.profile").write_text("image profile\n")
+    system.ok("deploy", "--sysroot", str(system.env.sysroot), "--id", "v1", str(tree))
+    system.boot()
+    etc = system.env.sysroot / "etc"
+    (etc / "hostname").write_text("edited\n")
+    (etc / "motd").unlink()
+    (etc / "added.conf").write_text("new\n")
+    os.system(f"rm -r {etc / 'skel'} && mkdir {etc / 'skel'}")  # an opaque directory
+    (etc / "skel/other").write_text("mine\n")
+
+    out = system.ok("deploy", str(system.tree("v2")), "--id", "v2")
+    assert "v2 is the default now, on trial: it boots next; /etc carried forward from v1" in out
+    upper = system.state.etc_upper("v2")
+    whiteout = os.lstat(upper / "motd")
+    assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
+    assert os.getxattr(upper / "skel", "trusted.overlay.opaque") == b"y"
+    assert system.default() == "v2"
+
+    assert system.reboot()["deployment"] == "v2"
+    assert (etc / "hostname").read_text() == "edited\n"
+    assert not (etc / "motd").exists()
+    assert (etc / "added.conf").read_text() == "new\n"
+    assert sorted(os.listdir(etc / "skel")) == ["other"]
+    assert (etc / "release").read_text() == "v2\n"  # the new image's own file
+
+
+def test_offline_deploy_registers_the_deployment_as_the_default_on_trial(
+    system: System
+) -> None:
+    system.env.deploy("v1")
+    system.env.deploy("v2")
+    entries = system.entries()
+    assert entries["v2"].priority > entries["v1"].priority
+    assert not entries["v2"].successful and entries["v2"].tries_left is None
+    assert system.default() == "v2"
+
+
+def test_deploy_refuses_a_lower_without_mount_points(system: System) -> None:
+    good_v1(system)
+    tree = system.tree("v2")
+    (tree / "proc").rmdir()
+    err = system.fails("deploy", str(tree), "--id", "v2")
+    assert "lacks the mount points the read-only root needs: proc" in err
+    assert system.default() == "v1"
+
+
+def test_deploy_on_a_full_disk_leaves_nothing_half_staged(
+    system: System, tmp_path: Path
+) -> None:
+    good_v1(system)
+    generation = statefile.load(system.state)[0].generation
+    tree = system.tree("big")
+    with open(tree / "big.bin", "wb") as f:
+        f.write(os.urandom(80 << 20))  # more than the 64 MB state filesystem holds
+    err = system.fails("deploy", "--format", "dir", str(tree), "--id", "big")
+    assert "No space left on device" in err
+    assert "free space on the state filesystem and deploy again" in err
+    layout = system.state
+    assert os.listdir(layout.deployments) == ["v1"]
+    assert sorted(os.listdir(layout.top / "etc")) == ["v1"]
+    state, notes = statefile.load(layout)
+    assert (state.generation, notes, bootstate.default(state)) == (generation, [], "v1")
+
+
+def test_deploy_in_the_booted_system_needs_root(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    good_v1(system)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    err = system.fails("deploy", str(system.tree("v2")))
+    assert f"overlayroot deploy changes the boot state on {system.env.state}: run it as root" \
+        in err
+
+
+# -- rollback, bless ---------------------------------------------------------------------------
+
+
+def test_rollback_returns_to_the_previous_good_deployment_with_its_own_etc(
+    system: System
+) -> None:
+    good_v1(system)
+    (system.env.sysroot / "etc/hostname").write_text("v1 edit\n")
+    system.ok("deploy", str(system.tree("v2")), "--id", "v2")
+    system.reboot()
+    (system.env.sysroot / "etc/hostname").write_text("v2 edit\n")
+    system.ok("bless")
+    assert system.ok("rollback") == "rolled back: v1 boots next (the default was v2)\n"
+    assert system.reboot()["deployment"] == "v1"
+    assert (system.env.sysroot / "etc/hostname").read_text() == "v1 edit\n"
+
+
+def test_rollback_without_a_good_deployment_is_refused(system: System) -> None:
+    system.env.deploy("v1")
+    system.env.deploy("v2")
+    system.boot()
+    err = system.fails("rollback")
+    assert "no deployment to roll back to on" in err
+    assert "none besides the booted v2 is known good (blessed); the others (v1) were never" \
+        " blessed" in err
+
+
+def test_bless_runs_the_checks_then_marks_the_booted_deployment_good(
+    system: System, tmp_path: Path
+) -> None:
+    system.env.deploy("v1")
+    system.boot()
+    add_check(tmp_path, "required", "10-ok", "exit 0")
+    add_check(tmp_path, "wanted", "20-meh", "echo 'disk almost full'; exit 1")
+    code, out, err = system.run("bless")
+    assert code == 0, err
+    assert "health check required/10-ok: ok" in out
+    assert "warning: health check wanted/20-meh failed (exit 1): disk almost full" in err
+    assert "blessed v1: it is known good" in out
+    assert system.entries()["v1"].successful
+    assert [e["event"] for e in statefile.read_history(system.state)][-1] == "blessed"
+
+
+def test_a_failed_required_check_marks_a_trial_bad_and_reboots(
+    system: System, tmp_path: Path
+) -> None:
+    good_v1(system)
+    system.ok("deploy", str(system.tree("v2")), "--id", "v2")
+    system.reboot()
+    add_check(tmp_path, "required", "50-network", "echo starting; echo 'no route to host'; exit 3")
+    code, _, err = system.run("bless")
+    assert code == 1
+    reason = "health check required/50-network failed (exit 3): starting / no route to host"
+    assert f"overlayroot: error: {reason}" in err
+    assert "marked v2 bad; v1 boots next" in err
+    assert (tmp_path / "rebooted").read_text() == "rebooted\n"
+    assert system.entries()["v2"].bad == reason
+    last = statefile.read_history(system.state)[-1]
+    assert (last["event"], last["deployment"], last["reason"]) == ("marked-bad", "v2", reason)
+    assert system.reboot()["deployment"] == "v1"
+
+
+def test_no_reboot_marks_bad_without_rebooting(system: System, tmp_path: Path) -> None:
+    good_v1(system)
+    system.ok("deploy", str(system.tree("v2")), "--id", "v2")
+    system.reboot()
+    add_check(tmp_path, "required", "check", "exit 1")
+    system.fails("bless", "--no-reboot")
+    assert not (tmp_path / "rebooted").exists()
+    assert system.entries()["v2"].bad == "health check required/check failed (exit 1)"
+
+
+def test_a_failed_check_on_a_known_good_boot_marks_nothing(
+    system: System, tmp_path: Path
+) -> None:
+    good_v1(system)
+    system.reboot()
+    add_check(tmp_path, "required", "check", "exit 1")
+    err = system.fails("bless")
+    assert "This boot was not a trial" in err
+    assert system.entries()["v1"].successful and not (tmp_path / "rebooted").exists()
+
+
+def test_a_failed_check_with_nothing_to_fall_back_to_marks_nothing(
+    system: System, tmp_path: Path
+) -> None:
+    system.env.deploy("v1")
+    system.boot()
+    add_check(tmp_path, "required", "check", "exit 1")
+    err = system.fails("bless")
+    assert "not marked bad either: no other deployment could boot" in err
+    assert system.entries()["v1"].bad is None and not (tmp_path / "rebooted").exists()
+
+
+def test_bless_stops_the_watchdog_of_a_trial_boot(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system.env.deploy("v1")
+    monkeypatch.setattr(watchdog, "arm", lambda timeout: timeout)
+    disarmed = []
+    monkeypatch.setattr(watchdog, "disarm", lambda: disarmed.append(True))
+    system.boot("overlayroot.watchdog=60")
+    assert "stopped the trial boot's watchdog" in system.ok("bless")
+    assert disarmed == [True]
+
+
+def test_bless_says_when_the_watchdog_cannot_be_stopped(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    system.env.deploy("v1")
+    monkeypatch.setattr(watchdog, "arm", lambda timeout: timeout)
+
+    def broken() -> None:
+        raise OSError(errno.EBUSY, "Device or resource busy", "/dev/watchdog")
+
+    monkeypatch.setattr(watchdog, "disarm", broken)
+    system.boot("overlayroot.watchdog=60")
+    err = system.fails("bless")
+    assert "blessed v1, but cannot stop the trial boot's watchdog (Device or resource busy:" \
+        " /dev/watchdog): the machine will be reset, and boots v1 again" in err
+    assert system.entries()["v1"].successful
+
+
+def test_bless_offline_is_refused(system: System) -> None:
+    system.env.deploy("v1")
+    err = system.fails("bless", "--sysroot", str(system.env.sysroot))
+    assert "overlayroot bless acts on the booted deployment" in err
