@@ -122,3 +122,13 @@ def _download(package: str, downloads: Path) -> Path:
             )
         (deb,) = Path(tmp).glob("*.deb")
         return deb.rename(downloads / deb.name)
+
+
+def main() -> None:
+    """``python -m qemu.kernel``: fetch the test kernel into the cache (scripts/setup runs it)."""
+    kernel = kernel_from_env() or debian_cloud_kernel()
+    print(f"test kernel {kernel.version}: {kernel.vmlinuz}")
+
+
+if __name__ == "__main__":
+    main()

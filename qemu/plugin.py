@@ -6,10 +6,12 @@ report names them, a passing test's logs are deleted.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 from collections.abc import Generator, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -71,14 +73,14 @@ class MachineFactory:
 def kernel() -> Kernel:
     """The kernel under test: $OVERLAYROOT_KERNEL(_MODULES), else Debian's cloud kernel."""
     if shutil.which("qemu-system-x86_64") is None:
-        pytest.skip("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
+        _skip_or_fail("qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)")
     from_env = kernel_from_env()
     if from_env is not None:
         return from_env
     try:
         return debian_cloud_kernel(cache_dir())
     except KernelUnavailable as error:
-        pytest.skip(f"no kernel to boot: {error}")
+        _skip_or_fail(f"no kernel to boot: {error}")
 
 
 @pytest.fixture(scope="session")
@@ -129,6 +131,14 @@ def pytest_runtest_makereport(
             report.sections.append(("console logs", paths))
     if report.when == "teardown" and not item.stash.get(_failed, False):
         shutil.rmtree(logs[0].parent, ignore_errors=True)
+
+
+def _skip_or_fail(reason: str) -> NoReturn:
+    """Skip the boot tests on a developer's machine that cannot run them; in CI (CI=true)
+    that is a failure, so that a missing install step cannot pass unnoticed."""
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the boot tests must run; scripts/setup installs both)")
+    pytest.skip(reason)
 
 
 def _sanitise(name: str) -> str:
