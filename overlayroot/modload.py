@@ -34,7 +34,9 @@ def load_listed(listing: str = MODULES_LIST) -> tuple[list[str], list[str]]:
             syscalls.finit_module(fd, name)
             loaded.append(name)
         except OSError as e:
-            if e.errno != errno.EEXIST:
+            # EEXIST: already loaded. ENODEV: a driver or an alternative implementation (e.g.
+            # crc32c-intel on a CPU without SSE 4.2) for hardware this machine does not have.
+            if e.errno not in (errno.EEXIST, errno.ENODEV):
                 warnings.append(f"kernel module {name} did not load: {e.strerror}")
         finally:
             os.close(fd)

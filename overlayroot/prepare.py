@@ -166,7 +166,7 @@ def prepare_root(
         return _booted(booted, state, deployment_id, trial, opts, attempt, run_dir, console)
     raise BootError(
         f"no deployment on {where} could boot:\n"
-        + "\n".join(f"  {f['deployment']}: {f['reason']}" for f in attempt.failed)
+        + "\n".join(f"  - {f['reason']}" for f in attempt.failed)
     )
 
 

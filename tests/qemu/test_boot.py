@@ -133,13 +133,33 @@ def test_a_missing_deployment(machine: MachineFactory, initramfs: Path, good_dis
 
 def test_an_image_that_is_not_a_filesystem(machine: MachineFactory, initramfs: Path,
                                            tmp_path: Path) -> None:
-    # A state filesystem whose image file was damaged after deployment.
+    # An image whose manifest matches it, but which is no filesystem: it passes the digest
+    # check and fails at the mount.
     content = state_content(tmp_path, [("v1", "erofs", make_root(tmp_path))])
-    (content / "overlayroot/deployments/v1/root.erofs").write_bytes(b"not a filesystem\n" * 4000)
+    junk = b"not a filesystem\n" * 4000
+    (content / "overlayroot/deployments/v1/root.erofs").write_bytes(junk)
+    manifest_path = content / "overlayroot/deployments/v1/manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["sha256"] = hashlib.sha256(junk).hexdigest()
+    manifest_path.write_text(json.dumps(manifest))
     disk = disk_from(tmp_path, content)
-    expect_error(machine, initramfs, disk, "",
-                 "deployment 'v1': its image /run/overlayroot/state/overlayroot/deployments/v1/"
-                 "root.erofs does not mount as erofs")
+    m = expect_error(machine, initramfs, disk, "",
+                     "deployment 'v1': its image /run/overlayroot/state/overlayroot/deployments/"
+                     "v1/root.erofs does not mount as erofs")
+    assert "no deployment on /dev/vda1 could boot" in m.console
+
+
+def test_an_image_damaged_after_deployment_fails_its_digest_check(
+    machine: MachineFactory, initramfs: Path, tmp_path: Path
+) -> None:
+    content = state_content(tmp_path, [("v1", "erofs", make_root(tmp_path))])
+    image = content / "overlayroot/deployments/v1/root.erofs"
+    data = bytearray(image.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    image.write_bytes(bytes(data))
+    expect_error(machine, initramfs, disk_from(tmp_path, content), "",
+                 "deployment 'v1': its image /sysroot/overlayroot/deployments/v1/root.erofs fails"
+                 " its digest check")
 
 
 def test_a_deployment_without_init(machine: MachineFactory, initramfs: Path,
