@@ -118,7 +118,8 @@ def test_both_state_files_lost_rebuilds_from_the_history(env: Env) -> None:
     layout = StateLayout(env.sysroot)
     statefile.append_history(layout, "blessed", "v1")
     statefile.append_history(layout, "failed", "v2", reason="kernel panic")
-    (env.sysroot / "overlayroot/boot.json").unlink(missing_ok=True)
+    for name in ("boot.json", "boot.json.prev"):  # deploy registers in boot.json
+        (env.sysroot / "overlayroot" / name).unlink(missing_ok=True)
     booted, console = boot(env)
     assert booted["deployment"] == "v1"
     assert "rebuilt the boot state from the 2 deployments on disk" in console
@@ -131,6 +132,7 @@ def test_a_counter_that_cannot_be_written_is_reported_not_ignored(env: Env) -> N
         # A read-only state filesystem cannot hold /etc either; the count failure comes first.
         boot(env)
     syscalls.mount(None, str(env.sysroot), None, syscalls.MS_REMOUNT)
+    (env.sysroot / "overlayroot/boot.json").unlink()  # deploy registered v1 there
     (env.sysroot / "overlayroot/boot.json").mkdir()  # the rename onto it fails
     booted, console = boot(env)
     assert booted["counted"] is False

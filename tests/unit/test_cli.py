@@ -87,7 +87,8 @@ def test_initrd_build_without_the_builder_says_which_extra_to_install(
     assert "pip install 'overlayroot[build]'" in err
 
 
-@pytest.mark.parametrize("argv", [[], ["initrd"], ["frobnicate"], ["deploy", "x"]])
+@pytest.mark.parametrize("argv", [[], ["initrd"], ["frobnicate"], ["deploy"], ["etc"],
+                                  ["mark-bad"], ["gc"], ["set-default", "a", "b"]])
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(argv, capsys)
     assert code == 2
