@@ -10,7 +10,6 @@ class Console:
     Also remembers what to do when the boot cannot go on (``overlayroot.onfail=``)."""
 
     def __init__(self) -> None:
-        self.start = time.monotonic()
         self.debug = False
         self.onfail = "reboot"  # until the command line says otherwise
 
@@ -18,8 +17,9 @@ class Console:
         print(f"overlayroot: {message}", flush=True)
 
     def step(self, message: str) -> None:
+        # Seconds since the kernel started, comparable with its own [ 4.038633] stamps.
         if self.debug:
-            self.say(f"[{time.monotonic() - self.start:7.3f}] {message}")
+            self.say(f"[{time.clock_gettime(time.CLOCK_BOOTTIME):8.3f}] {message}")
 
     def warn(self, message: str) -> None:
         self.say(f"warning: {message}")

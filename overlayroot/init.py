@@ -76,6 +76,7 @@ def boot(console: Console) -> None:
     console.onfail = onfail_from(cmdline)
     opts, warnings = parse_options(cmdline)
     console.debug = opts.debug
+    console.step("read the command line")
     for warning in warnings:
         console.warn(warning)
     loaded, warnings = modload.load_listed()
