@@ -212,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
             console.say("overlayroot=off: leaving the root as it is")
             return 0
         sysroot = args[0]
+        # systemd makes / shared, and MS_MOVE refuses to move a mount out of a shared parent
+        # (EINVAL): make the tree private first, as /init and ostree-prepare-root do.
+        try:
+            syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
+        except OSError as e:
+            raise BootError(f"cannot make the mount tree private: {e.strerror}") from None
         # The framework may have mounted root= read-only (``ro``); the state filesystem holds
         # the writable layers and the boot counter.
         try:
