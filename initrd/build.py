@@ -24,6 +24,8 @@ from overlayroot.errors import BootError
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 STAGE_DIR = PurePosixPath("/usr/lib/overlayroot")
 EMPTY_DIRS = ("/dev", "/proc", "/sys", "/run", "/sysroot", "/tmp")
+PREPARE_ENTRY = "overlayroot.prepare"
+PREPARE_SCRIPT = STAGE_DIR / "prepare"
 
 
 class Compression(StrEnum):
@@ -82,6 +84,8 @@ def build_initramfs(config: BuildConfig) -> BuildResult:
         else None
     )
     tree, libraries = make_tree(frozen, kernel)
+    if PREPARE_ENTRY in config.entries:
+        tree.add_file(PREPARE_SCRIPT, prepare_script(frozen.python), 0o755)
     members = list(tree.members())
     if config.payload:
         try:
@@ -161,6 +165,15 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
 
 def init_script(python: PurePosixPath) -> bytes:
     return f"#!{python} -IS\nfrom overlayroot.init import main\n\nmain()\n".encode()
+
+
+def prepare_script(python: PurePosixPath) -> bytes:
+    """``/usr/lib/overlayroot/prepare SYSROOT``: what the dracut, initramfs-tools and mkinitcpio
+    hooks run (``-m`` would need runpy, which is not frozen)."""
+    return (
+        f"#!{python} -IS\nimport sys\n\nfrom overlayroot.prepare import main\n\n"
+        "sys.exit(main())\n"
+    ).encode()
 
 
 def build_info(frozen: Frozen, kernel: ModuleSet | None) -> bytes:

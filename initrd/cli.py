@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from initrd.build import BuildConfig, BuildResult, Compression, build_initramfs
+from initrd.freeze import DEFAULT_ENTRIES
 from overlayroot.errors import BootError
 
 
@@ -46,6 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         help="a kernel module to add to the defaults, with its dependencies (repeatable)",
     )
+    parser.add_argument(
+        "--entry",
+        metavar="MODULE",
+        action="append",
+        default=[],
+        help="a module to freeze with everything it imports (repeatable; default:"
+        f" {', '.join(DEFAULT_ENTRIES)}); overlayroot.prepare also installs"
+        " /usr/lib/overlayroot/prepare, the command the dracut, initramfs-tools and mkinitcpio"
+        " hooks run",
+    )
     parser.add_argument("--json", action="store_true", help="print the build result as JSON")
 
 
@@ -60,6 +71,7 @@ def run(args: argparse.Namespace) -> int:
         extra_modules=tuple(args.add_module),
         source_date_epoch=_source_date_epoch(),
         payload=args.payload_dir is not None,
+        entries=tuple(args.entry) or DEFAULT_ENTRIES,
     )
     result = build_initramfs(config)
     print(json.dumps(result.to_json(), indent=2) if args.json else summary(result))
