@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -129,14 +131,13 @@ def test_json_round_trip(state: BootState) -> None:
 def test_any_damage_to_the_file_is_detected(state: BootState, where: int) -> None:
     text = state.to_json()
     cut = text[: where % len(text)]
-    with pytest.raises(StateError):
-        BootState.from_json(cut)
+    if cut.rstrip() != text.rstrip():  # losing only the final newline loses nothing
+        with pytest.raises(StateError):
+            BootState.from_json(cut)
     position = where % len(text)
     flipped = text[:position] + chr(ord(text[position]) ^ 1) + text[position + 1 :]
-    try:
+    with contextlib.suppress(StateError):
         assert BootState.from_json(flipped) == state  # only white space may flip harmlessly
-    except StateError:
-        pass
 
 
 @pytest.mark.parametrize("text", ["", "{}", "[]", "null", '{"format": 1}', "\0\0\0", "garbage"])
