@@ -1,0 +1,344 @@
+"""Debian's pieces for the integration tests: a real bookworm root with systemd (mmdebstrap,
+cached) to boot as a deployment, and initramfs images made by Debian's own dracut and
+initramfs-tools for the harness kernel, with or without our hooks.
+
+The root is what a user's image pipeline would make, plus one test unit: after
+``multi-user.target`` it prints what the booted system sees as ``OVERLAYROOT-TEST key=value``
+lines on the console and powers off. Nothing here adapts the image to a read-only root: what such
+an image needs is what docs/integrations.md tells users, so a boot that needs more fails here too.
+
+The initramfs generators run on this host (dracut-core and initramfs-tools-core install side by
+side) against the harness kernel's modules directory, with our hooks given to them the way a user
+installs them but without touching the host: dracut gets a copy of its module directory with
+ours added (``dracutbasedir``), mkinitramfs a configuration directory (``-d``).
+
+The tree is built once per recipe (suite, packages, dpkg options, test unit) under
+``<cache>/debian/<recipe hash>/root`` and must be treated as read-only by its users.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from qemu.kernel import Kernel
+from qemu.paths import REPO_ROOT, cache_dir
+
+SUITE = "bookworm"
+VARIANT = "minbase"
+# systemd-sysv makes systemd /sbin/init; udev finds the disks; dbus for logind and systemctl.
+PACKAGES = ("systemd-sysv", "udev", "dbus")
+# Documentation and translations are a third of a minbase root and nothing boots from them.
+DPKG_OPTIONS = (
+    "path-exclude=/usr/share/man/*",
+    "path-exclude=/usr/share/doc/*",
+    "path-include=/usr/share/doc/*/copyright",
+    "path-exclude=/usr/share/locale/*",
+    "path-exclude=/usr/share/info/*",
+)
+HOSTNAME = "overlayroot-debian"
+REPORT_UNIT_NAME = "overlayroot-test-report.service"
+
+# Runs once multi-user.target is reached. Markers go straight to the console so they do not
+# depend on journald forwarding. The kernel command line drives it, like qemu/rootfs.py:
+# test.write=TOKEN writes TOKEN into /etc, /var, /home and /; test.read=1 reads them back.
+REPORT_SCRIPT = r"""#!/bin/sh
+exec >/dev/console 2>&1
+mark() { echo "OVERLAYROOT-TEST $1=$2"; }
+
+# try_write FILE CONTENT: "ok", or the error text (e.g. "Read-only file system")
+try_write() {
+    error=$( { echo "$2" > "$1"; } 2>&1 ) && { echo ok; return; }
+    echo "${error##*: }"
+}
+
+mark multi_user_us "$(systemctl show -P ActiveEnterTimestampMonotonic multi-user.target)"
+mark initrd_us "$(systemctl show -P InitRDTimestampMonotonic)"
+mark userspace_us "$(systemctl show -P UserspaceTimestampMonotonic)"
+read -r uptime _ < /proc/uptime
+mark uptime "$uptime"
+
+if [ "$(try_write /.overlayroot-test-probe x)" = ok ]; then
+    rm -f /.overlayroot-test-probe
+    mark root_ro no
+else
+    mark root_ro yes
+fi
+if [ "$(try_write /etc/.overlayroot-test-probe x)" = ok ]; then
+    rm -f /etc/.overlayroot-test-probe
+    mark etc_writable yes
+else
+    mark etc_writable no
+fi
+while read -r device mountpoint fstype options _; do
+    case $mountpoint in
+        /) mark mount_root "$device $fstype $options" ;;
+        /etc) mark mount_etc "$device $fstype $options" ;;
+        /var) mark mount_var "$device $fstype $options" ;;
+        /home) mark mount_home "$device $fstype $options" ;;
+    esac
+done < /proc/mounts
+
+failed=$(systemctl list-units --state=failed --plain --no-legend --no-pager |
+    while read -r unit _; do printf '%s ' "$unit"; done)
+mark failed "$failed"
+mark machine_id "$(cat /etc/machine-id)"
+mark hostname "$(cat /etc/hostname)"
+if [ -f /run/overlayroot/booted.json ]; then
+    mark booted_json "$(tr -d '\n' < /run/overlayroot/booted.json)"
+fi
+
+for word in $(cat /proc/cmdline); do
+    case $word in
+        test.write=*) token=${word#test.write=} ;;
+        test.read=1) read_tokens=1 ;;
+    esac
+done
+if [ -n "$token" ]; then
+    mark write_etc "$(try_write /etc/test-token "$token")"
+    mark write_var "$(try_write /var/test-token "$token")"
+    mark write_home "$(try_write /home/test-token "$token")"
+    mark write_root "$(try_write /test-token "$token")"
+    sync
+fi
+if [ -n "$read_tokens" ]; then
+    mark etc_token "$(cat /etc/test-token 2>/dev/null)"
+    mark var_token "$(cat /var/test-token 2>/dev/null)"
+    mark home_token "$(cat /home/test-token 2>/dev/null)"
+fi
+
+echo "OVERLAYROOT-TEST done"
+systemctl --no-block poweroff
+"""
+
+REPORT_UNIT = """[Unit]
+Description=Report the boot to the overlayroot tests, then power off
+After=multi-user.target
+
+[Service]
+Type=oneshot
+ExecStart=/usr/lib/overlayroot-test/report
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+class DebianUnavailable(RuntimeError):
+    """mmdebstrap is missing or failed: the message says why and what to do."""
+
+
+def recipe() -> dict[str, object]:
+    return {
+        "suite": SUITE,
+        "variant": VARIANT,
+        "packages": sorted(PACKAGES),
+        "dpkg_options": list(DPKG_OPTIONS),
+        "hostname": HOSTNAME,
+        "report_script": REPORT_SCRIPT,
+        "report_unit": REPORT_UNIT,
+    }
+
+
+def recipe_key() -> str:
+    text = json.dumps(recipe(), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def debian_root(cache: Path | None = None) -> Path:
+    """The Debian root tree, built with mmdebstrap on first use. Do not modify it."""
+    base = (cache or cache_dir()) / "debian" / recipe_key()
+    root = base / "root"
+    if not (base / ".complete").exists():
+        _build(base)
+    return root
+
+
+def _build(base: Path) -> None:
+    """mmdebstrap into a staging directory, then rename: a crash leaves no half-built root."""
+    if shutil.which("mmdebstrap") is None:
+        raise DebianUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
+    base.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{base.name}.", dir=base.parent))
+    try:
+        command = [
+            "mmdebstrap",
+            "--quiet",
+            "--mode=root",
+            f"--variant={VARIANT}",
+            f"--include={','.join(PACKAGES)}",
+            *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
+            SUITE,
+            str(staging / "root"),
+        ]
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            tail = "\n".join(result.stderr.strip().splitlines()[-15:])
+            raise DebianUnavailable(
+                f"mmdebstrap failed (exit {result.returncode}); it needs the network and root:"
+                f"\n{tail}"
+            )
+        _add_test_unit(staging / "root")
+        (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
+        (staging / ".complete").touch()
+        if base.exists():
+            shutil.rmtree(base)
+        try:
+            staging.rename(base)
+        except OSError:
+            if not (base / ".complete").exists():
+                raise
+            # another process built the same recipe first
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _add_test_unit(root: Path) -> None:
+    (root / "etc" / "hostname").write_text(HOSTNAME + "\n")
+    script = root / "usr" / "lib" / "overlayroot-test" / "report"
+    script.parent.mkdir(parents=True, exist_ok=True)
+    script.write_text(REPORT_SCRIPT)
+    script.chmod(0o755)
+    unit = root / "usr" / "lib" / "systemd" / "system" / REPORT_UNIT_NAME
+    unit.write_text(REPORT_UNIT)
+    wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / REPORT_UNIT_NAME).symlink_to(f"/usr/lib/systemd/system/{REPORT_UNIT_NAME}")
+
+
+class GeneratorFailed(RuntimeError):
+    """dracut or mkinitramfs failed: the message has the command and the end of its output."""
+
+
+DRACUT_BASEDIR = Path("/usr/lib/dracut")
+HOOKS = REPO_ROOT / "hooks"
+# The dracut modules that make its systemd initrd; without them dracut uses its shell /init.
+DRACUT_SYSTEMD_MODULES = ("systemd", "systemd-initrd", "dracut-systemd")
+DRACUT_DRIVERS = "virtio_blk virtio_pci"
+
+
+def overlayroot_command() -> str:
+    """The ``overlayroot`` command the hooks run at build time: the one installed beside this
+    Python (a virtualenv's), else the one in PATH."""
+    beside = Path(sys.executable).parent / "overlayroot"
+    if os.access(beside, os.X_OK):
+        return str(beside)
+    found = shutil.which("overlayroot")
+    if found is None:
+        raise GeneratorFailed("the overlayroot command is not installed: pip install -e .")
+    return found
+
+
+def dracut_initramfs(
+    kernel: Kernel, output: Path, *, systemd: bool, overlayroot: bool = True
+) -> Path:
+    """Debian's dracut, generic (not host-only), for ``kernel``: its systemd initrd or its shell
+    /init, with our module added or (``overlayroot=False``) as it comes."""
+    if shutil.which("dracut") is None:
+        raise GeneratorFailed("dracut is not installed: apt-get install dracut-core")
+    work = Path(tempfile.mkdtemp(prefix="dracut.", dir=output.parent))
+    try:
+        (work / "no-conf").mkdir()
+        env = dict(os.environ)
+        command = [
+            "dracut", "--force", "--no-hostonly",
+            "--conf", "/dev/null", "--confdir", str(work / "no-conf"),
+            "--kver", kernel.version,
+            "--kmoddir", str(kernel.modules),
+            "--add-drivers", DRACUT_DRIVERS,
+            "--zstd",
+            "--tmpdir", str(work),
+        ]  # fmt: skip
+        if overlayroot:
+            env["dracutbasedir"] = str(_dracut_basedir(work / "basedir"))
+            env["OVERLAYROOT_COMMAND"] = overlayroot_command()
+            command += ["--add", "overlayroot"]
+        if not systemd:
+            command += ["--omit", " ".join(DRACUT_SYSTEMD_MODULES)]
+        _run_generator([*command, str(output)], env)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+def _dracut_basedir(base: Path) -> Path:
+    """A dracut base directory that is the system's with our module added: links, no copies."""
+    modules = base / "modules.d"
+    modules.mkdir(parents=True)
+    for entry in DRACUT_BASEDIR.iterdir():
+        if entry.name != "modules.d":
+            (base / entry.name).symlink_to(entry)
+    for module in (DRACUT_BASEDIR / "modules.d").iterdir():
+        (modules / module.name).symlink_to(module)
+    (modules / "90overlayroot").symlink_to(HOOKS / "dracut" / "90overlayroot")
+    return base
+
+
+def initramfs_tools_initramfs(kernel: Kernel, output: Path, *, overlayroot: bool = True) -> Path:
+    """Debian's initramfs-tools (mkinitramfs, MODULES=most) for ``kernel``, with our hook and
+    local-bottom script installed in its configuration directory as a user installs them in
+    /etc/initramfs-tools.
+
+    mkinitramfs reads the kernel's modules and configuration at ``/lib/modules/<version>`` and
+    ``/boot/config-<version>`` only: it runs in a private mount namespace where the harness
+    kernel's appear there (_WITH_KERNEL).
+    """
+    if shutil.which("mkinitramfs") is None:
+        raise GeneratorFailed("mkinitramfs is not installed: apt-get install initramfs-tools-core")
+    work = Path(tempfile.mkdtemp(prefix="initramfs-tools.", dir=output.parent))
+    try:
+        conf = work / "conf"
+        shutil.copytree("/etc/initramfs-tools", conf, symlinks=True)
+        (conf / "initramfs.conf").write_text("MODULES=most\nBUSYBOX=auto\nCOMPRESS=zstd\n")
+        (conf / "modules").write_text("virtio_blk\nvirtio_pci\n")
+        env = dict(os.environ, TMPDIR=str(work))
+        if overlayroot:
+            for part in ("hooks/overlayroot", "scripts/local-bottom/overlayroot"):
+                target = conf / part
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(HOOKS / "initramfs-tools" / part, target)
+            env["OVERLAYROOT_COMMAND"] = overlayroot_command()
+        scratch = work / "scratch"
+        scratch.mkdir()
+        _run_generator(
+            ["unshare", "--mount", "sh", "-c", _WITH_KERNEL, "sh", str(scratch), kernel.version,
+             str(kernel.modules), str(kernel.vmlinuz.parent / f"config-{kernel.version}"),
+             "-d", str(conf), "-o", str(output), kernel.version],
+            env,
+        )
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return output
+
+
+# sh -c SCRIPT sh SCRATCH KVER MODULES CONFIG COMMAND…: run COMMAND with MODULES at
+# /lib/modules/KVER and CONFIG at /boot/config-KVER, in the mount namespace of unshare --mount.
+# /lib (often a link to usr/lib) and /boot get tmpfs-backed overlays so nothing is written to
+# the host.
+_WITH_KERNEL = """set -e
+mount --make-rprivate /
+mount -t tmpfs tmpfs "$1"
+for dir in /lib /boot; do
+    real=$(readlink -f "$dir")
+    mkdir -p "$1/upper$real" "$1/work$real"
+    mount -t overlay overlay -o "lowerdir=$real,upperdir=$1/upper$real,workdir=$1/work$real" "$real"
+done
+mkdir -p "/lib/modules/$2"
+mount --bind "$3" "/lib/modules/$2"
+cp "$4" "/boot/config-$2"
+shift 4
+exec mkinitramfs "$@"
+"""
+
+
+def _run_generator(command: list[str], env: dict[str, str]) -> None:
+    result = subprocess.run(command, env=env, capture_output=True, text=True)
+    if result.returncode != 0:
+        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
+        raise GeneratorFailed(f"{' '.join(command)} exited with {result.returncode}:\n{tail}")

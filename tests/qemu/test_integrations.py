@@ -1,0 +1,143 @@
+"""Issue 4 end to end: a real Debian bookworm with systemd, deployed as erofs on a state disk,
+reaches multi-user.target through our standalone initramfs, dracut with our module (systemd
+initrd and shell init) and initramfs-tools with our hooks — all built by the real tools.
+
+Each test boots twice on one disk: the first boot writes a token into /etc, /var, /home and /,
+the second reads them back. Both report, from a unit that runs after multi-user.target
+(qemu.debian.REPORT_SCRIPT), what the booted system sees.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from initrd.build import BuildConfig, Compression, build_initramfs
+from overlayroot.deploy import deploy
+from qemu import debian
+from qemu.disks import make_state_disk
+from qemu.kernel import Kernel
+from qemu.machine import Machine
+from qemu.plugin import MachineFactory
+
+FS_LABEL = "or-state"
+FS_UUID = "5e1f0a4c-7a2b-4c3d-9e8f-0123456789ab"
+CREATED = 1_700_000_000
+DEPLOYMENT = "bookworm"
+# `ro`: with `rw` and no / in fstab, systemd-remount-fs would try to make the erofs root
+# writable and fail (docs/integrations.md).
+BASE = f"root=LABEL={FS_LABEL} ro"
+# Every failure ends QEMU at once instead of waiting in an emergency shell.
+ON_FAILURE = {
+    "standalone": "overlayroot.onfail=poweroff",
+    "dracut": "rd.shell=0 rd.emergency=poweroff",
+    "initramfs-tools": "panic=-1",
+}
+FAILURES = (
+    "Kernel panic - not syncing",
+    "Attempted to kill init",
+    "overlayroot: error:",
+    "Entering emergency mode",
+    "Press Enter for maintenance",
+    "Traceback (most recent call last)",
+)
+BOOT_TIMEOUT = 420  # seconds from power-on to the report, under TCG on a busy host
+SHUTDOWN_TIMEOUT = 180
+
+
+@pytest.fixture(scope="session")
+def debian_root() -> Path:
+    try:
+        return debian.debian_root()
+    except debian.DebianUnavailable as e:
+        pytest.skip(str(e))
+
+
+def debian_disk(base: Path, root: Path) -> Path:
+    """A state disk with the Debian root deployed as erofs, by `overlayroot deploy`."""
+    content = base / "state-content"
+    content.mkdir()
+    deploy(content, root, deployment_id=DEPLOYMENT, fmt="erofs", created=CREATED)
+    return make_state_disk(
+        base / "state.img", content, size_mb=640, fs_label=FS_LABEL, fs_uuid=FS_UUID,
+        partlabel="overlayroot state", partuuid="c0ffee00-1234-4abc-8def-0000000000a1",
+    )
+
+
+def boot_debian(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str,
+                name: str) -> dict[str, str]:
+    m: Machine = machine(initrd=initrd, disks=[disk], cmdline=cmdline, name=name)
+    with m:
+        m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=FAILURES)
+        # A clean shutdown through systemd: the state filesystem must let go too.
+        assert m.wait_exit(SHUTDOWN_TIMEOUT) == 0
+        return m.markers()
+
+
+def check_boots_twice(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str) -> None:
+    """The assertions of issue 4 for one initramfs: read-only root, writable /etc, persistent
+    /etc /var /home across a reboot, no failed unit."""
+    first = boot_debian(machine, initrd, disk, f"{cmdline} test.write=token-1", "write")
+    for markers in (first,):
+        assert markers["root_ro"] == "yes"
+        assert markers["etc_writable"] == "yes"
+        assert markers["mount_root"].split()[1] == "erofs"
+        assert markers["mount_etc"].startswith("overlay overlay")
+        assert markers["failed"] == ""
+        assert json.loads(markers["booted_json"])["deployment"] == DEPLOYMENT
+    assert (first["write_etc"], first["write_var"], first["write_home"]) == ("ok", "ok", "ok")
+    assert first["write_root"] == "Read-only file system"
+
+    second = boot_debian(machine, initrd, disk, f"{cmdline} test.read=1", "read")
+    assert second["root_ro"] == "yes"
+    assert second["failed"] == ""
+    assert (second["etc_token"], second["var_token"], second["home_token"]) == (
+        "token-1", "token-1", "token-1")
+    # systemd wrote the machine id into the persistent /etc on the first boot.
+    assert len(first["machine_id"]) == 32
+    assert second["machine_id"] == first["machine_id"]
+
+
+Builder = Callable[[Kernel, Path], Path]
+
+
+def standalone(kernel: Kernel, output: Path) -> Path:
+    build_initramfs(BuildConfig(modules_dir=kernel.modules, output=output,
+                                compress=Compression.ZSTD))
+    return output
+
+
+def dracut_systemd(kernel: Kernel, output: Path) -> Path:
+    return debian.dracut_initramfs(kernel, output, systemd=True)
+
+
+def dracut_shell(kernel: Kernel, output: Path) -> Path:
+    return debian.dracut_initramfs(kernel, output, systemd=False)
+
+
+def initramfs_tools(kernel: Kernel, output: Path) -> Path:
+    return debian.initramfs_tools_initramfs(kernel, output)
+
+
+@pytest.mark.parametrize(
+    ("build", "framework"),
+    [
+        pytest.param(standalone, "standalone", id="standalone"),
+        pytest.param(dracut_systemd, "dracut", id="dracut-systemd"),
+        pytest.param(dracut_shell, "dracut", id="dracut-shell"),
+        pytest.param(initramfs_tools, "initramfs-tools", id="initramfs-tools"),
+    ],
+)
+def test_debian_reaches_multi_user_read_only_with_persistent_state(
+    machine: MachineFactory, kernel: Kernel, debian_root: Path, tmp_path: Path,
+    build: Builder, framework: str,
+) -> None:
+    try:
+        initrd = build(kernel, tmp_path / "initrd.img")
+    except debian.GeneratorFailed as e:
+        pytest.fail(str(e))
+    disk = debian_disk(tmp_path, debian_root)
+    check_boots_twice(machine, initrd, disk, f"{BASE} {ON_FAILURE[framework]}")
