@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import tempfile
 from pathlib import Path
 
 SECTOR = 512
@@ -73,6 +74,40 @@ def read_file(disk: Path, partition_offset: int, path_in_fs: str) -> bytes:
     if b"File not found" in result.stderr:
         raise FileNotFoundError(f"{path_in_fs} on {disk} at offset {partition_offset}")
     return result.stdout
+
+
+def write_file(disk: Path, partition_offset: int, path_in_fs: str, data: bytes) -> None:
+    """Replace (or create) a file in the ext4 filesystem at `partition_offset` bytes into `disk`,
+    owned by root, mode 0644."""
+    directory, _, name = path_in_fs.rpartition("/")
+    with tempfile.NamedTemporaryFile() as source:
+        source.write(data)
+        source.flush()
+        _debugfs_w(disk, partition_offset, [
+            f"cd {directory or '/'}", f"rm {name}", f"write {source.name} {name}",
+            f"sif {name} mode 0100644", f"sif {name} uid 0", f"sif {name} gid 0",
+        ])  # fmt: skip
+    if read_file(disk, partition_offset, path_in_fs) != data:
+        raise RuntimeError(f"debugfs did not write {path_in_fs} on {disk}")
+
+
+def delete_file(disk: Path, partition_offset: int, path_in_fs: str) -> None:
+    """Remove a file from the ext4 filesystem at `partition_offset` bytes into `disk`."""
+    _debugfs_w(disk, partition_offset, [f"rm {path_in_fs}"])
+    try:
+        read_file(disk, partition_offset, path_in_fs)
+    except FileNotFoundError:
+        return
+    raise RuntimeError(f"debugfs did not remove {path_in_fs} from {disk}")
+
+
+def _debugfs_w(disk: Path, partition_offset: int, commands: list[str]) -> None:
+    # debugfs reports most failures (a missing file to rm, say) on stderr and exits 0: callers
+    # check the result instead.
+    subprocess.run(
+        ["debugfs", "-w", "-f", "-", f"{disk}?offset={partition_offset}"],
+        input="\n".join(commands) + "\n", capture_output=True, text=True, check=True,
+    )
 
 
 def _allocate(path: Path, size_mb: int) -> None:

@@ -1,14 +1,40 @@
-"""Test deployments: a tiny busybox root whose init reports what it sees as console markers."""
+"""Test deployments: a tiny busybox root whose init reports what it sees as console markers.
+
+What the init does beyond reporting, chosen by the root and by the kernel command line:
+
+- ``make_test_root(fail=...)``: the root is a bad update. After its markers its init exits
+  (``exit``: the kernel panics, "Attempted to kill init"), crashes the kernel through sysrq
+  (``panic``) or hangs forever (``hang``: only a watchdog gets the machine back).
+- ``make_test_root(command=...)``: the root carries the ``overlayroot`` command, frozen (the root
+  has no Python of its own): the stage's interpreter and libraries and a zip of the modules the
+  commands import, built by ``initrd`` as a payload, plus ``/usr/bin/overlayroot``.
+- ``make_test_root(scripts={NAME: text})`` and ``test.run=NAME`` on the command line: the init
+  runs ``/usr/lib/overlayroot-test/run/NAME`` with ``sh`` (scripts print their own markers) and
+  reports ``run_status``.
+- ``test.bless=1``: the init runs ``overlayroot bless``, standing in for boot-complete.target
+  and overlayroot-bless.service, and reports ``bless``.
+
+A ``reboot`` or ``poweroff`` without ``-f`` (what ``overlayroot bless`` runs) signals PID 1; the
+init traps the signal and does it.
+"""
 
 from __future__ import annotations
 
+import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 
 from qemu.initramfs import BUSYBOX
 
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev", "tmp", "root")
-APPLETS = ("sh", "mount", "cat", "tr", "rm", "sync", "poweroff", "reboot", "ls", "sleep")
+APPLETS = ("sh", "mount", "cat", "tr", "rm", "sync", "poweroff", "reboot", "ls", "sleep", "echo",
+           "mkdir", "grep")
+FAILURES = ("exit", "panic", "hang")
+TEST_DIR = "usr/lib/overlayroot-test"
+# Payload paths the test root does not take: the initramfs's own /init and its empty mount
+# points and device nodes (the root has its own).
+PAYLOAD_SKIP = ("init", "dev", "proc", "sys", "run", "tmp", "sysroot")
 SEED = "seeded-from-image"
 
 # Reads only builtins until the uptime is out, so the marker times the boot, not the script.
@@ -20,6 +46,9 @@ PATH=/bin:/sbin:/usr/bin:/usr/sbin
 export PATH
 [ -d /sys/kernel ] || mount -t sysfs sysfs /sys
 mark() { echo "OVERLAYROOT-TEST $1=$2"; }
+# busybox reboot / poweroff signal PID 1: TERM and USR2.
+trap 'sync; reboot -f' TERM
+trap 'sync; poweroff -f' USR2
 
 # try_write FILE CONTENT: "ok", or the error text (e.g. "Read-only file system")
 try_write() {
@@ -60,10 +89,23 @@ if [ -f /run/overlayroot/booted.json ]; then
     mark booted_json "$(tr -d '\n' < /run/overlayroot/booted.json)"
 fi
 
+if [ -f /usr/lib/overlayroot-test/fail ]; then
+    read -r failure < /usr/lib/overlayroot-test/fail
+    mark failing "$failure"
+    sync
+    case $failure in
+        exit) exit 1 ;;
+        panic) echo c > /proc/sysrq-trigger ;;
+        hang) while :; do sleep 3600; done ;;
+    esac
+fi
+
 for word in $(cat /proc/cmdline); do
     case $word in
         test.write=*) token=${word#test.write=} ;;
         test.read=1) read_tokens=1 ;;
+        test.run=*) run=${word#test.run=} ;;
+        test.bless=1) bless=1 ;;
     esac
 done
 if [ -n "$token" ]; then
@@ -79,6 +121,18 @@ if [ -n "$read_tokens" ]; then
     mark home_token "$(cat /home/test-token 2>/dev/null)"
     mark var_seed "$(cat /var/lib/testdata/seed 2>/dev/null)"
 fi
+if [ -n "$bless" ]; then
+    overlayroot bless
+    mark bless "$?"
+fi
+if [ -n "$run" ]; then
+    if [ -f "/usr/lib/overlayroot-test/run/$run" ]; then
+        sh "/usr/lib/overlayroot-test/run/$run"
+        mark run_status "$?"
+    else
+        mark run_missing "$run"
+    fi
+fi
 
 echo "OVERLAYROOT-TEST done"
 sync
@@ -86,21 +140,39 @@ poweroff -f
 """
 
 
-def make_test_root(dest: Path, *, with_init: bool = True, image: str = "test") -> Path:
+def make_test_root(
+    dest: Path,
+    *,
+    with_init: bool = True,
+    image: str = "test",
+    fail: str | None = None,
+    command: Path | None = None,
+    scripts: Mapping[str, str] | None = None,
+) -> Path:
     """A busybox root at `dest` whose /sbin/init prints OVERLAYROOT-TEST markers and powers off.
 
-    `image` names this root in the `image=` marker, to tell deployments apart.
+    `image` names this root in the `image=` marker, to tell deployments apart. `fail` (one of
+    FAILURES) makes it a bad update; `command` is a payload from `build_command_payload` to make
+    `overlayroot` available; `scripts` are what `test.run=NAME` can run.
     """
+    if fail is not None and fail not in FAILURES:
+        raise ValueError(f"fail={fail!r} is not one of {FAILURES}")
     dest.mkdir(parents=True, exist_ok=True)
-    for directory in (*MOUNT_POINTS, "bin", "sbin", "usr/lib/overlayroot-test", "var/lib/testdata"):
+    for directory in (*MOUNT_POINTS, "bin", "sbin", f"{TEST_DIR}/run", "var/lib/testdata"):
         (dest / directory).mkdir(parents=True, exist_ok=True)
     shutil.copy2(BUSYBOX, dest / "bin" / "busybox")
     for applet in APPLETS:
         (dest / "bin" / applet).symlink_to("busybox")
     (dest / "etc" / "hostname").write_text("overlayroot-test\n")
     (dest / "etc" / "os-release").write_text('ID=overlayroot-test\nNAME="overlayroot test root"\n')
-    (dest / "usr" / "lib" / "overlayroot-test" / "image").write_text(image + "\n")
+    (dest / TEST_DIR / "image").write_text(image + "\n")
     (dest / "var" / "lib" / "testdata" / "seed").write_text(SEED + "\n")
+    if fail is not None:
+        (dest / TEST_DIR / "fail").write_text(fail + "\n")
+    for name, text in (scripts or {}).items():
+        (dest / TEST_DIR / "run" / name).write_text(text)
+    if command is not None:
+        add_command(dest, command)
     if with_init:
         init = dest / "sbin" / "init"
         init.write_text(INIT_SCRIPT)
@@ -111,3 +183,44 @@ def make_test_root(dest: Path, *, with_init: bool = True, image: str = "test") -
 def make_broken_root(dest: Path) -> Path:
     """A test root with everything but /sbin/init."""
     return make_test_root(dest, with_init=False, image="broken")
+
+
+def build_command_payload(dest: Path) -> Path:
+    """The frozen `overlayroot` command as an initramfs payload tree at `dest` (built once, then
+    copied into any number of roots by `make_test_root(command=dest)`)."""
+    from initrd.build import BuildConfig, build_initramfs
+    from overlayroot.cli import FROZEN_MODULES
+
+    result = build_initramfs(BuildConfig(
+        modules_dir=None, output=dest, payload=True,
+        entries=("overlayroot.cli", *FROZEN_MODULES),
+    ))
+    (dest / "python").write_text(result.python)  # which interpreter the launcher names
+    return dest
+
+
+def add_command(root: Path, payload: Path) -> None:
+    """Copy the payload's interpreter, libraries and frozen modules into `root`, and add
+    `/usr/bin/overlayroot`."""
+    for entry in sorted(os.listdir(payload)):
+        if entry in (*PAYLOAD_SKIP, "python"):
+            continue
+        _merge(payload / entry, root / entry)
+    python = (payload / "python").read_text()
+    launcher = root / "usr" / "bin" / "overlayroot"
+    launcher.parent.mkdir(parents=True, exist_ok=True)
+    launcher.write_text(f"#!{python} -IS\nimport sys\nfrom overlayroot.cli import main\n\n"
+                        "sys.exit(main())\n")
+    launcher.chmod(0o755)
+
+
+def _merge(source: Path, target: Path) -> None:
+    if source.is_symlink():
+        if not os.path.lexists(target):
+            target.symlink_to(os.readlink(source))
+    elif source.is_dir():
+        target.mkdir(exist_ok=True)
+        for entry in sorted(os.listdir(source)):
+            _merge(source / entry, target / entry)
+    else:
+        shutil.copy2(source, target)
