@@ -302,7 +302,7 @@ def test_a_damaged_state_file_still_boots_a_good_deployment_and_says_so(
     text = disk.read(state_file)
     if damage == "garbage":
         write_file(path, disk.offset, state_file, b"\x00garbage{" * 40)
-        expected = "/overlayroot/boot.json.prev (generation 5); boot.json was unreadable"
+        expected = "/overlayroot/boot.json.prev (generation 4); boot.json was unreadable"
     else:
         delete_file(path, disk.offset, f"{state_file}.prev")
         if damage == "truncated":
