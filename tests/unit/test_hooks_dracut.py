@@ -1,0 +1,143 @@
+"""The dracut module, driven through dracut's module API with stand-ins that record calls.
+
+The QEMU tests build real dracut images with it; these check each function's contract quickly:
+check/depends/installkernel answers, install() in both dracut modes and when the builder fails,
+and the pre-pivot hook being sourced (it must `return`, never `exit`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+MODULE = Path(__file__).resolve().parents[2] / "hooks" / "dracut" / "90overlayroot"
+BUILDER = Path(sys.executable).parent / "overlayroot"
+PREPARE = "/usr/lib/overlayroot/prepare"
+
+# dracut's functions and variables as stand-ins; each call is recorded as "name args" in $LOG.
+STANDINS = r"""
+record() { printf '%s\n' "$*" >> "$LOG"; }
+derror() { record derror "$@"; }
+dfatal() { record dfatal "$@"; }
+instmods() { record instmods "hostonly=$hostonly" "$@"; }
+inst_multiple() { record inst_multiple "$@"; }
+inst_simple() { record inst_simple "$@"; }
+inst_hook() { record inst_hook "$@"; }
+dracut_module_included() { [[ " $INCLUDED " == *" $1 "* ]]; }
+SYSTEMCTL=systemctl_standin
+systemctl_standin() { record systemctl "$@"; }
+hostonly=yes
+moddir=$MODULE
+systemdsystemunitdir=/usr/lib/systemd/system
+"""
+
+
+def dracut(tmp_path: Path, calls: str, *, included: str = "", builder: str = str(BUILDER)) -> \
+        tuple[subprocess.CompletedProcess[str], list[str], Path]:
+    log, initdir, tmpdir = tmp_path / "log", tmp_path / "initramfs", tmp_path / "dracut-tmp"
+    initdir.mkdir()
+    tmpdir.mkdir()
+    (initdir / "lib").symlink_to("usr/lib")
+    script = f"{STANDINS}\n. \"$MODULE/module-setup.sh\"\n{calls}\n"
+    env = dict(os.environ, LOG=str(log), MODULE=str(MODULE), initdir=str(initdir),
+               DRACUT_TMPDIR=str(tmpdir), INCLUDED=included, OVERLAYROOT_COMMAND=builder)
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    return proc, log.read_text().splitlines() if log.exists() else [], initdir
+
+
+@pytest.fixture(autouse=True)
+def needs_builder() -> None:
+    if not os.access(BUILDER, os.X_OK):
+        pytest.skip(f"{BUILDER} is not installed (pip install -e .)")
+
+
+def test_check_includes_the_module_only_when_asked(tmp_path: Path) -> None:
+    proc, _, _ = dracut(tmp_path, "check; echo check=$?; depends")
+    assert proc.stdout.split() == ["check=255", "rootfs-block"]
+
+
+def test_check_refuses_without_the_builder(tmp_path: Path) -> None:
+    proc, calls, _ = dracut(tmp_path, 'PATH=/nonexistent; check; echo "check=$?"', builder="")
+    assert "check=1" in proc.stdout
+    assert any(c.startswith("derror overlayroot: the overlayroot command is not installed")
+               for c in calls)
+
+
+def test_installkernel_adds_the_modules_even_in_host_only_mode(tmp_path: Path) -> None:
+    _, calls, _ = dracut(tmp_path, "installkernel")
+    assert calls == ["instmods hostonly= overlay loop erofs squashfs softdog"]
+
+
+def test_install_for_the_shell_init_adds_an_early_pre_pivot_hook(tmp_path: Path) -> None:
+    proc, calls, initdir = dracut(tmp_path, "install; echo install=$?")
+    assert "install=0" in proc.stdout, proc.stderr
+    assert f"inst_hook pre-pivot 10 {MODULE}/overlayroot-prepare.sh" in calls
+    assert not any("overlayroot-prepare.service" in c for c in calls)
+    prepare = initdir / PREPARE.lstrip("/")
+    assert os.access(prepare, os.X_OK)
+    assert (initdir / "usr/lib/python311.zip").is_file()
+    assert (initdir / "lib").is_symlink()  # dracut's link kept, not replaced by the payload's
+    assert not (initdir / "init").exists()
+    assert not list((tmp_path / "dracut-tmp").iterdir()), "payload left behind"
+
+
+def test_install_for_the_systemd_initrd_adds_the_unit_to_initrd_root_fs(tmp_path: Path) -> None:
+    proc, calls, _ = dracut(tmp_path, "install; echo install=$?", included="systemd")
+    assert "install=0" in proc.stdout, proc.stderr
+    assert (f"inst_simple {MODULE}/overlayroot-prepare.service"
+            " /usr/lib/systemd/system/overlayroot-prepare.service") in calls
+    assert (f"systemctl -q --root {tmp_path}/initramfs add-wants initrd-root-fs.target"
+            " overlayroot-prepare.service") in calls
+    assert not any(c.startswith("inst_hook") for c in calls)
+
+
+def test_install_stops_dracut_when_the_builder_fails(tmp_path: Path) -> None:
+    proc, calls, initdir = dracut(tmp_path, "install; echo install=$?", builder="/bin/false")
+    # dracut ignores install()'s status, so the module exits dracut itself.
+    assert proc.returncode == 1
+    assert "install=" not in proc.stdout
+    assert any(c.startswith("dfatal overlayroot:") for c in calls)
+    assert not (initdir / PREPARE.lstrip("/")).exists()
+
+
+def pre_pivot(tmp_path: Path, prepare_status: int) -> tuple[list[str], str]:
+    """The pre-pivot hook sourced as dracut's /init sources it, prepare replaced by a stub."""
+    log = tmp_path / "log"
+    stub = tmp_path / "prepare"
+    stub.write_text(f'#!/bin/sh\necho "prepare $*" >> "$LOG"\nexit {prepare_status}\n')
+    stub.chmod(0o755)
+    hook = (MODULE / "overlayroot-prepare.sh").read_text()
+    assert hook.count(PREPARE) == 1
+    (tmp_path / "hook.sh").write_text(hook.replace(PREPARE, str(stub)))
+    script = f"""
+record() {{ echo "$*" >> "$LOG"; }}
+getarg() {{ return 1; }}
+modprobe() {{ record modprobe "$@"; }}
+emergency_shell() {{ record emergency_shell "$@"; }}
+NEWROOT=/sysroot
+source_hook() {{ . "$1"; }}
+source_hook {tmp_path}/hook.sh
+record init goes on
+"""
+    proc = subprocess.run(["sh", "-c", script], env=dict(os.environ, LOG=str(log)),
+                          capture_output=True, text=True, check=True)
+    return log.read_text().splitlines(), proc.stdout
+
+
+def test_pre_pivot_hook_prepares_newroot_and_returns(tmp_path: Path) -> None:
+    calls, _ = pre_pivot(tmp_path, 0)
+    assert calls[0] == "modprobe -a -q overlay loop erofs squashfs"
+    assert "prepare /sysroot" in calls
+    assert not any(c.startswith("emergency_shell") for c in calls)
+    assert calls[-1] == "init goes on"
+
+
+def test_pre_pivot_hook_sends_a_failure_to_dracuts_emergency_path(tmp_path: Path) -> None:
+    calls, _ = pre_pivot(tmp_path, 1)
+    assert ("emergency_shell -n overlayroot overlayroot could not assemble the root; the"
+            " reason is above") in calls
+    assert calls[-1] == "init goes on"  # returned, not exited
