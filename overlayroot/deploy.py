@@ -56,6 +56,10 @@ from overlayroot.errors import BootError
 
 # The directories the read-only lower must provide as mount points (DESIGN.md §4).
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
+# dracut's shell init keeps root= mounted only if it looks like a root (proc, sys and dev, or a
+# dynamic loader), and with overlayroot root= is the state filesystem: without these it is
+# unmounted before the pre-pivot hook can assemble the root (docs/integrations.md).
+ROOT_LOOKALIKE = ("proc", "sys", "dev")
 # Superblock magics: (format, offset, struct format, value).
 MAGICS = (
     ("erofs", 1024, "<I", 0xE0F5E1E2),
@@ -234,7 +238,8 @@ def deploy(
 
     state = layout.StateLayout(sysroot)
     with converting_os_errors(f"preparing {state.top}"):
-        for directory in (state.deployments, state.var, state.home):
+        for directory in (state.deployments, state.var, state.home,
+                          *(sysroot / name for name in ROOT_LOOKALIKE)):
             make_dir(directory)
     with target.locked(state):
         final = state.deployment_dir(deployment_id)
