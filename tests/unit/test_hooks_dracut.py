@@ -141,3 +141,17 @@ def test_pre_pivot_hook_sends_a_failure_to_dracuts_emergency_path(tmp_path: Path
     assert ("emergency_shell -n overlayroot overlayroot could not assemble the root; the"
             " reason is above") in calls
     assert calls[-1] == "init goes on"  # returned, not exited
+
+
+def test_a_deployed_state_filesystem_passes_dracuts_root_check(tmp_path: Path) -> None:
+    # dracut's shell init unmounts a root= without proc, sys and dev (usable_root in
+    # dracut-lib.sh) before any pre-pivot hook runs; the state filesystem is that root=.
+    from overlayroot.deploy import deploy
+
+    tree = tmp_path / "tree"
+    for name in ("etc", "var", "home", "run", "proc", "sys", "dev"):
+        (tree / name).mkdir(parents=True)
+    state = tmp_path / "state"
+    state.mkdir()
+    deploy(state, tree, deployment_id="v1", fmt="dir", created=0)
+    assert all((state / name).is_dir() for name in ("proc", "sys", "dev"))
