@@ -2,10 +2,11 @@
 cached) to boot as a deployment, and initramfs images made by Debian's own dracut and
 initramfs-tools for the harness kernel, with or without our hooks.
 
-The root is what a user's image pipeline would make, plus one test unit: after
-``multi-user.target`` it prints what the booted system sees as ``OVERLAYROOT-TEST key=value``
-lines on the console and powers off. Nothing here adapts the image to a read-only root: what such
-an image needs is what docs/integrations.md tells users, so a boot that needs more fails here too.
+The root is what a user's image pipeline would make: mmdebstrap, then the one step
+docs/integrations.md asks of an image for a read-only root (a tmpfs on /tmp), plus one test unit:
+after ``multi-user.target`` it prints what the booted system sees as ``OVERLAYROOT-TEST
+key=value`` lines on the console and powers off. Nothing else adapts the image, so a boot that
+needs more than the documentation says fails here too.
 
 The initramfs generators run on this host (dracut-core and initramfs-tools-core install side by
 side) against the harness kernel's modules directory, with our hooks given to them the way a user
@@ -69,6 +70,12 @@ if [ "$(try_write /.overlayroot-test-probe x)" = ok ]; then
     mark root_ro no
 else
     mark root_ro yes
+fi
+if [ "$(try_write /tmp/.overlayroot-test-probe x)" = ok ]; then
+    rm -f /tmp/.overlayroot-test-probe
+    mark tmp_writable yes
+else
+    mark tmp_writable no
 fi
 if [ "$(try_write /etc/.overlayroot-test-probe x)" = ok ]; then
     rm -f /etc/.overlayroot-test-probe
@@ -143,6 +150,7 @@ def recipe() -> dict[str, object]:
         "hostname": HOSTNAME,
         "report_script": REPORT_SCRIPT,
         "report_unit": REPORT_UNIT,
+        "tmp_mount": True,
     }
 
 
@@ -184,6 +192,7 @@ def _build(base: Path) -> None:
                 f"mmdebstrap failed (exit {result.returncode}); it needs the network and root:"
                 f"\n{tail}"
             )
+        _enable_tmp_mount(staging / "root")
         _add_test_unit(staging / "root")
         (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
         (staging / ".complete").touch()
@@ -197,6 +206,15 @@ def _build(base: Path) -> None:
             # another process built the same recipe first
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _enable_tmp_mount(root: Path) -> None:
+    """What docs/integrations.md tells users: Debian leaves /tmp on the root, read-only here."""
+    unit = root / "etc" / "systemd" / "system" / "tmp.mount"
+    shutil.copy2(root / "usr" / "share" / "systemd" / "tmp.mount", unit)
+    wants = root / "etc" / "systemd" / "system" / "local-fs.target.wants"
+    wants.mkdir(parents=True, exist_ok=True)
+    (wants / "tmp.mount").symlink_to("/etc/systemd/system/tmp.mount")
 
 
 def _add_test_unit(root: Path) -> None:
