@@ -152,7 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     # Declared here rather than in overlayroot.deploy: importing that for its options would cost
     # every command.
-    parser.add_argument("source", help="a directory tree, or an erofs or squashfs image file")
+    parser.add_argument(
+        "source", help="a directory tree, a tar archive of one, or an erofs or squashfs image"
+    )
     parser.add_argument(
         "--id",
         dest="deployment_id",

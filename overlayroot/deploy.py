@@ -1,7 +1,7 @@
 """``overlayroot deploy``: stage a deployment on a state filesystem (DESIGN.md §3).
 
-Given a directory tree or an erofs/squashfs image, write one deployment into
-``<sysroot>/overlayroot/deployments/<id>/`` together with its manifest, and the persistent
+Given a directory tree, a tar archive of one or an erofs/squashfs image, write one deployment
+into ``<sysroot>/overlayroot/deployments/<id>/`` together with its manifest, and the persistent
 directories the boot stage expects, and register it in ``boot.json`` as the new default, on
 trial. Inside a system booted by overlayroot it works on the state filesystem the system booted
 from, and the new deployment starts with a copy of the booted deployment's ``/etc`` upper, so
@@ -60,6 +60,10 @@ MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 # dynamic loader), and with overlayroot root= is the state filesystem: without these it is
 # unmounted before the pre-pivot hook can assemble the root (docs/integrations.md).
 ROOT_LOOKALIKE = ("proc", "sys", "dev")
+# Tar archives: "ustar" in the header of the first member, or a compressed stream (that tar
+# cannot read if it is not an archive: it says so).
+TAR_MAGICS = ((257, b"ustar"), (0, b"\x1f\x8b"), (0, b"\xfd7zXZ\x00"), (0, b"\x28\xb5\x2f\xfd"),
+              (0, b"BZh"))
 # Superblock magics: (format, offset, struct format, value).
 MAGICS = (
     ("erofs", 1024, "<I", 0xE0F5E1E2),
@@ -157,9 +161,39 @@ def detect_image(path: Path) -> str:
         if len(head) >= offset + size and struct.unpack_from(layout_, head, offset)[0] == value:
             return fmt
     raise BootError(
-        f"{path} is not an erofs or squashfs image: give a directory tree, or an image made"
-        " with mkfs.erofs or mksquashfs"
+        f"{path} is not an erofs or squashfs image, nor a tar archive: give a directory tree, a"
+        " tar archive of one, or an image made with mkfs.erofs or mksquashfs"
     )
+
+
+def is_tar(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(512)
+    except OSError as e:
+        raise BootError(f"cannot read {path}: {e.strerror}") from None
+    return any(head[offset:offset + len(magic)] == magic for offset, magic in TAR_MAGICS)
+
+
+def extract_tar(archive: Path, tree: Path, progress: Progress) -> None:
+    """Unpack ``archive`` into the new directory ``tree`` with owners, modes and xattrs (file
+    capabilities, SELinux labels), as GNU tar does it; it also undoes any compression."""
+    if not shutil.which("tar"):
+        raise BootError("tar not found: it unpacks tar archives; apt-get install tar")
+    with converting_os_errors(f"creating {tree}"):
+        os.mkdir(tree, 0o755)
+    with progress.task(f"unpacking {archive.name}", None):
+        result = subprocess.run(
+            ["tar", "--extract", f"--file={archive}", f"--directory={tree}", "--numeric-owner",
+             "--same-owner", "--same-permissions", "--xattrs", "--xattrs-include=*"],
+            stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+        )
+    if result.returncode != 0:
+        output = result.stderr + result.stdout
+        hint = ("free space on the state filesystem" if "space" in output.lower()
+                else "check that it is a tar archive, and GNU tar")
+        raise BootError(f"tar failed to unpack {archive} (exit {result.returncode}):"
+                        f" {last_lines(output)}; {hint}")
 
 
 def check_mount_points(source: Path, present: Callable[[str], bool]) -> None:
@@ -231,7 +265,7 @@ def deploy(
             f"sysroot {sysroot} is not a directory: mount the state filesystem there (or create"
             " the directory to pack later)"
         )
-    fmt, image_source = inspect_source(source, fmt)
+    fmt, kind = inspect_source(source, fmt)
     reproducible = created is not None
     epoch = created if created is not None else int(time.time())
     deployment_id = layout.check_id(deployment_id or default_id(epoch))
@@ -262,7 +296,7 @@ def deploy(
                 source,
                 deployment_id=deployment_id,
                 fmt=fmt,
-                image_source=image_source,
+                kind=kind,
                 epoch=epoch,
                 reproducible=reproducible,
                 progress=progress,
@@ -330,21 +364,26 @@ def register(
         return statefile.save(state, bootstate.add(current, deployment_id))
 
 
-def inspect_source(source: Path, fmt: str | None) -> tuple[str, bool]:
-    """The format to write and whether the source is an image to copy."""
+def inspect_source(source: Path, fmt: str | None) -> tuple[str, str]:
+    """The format to write and what the source is: ``tree``, ``tar`` or ``image`` (to copy)."""
     if not os.path.lexists(source):
         raise BootError(
             f"source {source} does not exist: give a directory tree or an erofs/squashfs image"
         )
     if source.is_dir():
         check_mount_points(source, tree_has_dir(source))
-        return fmt or "erofs", False
+        return fmt or "erofs", "tree"
     if not source.is_file():
         raise BootError(
             f"source {source} is neither a directory nor an image file: give a directory tree"
             " or an erofs/squashfs image"
         )
-    detected = detect_image(source)
+    try:
+        detected = detect_image(source)
+    except BootError:
+        if is_tar(source):
+            return fmt or "erofs", "tar"  # its mount points are checked once it is unpacked
+        raise
     if fmt is not None and fmt != detected:
         raise BootError(
             f"{source} is a {detected} image, but --format {fmt} was given: an image is copied"
@@ -353,7 +392,7 @@ def inspect_source(source: Path, fmt: str | None) -> tuple[str, bool]:
     top = image_top_dirs(source, detected)
     if top is not None:
         check_mount_points(source, top.__contains__)
-    return detected, True
+    return detected, "image"
 
 
 def stage(
@@ -362,7 +401,7 @@ def stage(
     *,
     deployment_id: str,
     fmt: str,
-    image_source: bool,
+    kind: str,
     epoch: int,
     reproducible: bool,
     progress: Progress,
@@ -370,15 +409,29 @@ def stage(
     with converting_os_errors(f"creating {staging}"):
         make_dir(staging)
     image = staging / layout.FORMATS[fmt]
-    if image_source:
+    tree = source
+    if kind == "tar":
+        tree = staging / "unpacked"
+        extract_tar(source, tree, progress)
+        check_mount_points(source, tree_has_dir(tree))
+    if kind == "image":
         with converting_os_errors(f"copying {source} to {image}"):
             copy_file(source, image, progress)
+    elif fmt == "dir" and kind == "tar":
+        with converting_os_errors(f"moving {tree} to {image}"):
+            os.rename(tree, image)
+            if reproducible:
+                fix_mtimes(image, epoch)
+            os.sync()
     elif fmt == "dir":
         with converting_os_errors(f"copying {source} to {image}"):
             copy_tree(source, image, mtime=epoch if reproducible else None, progress=progress)
             os.sync()
     else:
-        build_image(source, image, fmt, deployment_id, epoch if reproducible else None, progress)
+        build_image(tree, image, fmt, deployment_id, epoch if reproducible else None, progress)
+        if kind == "tar":
+            with converting_os_errors(f"removing {tree}"):
+                shutil.rmtree(tree)
     with converting_os_errors(f"hashing {image}"):
         if fmt == "dir":
             size = tree_size(image)
@@ -513,6 +566,15 @@ def copy_metadata(src: str, dst: str, st: os.stat_result, mtime: int | None) -> 
         os.setxattr(dst, attr, os.getxattr(src, attr, follow_symlinks=False), follow_symlinks=False)
     times = (mtime * 10**9,) * 2 if mtime is not None else (st.st_atime_ns, st.st_mtime_ns)
     os.utime(dst, ns=times, follow_symlinks=False)
+
+
+def fix_mtimes(root: Path, mtime: int) -> None:
+    """Every mtime (and atime) under ``root``, symlinks included, set to ``mtime``."""
+    times = (mtime * 10**9,) * 2
+    for directory, dirs, files in os.walk(root, topdown=False):
+        for name in (*files, *dirs):
+            os.utime(os.path.join(directory, name), ns=times, follow_symlinks=False)
+    os.utime(root, ns=times)
 
 
 def tree_size(root: Path) -> int:

@@ -8,6 +8,7 @@ import io
 import json
 import os
 import stat
+import subprocess
 from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
@@ -464,3 +465,55 @@ def test_bless_offline_is_refused(system: System) -> None:
     system.env.deploy("v1")
     err = system.fails("bless", "--sysroot", str(system.env.sysroot))
     assert "overlayroot bless acts on the booted deployment" in err
+
+
+# -- deploy from a tar archive -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("fmt", "compress"), [("dir", ""), ("erofs", "--gzip"),
+                                               ("squashfs", "--zstd")])
+def test_deploy_from_a_tar_archive_keeps_owners_and_xattrs(
+    system: System, tmp_path: Path, fmt: str, compress: str
+) -> None:
+    good_v1(system)
+    tree = system.tree("v2")
+    (tree / "usr/bin").mkdir(parents=True)
+    tool = tree / "usr/bin/tool"
+    tool.write_text("#!/bin/sh\n")
+    os.chown(tool, 1234, 5678)
+    os.setxattr(tool, "trusted.test", b"kept")
+    archive = tmp_path / "v2.tar"
+    subprocess.run(["tar", "--create", f"--file={archive}", "--xattrs", "--xattrs-include=*",
+                    *([compress] if compress else []), f"--directory={tree}", "."], check=True)
+    system.ok("deploy", "--format", fmt, "--id", "v2", str(archive))
+    layout = system.state
+    assert sorted(os.listdir(layout.deployment_dir("v2"))) == sorted(
+        ["manifest.json", layout.read_manifest("v2").image])
+    assert system.reboot()["deployment"] == "v2"
+    deployed = system.env.sysroot / "usr/bin/tool"
+    assert (deployed.stat().st_uid, deployed.stat().st_gid) == (1234, 5678)
+    assert os.getxattr(deployed, "trusted.test") == b"kept"
+    assert (system.env.sysroot / "etc/release").read_text() == "v2\n"
+
+
+def test_a_tar_archive_without_mount_points_is_refused_and_nothing_is_left(
+    system: System, tmp_path: Path
+) -> None:
+    good_v1(system)
+    tree = system.tree("v2")
+    (tree / "run").rmdir()
+    archive = tmp_path / "v2.tar"
+    subprocess.run(["tar", "--create", f"--file={archive}", f"--directory={tree}", "."],
+                   check=True)
+    err = system.fails("deploy", "--id", "v2", str(archive))
+    assert f"{archive} lacks the mount points the read-only root needs: run" in err
+    assert os.listdir(system.state.deployments) == ["v1"] and system.default() == "v1"
+
+
+def test_a_file_that_is_neither_image_nor_archive_is_refused(system: System,
+                                                             tmp_path: Path) -> None:
+    good_v1(system)
+    junk = tmp_path / "junk.bin"
+    junk.write_bytes(b"\x00" * 4096)
+    err = system.fails("deploy", str(junk))
+    assert "is not an erofs or squashfs image, nor a tar archive" in err
