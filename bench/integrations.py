@@ -112,7 +112,7 @@ def boot_once(kernel: Kernel, accel: str, setup: Setup, work: Path, run: int,
 def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
     kernel = kernel_from_env() or debian_cloud_kernel(cache_dir())
     accel = choose_accel(kernel)
-    root = debian.debian_root()
+    root = debian.debian_root(kernel)
     work = Path(tempfile.mkdtemp(prefix="bench-integrations.", dir=cache_dir()))
     try:
         configs = setups(kernel, root, work)

@@ -2,7 +2,8 @@
 cached) to boot as a deployment, and initramfs images made by Debian's own dracut and
 initramfs-tools for the harness kernel, with or without our hooks.
 
-The root is what a user's image pipeline would make: mmdebstrap, then the one step
+The root is what a user's image pipeline would make: mmdebstrap, the kernel's modules (the
+harness kernel's, as a kernel package would install them), then the one step
 docs/integrations.md asks of an image for a read-only root (a tmpfs on /tmp), plus one test unit:
 after ``multi-user.target`` it prints what the booted system sees as ``OVERLAYROOT-TEST
 key=value`` lines on the console and powers off. Nothing else adapts the image, so a boot that
@@ -13,7 +14,7 @@ side) against the harness kernel's modules directory, with our hooks given to th
 installs them but without touching the host: dracut gets a copy of its module directory with
 ours added (``dracutbasedir``), mkinitramfs a configuration directory (``-d``).
 
-The tree is built once per recipe (suite, packages, dpkg options, test unit) under
+The tree is built once per recipe (suite, packages, dpkg options, test unit, kernel) under
 ``<cache>/debian/<recipe hash>/root`` and must be treated as read-only by its users.
 """
 
@@ -141,7 +142,7 @@ class DebianUnavailable(RuntimeError):
     """mmdebstrap is missing or failed: the message says why and what to do."""
 
 
-def recipe() -> dict[str, object]:
+def recipe(kernel: Kernel) -> dict[str, object]:
     return {
         "suite": SUITE,
         "variant": VARIANT,
@@ -151,24 +152,26 @@ def recipe() -> dict[str, object]:
         "report_script": REPORT_SCRIPT,
         "report_unit": REPORT_UNIT,
         "tmp_mount": True,
+        "kernel": kernel.version,
     }
 
 
-def recipe_key() -> str:
-    text = json.dumps(recipe(), sort_keys=True)
+def recipe_key(kernel: Kernel) -> str:
+    text = json.dumps(recipe(kernel), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def debian_root(cache: Path | None = None) -> Path:
-    """The Debian root tree, built with mmdebstrap on first use. Do not modify it."""
-    base = (cache or cache_dir()) / "debian" / recipe_key()
+def debian_root(kernel: Kernel, cache: Path | None = None) -> Path:
+    """The Debian root tree with ``kernel``'s modules (a system loads its own modules, e.g.
+    autofs4), built with mmdebstrap on first use. Do not modify it."""
+    base = (cache or cache_dir()) / "debian" / recipe_key(kernel)
     root = base / "root"
     if not (base / ".complete").exists():
-        _build(base)
+        _build(base, kernel)
     return root
 
 
-def _build(base: Path) -> None:
+def _build(base: Path, kernel: Kernel) -> None:
     """mmdebstrap into a staging directory, then rename: a crash leaves no half-built root."""
     if shutil.which("mmdebstrap") is None:
         raise DebianUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
@@ -192,9 +195,13 @@ def _build(base: Path) -> None:
                 f"mmdebstrap failed (exit {result.returncode}); it needs the network and root:"
                 f"\n{tail}"
             )
-        _enable_tmp_mount(staging / "root")
-        _add_test_unit(staging / "root")
-        (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
+        root = staging / "root"
+        shutil.copytree(kernel.modules, root / "usr" / "lib" / "modules" / kernel.version,
+                        symlinks=True)
+        _enable_tmp_mount(root)
+        _add_test_unit(root)
+        (staging / "recipe.json").write_text(
+            json.dumps(recipe(kernel), indent=2, sort_keys=True))
         (staging / ".complete").touch()
         if base.exists():
             shutil.rmtree(base)

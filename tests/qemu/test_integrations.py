@@ -49,9 +49,9 @@ SHUTDOWN_TIMEOUT = 180
 
 
 @pytest.fixture(scope="session")
-def debian_root() -> Path:
+def debian_root(kernel: Kernel) -> Path:
     try:
-        return debian.debian_root()
+        return debian.debian_root(kernel)
     except debian.DebianUnavailable as e:
         pytest.skip(str(e))
 
