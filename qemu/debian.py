@@ -34,8 +34,9 @@ from qemu.paths import REPO_ROOT, cache_dir
 
 SUITE = "bookworm"
 VARIANT = "minbase"
-# systemd-sysv makes systemd /sbin/init; udev finds the disks; dbus for logind and systemctl.
-PACKAGES = ("systemd-sysv", "udev", "dbus")
+# systemd-sysv makes systemd /sbin/init; udev finds the disks; dbus for logind and systemctl;
+# kmod, which a kernel package would bring (the kernel itself is the harness's).
+PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod")
 # Documentation and translations are a third of a minbase root and nothing boots from them.
 DPKG_OPTIONS = (
     "path-exclude=/usr/share/man/*",
