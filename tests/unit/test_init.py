@@ -27,8 +27,9 @@ def test_the_emergency_prompt_ends_at_end_of_input(monkeypatch: pytest.MonkeyPat
 
 
 def test_a_bug_is_reported_with_where_it_happened() -> None:
+    empty: dict[str, int] = {}
     try:
-        {}["missing"]
+        empty["missing"]
     except KeyError as e:
         report = describe_bug(e)
     assert report.startswith("internal error (a bug in overlayroot): KeyError: 'missing'")
