@@ -226,6 +226,20 @@ def mark_bad(state: BootState, deployment_id: str, reason: str) -> BootState:
     )
 
 
+USED_UP = "used up its tries without being blessed (it crashed, hung or was reset)"
+
+
+def mark_used_up(state: BootState) -> tuple[BootState, list[str]]:
+    """Mark bad, with the reason, the deployments whose tries ran out without a bless: they
+    are no longer bootable either way, but now ``status`` and the history say why, and a
+    rebuild from the history does not give them fresh tries."""
+    used_up = sorted(k for k, e in state.entries.items()
+                     if not e.successful and e.tries_left == 0 and e.bad is None)
+    for k in used_up:
+        state = mark_bad(state, k, USED_UP)
+    return state, used_up
+
+
 def bless(state: BootState, deployment_id: str) -> BootState:
     entry = state.entries[deployment_id]
     return state.with_entry(deployment_id, entry.replace(successful=True, bad=None))

@@ -117,6 +117,14 @@ def prepare_root(
     for note in notes:
         console.warn(note)
         _history(layout, console, "recovered", None, reason=note)
+    state, used_up = bootstate.mark_used_up(state)
+    for deployment_id in used_up:
+        console.say(f"deployment {deployment_id} {bootstate.USED_UP}")
+        _history(layout, console, "failed", deployment_id, reason=bootstate.USED_UP)
+    if notes or used_up:
+        # Write the repair now: a boot that is not a trial would otherwise leave the damaged
+        # or stale file on disk until some command writes it.
+        state, _ = _save(layout, state, console, "cannot write the repaired boot state")
     if not state.entries:
         raise BootError(
             f"no deployments in {layout.deployments} on {where}; stage one with"

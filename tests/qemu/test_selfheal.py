@@ -304,8 +304,7 @@ def test_a_damaged_state_file_still_boots_a_good_deployment_and_says_so(
         write_file(path, disk.offset, state_file, b"\x00garbage{" * 40)
         expected = ("recovered the boot state from /sysroot/overlayroot/boot.json.prev"
                     " (generation 4); boot.json was unreadable")
-        # Nothing rewrites boot.json on a boot that is not a trial: status finds it damaged
-        # still, at the path the booted system sees.
+        # The stage writes the repaired state at once; status reports this boot's recovery.
         note = "boot.json.prev (generation 4); boot.json was unreadable"
     else:
         delete_file(path, disk.offset, f"{state_file}.prev")

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlayroot.bootstate import (
+    USED_UP,
     BootState,
     Entry,
     StateError,
@@ -17,6 +18,7 @@ from overlayroot.bootstate import (
     candidates,
     default,
     mark_bad,
+    mark_used_up,
     rebuild,
     rollback_target,
     set_default,
@@ -198,3 +200,13 @@ def test_policy_functions_do_not_modify_their_argument(state: BootState, k: str)
     add(state, "new")
     sync(state, ["a"])
     assert state == snapshot
+
+
+def test_used_up_trials_are_marked_bad_once_with_the_reason() -> None:
+    state = BootState({"v1": Entry(1, successful=True), "v2": Entry(2, tries_left=0),
+                       "v3": Entry(3, tries_left=0, bad="digest")})
+    marked, used_up = mark_used_up(state)
+    assert used_up == ["v2"]
+    assert marked.entries["v2"].bad == USED_UP
+    assert marked.entries["v3"].bad == "digest"
+    assert mark_used_up(marked)[1] == []
