@@ -308,7 +308,7 @@ def deploy(
             registered = register(state, deployment_id, progress)
             with converting_os_errors(f"moving {staging} to {final}"):
                 os.rename(staging, final)
-                fsync_dir(state.deployments)
+                statefile.fsync_dir(state.deployments)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(etc_staging, ignore_errors=True)
@@ -324,8 +324,8 @@ def make_etc(state: layout.StateLayout, deployment_id: str) -> None:
     with converting_os_errors(f"creating the /etc upper of {deployment_id}"):
         for directory in (state.etc_upper(deployment_id), state.etc_work(deployment_id)):
             make_dir(directory)
-        fsync_dir(state.top / "etc" / deployment_id)
-        fsync_dir(state.top / "etc")
+        statefile.fsync_dir(state.top / "etc" / deployment_id)
+        statefile.fsync_dir(state.top / "etc")
 
 
 def carry_etc(
@@ -350,7 +350,7 @@ def carry_etc(
             progress.note(f"replacing {etc_dir}, left over by an interrupted deploy")
             shutil.rmtree(etc_dir)
         os.rename(staging, etc_dir)
-        fsync_dir(state.top / "etc")
+        statefile.fsync_dir(state.top / "etc")
 
 
 def register(
@@ -451,7 +451,7 @@ def stage(
     )
     with converting_os_errors(f"writing {staging / layout.MANIFEST}"):
         write_file(staging / layout.MANIFEST, manifest.to_json().encode())
-        fsync_dir(staging)
+        statefile.fsync_dir(staging)
     return manifest
 
 
@@ -613,14 +613,6 @@ def write_file(path: Path, data: bytes) -> None:
 
 def fsync_file(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
     finally:

@@ -23,7 +23,8 @@ HISTORY_KEEP = 500  # lines kept when the history is trimmed
 HISTORY_TRIM_AT = 1000
 
 
-def _fsync_dir(path: str) -> None:
+def fsync_dir(path: str | os.PathLike[str]) -> None:
+    """Make a rename or a new entry in ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         os.fsync(fd)
@@ -49,7 +50,7 @@ def write_atomically(path: str, data: bytes, *, keep_previous: str | None = None
         os.link(path, link)
         os.replace(link, keep_previous)
     os.replace(tmp, path)
-    _fsync_dir(directory)
+    fsync_dir(directory)
 
 
 def save(layout: StateLayout, state: BootState) -> BootState:
