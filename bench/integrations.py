@@ -1,7 +1,8 @@
 """Time to multi-user.target of a real Debian under TCG, through each initramfs, for issue 4.
 
 What it measures
-    The Debian bookworm root of qemu.debian (systemd, minbase), booted by the harness kernel:
+    The Debian bookworm image of qemu.debian (systemd, minbase, the overlayroot command and
+    overlayroot-bless.service), booted by the harness kernel:
 
     standalone       our initramfs (initrd.build, zstd), the root deployed as erofs on a state disk;
     dracut+overlayroot  Debian's dracut (systemd initrd, generic) with hooks/dracut, same disk;
@@ -38,6 +39,7 @@ from qemu.disks import make_raw_fs_disk, make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env
 from qemu.machine import BootFailure, Machine
 from qemu.paths import cache_dir
+from qemu.rootfs import build_command_payload
 
 STATE_LABEL = "or-bench"
 ROOT_LABEL = "bench-root"
@@ -112,9 +114,11 @@ def boot_once(kernel: Kernel, accel: str, setup: Setup, work: Path, run: int,
 def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
     kernel = kernel_from_env() or debian_cloud_kernel(cache_dir())
     accel = choose_accel(kernel)
-    root = debian.debian_root(kernel)
     work = Path(tempfile.mkdtemp(prefix="bench-integrations.", dir=cache_dir()))
     try:
+        progress("building the Debian image")
+        command = build_command_payload(work / "overlayroot-command")
+        root = debian.debian_image(kernel, work / "debian" / "root", command)
         configs = setups(kernel, root, work)
         times: dict[str, list[float]] = {s.name: [] for s in configs}
         for run in range(args.runs):

@@ -2,20 +2,22 @@
 cached) to boot as a deployment, and initramfs images made by Debian's own dracut and
 initramfs-tools for the harness kernel, with or without our hooks.
 
-The root is what a user's image pipeline would make: mmdebstrap, the kernel's modules (the
-harness kernel's, as a kernel package would install them), then the one step
-docs/integrations.md asks of an image for a read-only root (a tmpfs on /tmp), plus one test unit:
-after ``multi-user.target`` it prints what the booted system sees as ``OVERLAYROOT-TEST
-key=value`` lines on the console and powers off. Nothing else adapts the image, so a boot that
-needs more than the documentation says fails here too.
+The root is what a user's image pipeline would make, in two steps. ``debian_base``: mmdebstrap,
+built once per recipe (suite, packages, dpkg options) under ``<cache>/debian/<recipe hash>/root``
+and read-only to its users. ``debian_image``: a copy of it with what changes more often — the
+kernel's modules (the harness kernel's, as a kernel package would install them, but only the
+ones the booted system loads: ROOT_MODULES), the one step docs/integrations.md asks of an image
+for a read-only root (a tmpfs on /tmp), the ``overlayroot`` command (frozen: interpreter,
+libraries and zip, as ``qemu.rootfs.add_command`` puts it in a root without Python) with
+``overlayroot-bless.service`` from hooks/systemd installed and enabled as its [Install] says, and
+one test unit: after ``multi-user.target`` and the bless it prints what the booted system sees as
+``OVERLAYROOT-TEST key=value`` lines on the console and powers off. Nothing else adapts the
+image, so a boot that needs more than the documentation says fails here too.
 
 The initramfs generators run on this host (dracut-core and initramfs-tools-core install side by
 side) against the harness kernel's modules directory, with our hooks given to them the way a user
 installs them but without touching the host: dracut gets a copy of its module directory with
 ours added (``dracutbasedir``), mkinitramfs a configuration directory (``-d``).
-
-The tree is built once per recipe (suite, packages, dpkg options, test unit, kernel) under
-``<cache>/debian/<recipe hash>/root`` and must be treated as read-only by its users.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 from qemu.kernel import Kernel
@@ -47,6 +50,13 @@ DPKG_OPTIONS = (
 )
 HOSTNAME = "overlayroot-debian"
 REPORT_UNIT_NAME = "overlayroot-test-report.service"
+BLESS_UNIT = REPO_ROOT / "hooks" / "systemd" / "overlayroot-bless.service"
+# The modules the booted Debian loads itself (the initramfs has loaded the disk, loop, overlay
+# and erofs drivers by then): systemd mounts binfmt_misc through an automount, which needs
+# autofs4. The root carries these and their dependencies, not the kernel's 90 MB of modules:
+# every MB of the image is hashed on a deployment's first boot, and that is slow under TCG.
+# udev asks for drivers of the virtual hardware too; without them nothing fails.
+ROOT_MODULES = ("autofs4",)
 
 # Runs once multi-user.target is reached. Markers go straight to the console so they do not
 # depend on journald forwarding. The kernel command line drives it, like qemu/rootfs.py:
@@ -102,6 +112,17 @@ mark hostname "$(cat /etc/hostname)"
 if [ -f /run/overlayroot/booted.json ]; then
     mark booted_json "$(tr -d '\n' < /run/overlayroot/booted.json)"
 fi
+# The bless: this unit runs after it (After=), which runs after boot-complete.target.
+mark boot_complete "$(systemctl is-active boot-complete.target)"
+mark boot_complete_us "$(systemctl show -P ActiveEnterTimestampMonotonic boot-complete.target)"
+mark bless_active "$(systemctl is-active overlayroot-bless.service)"
+mark bless_result "$(systemctl show -P Result overlayroot-bless.service)"
+mark bless_start_us \
+    "$(systemctl show -P ExecMainStartTimestampMonotonic overlayroot-bless.service)"
+if command -v overlayroot > /dev/null; then
+    mark status "$(overlayroot status --json | tr -d '\n')"
+fi
+mark modules "$(while read -r name _; do printf '%s ' "$name"; done < /proc/modules)"
 
 for word in $(cat /proc/cmdline); do
     case $word in
@@ -128,7 +149,7 @@ systemctl --no-block poweroff
 
 REPORT_UNIT = """[Unit]
 Description=Report the boot to the overlayroot tests, then power off
-After=multi-user.target
+After=multi-user.target overlayroot-bless.service
 
 [Service]
 Type=oneshot
@@ -143,36 +164,51 @@ class DebianUnavailable(RuntimeError):
     """mmdebstrap is missing or failed: the message says why and what to do."""
 
 
-def recipe(kernel: Kernel) -> dict[str, object]:
+def recipe() -> dict[str, object]:
+    """What the cached mmdebstrap tree depends on."""
     return {
         "suite": SUITE,
         "variant": VARIANT,
         "packages": sorted(PACKAGES),
         "dpkg_options": list(DPKG_OPTIONS),
-        "hostname": HOSTNAME,
-        "report_script": REPORT_SCRIPT,
-        "report_unit": REPORT_UNIT,
-        "tmp_mount": True,
-        "kernel": kernel.version,
     }
 
 
-def recipe_key(kernel: Kernel) -> str:
-    text = json.dumps(recipe(kernel), sort_keys=True)
+def recipe_key() -> str:
+    text = json.dumps(recipe(), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def debian_root(kernel: Kernel, cache: Path | None = None) -> Path:
-    """The Debian root tree with ``kernel``'s modules (a system loads its own modules, e.g.
-    autofs4), built with mmdebstrap on first use. Do not modify it."""
-    base = (cache or cache_dir()) / "debian" / recipe_key(kernel)
+def debian_base(cache: Path | None = None) -> Path:
+    """The mmdebstrap tree, built on first use and cached. Do not modify it: ``debian_image``
+    makes a copy to change."""
+    base = (cache or cache_dir()) / "debian" / recipe_key()
     root = base / "root"
     if not (base / ".complete").exists():
-        _build(base, kernel)
+        _build(base)
     return root
 
 
-def _build(base: Path, kernel: Kernel) -> None:
+def debian_image(kernel: Kernel, dest: Path, command: Path | None = None,
+                 cache: Path | None = None) -> Path:
+    """The Debian root at ``dest`` (which must not exist): a copy of ``debian_base`` with
+    ``kernel``'s ROOT_MODULES, a tmpfs on /tmp, the hostname, the test report unit and, given
+    ``command`` (a payload of ``qemu.rootfs.build_command_payload``), the ``overlayroot``
+    command with ``overlayroot-bless.service`` enabled."""
+    base = debian_base(cache)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    # cp -a, not shutil.copytree: owners, groups, hard links and xattrs stay as dpkg made them.
+    subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(dest)], check=True)
+    _add_modules(dest, kernel)
+    _enable_tmp_mount(dest)
+    if command is not None:
+        _add_command(dest, command)
+        _install_unit(dest, BLESS_UNIT)
+    _add_test_unit(dest)
+    return dest
+
+
+def _build(base: Path) -> None:
     """mmdebstrap into a staging directory, then rename: a crash leaves no half-built root."""
     if shutil.which("mmdebstrap") is None:
         raise DebianUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
@@ -196,13 +232,7 @@ def _build(base: Path, kernel: Kernel) -> None:
                 f"mmdebstrap failed (exit {result.returncode}); it needs the network and root:"
                 f"\n{tail}"
             )
-        root = staging / "root"
-        shutil.copytree(kernel.modules, root / "usr" / "lib" / "modules" / kernel.version,
-                        symlinks=True)
-        _enable_tmp_mount(root)
-        _add_test_unit(root)
-        (staging / "recipe.json").write_text(
-            json.dumps(recipe(kernel), indent=2, sort_keys=True))
+        (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
         (staging / ".complete").touch()
         if base.exists():
             shutil.rmtree(base)
@@ -216,6 +246,30 @@ def _build(base: Path, kernel: Kernel) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
+def _add_modules(root: Path, kernel: Kernel) -> None:
+    """ROOT_MODULES and their dependencies from ``kernel``, with the kernel's lists of built-in
+    modules, indexed by depmod for the root."""
+    target = root / "usr" / "lib" / "modules" / kernel.version
+    target.mkdir(parents=True)
+    for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
+        if (kernel.modules / name).exists():
+            shutil.copy2(kernel.modules / name, target / name)
+    result = subprocess.run(
+        ["modprobe", "--dirname", str(kernel.modules.parents[2]), "--set-version",
+         kernel.version, "--show-depends", *ROOT_MODULES],
+        capture_output=True, text=True, check=True,
+    )
+    for line in result.stdout.splitlines():
+        words = line.split()
+        if words[:1] != ["insmod"]:
+            continue  # "builtin NAME": nothing to copy
+        module = Path(words[1])
+        dest = target / module.relative_to(kernel.modules)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(module, dest)
+    subprocess.run(["depmod", "--basedir", str(root), kernel.version], check=True)
+
+
 def _enable_tmp_mount(root: Path) -> None:
     """What docs/integrations.md tells users: Debian leaves /tmp on the root, read-only here."""
     unit = root / "etc" / "systemd" / "system" / "tmp.mount"
@@ -223,6 +277,44 @@ def _enable_tmp_mount(root: Path) -> None:
     wants = root / "etc" / "systemd" / "system" / "local-fs.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     (wants / "tmp.mount").symlink_to("/etc/systemd/system/tmp.mount")
+
+
+def _add_command(root: Path, payload: Path) -> None:
+    """The frozen command, through ``add_command``, but without replacing what the image has:
+    its libraries (libc, libcrypto, ...) are Debian's own, as new or newer than the builder's."""
+    from qemu.rootfs import add_command
+
+    with tempfile.TemporaryDirectory(prefix="command.", dir=root.parent) as work:
+        thinned = Path(work) / "payload"
+        shutil.copytree(payload, thinned, symlinks=True, ignore=_present_in(payload, root))
+        add_command(root, thinned)
+
+
+def _present_in(payload: Path, root: Path) -> Callable[[str, list[str]], set[str]]:
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        relative = Path(directory).relative_to(payload)
+        return {n for n in names
+                if not (Path(directory) / n).is_dir() and os.path.lexists(root / relative / n)}
+    return ignore
+
+
+def _install_unit(root: Path, unit: Path) -> None:
+    """What ``systemctl enable`` does for a unit copied into /etc/systemd/system: a link in the
+    .wants or .requires directory of each target its [Install] section names."""
+    system = root / "etc" / "systemd" / "system"
+    shutil.copy2(unit, system / unit.name)
+    section = ""
+    for line in unit.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("["):
+            section = line
+        elif section == "[Install]" and "=" in line:
+            key, _, value = line.partition("=")
+            suffix = {"WantedBy": ".wants", "RequiredBy": ".requires"}.get(key.strip())
+            for target in value.split() if suffix else ():
+                links = system / f"{target}{suffix}"
+                links.mkdir(exist_ok=True)
+                (links / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
 
 
 def _add_test_unit(root: Path) -> None:

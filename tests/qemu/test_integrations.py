@@ -2,9 +2,11 @@
 reaches multi-user.target through our standalone initramfs, dracut with our module (systemd
 initrd and shell init) and initramfs-tools with our hooks — all built by the real tools.
 
-Each test boots twice on one disk: the first boot writes a token into /etc, /var, /home and /,
-the second reads them back. Both report, from a unit that runs after multi-user.target
-(qemu.debian.REPORT_SCRIPT), what the booted system sees.
+Each test boots twice on one disk: the first boot is the new deployment's trial, writes a token
+into /etc, /var, /home and /, and is blessed by overlayroot-bless.service after
+boot-complete.target; the second is an ordinary boot of a known-good deployment and reads the
+tokens back. Both report, from a unit that runs after multi-user.target and the bless
+(qemu.debian.REPORT_SCRIPT), what the booted system sees, `overlayroot status --json` included.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +25,7 @@ from qemu.disks import make_state_disk
 from qemu.kernel import Kernel
 from qemu.machine import Machine
 from qemu.plugin import MachineFactory
+from qemu.rootfs import build_command_payload
 
 FS_LABEL = "or-state"
 FS_UUID = "5e1f0a4c-7a2b-4c3d-9e8f-0123456789ab"
@@ -49,9 +53,11 @@ SHUTDOWN_TIMEOUT = 180
 
 
 @pytest.fixture(scope="session")
-def debian_root(kernel: Kernel) -> Path:
+def debian_root(kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The Debian image, with this checkout's `overlayroot` command and bless unit."""
+    command = build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
     try:
-        return debian.debian_root(kernel)
+        return debian.debian_image(kernel, tmp_path_factory.mktemp("debian") / "root", command)
     except debian.DebianUnavailable as e:
         pytest.skip(str(e))
 
@@ -87,16 +93,33 @@ def check_read_only_system(markers: dict[str, str]) -> None:
     assert json.loads(markers["booted_json"])["deployment"] == DEPLOYMENT
 
 
+def check_blessed(markers: dict[str, str]) -> None:
+    """overlayroot-bless.service ran after boot-complete.target, succeeded, and the booted
+    deployment is known good (the report unit runs after the bless)."""
+    assert markers["boot_complete"] == "active"
+    assert (markers["bless_active"], markers["bless_result"]) == ("active", "success")
+    assert 0 < int(markers["boot_complete_us"]) <= int(markers["bless_start_us"])
+    status: dict[str, Any] = json.loads(markers["status"])
+    booted = [r for r in status["deployments"] if r["booted"]]
+    assert [(r["id"], r["successful"], r["bad"]) for r in booted] == [(DEPLOYMENT, True, None)]
+
+
 def check_boots_twice(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str) -> None:
     """The assertions of issue 4 for one initramfs: read-only root, writable /etc, persistent
-    /etc /var /home across a reboot, no failed unit."""
+    /etc /var /home across a reboot, no failed unit, the trial blessed after
+    boot-complete.target and the next boot no trial."""
     first = boot_debian(machine, initrd, disk, f"{cmdline} test.write=token-1", "write")
     check_read_only_system(first)
+    assert json.loads(first["booted_json"])["trial"] is True
+    check_blessed(first)
     assert (first["write_etc"], first["write_var"], first["write_home"]) == ("ok", "ok", "ok")
     assert first["write_root"] == "Read-only file system"
 
     second = boot_debian(machine, initrd, disk, f"{cmdline} test.read=1", "read")
     check_read_only_system(second)
+    # Blessed on the first boot: no trial any more, and still known good.
+    assert json.loads(second["booted_json"])["trial"] is False
+    check_blessed(second)
     assert (second["etc_token"], second["var_token"], second["home_token"]) == (
         "token-1", "token-1", "token-1")
     # systemd wrote the machine id into the persistent /etc on the first boot.
