@@ -80,7 +80,11 @@ def boot_debian(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str,
         m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=FAILURES)
         # A clean shutdown through systemd: the state filesystem must let go too.
         assert m.wait_exit(SHUTDOWN_TIMEOUT) == 0
-        return m.markers()
+        markers = m.markers()
+    # For `pytest -rP`: where the time goes, and what the image had to load itself.
+    print(f"{name}: multi-user.target at {int(markers['multi_user_us']) / 1e6:.1f} s,"
+          f" report at {markers['uptime']} s; modules: {markers['modules']}")
+    return markers
 
 
 def check_read_only_system(markers: dict[str, str]) -> None:
