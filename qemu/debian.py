@@ -119,7 +119,7 @@ mark bless_active "$(systemctl is-active overlayroot-bless.service)"
 mark bless_result "$(systemctl show -P Result overlayroot-bless.service)"
 mark bless_start_us \
     "$(systemctl show -P ExecMainStartTimestampMonotonic overlayroot-bless.service)"
-if command -v overlayroot > /dev/null; then
+if command -v overlayroot > /dev/null && [ -f /run/overlayroot/booted.json ]; then
     mark status "$(overlayroot status --json | tr -d '\n')"
 fi
 mark modules "$(while read -r name _; do printf '%s ' "$name"; done < /proc/modules)"
