@@ -24,6 +24,10 @@ from overlayroot.errors import BootError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import Protocol
+
+    class _Digest(Protocol):
+        def update(self, data: bytes, /) -> None: ...
 
 TOP = "overlayroot"
 MANIFEST = "manifest.json"
@@ -193,14 +197,21 @@ def image_sha256(path: Path, progress: Callable[[int], None] | None = None) -> s
     if path.is_dir() and not path.is_symlink():
         return tree_sha256(path, progress)
     digest = hashlib.sha256()
-    done = 0
+    _read_into(path, digest, 0, progress)
+    return digest.hexdigest()
+
+
+def _read_into(path: Path | bytes, digest: _Digest, done: int,
+               progress: Callable[[int], None] | None) -> int:
+    """Feed the file at ``path`` to ``digest`` in 1 MiB chunks, telling ``progress`` the bytes
+    read so far (``done`` before this file); returns the new count."""
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             digest.update(chunk)
             done += len(chunk)
             if progress:
                 progress(done)
-    return digest.hexdigest()
+    return done
 
 
 def tree_sha256(root: Path, progress: Callable[[int], None] | None = None) -> str:
@@ -226,12 +237,7 @@ def tree_sha256(root: Path, progress: Callable[[int], None] | None = None) -> st
             field(os.fsencode(attr) + b"=" + os.getxattr(path, attr, follow_symlinks=False))
         if stat.S_ISREG(st.st_mode):
             content = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    content.update(chunk)
-                    done += len(chunk)
-                    if progress:
-                        progress(done)
+            done = _read_into(path, content, done, progress)
             field(content.digest())
         elif stat.S_ISLNK(st.st_mode):
             field(os.readlink(path))
