@@ -76,6 +76,8 @@ TOOLS = {
 # Namespace of the erofs filesystem UUIDs derived from deployment ids.
 UUID_NAMESPACE = uuid.UUID("3f0d6c52-5b0e-4a8c-9d7e-2f1c8a4b6e10")
 DIR_MODE = 0o755
+# An image holds the root's secrets (/etc/shadow, host keys): root alone may read it.
+IMAGE_MODE = 0o600
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         created=created,
         progress=Progress.for_stream(sys.stderr),
         etc_from=etc_from,
+        known_good=args.known_good,
     )
     if args.json:
         print(json.dumps({**manifest.to_dict(), "path": str(final)}, indent=2, sort_keys=True))
@@ -107,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
             f" sha256 {manifest.sha256[:16]}…) at {final}"
         )
         carried = f"; /etc carried forward from {where.booted_id}" if etc_from else ""
-        print(f"{manifest.id} is the default now, on trial: it boots next{carried}; once it"
-              " works, `overlayroot bless` keeps it")
+        if args.known_good:
+            print(f"{manifest.id} is the default now, known good: it boots next{carried}")
+        else:
+            print(f"{manifest.id} is the default now, on trial: it boots next{carried}; once it"
+                  " works, `overlayroot bless` keeps it")
     return 0
 
 
@@ -251,12 +257,14 @@ def deploy(
     created: int | None = None,
     progress: Progress | None = None,
     etc_from: Path | None = None,
+    known_good: bool = False,
 ) -> tuple[layout.Manifest, Path]:
     """Stage ``source`` as a deployment on the state filesystem at ``sysroot`` and make it the
     default, on trial.
 
     ``created`` (UNIX seconds) makes the result reproducible; None means now, mtimes kept.
-    ``etc_from`` is an ``/etc`` upper to start the new deployment's from.
+    ``etc_from`` is an ``/etc`` upper to start the new deployment's from. ``known_good``
+    registers it as blessed rather than on trial.
     Returns the manifest and the deployment's directory.
     """
     progress = progress or Progress(None)
@@ -305,7 +313,7 @@ def deploy(
                 make_etc(state, deployment_id)
             else:
                 carry_etc(state, deployment_id, etc_from, etc_staging, progress)
-            registered = register(state, deployment_id, progress)
+            registered = register(state, deployment_id, progress, known_good)
             with converting_os_errors(f"moving {staging} to {final}"):
                 os.rename(staging, final)
                 files.fsync_dir(state.deployments)
@@ -354,14 +362,16 @@ def carry_etc(
 
 
 def register(
-    state: layout.StateLayout, deployment_id: str, progress: Progress
+    state: layout.StateLayout, deployment_id: str, progress: Progress, known_good: bool = False
 ) -> bootstate.BootState:
-    """Make ``deployment_id`` the default, on trial; returns the state written."""
+    """Make ``deployment_id`` the default, on trial (or known good); returns the state
+    written."""
     current, notes = statefile.load(state)
     for note in notes:
         progress.note(f"warning: {note}")
     with converting_os_errors(f"registering {deployment_id} in {state.top / statefile.STATE}"):
-        return statefile.save(state, bootstate.add(current, deployment_id))
+        return statefile.save(state, bootstate.add(current, deployment_id,
+                                                   known_good=known_good))
 
 
 def inspect_source(source: Path, fmt: str | None) -> tuple[str, str]:
@@ -499,6 +509,7 @@ def build_image(
             f"{tool} failed to build {image} from {source} (exit {result.returncode}):"
             f" {last_lines(output)}; {hint}"
         )
+    os.chmod(image, IMAGE_MODE)
 
 
 def copy_file(source: Path, target: Path, progress: Progress) -> None:
@@ -513,7 +524,7 @@ def copy_file(source: Path, target: Path, progress: Progress) -> None:
             dst.write(chunk)
             done += len(chunk)
             report(done)
-    os.chmod(target, 0o644)
+    os.chmod(target, IMAGE_MODE)
 
 
 def copy_tree(source: Path, target: Path, *, mtime: int | None, progress: Progress) -> None:

@@ -238,10 +238,8 @@ def last_resort(boot: Boot) -> list[str]:
             break
     order = bootstate.last_resort(boot.state, last_started, tried)
     if order:
-        boot.degraded = (
-            "nothing was bootable (every deployment failed or used up its tries without a"
-            " bless); booted as a last resort, not counted, no watchdog"
-        )
+        boot.degraded = ("nothing was bootable: every deployment failed or used up its tries"
+                         " without a bless")
         boot.console.error(f"no bootable deployment on {boot.where}:\n"
                            f"{describe_state(boot.state)}\nDEGRADED boot as a last resort: the"
                            f" deployment that last reached its init first ({', '.join(order)});"
@@ -279,7 +277,8 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
                 fallback_from=[f["deployment"] for f in boot.failed] or None, watchdog=armed,
                 degraded=boot.degraded)
     if boot.degraded:
-        boot.console.say(f"DEGRADED boot of {deployment_id}: {boot.degraded}")
+        boot.console.say(f"DEGRADED boot of {deployment_id}, a last resort, not counted and"
+                         f" without a watchdog: {boot.degraded}")
     elif trial:
         boot.console.say(f"trial boot of {deployment_id}: {entry.tries_left} tries left after"
                          " this one" + (f"; watchdog {armed} s" if armed else ""))
