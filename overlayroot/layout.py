@@ -99,7 +99,7 @@ class Manifest:
                 size=int(data["size"]),
                 origin=str(data.get("origin", "")),
             )
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, OverflowError, RecursionError) as e:
             raise BootError(f"{where}: not a valid deployment manifest ({e})") from None
         if FORMATS.get(manifest.format) != manifest.image:
             raise BootError(

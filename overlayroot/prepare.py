@@ -37,7 +37,7 @@ import json
 import os
 import sys
 
-from overlayroot import bootstate, statefile, syscalls, watchdog
+from overlayroot import bootstate, files, statefile, syscalls, watchdog
 from overlayroot.assemble import Booted, assemble
 from overlayroot.bootstate import BootState
 from overlayroot.cmdline import Options, parse_options
@@ -221,8 +221,10 @@ def verify(layout: StateLayout, manifest: Manifest) -> None:
 
 
 def sha256_file(path: str) -> str:
+    """The digest of the regular file at ``path`` (never through a symlink: one to
+    /dev/zero would be read forever). Raises ``OSError``."""
     digest = sha256()
-    with open(path, "rb") as f:
+    with files.open_regular(path) as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return str(digest.hexdigest())
