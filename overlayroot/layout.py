@@ -145,7 +145,8 @@ class StateLayout:
         return self.deployment_dir(manifest.id) / manifest.image
 
     def exists(self) -> bool:
-        return self.deployments.is_dir()
+        """Whether the state is here: real directories, not symlinks that lead elsewhere."""
+        return all(p.is_dir() and not p.is_symlink() for p in (self.top, self.deployments))
 
     def deployment_ids(self) -> list[str]:
         """Staged deployments, sorted; half-staged directories (``.``-prefixed) are not ones."""

@@ -22,7 +22,7 @@ import sys
 import time
 from collections.abc import Iterator
 
-from overlayroot import statefile
+from overlayroot import files, statefile
 from overlayroot.bootstate import BootState
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
@@ -154,7 +154,12 @@ def locked(layout: StateLayout, wait: float | None = None) -> Iterator[None]:
     holder while held, and nothing once released."""
     path = layout.top / LOCK
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if not files.regular_or_missing(path):
+            moved = files.set_aside(path)  # a lock is a plain file, nothing else
+            print(f"overlayroot: warning: {path} was not a regular file: set it aside as {moved}",
+                  file=sys.stderr)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o600)
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
             os.fchmod(fd, 0o600)  # a lock file made before this rule
     except OSError as e:
