@@ -49,7 +49,7 @@ PATHS = (
 )
 
 
-def _replace(path: Path, make: Callable[[Path], None]) -> None:
+def _replace(path: Path, make: Callable[[Path], object]) -> None:
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif os.path.lexists(path):
