@@ -1,4 +1,4 @@
-"""The on-disk model of the state filesystem (DESIGN.md §3).
+"""The on-disk model of the state filesystem (docs/design.md §3).
 
 ```
 overlayroot/deployments/<id>/{root.erofs|root.squashfs|root/}, manifest.json
