@@ -315,6 +315,7 @@ def deploy(
                 carry_etc(state, deployment_id, etc_from, etc_staging, progress)
             registered = register(state, deployment_id, progress, known_good)
             with converting_os_errors(f"moving {staging} to {final}"):
+                os.chmod(staging, DIR_MODE)  # the image is 0600 now; the manifest is for all
                 os.rename(staging, final)
                 files.fsync_dir(state.deployments)
         except BaseException:
@@ -418,6 +419,9 @@ def stage(
 ) -> layout.Manifest:
     with converting_os_errors(f"creating {staging}"):
         make_dir(staging)
+        # Root's alone while the image is written: mkfs creates it readable by all, and a
+        # descriptor opened then would read the image's secrets for good.
+        os.chmod(staging, 0o700)
     image = staging / layout.FORMATS[fmt]
     tree = source
     if kind == "tar":

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from overlayroot import assemble, files, prepare, statefile, target, treecopy
+from overlayroot import layout as layout_module
 from overlayroot.deploy import deploy
 from tests.host.conftest import mounts_under
 from tests.host.test_assemble import env
@@ -542,3 +543,18 @@ def test_a_fifo_in_a_state_file_s_place_neither_blocks_nor_stops_the_boot(
     assert os.path.lexists(f"{path}.damaged-1")
     assert files.regular_or_missing(path)
     assert mounts_under(system.env.sysroot) == [str(system.env.sysroot)]
+
+
+def test_an_image_being_deployed_is_never_open_to_others(
+        system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[int] = []
+    real = layout_module.image_sha256
+
+    def hashing(path: Path, progress: Callable[[int], None] | None = None) -> str:
+        seen.append(path.parent.stat().st_mode & 0o777)
+        return real(path, progress)
+
+    monkeypatch.setattr(layout_module, "image_sha256", hashing)
+    system.env.deploy("v1")
+    assert seen == [0o700]  # the staging directory, while mkfs wrote the image in it
+    assert (system.state.deployments / "v1").stat().st_mode & 0o777 == 0o755
