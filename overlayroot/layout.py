@@ -178,16 +178,9 @@ class StateLayout:
         return [self.read_manifest(i) for i in self.deployment_ids()]
 
 
-def newest(manifests: list[Manifest]) -> Manifest | None:
-    """The default deployment before boot counting exists: the newest, ties broken by id."""
-    if not manifests:
-        return None
-    return max(manifests, key=lambda m: (m.created, m.id))
-
-
 def created_stamp(epoch: int) -> str:
     """``Manifest.created`` for a UNIX time: RFC 3339 UTC to the second, so that strings sort
-    in time order (``newest`` compares them as strings)."""
+    in time order (``gc`` and a rebuilt boot state compare them as strings)."""
     import time
 
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
