@@ -17,7 +17,6 @@ from initrd.freeze import DEFAULT_ENTRIES
 from qemu.kernel import debian_cloud_kernel, kernel_from_env
 
 pytestmark = [
-    pytest.mark.host,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chroot and device nodes"),
     pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no /usr/bin/python3"),
 ]
