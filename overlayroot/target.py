@@ -30,6 +30,7 @@ from overlayroot.layout import StateLayout
 BOOTED = "/run/overlayroot/booted.json"
 LOCK = ".lock"
 LOCK_WAIT = 10.0  # seconds to wait for another command before giving up
+BOOTED_LIMIT = 1 << 20
 
 
 class Target:
@@ -110,13 +111,15 @@ def advice(code: int | None) -> str:
 
 def read_booted(path: str = BOOTED) -> dict[str, object] | None:
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = json.loads(files.read_regular(path, BOOTED_LIMIT))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError) as e:
-        raise BootError(f"cannot read {path}, which says what was booted: {e}") from None
-    if not isinstance(data, dict) or "deployment" not in data or "state" not in data:
+    except (OSError, ValueError, RecursionError) as e:
+        why = e.strerror if isinstance(e, OSError) else (
+            "nested too deeply" if isinstance(e, RecursionError) else str(e))
+        raise BootError(f"cannot read {path}, which says what was booted: {why}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("deployment"), str) or not (
+            isinstance(data.get("state"), str)):
         raise BootError(f"{path} does not say which deployment was booted from where")
     return data
 
