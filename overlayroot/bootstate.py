@@ -26,6 +26,8 @@ from __future__ import annotations
 import binascii
 import json
 
+from overlayroot import safejson
+
 FORMAT = 1
 
 
@@ -124,7 +126,7 @@ class BootState:
     @classmethod
     def from_json(cls, text: str) -> BootState:
         try:
-            data = json.loads(text)
+            data = safejson.loads(text)
         except ValueError as e:
             raise StateError(f"not JSON ({e})") from None
         if not isinstance(data, dict):

@@ -13,6 +13,7 @@ import json
 import os
 import time
 
+from overlayroot import safejson
 from overlayroot.bootstate import BootState, StateError, rebuild, sync
 from overlayroot.layout import StateLayout
 
@@ -142,7 +143,8 @@ def _trim_history(path: str) -> None:
 
 
 def read_history(layout: StateLayout) -> list[dict[str, object]]:
-    """Every readable line; a torn last line (power cut mid-append) is skipped."""
+    """Every readable line; a torn last line (power cut mid-append) is skipped, and so is a
+    line that is not an event (a JSON object with an ``event`` string) overlayroot wrote."""
     try:
         with open(layout.top / HISTORY, "rb") as f:
             raw = f.read()
@@ -151,10 +153,10 @@ def read_history(layout: StateLayout) -> list[dict[str, object]]:
     events = []
     for line in raw.splitlines():
         try:
-            event = json.loads(line)
+            event = safejson.loads(line)
         except ValueError:
             continue
-        if isinstance(event, dict):
+        if isinstance(event, dict) and isinstance(event.get("event"), str):
             events.append(event)
     return events
 
