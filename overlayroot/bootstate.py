@@ -26,7 +26,7 @@ from __future__ import annotations
 import binascii
 import json
 
-from overlayroot import safejson
+from overlayroot.safejson import parse_json
 
 FORMAT = 1
 
@@ -126,7 +126,7 @@ class BootState:
     @classmethod
     def from_json(cls, text: str) -> BootState:
         try:
-            data = safejson.loads(text)
+            data = parse_json(text)
         except ValueError as e:
             raise StateError(f"not JSON ({e})") from None
         if not isinstance(data, dict):

@@ -3,7 +3,8 @@
 ``json.loads`` recurses once per level of nesting: 100,000 ``[`` raise ``RecursionError``, and a
 structure just under the interpreter's limit parses but makes every later ``repr``, ``str`` or
 ``json.dumps`` of it raise it. Nothing overlayroot writes nests more than three levels, so deeper
-is refused. So are ``NaN`` and the infinities, which Python's JSON reads but JSON does not have.
+is refused. So are ``NaN`` and the infinities, which Python's JSON reads but JSON does not have,
+and strings with a lone surrogate (``"\\ud800"``), which no UTF-8 output can print.
 """
 
 from __future__ import annotations
@@ -24,7 +25,15 @@ def _finite(text: str) -> float:
     return number
 
 
-def loads(text: str | bytes) -> object:
+def _check_text(text: str) -> None:
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError as e:
+            raise ValueError(f"a string holds the lone surrogate {text[e.start]!r}") from None
+
+
+def parse_json(text: str | bytes) -> object:
     """Like ``json.loads``; raises ``ValueError`` (``json.JSONDecodeError``,
     ``UnicodeDecodeError``) for anything that is not JSON nested at most ``MAX_DEPTH`` deep."""
     too_deep = f"nested more than {MAX_DEPTH} levels"
@@ -35,8 +44,11 @@ def loads(text: str | bytes) -> object:
     stack: list[tuple[object, int]] = [(data, 0)]
     while stack:
         value, depth = stack.pop()
+        if isinstance(value, str):
+            _check_text(value)
+            continue
         if isinstance(value, dict):
-            children: list[object] = list(value.values())
+            children: list[object] = [*value.keys(), *value.values()]
         elif isinstance(value, list):
             children = value
         else:

@@ -13,9 +13,9 @@ import json
 import os
 import time
 
-from overlayroot import safejson
 from overlayroot.bootstate import BootState, StateError, rebuild, sync
 from overlayroot.layout import StateLayout
+from overlayroot.safejson import parse_json
 
 STATE = "boot.json"
 PREVIOUS = "boot.json.prev"
@@ -143,8 +143,7 @@ def _trim_history(path: str) -> None:
 
 
 def read_history(layout: StateLayout) -> list[dict[str, object]]:
-    """Every readable line; a torn last line (power cut mid-append) is skipped, and so is a
-    line that is not an event (a JSON object with an ``event`` string) overlayroot wrote."""
+    """Every readable line; a torn last line (power cut mid-append) is skipped."""
     try:
         with open(layout.top / HISTORY, "rb") as f:
             raw = f.read()
@@ -153,9 +152,10 @@ def read_history(layout: StateLayout) -> list[dict[str, object]]:
     events = []
     for line in raw.splitlines():
         try:
-            event = safejson.loads(line)
+            event = parse_json(line)
         except ValueError:
             continue
+        # Only what overlayroot writes: an object with an "event" string.
         if isinstance(event, dict) and isinstance(event.get("event"), str):
             events.append(event)
     return events
