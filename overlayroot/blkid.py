@@ -28,6 +28,7 @@ GPT_HEADER = struct.Struct("<8s4sII4xQQQQ16sQIII")
 # struct gpt_entry (UEFI spec §5.3.3).
 GPT_ENTRY = struct.Struct("<16s16sQQQ72s")
 MAX_GPT_ENTRIES = 1024
+MAX_OFFSET = 2**63 - 1  # off_t: a table said to start beyond is no table (seek would overflow)
 
 
 class Probe:
@@ -112,6 +113,8 @@ def gpt_partitions(path: str, sector_size: int = 512) -> list[Partition]:
         if binascii.crc32(zeroed) != header_crc:
             return []
         if count > MAX_GPT_ENTRIES or not GPT_ENTRY.size <= entry_size <= 4096:
+            return []
+        if entries_lba * sector_size > MAX_OFFSET:
             return []
         f.seek(entries_lba * sector_size)
         table = f.read(count * entry_size)
