@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import io
 import struct
 
 # (fstype, superblock offset, magic offset in it, magic, uuid (offset, length) or None,
@@ -28,7 +29,6 @@ GPT_HEADER = struct.Struct("<8s4sII4xQQQQ16sQIII")
 # struct gpt_entry (UEFI spec §5.3.3).
 GPT_ENTRY = struct.Struct("<16s16sQQQ72s")
 MAX_GPT_ENTRIES = 1024
-MAX_OFFSET = 2**63 - 1  # off_t: a table said to start beyond is no table (seek would overflow)
 
 
 class Probe:
@@ -114,7 +114,8 @@ def gpt_partitions(path: str, sector_size: int = 512) -> list[Partition]:
             return []
         if count > MAX_GPT_ENTRIES or not GPT_ENTRY.size <= entry_size <= 4096:
             return []
-        if entries_lba * sector_size > MAX_OFFSET:
+        # A table said to lie past the end is no table (seeking there may fail or overflow).
+        if entries_lba * sector_size + count * entry_size > f.seek(0, io.SEEK_END):
             return []
         f.seek(entries_lba * sector_size)
         table = f.read(count * entry_size)
