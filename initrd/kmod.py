@@ -107,7 +107,9 @@ def _modinfo_section(elf_bytes: bytes, origin: Path) -> bytes:
     module); the lazy alias index reads all ~1,100 modules of a distro kernel, so the section
     header table is read here with ``struct`` instead (0.1 ms a module).
     """
-    if elf_bytes[:4] != b"\x7fELF" or elf_bytes[4] not in (1, 2) or elf_bytes[5] not in (1, 2):
+    # Slices, not indexes: a file of 4 or 5 bytes has no elf_bytes[5].
+    magic, elf_class, byte_order = elf_bytes[:4], elf_bytes[4:5], elf_bytes[5:6]
+    if magic != b"\x7fELF" or elf_class not in (b"\1", b"\2") or byte_order not in (b"\1", b"\2"):
         raise ModuleError(f"{origin}: not a kernel module (no ELF header)")
     wide = elf_bytes[4] == 2
     order = "<" if elf_bytes[5] == 1 else ">"
