@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
-from pathlib import Path
 
 import pytest
 from hypothesis import strategies as st
