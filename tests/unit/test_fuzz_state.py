@@ -221,3 +221,12 @@ def test_safe_json_reads_what_overlayroot_writes_and_refuses_the_rest() -> None:
     for text, problem in refused:
         with pytest.raises(ValueError, match=re.escape(problem)):
             safejson.parse_json(text)
+
+
+def test_a_booted_json_fallback_of_the_wrong_shape_is_left_out() -> None:
+    booted = {"deployment": "v1", "failed": [1, "v2", ["v3"], {"deployment": "v4"},
+                                             {"deployment": "v5", "reason": "no init"}]}
+    records = status.describe(BootState({"v1": Entry(successful=True)}), "v1", {})
+    assert status.booted_notes(booted, records, False) == [
+        "this boot fell back from v4: no reason recorded",
+        "this boot fell back from v5: no init"]
