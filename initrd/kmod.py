@@ -16,6 +16,7 @@ import lzma
 import shutil
 import struct
 import subprocess
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -66,15 +67,24 @@ def normalize(name: str) -> str:
 def decompress(path: Path) -> bytes:
     """The plain ELF contents of a ``.ko``, ``.ko.xz``, ``.ko.gz`` or ``.ko.zst`` file."""
     data = path.read_bytes()
-    if path.name.endswith(".xz"):
-        return lzma.decompress(data)
-    if path.name.endswith(".gz"):
-        return gzip.decompress(data)
+    try:
+        if path.name.endswith(".xz"):
+            return lzma.decompress(data)
+        if path.name.endswith(".gz"):
+            return gzip.decompress(data)
+    except (lzma.LZMAError, OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile: OSError
+        raise ModuleError(f"{path}: cannot decompress it ({e}); reinstall the kernel's"
+                          " modules") from None
     if path.name.endswith(".zst"):
         zstd = shutil.which("zstd")
         if zstd is None:
             raise ModuleError(f"{path}: is zstd-compressed; install the zstd command")
-        return subprocess.run([zstd, "-dcq"], input=data, capture_output=True, check=True).stdout
+        result = subprocess.run([zstd, "-dcq"], input=data, capture_output=True)
+        if result.returncode != 0:
+            raise ModuleError(f"{path}: cannot decompress it (zstd:"
+                              f" {result.stderr.decode(errors='replace').strip()}); reinstall"
+                              " the kernel's modules")
+        return result.stdout
     return data
 
 

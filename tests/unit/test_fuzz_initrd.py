@@ -3,8 +3,12 @@ or cut short, and random bytes), kernel modules' ELF headers, and ``SOURCE_DATE_
 
 from __future__ import annotations
 
+import gzip
 import io
+import lzma
 import re
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -12,7 +16,7 @@ from hypothesis import strategies as st
 
 from initrd import cli as initrd_cli
 from initrd.cpio import CpioError, Member, read_cpio, write_cpio
-from initrd.kmod import ModuleError, parse_modinfo
+from initrd.kmod import ModuleError, decompress, parse_modinfo
 from overlayroot.errors import BootError
 from tests import fuzzing
 from tests.unit.test_initrd_kmod import fake_ko
@@ -62,6 +66,27 @@ def feed_module(data: bytes) -> None:
     parse_modinfo(data, Path("m.ko"))
 
 
+COMPRESSED = st.tuples(
+    st.sampled_from([".ko.xz", ".ko.gz", ".ko.zst"]),
+    st.one_of(
+        st.binary(max_size=100),
+        st.builds(changed, st.sampled_from([lzma.compress(b"\x7fELF" * 8),
+                                            gzip.compress(b"\x7fELF" * 8, mtime=0)]),
+                  CHANGES, st.integers(0, 200)),
+    ),
+)
+
+
+def feed_compressed(module: tuple[str, bytes]) -> None:
+    suffix, data = module
+    if suffix == ".ko.zst" and shutil.which("zstd") is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"m{suffix}"
+        path.write_bytes(data)
+        decompress(path)
+
+
 EPOCHS = st.one_of(st.text(max_size=24), st.integers(-(10**25), 10**25).map(str),
                    st.sampled_from(["٣", "1_0", " 1", "+1", "4294967296", "99999999999999999999"]))
 
@@ -79,6 +104,7 @@ def feed_epoch(value: str) -> None:
 READERS = {
     "initrd.cpio.read_cpio": fuzzing.Reader(CPIO_BYTES, feed_cpio, (CpioError,)),
     "initrd.kmod.parse_modinfo": fuzzing.Reader(MODULES, feed_module, (ModuleError,)),
+    "initrd.kmod.decompress": fuzzing.Reader(COMPRESSED, feed_compressed, (ModuleError,)),
     "initrd.cli SOURCE_DATE_EPOCH": fuzzing.Reader(EPOCHS.filter(lambda v: "\0" not in v),
                                                    feed_epoch, (BootError,)),
 }
@@ -124,3 +150,17 @@ def test_the_last_second_a_cpio_archive_holds_is_taken(monkeypatch: pytest.Monke
     out = io.BytesIO()
     write_cpio(out, [Member.file("a", b"")], mtime=initrd_cli._source_date_epoch())
     assert out.getvalue()[46:54] == b"ffffffff"  # the first header's mtime field
+
+
+@pytest.mark.parametrize(("suffix", "problem"), [(".ko.xz", "Input format not supported"),
+                                                 (".ko.gz", "Not a gzipped file"),
+                                                 (".ko.zst", "zstd: ")])
+def test_a_module_that_does_not_decompress_is_a_module_error(
+    tmp_path: Path, suffix: str, problem: str
+) -> None:
+    if suffix == ".ko.zst" and shutil.which("zstd") is None:
+        pytest.skip("needs zstd")
+    path = tmp_path / f"m{suffix}"
+    path.write_bytes(b"not compressed")
+    with pytest.raises(ModuleError, match=rf"^{path}: cannot decompress it \(.*{problem}"):
+        decompress(path)
