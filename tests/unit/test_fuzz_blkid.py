@@ -9,6 +9,7 @@ import struct
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import strategies as st
@@ -79,9 +80,9 @@ def gpt_disk(changes: dict[str, int], names: list[bytes], fix_table_crc: bool,
     for i, name in enumerate(names[:count]):
         GPT_ENTRY.pack_into(table, i * entry_size, LINUX.bytes_le, uuid.UUID(int=i + 1).bytes_le,
                             2048, 4095, 0, name)
-    fields = dict(zip(HEADER_FIELDS, (b"EFI PART", b"\0\0\1\0", 92, 0, 1, 9999, 34, 9966,
-                                      bytes(16), 2, count, entry_size, binascii.crc32(table)),
-                      strict=True))
+    values = (b"EFI PART", b"\0\0\1\0", 92, 0, 1, 9999, 34, 9966, bytes(16), 2, count,
+              entry_size, binascii.crc32(table))
+    fields: dict[str, Any] = dict(zip(HEADER_FIELDS, values, strict=True))
     fields.update(changes)
     if fix_table_crc and fields["count"] * fields["entry_size"] <= 1 << 20:
         table_length = fields["count"] * fields["entry_size"]

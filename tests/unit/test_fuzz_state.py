@@ -224,7 +224,8 @@ def test_safe_json_reads_what_overlayroot_writes_and_refuses_the_rest() -> None:
 
 
 def test_a_booted_json_fallback_of_the_wrong_shape_is_left_out() -> None:
-    booted = {"deployment": "v1", "failed": [1, "v2", ["v3"], {"deployment": "v4"},
+    booted: dict[str, object] = {"deployment": "v1", "failed": [1, "v2", ["v3"],
+                                                             {"deployment": "v4"},
                                              {"deployment": "v5", "reason": "no init"}]}
     records = status.describe(BootState({"v1": Entry(successful=True)}), "v1", {})
     assert status.booted_notes(booted, records, False) == [
