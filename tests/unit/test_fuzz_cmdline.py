@@ -6,6 +6,8 @@ import pytest
 from hypothesis import strategies as st
 
 from overlayroot.cmdline import KNOWN_KEYS, CmdlineError, onfail_from, parse_options, split
+from overlayroot.devices import parse_spec
+from overlayroot.errors import BootError
 from tests import fuzzing
 
 # Values that look like numbers to Python but are not ASCII numbers, and the like.
@@ -30,10 +32,20 @@ CMDLINE = st.one_of(
             lambda seps: "".join(w + s for w, s in zip(words, seps, strict=True)))),
 )
 
+# overlayroot.state= and root=: what the device finder reads of them.
+SPECS = st.one_of(
+    st.text(),
+    st.tuples(st.sampled_from(["LABEL=", "uuid=", "PARTUUID=", "PartLabel=", "/dev/", "=",
+                               "/dev/disk/by-label/", "/dev/disk/by-uuid/", "/dev/disk/x/"]),
+              st.text(max_size=12), st.sampled_from(["", "\\x20", "\\x", "\\xzz", "/"])).map(
+        "".join),
+)
+
 READERS = {
     "cmdline.split": fuzzing.Reader(CMDLINE, split, ()),
     "cmdline.parse_options": fuzzing.Reader(CMDLINE, parse_options, (CmdlineError,)),
     "cmdline.onfail_from": fuzzing.Reader(CMDLINE, onfail_from, ()),
+    "devices.parse_spec": fuzzing.Reader(SPECS, parse_spec, (BootError,)),
 }
 
 
