@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot import cli, safejson, status
+from overlayroot import cli, safejson, status, target
 from overlayroot.bootstate import BootState, Entry, StateError
+from overlayroot.errors import BootError
 from overlayroot.layout import Manifest, StateLayout
 from overlayroot.statefile import HISTORY, PREVIOUS, STATE, load, outcomes, read_history
 from tests import fuzzing
@@ -231,3 +232,14 @@ def test_a_booted_json_fallback_of_the_wrong_shape_is_left_out() -> None:
     assert status.booted_notes(booted, records, False) == [
         "this boot fell back from v4: no reason recorded",
         "this boot fell back from v5: no init"]
+
+
+@pytest.mark.xfail(strict=True, raises=RecursionError,
+                   reason="target.read_booted still parses with json.load: issue 7 leaves"
+                   " target.py to the boot-flow rewrite; parse_json there makes this pass")
+def test_a_booted_json_nested_100000_deep_is_a_boot_error(tmp_path: Path) -> None:
+    path = tmp_path / "booted.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(BootError, match=f"^cannot read {path}, which says what was booted:"
+                       " nested more than 16 levels"):
+        target.read_booted(str(path))
