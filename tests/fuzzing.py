@@ -38,12 +38,12 @@ def examples(reader: Reader, total: int | None = None) -> int:
     return max(1, total // 10) if reader.costly and total > 10 else total
 
 
-def check(reader: Reader, max_examples: int, *, count: Callable[[], None] | None = None,
-          derandomize: bool = False) -> None:
+def check(reader: Reader, max_examples: int, *, count: Callable[[], None] | None = None) -> None:
     """Run the property; the first input that raises anything outside ``allowed`` fails it,
     shrunk to a minimal example. ``count`` is called once per example run."""
 
-    @settings(max_examples=max_examples, deadline=None, database=None, derandomize=derandomize,
+    # Slow or large examples are the point here, not a problem of the strategy.
+    @settings(max_examples=max_examples, deadline=None, database=None,
               suppress_health_check=list(HealthCheck))
     @given(reader.strategy)
     def only_our_errors(value: Any) -> None:
