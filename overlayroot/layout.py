@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+from overlayroot import files
 from overlayroot.errors import BootError
 from overlayroot.safejson import parse_json
 
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 TOP = "overlayroot"
 MANIFEST = "manifest.json"
+MANIFEST_LIMIT = 1 << 16
 FORMATS = {"erofs": "root.erofs", "squashfs": "root.squashfs", "dir": "root"}
 # Ids become directory names and appear on the kernel command line.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")  # \Z, not $: "v1\n" is no id
@@ -170,7 +172,7 @@ class StateLayout:
     def read_manifest(self, deployment_id: str) -> Manifest:
         path = self.deployment_dir(deployment_id) / MANIFEST
         try:
-            data = path.read_bytes()
+            data = files.read_regular(path, MANIFEST_LIMIT)
         except FileNotFoundError:
             raise BootError(f"deployment {deployment_id!r} has no manifest at {path}") from None
         except OSError as e:
