@@ -36,8 +36,8 @@ def changed(data: bytes, changes: list[tuple[int, int]], cut: int) -> bytes:
     return bytes(result[:cut])
 
 
-MEMBERS = st.lists(st.tuples(st.text(st.characters(blacklist_characters="\0/"), min_size=1,
-                                     max_size=12), st.binary(max_size=40)), max_size=3)
+NAMES = st.text(st.characters(codec="utf-8", exclude_characters="\0/"), min_size=1, max_size=12)
+MEMBERS = st.lists(st.tuples(NAMES, st.binary(max_size=40)), max_size=3)
 CHANGES = st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 255)), max_size=6)
 CPIO_BYTES = st.one_of(
     st.binary(max_size=600),
