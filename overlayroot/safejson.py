@@ -1,10 +1,11 @@
 """JSON from files anyone may have damaged, read so that damage is a ``ValueError`` like any other.
 
 ``json.loads`` recurses once per level of nesting: 100,000 ``[`` raise ``RecursionError``, and a
-structure just under the interpreter's limit parses but makes every later ``repr``, ``str`` or
-``json.dumps`` of it raise it. Nothing overlayroot writes nests more than three levels, so deeper
-is refused. So are ``NaN`` and the infinities, which Python's JSON reads but JSON does not have,
-and strings with a lone surrogate (``"\\ud800"``), which no UTF-8 output can print.
+structure just under the interpreter's limit parses, but a later ``repr``, ``str`` or
+``json.dumps`` of it deeper in the stack can raise it. Nothing overlayroot writes nests more than
+three levels, so deeper is refused. So are ``NaN`` and the infinities, which Python's JSON reads
+but JSON does not have, and strings with a lone surrogate (``"\\ud800"``), which no UTF-8 output
+can print.
 """
 
 from __future__ import annotations
