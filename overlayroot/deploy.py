@@ -78,6 +78,9 @@ UUID_NAMESPACE = uuid.UUID("3f0d6c52-5b0e-4a8c-9d7e-2f1c8a4b6e10")
 DIR_MODE = 0o755
 # An image holds the root's secrets (/etc/shadow, host keys): root alone may read it.
 IMAGE_MODE = 0o600
+# --created: 9999-12-31T23:59:59Z is the last second whose year has the four digits that the
+# manifest's time and the default id are written with.
+MAX_EPOCH = 253402300799
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +131,8 @@ def parse_created(option: str | None, source_date_epoch: str | None) -> int | No
         return None
     try:
         if text.startswith("@"):
-            epoch = int(text[1:])
+            digits = text[1:]  # ASCII digits only: int() also takes "٣", "1_0" and " 1"
+            epoch = int(digits) if digits.isascii() and digits.isdigit() else -1
         else:
             from datetime import UTC, datetime
 
@@ -136,12 +140,12 @@ def parse_created(option: str | None, source_date_epoch: str | None) -> int | No
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             epoch = int(moment.timestamp())
-    except ValueError:
+    except ValueError:  # also digits beyond what int() converts
         epoch = -1
-    if epoch < 0:
+    if not 0 <= epoch <= MAX_EPOCH:
         raise BootError(
-            f"{what} {text!r} is not a time: give RFC 3339 ('2024-05-01T12:00:00Z') or"
-            " '@<unix seconds>' (not before 1970)"
+            f"{what} {text!r} is not a time from 1970 to 9999: give RFC 3339"
+            f" ('2024-05-01T12:00:00Z') or '@<unix seconds>' (0 to {MAX_EPOCH})"
         )
     return epoch
 
@@ -276,7 +280,7 @@ def deploy(
     fmt, kind = inspect_source(source, fmt)
     reproducible = created is not None
     epoch = created if created is not None else int(time.time())
-    deployment_id = layout.check_id(deployment_id or default_id(epoch))
+    deployment_id = layout.check_id(default_id(epoch) if deployment_id is None else deployment_id)
 
     state = layout.StateLayout(sysroot)
     with converting_os_errors(f"preparing {state.top}"):
@@ -396,9 +400,10 @@ def inspect_source(source: Path, fmt: str | None) -> tuple[str, str]:
             return fmt or "erofs", "tar"  # its mount points are checked once it is unpacked
         raise
     if fmt is not None and fmt != detected:
+        article = "an" if detected == "erofs" else "a"
         raise BootError(
-            f"{source} is a {detected} image, but --format {fmt} was given: an image is copied"
-            f" as is; drop --format or give a directory tree"
+            f"{source} is {article} {detected} image, but --format {fmt} was given: an image is"
+            " copied as is; drop --format or give a directory tree"
         )
     top = image_top_dirs(source, detected)
     if top is not None:

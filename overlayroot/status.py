@@ -109,8 +109,9 @@ def booted_notes(booted: dict[str, object] | None, records: list[dict[str, objec
     failed = booted.get("failed")
     if isinstance(failed, list):
         for failure in failed:
-            notes.append(f"this boot fell back from {failure['deployment']}:"
-                         f" {failure['reason']}")
+            if isinstance(failure, dict):
+                notes.append(f"this boot fell back from {failure.get('deployment')}:"
+                             f" {failure.get('reason', 'no reason recorded')}")
     recovery = booted.get("recovery")
     if isinstance(recovery, list) and not damaged:
         for note in recovery:
