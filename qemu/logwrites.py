@@ -127,7 +127,7 @@ def _parse(log: BinaryIO, size: int, path: Path) -> tuple[int, tuple[Entry, ...]
                 f" ends ({size} bytes) inside entry {index}"
             )
         target, nr_sectors, flags, data_len = ENTRY.unpack_from(raw)
-        if flags & ~KNOWN_FLAGS:
+        if flags & ~int(KNOWN_FLAGS):
             raise LogFormatError(f"{path}: entry {index} at byte {offset} has unknown flags"
                                  f" {flags:#x}: the log is damaged")
         mark = None
