@@ -33,6 +33,7 @@ import traceback
 from collections.abc import Callable, Iterator
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 
 from overlayroot import bootstate, statefile, syscalls
@@ -43,7 +44,7 @@ from overlayroot.console import Console
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout, image_sha256
 from overlayroot.prepare import prepare_root
-from qemu.logwrites import Replayer, read_log
+from qemu.logwrites import Replayer, WriteLog, read_log
 from qemu.powercut import (
     BLOB_BYTES,
     CMDLINE,
@@ -72,23 +73,52 @@ def enter_private_mount_namespace() -> None:
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
 
 
+class Kind(StrEnum):
+    """The promise a violation breaks."""
+
+    UNBOOTABLE = "unbootable"
+    FAILOVER = "failed over a half-staged deployment"
+    NOT_GOOD = "booted neither a known-good nor a counted trial"
+    DATA = "fsynced data lost"
+    STATE_LOST = "boot state lost"
+    TRIES = "tries added"
+    BLESS = "bless lost"
+    HALF_STAGED = "half-staged deployment bootable"
+    HANDOVER = "handed over before the try was on disk"
+    VERIFY = "first-boot verification skipped"
+    SEED = "/var seeding not atomic"
+    CLEANUP = "the next command does not clean up"
+
+
+@dataclass(frozen=True)
+class Violation:
+    kind: Kind
+    message: str
+
+
 @dataclass(frozen=True)
 class Cut:
     run: Run
     operation: Operation
     index: int
     """The log entry the disk stands at; -1: as the run found it."""
+    torn: bool
+    """A cut between flushes: the writes since the last flush reached the disk up to ``index``
+    (in order), the rest did not. Otherwise the cut is at a flush (or FUA) entry."""
     last_in_operation: bool
 
     def describe(self) -> str:
-        at = "before its first write" if self.index < 0 else f"at log entry {self.index}"
+        if self.index < 0:
+            at = "before its first write"
+        else:
+            at = f"{'between flushes ' if self.torn else ''}at log entry {self.index}"
         return f"{self.run.fs} {self.run.name} cut {at} ({self.operation.name})"
 
 
 @dataclass
 class Outcome:
     cut: Cut
-    violations: list[str] = field(default_factory=list)
+    violations: list[Violation] = field(default_factory=list)
     lost_bytes: int = 0
     unbootable: bool = False
     state: BootState | None = None
@@ -97,11 +127,14 @@ class Outcome:
     """``boot`` events in the history: a boot that finished added one."""
     booted: str | None = None
 
+    def add(self, kind: Kind, message: str) -> None:
+        self.violations.append(Violation(kind, message))
+
 
 def simulate(runs: list[Run], work: Path, every: int,
              progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
-    """Check the disk at every ``every``-th flush point of each run (and always at each
-    operation's first and last one), in log order."""
+    """Check the disk at every ``every``-th cut point of each run (and always at each
+    operation's first and last one), in log order: ``cut_points`` says where."""
     outcomes = []
     checker = Checker(work)
     for run in runs:
@@ -110,7 +143,7 @@ def simulate(runs: list[Run], work: Path, every: int,
         replay = Replayer(log, run.base, work / "replay.img")
         references: dict[Operation, Outcome] = {}
         base: Outcome | None = None
-        for cut in sample(run, ops, [-1, *log.durable_points()], every):
+        for cut in sample(run, ops, cut_points(log), every):
             if cut.index >= 0:
                 replay.advance(cut.index)
             outcome = checker.check(replay.image, cut, references.get(cut.operation), base)
@@ -124,16 +157,33 @@ def simulate(runs: list[Run], work: Path, every: int,
     return outcomes
 
 
-def sample(run: Run, ops: list[Operation], points: list[int], every: int) -> list[Cut]:
+def cut_points(log: WriteLog) -> list[tuple[int, bool]]:
+    """(entry, torn) of the cuts a log allows, in order: the disk as the run found it, every
+    flush or FUA entry, and between two of them with two writes or more, halfway through those
+    writes (a volatile cache may keep any part of what was not flushed; keeping the first half
+    in order is one such part, and the one that tears a multi-write update)."""
+    points = [(-1, False)]
+    previous = -1
+    for durable in log.durable_points():
+        writes = [e.index for e in log.entries[previous + 1 : durable] if e.writes]
+        if len(writes) >= 2:
+            points.append((writes[len(writes) // 2 - 1], True))
+        points.append((durable, False))
+        previous = durable
+    return points
+
+
+def sample(run: Run, ops: list[Operation], points: list[tuple[int, bool]],
+           every: int) -> list[Cut]:
     if every < 1:
-        raise ValueError(f"every={every}: check at least every flush point's 1st")
+        raise ValueError(f"--every {every}: give 1 (every cut point) or more")
     cuts = []
     for op in ops:
-        mine = [p for p in points if op.first <= p < op.end]
-        for number, point in enumerate(mine):
+        mine = [(p, torn) for p, torn in points if op.first <= p < op.end]
+        for number, (point, torn) in enumerate(mine):
             last = number == len(mine) - 1
             if number % every == 0 or last:
-                cuts.append(Cut(run, op, point, last))
+                cuts.append(Cut(run, op, point, torn, last))
     return cuts
 
 
@@ -160,7 +210,7 @@ class Checker:
                 state_top = self._check_next_boot(outcome, top)
                 self._check_cleanup(outcome, state_top)
         except ScenarioError as e:
-            outcome.violations.append(f"the state filesystem does not mount: {e}")
+            outcome.add(Kind.UNBOOTABLE, f"the state filesystem does not mount: {e}")
             outcome.unbootable = True
         finally:
             image.unlink(missing_ok=True)
@@ -174,20 +224,23 @@ class Checker:
                              reference: Outcome | None, base: Outcome | None) -> None:
         lost, broken = journal_losses(layout)
         outcome.lost_bytes = lost
-        outcome.violations += broken
+        for message in broken:
+            outcome.add(Kind.DATA, message)
         try:
             state, notes = statefile.load(layout)
         except Exception as e:  # any exception here is a finding, not a checker bug
-            outcome.violations.append(f"boot.json does not read: {e!r}")
+            outcome.add(Kind.STATE_LOST, f"boot.json does not read: {e!r}")
             return
         outcome.state = state
         outcome.rebuilt = any(note.startswith("rebuilt") for note in notes)
         outcome.boots = sum(1 for e in statefile.read_history(layout) if e.get("event") == "boot")
         if outcome.rebuilt and reference is not None and not reference.rebuilt:
-            outcome.violations.append(f"the boot state was lost and rebuilt: {'; '.join(notes)}")
+            outcome.add(Kind.STATE_LOST,
+                        f"the boot state was lost and rebuilt: {'; '.join(notes)}")
         if reference is not None and reference.state is not None:
-            outcome.violations += compare_states(
-                reference.state, state, adds_tries=outcome.cut.operation.name in ADDS_TRIES)
+            for kind, message in compare_states(
+                    reference.state, state, adds_tries=outcome.cut.operation.name in ADDS_TRIES):
+                outcome.add(kind, message)
         trial = outcome.cut.run.trial
         if (outcome.cut.last_in_operation and outcome.cut.index >= 0 and trial is not None
                 and outcome.cut.operation.first < 0 and base is not None
@@ -195,14 +248,15 @@ class Checker:
             before = base.state.entries[trial].tries_left
             after = state.entries[trial].tries_left if trial in state.entries else None
             if after is None or (before is not None and after >= before):
-                outcome.violations.append(
+                outcome.add(
+                    Kind.HANDOVER,
                     f"the trial boot of {trial} handed over the root before its try was on"
                     f" disk (tries left {before} before the boot, {after} at hand-over)")
         for deployment_id in bootstate.candidates(state):
             problem = half_staged(layout, deployment_id)
             if problem:
-                outcome.violations.append(f"bootable deployment {deployment_id} is half-staged:"
-                                          f" {problem}")
+                outcome.add(Kind.HALF_STAGED,
+                            f"bootable deployment {deployment_id} is half-staged: {problem}")
 
     # -- 2. the first boot's verification -------------------------------------------------------
 
@@ -235,7 +289,8 @@ class Checker:
                 f.write(b"\xff" * DAMAGE)
             booted, _ = self._boot(top)
         if booted is not None and booted.get("deployment") == trial:
-            outcome.violations.append(
+            outcome.add(
+                Kind.VERIFY,
                 f"first-boot verification skipped after the cut: {trial}'s first boot was"
                 f" counted but never finished, and the next boot ran its damaged image without"
                 " checking its sha256")
@@ -246,24 +301,25 @@ class Checker:
         booted, console = self._boot(top)
         if booted is None:
             outcome.unbootable = True
-            outcome.violations.append(f"no deployment boots after the cut: {console.strip()}")
+            outcome.add(Kind.UNBOOTABLE, f"no deployment boots after the cut: {console.strip()}")
             return top
         state_top = Path(str(booted["state"]))
         deployment = str(booted["deployment"])
         outcome.booted = deployment
         if booted.get("failed"):
-            outcome.violations.append(f"the boot after the cut failed over {booted['failed']}")
+            outcome.add(Kind.FAILOVER, f"the boot after the cut failed over {booted['failed']}")
         state, _ = statefile.load(StateLayout(state_top))
         entry = state.entries.get(deployment)
         good = entry is not None and (entry.successful or (
             booted.get("trial") is True and booted.get("counted") is True))
         if not good:
-            outcome.violations.append(f"the boot after the cut reached {deployment}, neither"
-                                      f" known good nor a counted trial ({entry})")
+            outcome.add(Kind.NOT_GOOD, f"the boot after the cut reached {deployment}, neither"
+                        f" known good nor a counted trial ({entry})")
         seeds = top / "var" / "lib" / "testdata"
         missing = [n for n in range(SEED_FILES) if _read(seeds / f"seed-{n:02}") != seed_content(n)]
         if missing:
-            outcome.violations.append(
+            outcome.add(
+                Kind.SEED,
                 f"/var lacks what the image seeds into it: {len(missing)} of {SEED_FILES} seed"
                 " files missing or damaged (the seeding of an empty /var is not atomic)")
         return state_top
@@ -291,13 +347,13 @@ class Checker:
         for command in (["gc", "--keep", "100"], ["status", "--json"]):
             code, output = run_cli([*command, "--sysroot", str(state_top)])
             if code != 0:
-                outcome.violations.append(f"`overlayroot {command[0]}` after the cut failed"
-                                          f" ({code}): {output.strip()}")
+                outcome.add(Kind.CLEANUP, f"`overlayroot {command[0]}` after the cut failed"
+                            f" ({code}): {output.strip()}")
         deployments = StateLayout(state_top).deployments
         left = sorted(n for n in os.listdir(deployments) if n.startswith(".staging-")
                       or n.startswith(".removing-"))
         if left:
-            outcome.violations.append(f"`overlayroot gc` left {', '.join(left)} behind")
+            outcome.add(Kind.CLEANUP, f"`overlayroot gc` left {', '.join(left)} behind")
 
     @contextlib.contextmanager
     def _mounted(self, image: Path, fs: str) -> Iterator[Path]:
@@ -314,7 +370,8 @@ class Checker:
             unmount_below(self.mnt)
 
 
-def compare_states(before: BootState, after: BootState, *, adds_tries: bool) -> list[str]:
+def compare_states(before: BootState, after: BootState, *,
+                   adds_tries: bool) -> list[tuple[Kind, str]]:
     """What a cut must never do to the boot state: add tries, or forget a bless."""
     found = []
     for deployment_id, old in before.entries.items():
@@ -322,12 +379,13 @@ def compare_states(before: BootState, after: BootState, *, adds_tries: bool) -> 
         if new is None:
             continue  # gc removes deployments; a deployment gone is not one that boots
         if old.successful and not new.successful:
-            found.append(f"{deployment_id} lost its bless (it was known good when the"
-                         " operation began)")
+            found.append((Kind.BLESS, f"{deployment_id} lost its bless (it was known good when"
+                                      " the operation began)"))
         elif not old.successful and not adds_tries and old.tries_left is not None and (
                 new.tries_left is None or new.tries_left > old.tries_left):
-            found.append(f"the cut added tries to {deployment_id}: {old.tries_left} left when"
-                         f" the operation began, {new.tries_left} after the cut")
+            found.append((Kind.TRIES, f"the cut added tries to {deployment_id}: {old.tries_left}"
+                                      f" left when the operation began, {new.tries_left} after"
+                                      " the cut"))
     return found
 
 
