@@ -9,7 +9,8 @@ A scenario is three boots of one state disk, each a QEMU run whose disk sits beh
    ``/var`` and ``/home``, ``overlayroot deploy`` of a ``dir`` tree (``v2``) and of an erofs
    image file (``v3``), ``rollback``, ``bless``, ``gc --keep 2``, more data, and last a torn
    ``boot.json`` (garbage written over it, as a cut in the middle of a careless write would);
-2. ``run2``: the boot that repairs ``boot.json``; data; ``set-default v3``;
+2. ``run2``: the boot that repairs ``boot.json``; data; ``set-default v3``; ``gc --keep 1``
+   (removes the ``dir`` deployment ``v2``);
 3. ``run3``: the first boot of ``v3`` (a trial of an image deployed from inside); data.
 
 The guest says which operation starts by writing a marker sector (``PCUT <seq> <name>``) to a
@@ -102,23 +103,24 @@ tear() {{
 """
 SCRIPTS = {
     "run1": _PRELUDE + f"""\
-step data data 1 2 3
+step data data 1 2 3 4
 step deploy-dir overlayroot deploy --format dir --id v2 /{TREE}
 step deploy-image overlayroot deploy --id v3 /run/overlayroot/state/{UPDATE}
 step rollback overlayroot rollback
 step bless overlayroot bless --no-reboot
 step gc overlayroot gc --keep 2
-step data data 4 5
+step data data 5 6 7 8
 step tear tear
 mark end
 """,
     "run2": _PRELUDE + """\
-step data data 6 7
+step data data 9 10 11 12
 step set-default overlayroot set-default v3
+step gc overlayroot gc --keep 1
 mark end
 """,
     "run3": _PRELUDE + """\
-step data data 8 9
+step data data 13 14 15 16
 mark end
 """,
 }

@@ -89,5 +89,11 @@ def test_var_seeding_survives_a_cut(outcomes: list[Outcome]) -> None:
     assert not broken(outcomes, Kind.SEED)
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "defect the lead is fixing: the first boot's verification is recorded before the image is"
+    " hashed. prepare_root treats a deployment as on its first boot only while tries_left is"
+    " None, and writes the try (tries_left = tries - 1) before verify(): a cut after that write"
+    " and before the boot finished leaves a deployment the next boot takes for verified, and"
+    " it boots the image without checking its sha256"))
 def test_a_first_boot_cut_short_still_verifies_the_image(outcomes: list[Outcome]) -> None:
     assert not broken(outcomes, Kind.VERIFY)
