@@ -152,15 +152,15 @@ def test_a_deployment_without_its_manifest_or_with_another_image_is_half_staged(
 def test_a_missing_tool_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(powercut.shutil, "which",
                         lambda tool: None if tool in ("mkfs.xfs", "sgdisk") else "/bin/true")
-    with pytest.raises(ScenarioError, match="the xfs power-cut scenario needs sgdisk, mkfs.xfs:"
+    with pytest.raises(ScenarioError, match=r"the xfs power-cut scenario needs sgdisk, mkfs\.xfs:"
                        " scripts/setup installs them"):
         powercut.require_tools("xfs")
 
 
 def test_a_failing_host_command_says_which_and_why(tmp_path: Path) -> None:
-    with pytest.raises(ScenarioError, match=r"losetup --find --show .* failed: .*"):
-        with powercut.loop_device(tmp_path / "missing.img", MARKERS):
-            pass
+    with (pytest.raises(ScenarioError, match=r"losetup --find --show .* failed: .*"),
+          powercut.loop_device(tmp_path / "missing.img", MARKERS)):
+        pass
 
 
 @pytest.mark.parametrize(("argv", "message"), [
