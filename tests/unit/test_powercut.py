@@ -150,7 +150,7 @@ def test_a_deployment_without_its_manifest_or_with_another_image_is_half_staged(
 
 
 def test_a_missing_tool_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(powercut.shutil, "which",
+    monkeypatch.setattr("qemu.powercut.shutil.which",
                         lambda tool: None if tool in ("mkfs.xfs", "sgdisk") else "/bin/true")
     with pytest.raises(ScenarioError, match=r"the xfs power-cut scenario needs sgdisk, mkfs\.xfs:"
                        " scripts/setup installs them"):
@@ -177,6 +177,6 @@ def test_the_benchmark_refuses_bad_arguments(argv: list[str], message: str,
 
 def test_the_benchmark_needs_root(monkeypatch: pytest.MonkeyPatch,
                                   capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(bench.os, "geteuid", lambda: 1000)
+    monkeypatch.setattr("bench.powercut.os.geteuid", lambda: 1000)
     assert bench.main(["--fs", "ext4"]) == 2
     assert "run as root: it loop-mounts every cut's disk" in capsys.readouterr().err
