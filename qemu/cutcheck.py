@@ -191,6 +191,7 @@ class Checker:
     def __init__(self, work: Path) -> None:
         self.work = work
         self.mnt = work / "mnt"
+        work.mkdir(parents=True, exist_ok=True)
 
     def check(self, disk: Path, cut: Cut, reference: Outcome | None,
               base: Outcome | None) -> Outcome:

@@ -203,10 +203,10 @@ def seed_content(number: int) -> bytes:
     return f"seed file {number} of the image's /var\n".encode() * 100
 
 
-def make_state_disk(base: Path, fs: str, payload: Path) -> Path:
+def make_state_disk(base: Path, fs: str, payload: Path | None) -> Path:
     """The disk run1 starts from: ``vold`` and ``v0`` blessed, ``v1`` new (both with the command),
     ``v3`` as an image file to deploy, ``v2``'s tree inside ``v1``; ``/var`` and ``/home``
-    empty."""
+    empty. Without ``payload`` (the frozen command), the disk can be checked, not booted."""
     require_tools(fs)
     disk = base / "base.img"
     with disk.open("wb") as f:
