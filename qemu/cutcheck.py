@@ -283,7 +283,10 @@ class Checker:
         assert trial is not None
         with self._mounted(probe, outcome.cut.run.fs) as top:
             layout = StateLayout(top)
-            manifest = layout.read_manifest(trial)
+            try:
+                manifest = layout.read_manifest(trial)
+            except BootError:
+                return  # not bootable as it stands: the half-staged check says so
             image = layout.image_path(manifest)
             with image.open("r+b") as f:
                 f.seek(max(0, image.stat().st_size // 2 - DAMAGE // 2))
