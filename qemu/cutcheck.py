@@ -44,7 +44,7 @@ from overlayroot.console import Console
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout, image_sha256
 from overlayroot.prepare import prepare_root
-from qemu.logwrites import Replayer, WriteLog, read_log
+from qemu.logwrites import Replayer, WriteLog, copy_sparse, read_log
 from qemu.powercut import (
     BLOB_BYTES,
     CMDLINE,
@@ -197,11 +197,11 @@ class Checker:
               base: Outcome | None) -> Outcome:
         outcome = Outcome(cut)
         image = self.work / "cut.img"
-        _copy(disk, image)
+        copy_sparse(disk, image)
         probe = None
         if self._may_probe(cut, base):
             probe = self.work / "probe.img"
-            _copy(disk, probe)
+            copy_sparse(disk, probe)
         try:
             with self._mounted(image, cut.run.fs) as top:
                 self._check_what_was_left(outcome, StateLayout(top), reference, base)
@@ -462,8 +462,3 @@ def _read(path: Path) -> bytes | None:
         return path.read_bytes()
     except OSError:
         return None
-
-
-def _copy(source: Path, dest: Path) -> None:
-    dest.unlink(missing_ok=True)  # a new inode: a lazily unmounted loop may hold the old one
-    subprocess.run(["cp", "--sparse=always", str(source), str(dest)], check=True)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import enum
 import os
-import shutil
 import struct
 import subprocess
 from collections.abc import Iterable, Iterator
@@ -150,9 +149,9 @@ def _parse(log: BinaryIO, size: int, path: Path) -> tuple[int, tuple[Entry, ...]
 
 
 def copy_sparse(source: Path, dest: Path) -> None:
-    """A copy sharing blocks where the filesystem can (reflink), else keeping holes."""
-    if shutil.which("cp") is None:
-        raise FileNotFoundError("cp (coreutils) is not installed")
+    """A copy sharing blocks where the filesystem can (reflink), else keeping holes. ``dest``
+    is a new file: a loop device lazily let go of may still hold the old one."""
+    dest.unlink(missing_ok=True)
     subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(source), str(dest)],
                    check=True)
 

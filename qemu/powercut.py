@@ -37,7 +37,7 @@ from overlayroot import bootstate, statefile
 from overlayroot.deploy import Progress, build_image, deploy
 from overlayroot.layout import StateLayout
 from qemu.kernel import Kernel
-from qemu.logwrites import WriteLog, sectors_written
+from qemu.logwrites import WriteLog, copy_sparse, sectors_written
 from qemu.machine import LoggedDisk, Machine
 from qemu.rootfs import TEST_DIR, make_test_root
 
@@ -253,8 +253,8 @@ def record(base_disk: Path, work: Path, fs: str, kernel: Kernel, initrd: Path,
     for name in SCRIPTS:
         run = Run(name, fs, work / f"{name}.base.img", work / f"{name}.img",
                   work / f"{name}.log", work / f"{name}.console.log")
-        _copy(start, run.base)
-        _copy(run.base, run.disk)
+        copy_sparse(start, run.base)
+        copy_sparse(run.base, run.disk)
         machine = Machine(kernel, initrd, log_path=run.console,
                           disks=[LoggedDisk(run.disk, run.log)],
                           cmdline=f"{CMDLINE} test.run={name}", accel=accel)
@@ -292,10 +292,6 @@ def operations(run: Run, log: WriteLog) -> list[Operation]:
         ops.append(Operation(OPERATION_NAMES.get(name, name), index, end))
     return ops
 
-
-def _copy(source: Path, dest: Path) -> None:
-    dest.unlink(missing_ok=True)
-    subprocess.run(["cp", "--sparse=always", str(source), str(dest)], check=True)
 
 
 @contextlib.contextmanager
