@@ -1,32 +1,34 @@
-"""Turn a mounted state filesystem into the assembled root, in place.
+"""Turn a mounted state filesystem into the assembled root of one deployment, in place.
 
-``assemble("/sysroot", "/run/overlayroot", options)`` is the one entry point every integration
-calls (standalone ``/init``, dracut, mkinitcpio, initramfs-tools), like
-``ostree-prepare-root /sysroot``:
+``assemble(sysroot, run_dir, options, manifest)`` is the mechanism under
+:func:`overlayroot.prepare.prepare_root`, which decides what to assemble. Its steps:
 
-1. read the deployments on the state filesystem and pick one;
-2. move the state filesystem from ``sysroot`` to ``<run_dir>/state``;
-3. mount the deployment's lower read-only on ``sysroot`` (loop device for an erofs or squashfs
-   image, a read-only bind for a directory tree);
-4. check the lower has the mount points and the init it needs;
-5. mount ``/etc`` as an overlay with the deployment's persistent upper (or a tmpfs upper, or
+1. move the state filesystem from ``sysroot`` to ``<run_dir>/state``, with ``nosuid,nodev``:
+   nobody may run a set-id program or open a device node of a deployment kept for rollback;
+2. mount the deployment's lower read-only on ``sysroot`` (a loop device for an erofs or
+   squashfs image, readable by root only; a read-only bind for a directory tree);
+3. check the lower has the mount points and the init it needs;
+4. mount ``/etc`` as an overlay with the deployment's persistent upper (or a tmpfs upper, or
    leave it read-only), per ``overlayroot.etc=``;
-6. bind-mount the persistent ``/var`` and ``/home``, seeding an empty one from the image;
-7. write ``<run_dir>/booted.json``.
+5. bind-mount the persistent ``/var`` and ``/home``; an empty one is first seeded from the
+   image, atomically (into a hidden sibling, synced, renamed into place).
 
-A failure undoes what was mounted, so the caller may try another deployment.
+What it finds damaged in the state it repairs as it goes — something other than a directory
+where ``var``, ``home`` or an ``/etc`` upper belongs is set aside (renamed, never deleted) and
+made anew — and says so in ``repairs``. A failure undoes what was mounted, so the caller may
+try another deployment.
 """
 
 from __future__ import annotations
 
-import json
+import errno
 import os
 import stat
 
-from overlayroot import loop, syscalls
+from overlayroot import files, loop, syscalls, treecopy
 from overlayroot.cmdline import Options
 from overlayroot.errors import BootError
-from overlayroot.layout import Manifest, StateLayout, newest
+from overlayroot.layout import Manifest, StateLayout
 
 REQUIRED_MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 DEFAULT_INIT = "/sbin/init"
@@ -78,76 +80,49 @@ class Booted:
         }
 
 
-def choose(layout: StateLayout, wanted: str | None, device: str | None) -> Manifest:
-    """The deployment the command line names, else the newest."""
-    where = device or str(layout.root)
-    ids = layout.deployment_ids()
-    if not ids:
-        raise BootError(
-            f"no deployments in {layout.deployments} on {where}; stage one with"
-            " `overlayroot deploy --sysroot <mounted state filesystem> <image or tree>`"
-        )
-    if wanted is not None:
-        if wanted not in ids:
-            raise BootError(
-                f"deployment {wanted!r} (overlayroot.deployment=) is not on {where};"
-                f" deployments there: {', '.join(ids)}"
-            )
-        return layout.read_manifest(wanted)
-    chosen = newest(layout.manifests())
-    assert chosen is not None
-    return chosen
-
-
 def assemble(
     sysroot: str,
     run_dir: str,
     options: Options,
+    manifest: Manifest,
     *,
     device: str | None = None,
-    manifest: Manifest | None = None,
-    check_init: bool = True,
+    repairs: list[str] | None = None,
 ) -> Booted:
-    """Assemble ``manifest``'s deployment, or (without one) the one the options name, else
-    the newest: the choice without boot counting, for tests and tools."""
-    if manifest is None:
-        if not os.path.isdir(os.path.join(sysroot, "overlayroot", "deployments")):
-            raise BootError(
-                f"{device or sysroot} holds no overlayroot state (no overlayroot/deployments"
-                " directory); point overlayroot.state= at the state filesystem, or provision"
-                " it with `overlayroot deploy`"
-            )
-        manifest = choose(StateLayout(sysroot), options.deployment, device)
+    """Assemble ``manifest``'s deployment on ``sysroot``; repairs made are appended to
+    ``repairs``."""
+    repairs = [] if repairs is None else repairs
     state = os.path.join(run_dir, "state")
     os.makedirs(state, mode=0o755, exist_ok=True)
     undo: list[tuple[str, str]] = []  # ("move", back-to) or ("umount", path), newest last
     try:
         syscalls.mount(sysroot, state, None, syscalls.MS_MOVE)
         undo.append(("move", sysroot))
+        syscalls.mount(None, state, None, syscalls.MS_REMOUNT | syscalls.MS_BIND
+                       | syscalls.MS_NOSUID | syscalls.MS_NODEV)
         layout = StateLayout(state)
         image = str(layout.image_path(manifest))
-        loop_path = _mount_lower(manifest, image, sysroot, device)
+        loop_path = _mount_lower(manifest, image, sysroot)
         undo.append(("umount", sysroot))
         _check_lower(sysroot, manifest)
-        init = _check_init(sysroot, options, manifest) if check_init else None
-        for mounted in _mount_etc(sysroot, run_dir, layout, manifest, options.etc):
-            undo.append(("umount", mounted))
-        for name, persistent in (("var", layout.var), ("home", layout.home)):
+        init = _check_init(sysroot, options, manifest)
+        etc_mounts, etc_mode = _mount_etc(sysroot, run_dir, layout, manifest, options.etc,
+                                          repairs)
+        undo.extend(("umount", mounted) for mounted in etc_mounts)
+        for name in ("var", "home"):
             target = os.path.join(sysroot, name)
-            _bind_persistent(str(persistent), target)
+            _bind_persistent(layout, name, target, repairs)
             undo.append(("umount", target))
-        booted = Booted(
+        return Booted(
             manifest,
             device=device,
             state_path=state,
             lower=manifest.format,
             loop=loop_path,
-            etc=options.etc,
+            etc=etc_mode,
             init=init,
             image=image,
         )
-        write_booted(run_dir, booted.to_dict())
-        return booted
     except BaseException:
         _undo(undo, state)
         raise
@@ -164,18 +139,35 @@ def _undo(undo: list[tuple[str, str]], state: str) -> None:
             print(f"overlayroot: warning: could not undo the mount on {path}: {e}", flush=True)
 
 
-def _mount_lower(manifest: Manifest, image: str, target: str, device: str | None) -> str | None:
+def _mount_lower(manifest: Manifest, image: str, target: str) -> str | None:
     what = f"deployment {manifest.id!r}"
+    try:
+        st = os.lstat(image)
+    except FileNotFoundError:
+        raise BootError(f"{what}: its {_noun(manifest)} {image} is missing") from None
     if manifest.format == "dir":
-        if not os.path.isdir(image):
-            raise BootError(f"{what}: its tree {image} is missing")
+        if not stat.S_ISDIR(st.st_mode):
+            raise BootError(f"{what}: its tree {image} is {files.kind(st.st_mode)}, not a"
+                            " directory")
         try:
             syscalls.mount(image, target, None, syscalls.MS_BIND)
+            # Explicit flags: the bind would inherit the state filesystem's nosuid and nodev,
+            # which the booted root must not have.
             syscalls.mount(None, target, None, syscalls.MS_REMOUNT | syscalls.MS_BIND
                            | syscalls.MS_RDONLY)
         except OSError as e:
             raise BootError(f"{what}: cannot bind-mount its tree read-only: {e}") from None
         return None
+    if not stat.S_ISREG(st.st_mode):
+        raise BootError(f"{what}: its image {image} is {files.kind(st.st_mode)}, not a regular"
+                        " file")
+    if st.st_mode & 0o077:
+        # An image holds the root's secrets (/etc/shadow, keys): root alone may read it.
+        # Images deployed before this rule get it at their boot (when the state is writable).
+        try:  # noqa: SIM105 - contextlib is too dear an import for the boot stage
+            os.chmod(image, 0o600)
+        except OSError:
+            pass
     fstype = IMAGE_FSTYPES[manifest.format]
     try:
         attached = loop.attach(image)
@@ -191,6 +183,10 @@ def _mount_lower(manifest: Manifest, image: str, target: str, device: str | None
                 " deployment with overlayroot.deployment=ID"
             ) from None
         return attached.path
+
+
+def _noun(manifest: Manifest) -> str:
+    return "tree" if manifest.format == "dir" else "image"
 
 
 def _check_lower(root: str, manifest: Manifest) -> None:
@@ -245,16 +241,25 @@ def _check_init(root: str, options: Options, manifest: Manifest) -> str:
     return init
 
 
-def _mount_etc(
-    root: str, run_dir: str, layout: StateLayout, manifest: Manifest, mode: str
-) -> list[str]:
-    """Mounts the /etc overlay; returns what it mounted, in order."""
+def _mount_etc(root: str, run_dir: str, layout: StateLayout, manifest: Manifest, mode: str,
+               repairs: list[str]) -> tuple[list[str], str]:
+    """Mounts the /etc overlay; returns what it mounted, in order, and the mode it got."""
     if mode == "readonly":
-        return []
+        return [], mode
     etc = os.path.join(root, "etc")
     mounted = []
     if mode == "persistent":
         upper, work = str(layout.etc_upper(manifest.id)), str(layout.etc_work(manifest.id))
+        if os.statvfs(layout.top).f_flag & os.ST_RDONLY:
+            error = OSError(errno.EROFS, os.strerror(errno.EROFS))
+            return _transient_instead(root, run_dir, layout, manifest, upper, error, repairs)
+        try:
+            for directory in (str(layout.top / "etc"), os.path.dirname(upper), upper, work):
+                _ensure_dir(directory, repairs)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise BootError(f"cannot make {e.filename} a directory: {e.strerror}") from None
+            return _transient_instead(root, run_dir, layout, manifest, upper, e, repairs)
     else:
         scratch = os.path.join(run_dir, "etc-transient")
         os.makedirs(scratch, mode=0o755, exist_ok=True)
@@ -262,8 +267,8 @@ def _mount_etc(
                        "mode=0755")
         mounted.append(scratch)
         upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
-    for d in (upper, work):
-        os.makedirs(d, mode=0o755, exist_ok=True)
+        for d in (upper, work):
+            os.makedirs(d, mode=0o755, exist_ok=True)
     data = f"lowerdir={etc},upperdir={upper},workdir={work},{ETC_OVERLAY_OPTIONS}"
     try:
         syscalls.mount("overlay", etc, "overlay", 0, data)
@@ -274,57 +279,68 @@ def _mount_etc(
             f"deployment {manifest.id!r}: cannot mount the /etc overlay (upper {upper}):"
             f" {e.strerror}"
         ) from None
-    return [*mounted, etc]
+    return [*mounted, etc], mode
 
 
-def _bind_persistent(source: str, target: str) -> None:
-    os.makedirs(source, mode=0o755, exist_ok=True)
+def _transient_instead(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
+                       upper: str, error: OSError, repairs: list[str]) -> tuple[list[str], str]:
+    """A state filesystem the kernel made read-only (after an I/O error, say): boot with the
+    image's /etc made writable in RAM rather than not at all."""
+    repairs.append(f"the /etc upper cannot be mounted ({upper}: {error.strerror}): /etc is"
+                   " transient for this boot, its changes are lost at shutdown")
+    return _mount_etc(root, run_dir, layout, manifest, "transient", repairs)
+
+
+def _ensure_dir(path: str, repairs: list[str]) -> None:
+    """``path`` as a directory; anything else there is damage, set aside and said. Raises
+    ``OSError``."""
+    moved = files.ensure_dir(path)
+    if moved is not None:
+        repairs.append(f"{path} was not a directory: set it aside as {moved} and made a new one")
+
+
+def _bind_persistent(layout: StateLayout, name: str, target: str, repairs: list[str]) -> None:
+    """The state's ``var`` or ``home`` on ``target``, seeded from the image when empty."""
+    source = str(layout.top / name)
+    try:
+        _ensure_dir(source, repairs)
+    except OSError as e:
+        raise BootError(f"cannot make {source} a directory: {e.strerror}") from None
     if not os.listdir(source):
-        seed_tree(target, source)
+        _seed(target, source, repairs)
     try:
         syscalls.mount(source, target, None, syscalls.MS_BIND)
+        # Not the state filesystem's nosuid and nodev: /var and /home behave as on any root.
+        syscalls.mount(None, target, None, syscalls.MS_REMOUNT | syscalls.MS_BIND)
     except OSError as e:
         raise BootError(f"cannot bind-mount {source} on {target}: {e.strerror}") from None
 
 
-def seed_tree(src: str, dst: str) -> None:
-    """Copy ``src`` into the existing, empty ``dst`` with owners, modes, times, symlinks and
-    device nodes, so a fresh persistent /var starts as the image's (e.g. /var/lib/dpkg)."""
-    for entry in os.scandir(src):
-        s, d = entry.path, os.path.join(dst, entry.name)
-        st = entry.stat(follow_symlinks=False)
-        mode = st.st_mode
-        if stat.S_ISLNK(mode):
-            os.symlink(os.readlink(s), d)
-        elif stat.S_ISDIR(mode):
-            os.mkdir(d, 0o700)
-            seed_tree(s, d)
-        elif stat.S_ISREG(mode):
-            _copy_file(s, d)
-        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode) or stat.S_ISFIFO(mode):
-            os.mknod(d, mode, st.st_rdev)
-        else:
-            continue  # sockets belong to a running service, not to an image
-        os.lchown(d, st.st_uid, st.st_gid)
-        if not stat.S_ISLNK(mode):
-            os.chmod(d, stat.S_IMODE(mode))
-        os.utime(d, ns=(st.st_atime_ns, st.st_mtime_ns), follow_symlinks=False)
-
-
-def _copy_file(src: str, dst: str) -> None:
-    with open(src, "rb") as fin, open(dst, "xb") as fout:
-        while chunk := fin.read(1 << 20):
-            fout.write(chunk)
-
-
-def write_booted(run_dir: str, data: dict[str, object]) -> None:
-    """``<run_dir>/booted.json``: what the running system reads to learn what was booted."""
-    path = os.path.join(run_dir, BOOTED_FILE)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.rename(tmp, path)
-
+def _seed(image_dir: str, persistent: str, repairs: list[str]) -> None:
+    """Fill the empty ``persistent`` directory with a copy of the image's ``image_dir`` (so a
+    fresh /var has /var/lib/dpkg), all or nothing: the copy goes to a hidden sibling, is
+    synced, and is renamed over the empty directory. A power cut leaves it empty, and the next
+    boot seeds again; a failure (a full disk) leaves it empty for this boot, and says so."""
+    try:
+        st = os.lstat(image_dir)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISDIR(st.st_mode) or not os.listdir(image_dir):
+        return
+    parent, name = os.path.split(persistent)
+    seeding = os.path.join(parent, f".{name}.seeding")
+    try:
+        if os.path.lexists(seeding):
+            files.remove_tree(seeding)  # an earlier seeding that a power cut interrupted
+        treecopy.copy_tree(image_dir, seeding)
+        syscalls.sync()
+        os.rename(seeding, persistent)  # over the empty directory, atomically
+        files.fsync_dir(parent)
+    except OSError as e:
+        try:  # noqa: SIM105 - contextlib is too dear an import for the boot stage
+            files.remove_tree(seeding)
+        except OSError:
+            pass
+        repairs.append(f"cannot seed the empty {persistent} from the image's"
+                       f" {os.path.basename(image_dir)} ({e.strerror}): it stays empty for this"
+                       " boot, and the next boot tries again")

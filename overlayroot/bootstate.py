@@ -1,7 +1,8 @@
 """Boot state and the policy that reads it: pure functions, no I/O.
 
 Per deployment, in the proven ChromeOS/Android A/B form: ``priority``, ``tries_left``,
-``successful``; plus ``bad`` (why it was marked bad) and ``pinned`` (kept by ``gc``). A
+``successful``; plus ``bad`` (why it was marked bad), ``pinned`` (kept by ``gc``) and
+``verified`` (its image passed the digest check, recorded only after the check). A
 ``generation`` numbers every write of the whole state, and ``once`` names a deployment to boot
 next time only.
 
@@ -16,7 +17,9 @@ The rules:
 - a deployment that fails to mount, to verify or to find its init is marked bad at once and the
   next candidate boots in the same boot;
 - ``bless`` marks the booted deployment successful; a successful deployment boots without
-  counting.
+  counting;
+- when nothing is bootable, the *last resort* boots the deployment that last reached its init
+  (then the others), uncounted and in a degraded mode, rather than reboot forever.
 
 Every function returns a new state; none modifies its argument.
 """
@@ -34,7 +37,7 @@ class StateError(ValueError):
 
 
 class Entry:
-    __slots__ = ("bad", "pinned", "priority", "successful", "tries_left")
+    __slots__ = ("bad", "pinned", "priority", "successful", "tries_left", "verified")
 
     def __init__(
         self,
@@ -43,12 +46,14 @@ class Entry:
         successful: bool = False,
         bad: str | None = None,
         pinned: bool = False,
+        verified: bool = False,
     ) -> None:
         self.priority = priority
         self.tries_left = tries_left
         self.successful = successful
         self.bad = bad
         self.pinned = pinned
+        self.verified = verified
 
     def replace(self, **changes: object) -> Entry:
         values = {name: getattr(self, name) for name in self.__slots__}
@@ -143,6 +148,8 @@ class BootState:
                     successful=bool(v["successful"]),
                     bad=None if v["bad"] is None else str(v["bad"]),
                     pinned=bool(v["pinned"]),
+                    # Absent from files written before it existed: not verified yet.
+                    verified=bool(v.get("verified", False)),
                 )
                 for k, v in data["deployments"].items()
             }
@@ -175,6 +182,45 @@ def candidates(state: BootState) -> list[str]:
     return order
 
 
+def plan(state: BootState, pinned: str | None) -> list[str]:
+    """The candidates of this boot, in order: the deployment ``overlayroot.deployment=`` names
+    (when it is on disk; booted whatever its state), then :func:`candidates`."""
+    order = candidates(state)
+    if pinned in state.entries:
+        order = [pinned, *(k for k in order if k != pinned)]
+    return order
+
+
+def counts(deployment_id: str, pinned: str | None) -> bool:
+    """Whether booting ``deployment_id`` takes a try: every boot but a pinned one does (and a
+    successful deployment's try is free, see :func:`start_attempt`)."""
+    return deployment_id != pinned
+
+
+def needs_verification(entry: Entry) -> bool:
+    """A deployment's image is hashed until a check has passed, and never once it is known
+    good: hashing reads the whole image (~30 s for 250 MB under emulation)."""
+    return not entry.successful and not entry.verified
+
+
+def verified(state: BootState, deployment_id: str) -> BootState:
+    return state.with_entry(deployment_id, state.entries[deployment_id].replace(verified=True))
+
+
+def last_resort(state: BootState, last_started: str | None, tried: set[str]) -> list[str]:
+    """What to boot when nothing is bootable: every deployment not already tried in this boot,
+    the one that last reached its init (``last_started``) first, then those that used up their
+    tries (they reached their init at least once: they crashed, hung or were never blessed)
+    before those that failed to mount or verify, each group best first. Booted uncounted and
+    degraded: a machine that runs beats one that reboots forever."""
+
+    def rank(k: str) -> tuple[bool, bool, int, str]:
+        entry = state.entries[k]
+        return k == last_started, entry.bad == USED_UP, entry.priority, k
+
+    return sorted((k for k in state.entries if k not in tried), key=rank, reverse=True)
+
+
 def default(state: BootState) -> str | None:
     order = ranked(state)
     return order[0] if order else None
@@ -202,9 +248,11 @@ def sync(state: BootState, present: list[str]) -> BootState:
     return BootState(entries, state.generation, once)
 
 
-def add(state: BootState, deployment_id: str) -> BootState:
-    """A new deployment becomes the default, as a trial."""
-    return state.with_entry(deployment_id, Entry(priority=_top(state) + 1))
+def add(state: BootState, deployment_id: str, *, known_good: bool = False) -> BootState:
+    """A new deployment becomes the default, as a trial; or, ``known_good`` (a factory image
+    whose first deployment has been tested before it ships), as a successful one."""
+    return state.with_entry(deployment_id, Entry(priority=_top(state) + 1,
+                                                 successful=known_good, verified=known_good))
 
 
 def start_attempt(state: BootState, deployment_id: str, tries: int) -> tuple[BootState, bool]:

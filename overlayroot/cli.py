@@ -81,6 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
     bless.add_argument("--no-reboot", action="store_true",
                        help="when a required check fails, mark the deployment bad but do not"
                        " reboot")
+    bless.add_argument("--check-timeout", type=seconds, default=60.0, metavar="S",
+                       help="seconds a check may run before it is killed and fails, unless it"
+                       " names its own with overlayroot-timeout=S in its first lines"
+                       " (default 60)")
 
     mark_bad = command(
         "mark-bad", "overlayroot.manage:run_mark_bad", "never boot a deployment again by itself",
@@ -149,6 +153,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def seconds(text: str) -> float:
+    """A positive number of seconds, as an argparse type."""
+    try:
+        value = float(text) if text.isascii() else -1.0
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (0 to 86400]")
+    return value
+
+
 def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     # Declared here rather than in overlayroot.deploy: importing that for its options would cost
     # every command.
@@ -173,6 +188,12 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
         help="creation time, RFC 3339 ('2024-05-01T12:00:00Z') or '@<unix seconds>'; fixes the"
         " image's build time and every file's mtime so that builds are reproducible (default:"
         " $SOURCE_DATE_EPOCH, else now with mtimes kept)",
+    )
+    parser.add_argument(
+        "--known-good", action="store_true",
+        help="register the deployment as known good (blessed) instead of on trial: for a"
+        " factory image whose first deployment was tested before it shipped, so that a missing"
+        " or failing bless can never use up its tries",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the manifest and the path as JSON"

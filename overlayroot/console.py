@@ -27,3 +27,15 @@ class Console:
     def error(self, message: str) -> None:
         for i, line in enumerate(message.splitlines() or [""]):
             self.say(("error: " if i == 0 else "       ") + line)
+
+
+def describe_bug(e: BaseException) -> str:
+    """Where an unexpected exception came from, without importing ``traceback`` (not frozen)."""
+    frames = []
+    tb = e.__traceback__
+    while tb is not None:
+        frames.append(f"  {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in"
+                      f" {tb.tb_frame.f_code.co_name}")
+        tb = tb.tb_next
+    return "\n".join([f"internal error (a bug in overlayroot): {type(e).__name__}: {e}",
+                      *frames])

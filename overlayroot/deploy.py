@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from overlayroot import bootstate, layout, statefile, target
+from overlayroot import bootstate, files, layout, statefile, target, treecopy
 from overlayroot.errors import BootError
 
 # The directories the read-only lower must provide as mount points (DESIGN.md §4).
@@ -76,6 +76,8 @@ TOOLS = {
 # Namespace of the erofs filesystem UUIDs derived from deployment ids.
 UUID_NAMESPACE = uuid.UUID("3f0d6c52-5b0e-4a8c-9d7e-2f1c8a4b6e10")
 DIR_MODE = 0o755
+# An image holds the root's secrets (/etc/shadow, host keys): root alone may read it.
+IMAGE_MODE = 0o600
 
 
 def run(args: argparse.Namespace) -> int:
@@ -98,6 +100,7 @@ def run(args: argparse.Namespace) -> int:
         created=created,
         progress=Progress.for_stream(sys.stderr),
         etc_from=etc_from,
+        known_good=args.known_good,
     )
     if args.json:
         print(json.dumps({**manifest.to_dict(), "path": str(final)}, indent=2, sort_keys=True))
@@ -107,8 +110,11 @@ def run(args: argparse.Namespace) -> int:
             f" sha256 {manifest.sha256[:16]}…) at {final}"
         )
         carried = f"; /etc carried forward from {where.booted_id}" if etc_from else ""
-        print(f"{manifest.id} is the default now, on trial: it boots next{carried}; once it"
-              " works, `overlayroot bless` keeps it")
+        if args.known_good:
+            print(f"{manifest.id} is the default now, known good: it boots next{carried}")
+        else:
+            print(f"{manifest.id} is the default now, on trial: it boots next{carried}; once it"
+                  " works, `overlayroot bless` keeps it")
     return 0
 
 
@@ -251,12 +257,14 @@ def deploy(
     created: int | None = None,
     progress: Progress | None = None,
     etc_from: Path | None = None,
+    known_good: bool = False,
 ) -> tuple[layout.Manifest, Path]:
     """Stage ``source`` as a deployment on the state filesystem at ``sysroot`` and make it the
     default, on trial.
 
     ``created`` (UNIX seconds) makes the result reproducible; None means now, mtimes kept.
-    ``etc_from`` is an ``/etc`` upper to start the new deployment's from.
+    ``etc_from`` is an ``/etc`` upper to start the new deployment's from. ``known_good``
+    registers it as blessed rather than on trial.
     Returns the manifest and the deployment's directory.
     """
     progress = progress or Progress(None)
@@ -305,10 +313,10 @@ def deploy(
                 make_etc(state, deployment_id)
             else:
                 carry_etc(state, deployment_id, etc_from, etc_staging, progress)
-            registered = register(state, deployment_id, progress)
+            registered = register(state, deployment_id, progress, known_good)
             with converting_os_errors(f"moving {staging} to {final}"):
                 os.rename(staging, final)
-                statefile.fsync_dir(state.deployments)
+                files.fsync_dir(state.deployments)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(etc_staging, ignore_errors=True)
@@ -324,8 +332,8 @@ def make_etc(state: layout.StateLayout, deployment_id: str) -> None:
     with converting_os_errors(f"creating the /etc upper of {deployment_id}"):
         for directory in (state.etc_upper(deployment_id), state.etc_work(deployment_id)):
             make_dir(directory)
-        statefile.fsync_dir(state.top / "etc" / deployment_id)
-        statefile.fsync_dir(state.top / "etc")
+        files.fsync_dir(state.top / "etc" / deployment_id)
+        files.fsync_dir(state.top / "etc")
 
 
 def carry_etc(
@@ -350,18 +358,20 @@ def carry_etc(
             progress.note(f"replacing {etc_dir}, left over by an interrupted deploy")
             shutil.rmtree(etc_dir)
         os.rename(staging, etc_dir)
-        statefile.fsync_dir(state.top / "etc")
+        files.fsync_dir(state.top / "etc")
 
 
 def register(
-    state: layout.StateLayout, deployment_id: str, progress: Progress
+    state: layout.StateLayout, deployment_id: str, progress: Progress, known_good: bool = False
 ) -> bootstate.BootState:
-    """Make ``deployment_id`` the default, on trial; returns the state written."""
+    """Make ``deployment_id`` the default, on trial (or known good); returns the state
+    written."""
     current, notes = statefile.load(state)
     for note in notes:
         progress.note(f"warning: {note}")
     with converting_os_errors(f"registering {deployment_id} in {state.top / statefile.STATE}"):
-        return statefile.save(state, bootstate.add(current, deployment_id))
+        return statefile.save(state, bootstate.add(current, deployment_id,
+                                                   known_good=known_good))
 
 
 def inspect_source(source: Path, fmt: str | None) -> tuple[str, str]:
@@ -451,7 +461,7 @@ def stage(
     )
     with converting_os_errors(f"writing {staging / layout.MANIFEST}"):
         write_file(staging / layout.MANIFEST, manifest.to_json().encode())
-        statefile.fsync_dir(staging)
+        files.fsync_dir(staging)
     return manifest
 
 
@@ -499,6 +509,7 @@ def build_image(
             f"{tool} failed to build {image} from {source} (exit {result.returncode}):"
             f" {last_lines(output)}; {hint}"
         )
+    os.chmod(image, IMAGE_MODE)
 
 
 def copy_file(source: Path, target: Path, progress: Progress) -> None:
@@ -513,66 +524,21 @@ def copy_file(source: Path, target: Path, progress: Progress) -> None:
             dst.write(chunk)
             done += len(chunk)
             report(done)
-    os.chmod(target, 0o644)
+    os.chmod(target, IMAGE_MODE)
 
 
 def copy_tree(source: Path, target: Path, *, mtime: int | None, progress: Progress) -> None:
     """Copy keeping owners, modes, xattrs, symlinks, devices and hardlinks; mtimes too unless
     ``mtime`` fixes them all."""
-    links: dict[tuple[int, int], str] = {}
-    root = (os.fsdecode(source), os.fsdecode(target))
-    directories = [(*root, os.lstat(source))]
-    stack = [root]
-    done = 0
-    os.mkdir(target, 0o700)
     with progress.task(f"copying {source}", None) as report:
-        while stack:
-            src_dir, dst_dir = stack.pop()
-            with os.scandir(src_dir) as entries:
-                names = sorted(entry.name for entry in entries)
-            for name in names:
-                src, dst = f"{src_dir}/{name}", f"{dst_dir}/{name}"
-                st = os.lstat(src)
-                if stat.S_ISDIR(st.st_mode):
-                    os.mkdir(dst, 0o700)
-                    stack.append((src, dst))
-                    directories.append((src, dst, st))
-                    continue
-                if stat.S_ISREG(st.st_mode) and st.st_nlink > 1:
-                    first = links.setdefault((st.st_dev, st.st_ino), dst)
-                    if first != dst:
-                        os.link(first, dst)
-                        continue
-                if stat.S_ISREG(st.st_mode):
-                    shutil.copyfile(src, dst, follow_symlinks=False)
-                    done += st.st_size
-                    report(done)
-                elif stat.S_ISLNK(st.st_mode):
-                    os.symlink(os.readlink(src), dst)
-                else:
-                    os.mknod(dst, st.st_mode, st.st_rdev)
-                copy_metadata(src, dst, st, mtime)
-        # Directories last and deepest first: filling them changed their mtimes.
-        for src, dst, st in reversed(directories):
-            copy_metadata(src, dst, st, mtime)
-
-
-def copy_metadata(src: str, dst: str, st: os.stat_result, mtime: int | None) -> None:
-    """Owner first (chown clears set-id bits and file capabilities), then mode, xattrs, times."""
-    os.chown(dst, st.st_uid, st.st_gid, follow_symlinks=False)
-    if not stat.S_ISLNK(st.st_mode):
-        os.chmod(dst, stat.S_IMODE(st.st_mode))
-    for attr in os.listxattr(src, follow_symlinks=False):
-        os.setxattr(dst, attr, os.getxattr(src, attr, follow_symlinks=False), follow_symlinks=False)
-    times = (mtime * 10**9,) * 2 if mtime is not None else (st.st_atime_ns, st.st_mtime_ns)
-    os.utime(dst, ns=times, follow_symlinks=False)
+        treecopy.copy_tree(source, target, mtime=mtime, report=report)
 
 
 def fix_mtimes(root: Path, mtime: int) -> None:
     """Every mtime (and atime) under ``root``, symlinks included, set to ``mtime``."""
     times = (mtime * 10**9,) * 2
-    for directory, dirs, files in os.walk(root, topdown=False):
-        for name in (*files, *dirs):
+    for directory, dirs, names in os.walk(root, topdown=False):
+        for name in (*names, *dirs):
             os.utime(os.path.join(directory, name), ns=times, follow_symlinks=False)
     os.utime(root, ns=times)
 
@@ -581,8 +547,8 @@ def tree_size(root: Path) -> int:
     """Bytes of the regular files in a tree, each hardlinked file counted once."""
     seen: set[int] = set()
     total = 0
-    for directory, _, files in os.walk(root):
-        for name in files:
+    for directory, _, names in os.walk(root):
+        for name in names:
             st = os.lstat(os.path.join(directory, name))
             if stat.S_ISREG(st.st_mode) and st.st_ino not in seen:
                 seen.add(st.st_ino)

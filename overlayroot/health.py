@@ -17,6 +17,12 @@ name order, each judged by its exit status.
   failure the update did not cause. The command fails loudly instead.
 - A wanted check that fails is a warning.
 
+Checks run as root, so only root may change them: a check, or a directory on the way to it,
+that is not owned by root or that its group or others may write is refused (not run; a refused
+required check fails). Each check has a time limit — ``--check-timeout`` (default 60 s), or its
+own ``overlayroot-timeout=SECONDS`` in its first lines — after which it and every process it
+started are killed and it fails: a hung check must not hold the bless forever.
+
 The boot state is saved before the watchdog is stopped: if stopping fails, the reset that
 follows boots the same deployment, now known good, without counting.
 """
@@ -24,7 +30,10 @@ follows boots the same deployment, now known good, without counting.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import signal
+import stat
 import subprocess
 import sys
 
@@ -35,6 +44,10 @@ CHECK_DIR = "/etc/overlayroot/check.d"
 KINDS = ("required", "wanted")
 TAIL_LINES = 5
 REBOOT = ("reboot",)  # systemd's, or busybox's: both ask init for an orderly reboot
+DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 86400.0
+TIMEOUT_KEY = b"overlayroot-timeout="
+HEADER = 1024  # bytes of a check read for its own time limit
 
 
 class Result:
@@ -57,13 +70,69 @@ class Result:
             f": {tail}" if tail else "")
 
 
+class Check:
+    __slots__ = ("kind", "path", "refused", "timeout")
+
+    def __init__(self, kind: str, path: str, timeout: float, refused: str | None) -> None:
+        self.kind = kind
+        self.path = path
+        self.timeout = timeout
+        self.refused = refused  # why it must not run, or None
+
+
 def tail_of(output: str) -> str:
     lines = [line.strip() for line in output.strip().splitlines() if line.strip()]
     return " / ".join(lines[-TAIL_LINES:])[-400:]
 
 
-def checks(directory: str) -> list[tuple[str, str]]:
-    """``(kind, path)`` of every check, required first, each kind in name order."""
+def untrusted(path: str, st: os.stat_result) -> str | None:
+    """Why root must not run what ``path`` is, or None: not root's, or writable by others (a
+    sticky directory such as /tmp excepted: others cannot rename or remove root's entries)."""
+    if st.st_uid != 0:
+        return f"{path} is owned by uid {st.st_uid}, not root"
+    sticky = stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX
+    if st.st_mode & 0o022 and not sticky:
+        return f"{path} is writable by its group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def untrusted_path(path: str) -> str | None:
+    """``untrusted`` for the file at ``path`` (symlinks followed) and every directory above
+    it: whoever may change any of them may change what runs."""
+    real = os.path.realpath(path)
+    parts = real.split("/")
+    for end in range(1, len(parts) + 1):
+        where = "/".join(parts[:end]) or "/"
+        try:
+            problem = untrusted(where, os.stat(where))
+        except OSError as e:
+            return f"cannot check {where}: {e.strerror}"
+        if problem:
+            return problem
+    return None
+
+
+def time_limit(path: str, default: float) -> float:
+    """The check's own ``overlayroot-timeout=SECONDS`` from its first lines, else ``default``."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER)
+    except OSError:
+        return default
+    at = head.find(TIMEOUT_KEY)
+    if at < 0:
+        return default
+    word = head[at + len(TIMEOUT_KEY):].split(None, 1)[0:1]
+    text = word[0].decode("ascii", "replace") if word else ""
+    if text.isascii() and text.replace(".", "", 1).isdigit() and 0 < float(text) <= MAX_TIMEOUT:
+        return float(text)
+    raise BootError(f"{path}: overlayroot-timeout={text!r} is not a number of seconds (0 to"
+                    f" {MAX_TIMEOUT:g}]")
+
+
+def checks(directory: str, default_timeout: float = DEFAULT_TIMEOUT) -> list[Check]:
+    """Every check, required first, each kind in name order; a check root must not trust is
+    listed as refused."""
     found = []
     for kind in KINDS:
         folder = os.path.join(directory, kind)
@@ -77,22 +146,35 @@ def checks(directory: str) -> list[tuple[str, str]]:
             path = os.path.join(folder, name)
             if name.startswith(".") or not os.path.isfile(path):
                 continue
-            if not os.access(path, os.X_OK):
+            refused = untrusted_path(path)
+            if refused is None and not os.access(path, os.X_OK):
                 print(f"overlayroot: warning: {path} is not executable: not run",
                       file=sys.stderr)
                 continue
-            found.append((kind, path))
+            timeout = default_timeout if refused else time_limit(path, default_timeout)
+            found.append(Check(kind, path, timeout, refused))
     return found
 
 
-def run_check(kind: str, path: str) -> Result:
-    name = os.path.basename(path)
+def run_check(check: Check) -> Result:
+    name = os.path.basename(check.path)
+    if check.refused:
+        return Result(check.kind, name, f"refused, not run: {check.refused}", "")
     try:
-        done = subprocess.run([path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, errors="replace")
+        process = subprocess.Popen([check.path], stdin=subprocess.DEVNULL,
+                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     except OSError as e:
-        return Result(kind, name, f"cannot run it: {e.strerror}", "")
-    return Result(kind, name, done.returncode, done.stdout)
+        return Result(check.kind, name, f"cannot run it: {e.strerror}", "")
+    try:
+        output, _ = process.communicate(timeout=check.timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)  # the check and all it started
+        output, _ = process.communicate()
+        return Result(check.kind, name, f"timed out after {check.timeout:g} s: killed",
+                      output.decode(errors="replace"))
+    return Result(check.kind, name, process.returncode, output.decode(errors="replace"))
 
 
 def run_bless(args: argparse.Namespace) -> int:
@@ -104,11 +186,11 @@ def run_bless(args: argparse.Namespace) -> int:
     trial = bool(where.booted.get("trial"))
 
     failed_required = None
-    for kind, path in checks(CHECK_DIR):
-        result = run_check(kind, path)
+    for check in checks(CHECK_DIR, args.check_timeout):
+        result = run_check(check)
         if result.passed:
-            print(f"overlayroot: health check {kind}/{result.name}: ok")
-        elif kind == "wanted":
+            print(f"overlayroot: health check {check.kind}/{result.name}: ok")
+        elif check.kind == "wanted":
             print(f"overlayroot: warning: {result.describe()}", file=sys.stderr)
         else:
             failed_required = result
@@ -122,7 +204,7 @@ def run_bless(args: argparse.Namespace) -> int:
         where.check_known(state, booted)
         if not state.entries[booted].successful:
             where.save(bootstate.bless(state, booted))
-    where.record("blessed", booted)
+        where.record("blessed", booted)
     print(f"overlayroot: blessed {booted}: it is known good")
     if where.booted.get("watchdog"):
         try:
@@ -157,7 +239,7 @@ def condemn(where: target.Target, booted: str, trial: bool, reason: str, no_rebo
                 " deployment could boot"
             )
         where.save(new)
-    where.record("marked-bad", booted, reason=reason)
+        where.record("marked-bad", booted, reason=reason)
     print(f"overlayroot: error: {reason}", file=sys.stderr)
     print(f"overlayroot: marked {booted} bad; {fallback} boots next", file=sys.stderr)
     if no_reboot:

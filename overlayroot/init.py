@@ -21,7 +21,7 @@ import time
 
 from overlayroot import devices, modload, syscalls
 from overlayroot.cmdline import Options, onfail_from, parse_options
-from overlayroot.console import Console
+from overlayroot.console import Console, describe_bug
 from overlayroot.errors import BootError
 from overlayroot.prepare import prepare_root
 from overlayroot.switchroot import switch_root
@@ -151,18 +151,6 @@ def python_shell(console: Console) -> None:
             return
         except BaseException as e:
             print(f"{type(e).__name__}: {e}", flush=True)
-
-
-def describe_bug(e: BaseException) -> str:
-    """Where an unexpected exception came from, without importing ``traceback`` (not frozen)."""
-    frames = []
-    tb = e.__traceback__
-    while tb is not None:
-        frames.append(f"  {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in"
-                      f" {tb.tb_frame.f_code.co_name}")
-        tb = tb.tb_next
-    return "\n".join([f"internal error (a bug in overlayroot): {type(e).__name__}: {e}",
-                      *frames])
 
 
 def main() -> None:

@@ -18,6 +18,7 @@ import os
 import re
 from pathlib import Path
 
+from overlayroot import files
 from overlayroot.errors import BootError
 
 # Type-only imports: the boot stage must not pay for importing ``collections`` (or ``typing``).
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 
 TOP = "overlayroot"
 MANIFEST = "manifest.json"
+MANIFEST_LIMIT = 1 << 16
 FORMATS = {"erofs": "root.erofs", "squashfs": "root.squashfs", "dir": "root"}
 # Ids become directory names and appear on the kernel command line.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
@@ -156,11 +158,16 @@ class StateLayout:
     def read_manifest(self, deployment_id: str) -> Manifest:
         path = self.deployment_dir(deployment_id) / MANIFEST
         try:
-            text = path.read_text()
+            data = files.read_regular(path, MANIFEST_LIMIT)
         except FileNotFoundError:
             raise BootError(f"deployment {deployment_id!r} has no manifest at {path}") from None
         except OSError as e:
             raise BootError(f"cannot read {path}: {e.strerror}") from None
+        try:
+            text = data.decode()
+        except UnicodeDecodeError as e:
+            raise BootError(f"{path}: not a valid deployment manifest (not UTF-8 text:"
+                            f" {e.reason} at byte {e.start})") from None
         manifest = Manifest.from_json(text, path)
         if manifest.id != deployment_id:
             raise BootError(f"{path}: manifest id {manifest.id!r} != directory {deployment_id!r}")

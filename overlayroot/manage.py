@@ -15,7 +15,7 @@ import shutil
 import sys
 from collections.abc import Callable
 
-from overlayroot import bootstate, target
+from overlayroot import bootstate, files, target
 from overlayroot.bootstate import BootState
 from overlayroot.errors import BootError
 from overlayroot.layout import Manifest
@@ -24,14 +24,20 @@ Change = Callable[[target.Target, BootState], BootState]
 
 
 def change(
-    args: argparse.Namespace, command: str, apply: Change
+    args: argparse.Namespace, command: str, apply: Change,
+    event: tuple[str, str, dict[str, object]] | None = None,
 ) -> tuple[target.Target, BootState]:
-    """Run ``apply`` on the boot state under the lock and save what it returns."""
+    """Run ``apply`` on the boot state under the lock, save what it returns and add ``event``
+    (name, deployment, fields) to the history, still under the lock."""
     where = target.find(args.sysroot)
     where.require_state()
     target.require_root(f"overlayroot {command}", where)
     with target.locked(where.layout):
-        return where, where.save(apply(where, where.load()))
+        saved = where.save(apply(where, where.load()))
+        if event is not None:
+            name, deployment, fields = event
+            where.record(name, deployment, **fields)
+        return where, saved
 
 
 def run_rollback(args: argparse.Namespace) -> int:
@@ -71,8 +77,8 @@ def run_mark_bad(args: argparse.Namespace) -> int:
             )
         return new
 
-    where, state = change(args, "mark-bad", apply)
-    where.record("marked-bad", deployment_id, reason=reason)
+    _, state = change(args, "mark-bad", apply,
+                      ("marked-bad", deployment_id, {"reason": reason}))
     print(f"marked {deployment_id} bad: {reason}; the default is {bootstate.default(state)}")
     return 0
 
@@ -158,11 +164,14 @@ def run_gc(args: argparse.Namespace) -> int:
         created = {k: _created(where, k) for k in state.entries}
         going = doomed(state, created, where.booted_id, args.keep)
         safe = protected(state, where.booted_id)
+        leftovers = _leftovers(where)
         for k in sorted(safe):
             print(f"keeping {k} ({safe[k]})")
         if args.dry_run:
             for k in going:
                 print(f"would remove {k}")
+            for path in leftovers:
+                print(f"would remove {path}, left by an interrupted command")
             return 0
         # Out of sight first: renamed to a dot name, a deployment is no longer one (for the
         # boot stage and bootstate.sync), so a crash from here on cannot boot half of it.
@@ -175,15 +184,19 @@ def run_gc(args: argparse.Namespace) -> int:
                 raise BootError(f"cannot remove {layout.deployment_dir(k)}: {e.strerror}"
                                 f"{target.advice(e.errno)}") from None
             hidden.append(str(away))
+        if going:
+            files.fsync_dir(layout.deployments)
         new = state
         for k in going:
             new = new.without(k)
         where.save(new)
-        for path in [*hidden, *_leftovers(where)]:
+        for path in [*hidden, *leftovers]:
             shutil.rmtree(path, ignore_errors=True)
         for k in going:
             shutil.rmtree(layout.top / "etc" / k, ignore_errors=True)
             print(f"removed {k}")
+        for path in leftovers:
+            print(f"removed {path}, left by an interrupted command")
     if not going:
         print(f"nothing to remove: {len(state.entries)} deployments, keeping {args.keep}")
     return 0
@@ -199,19 +212,16 @@ def _created(where: target.Target, deployment_id: str) -> str:
 
 
 def _leftovers(where: target.Target) -> list[str]:
-    """What interrupted deploys and gc runs left: staging and removal directories, and /etc
-    directories of deployments that are gone."""
+    """What interrupted deploys and gc runs left: their staging and removal directories. An
+    ``/etc`` upper without a deployment is not one of them: a pipeline may have put it there
+    for a deployment still to come."""
     layout = where.layout
     found = []
-    for parent, present in ((layout.deployments, None), (layout.top / "etc", layout.deployments)):
+    for parent in (layout.deployments, layout.top / "etc"):
         try:
             names = os.listdir(parent)
         except FileNotFoundError:
             continue
-        for name in names:
-            if name.startswith((".staging-", ".removing-")) or (
-                present is not None and not os.path.lexists(present / name)
-            ):
-                found.append(str(parent / name))
+        found += [str(parent / name) for name in sorted(names)
+                  if name.startswith((".staging-", ".removing-"))]
     return found
-

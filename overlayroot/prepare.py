@@ -1,50 +1,209 @@
-"""Choose a deployment, count the boot, assemble the root, and fall back when it fails.
+"""The boot flow: choose a deployment, count the boot, assemble the root, fall back by itself.
 
-``prepare_root`` is what every integration calls once the state filesystem is mounted: our
-standalone ``/init``, and dracut, mkinitcpio and initramfs-tools through
+:func:`prepare_root` is what every integration calls once the state filesystem is mounted:
+our standalone ``/init``, and dracut, mkinitcpio and initramfs-tools through
 ``python -m overlayroot.prepare /sysroot`` (exit 0: the root is ready; 1: it is not, and the
-console says why). The steps:
+console says why). The boot, step by step:
 
-1. read the boot state (recovering from a torn or missing file, and saying so);
-2. list the candidates: ``overlayroot.deployment=`` first if given, then the one-shot choice,
-   then the bootable deployments by priority;
-3. for each candidate: take a try and write it to disk *before* anything else (a crash from here
-   on counts), verify the image's digest on its first boot, and assemble;
-4. a candidate that fails is marked bad with the reason and the next one is tried, in this boot;
-5. arm the watchdog for a trial boot, record the attempt in the history, write ``booted.json``.
+1. **Read the boot state**, recovering a torn, missing or damaged ``boot.json`` (from
+   ``boot.json.prev``, else rebuilt from the deployments and the history), marking deployments
+   that used up their tries without a bless, and writing the repair at once.
+2. **Plan the candidates** (:func:`overlayroot.bootstate.plan`): the deployment
+   ``overlayroot.deployment=`` names, the one-shot choice, then the bootable ones by priority.
+3. **Try each candidate** until one is assembled:
+
+   a. *take a try* and write it to disk before anything else, so a crash from here on counts
+      (not for a pinned boot; free for a known-good deployment);
+   b. *verify* the image against its manifest's digest until a check has passed, and record
+      that it passed;
+   c. *assemble* the root (:mod:`overlayroot.assemble`).
+
+   Whatever goes wrong with a candidate — a damaged image or manifest, no init, a bug of ours —
+   marks it bad with the reason, and the next candidate is tried in this boot.
+4. **Last resort**: when nothing is bootable, boot the deployment that last reached its init
+   (then the others), uncounted, without a watchdog and *degraded*, which the console,
+   ``booted.json``, ``status`` and the history say: a machine that runs beats one that
+   reboots forever.
+5. **Hand over**: arm the watchdog for a trial boot, record the boot in the history, write
+   ``booted.json``.
+
+Only a failure outside every candidate — no state filesystem, no deployment on it — ends the
+boot with an error.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 
 from overlayroot import bootstate, statefile, syscalls, watchdog
-from overlayroot.assemble import Booted, assemble, write_booted
+from overlayroot.assemble import Booted, assemble
 from overlayroot.bootstate import BootState
 from overlayroot.cmdline import Options, parse_options
-from overlayroot.console import Console
+from overlayroot.console import Console, describe_bug
 from overlayroot.errors import BootError
 from overlayroot.layout import Manifest, StateLayout
 
-# _sha256 is built into the interpreter; hashlib would pull in OpenSSL's libcrypto.
+# The digest without hashlib, which would pull OpenSSL's libcrypto into the initramfs: the
+# module is built into the interpreter (_sha256 up to 3.11, _sha2 from 3.12).
 try:
-    from _sha256 import sha256  # type: ignore[import-not-found]
-except ImportError:  # Python 3.12 renamed it _sha2
-    from hashlib import sha256
+    from _sha2 import sha256  # type: ignore[import-not-found]
+except ImportError:
+    from _sha256 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
 
 RUN_DIR = "/run/overlayroot"
+BOOTED_FILE = "booted.json"
 _CHUNK = 1 << 20
 
 
-def sha256_file(path: str) -> str:
-    digest = sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return str(digest.hexdigest())
+class Boot:
+    """One boot in progress: the state as last written, and what ``booted.json`` and the
+    history will say of it."""
+
+    def __init__(self, layout: StateLayout, opts: Options, console: Console, where: str) -> None:
+        self.layout = layout
+        self.opts = opts
+        self.console = console
+        self.where = where  # the state device, for messages
+        self.state = BootState()
+        self.counted: bool | None = None  # None: not a trial
+        self.count_error: str | None = None
+        self.failed: list[dict[str, str]] = []
+        self.recovery: list[str] = []
+        self.repairs: list[str] = []
+        self.degraded: str | None = None
+
+    def save(self, state: BootState, failure: str) -> str | None:
+        """Write ``state``; on failure keep it in memory, say ``failure`` and return why."""
+        try:
+            self.state = statefile.save(self.layout, state)
+            return None
+        except OSError as e:
+            self.state = state
+            error = f"cannot write {self.layout.top / statefile.STATE}: {e.strerror}"
+            self.console.warn(f"{failure}: {error}")
+            return error
+
+    def record(self, event: str, deployment: str | None, **fields: object) -> None:
+        try:
+            statefile.append_history(self.layout, event, deployment, **fields)
+        except OSError as e:
+            self.console.warn(f"cannot add to the boot history"
+                              f" {self.layout.top / statefile.HISTORY}: {e.strerror}")
+
+
+def prepare_root(
+    sysroot: str, run_dir: str, opts: Options, device: str | None, console: Console
+) -> Booted:
+    """Make ``sysroot`` (the mounted state filesystem) the assembled root of a deployment."""
+    boot = Boot(StateLayout(sysroot), opts, console, device or sysroot)
+    read_state(boot)
+    for deployment_id in plan(boot):
+        booted = attempt(boot, deployment_id, sysroot, run_dir, device,
+                         counted=bootstate.counts(deployment_id, opts.deployment))
+        if booted is not None:
+            return hand_over(boot, booted, run_dir)
+    for deployment_id in last_resort(boot):
+        booted = attempt(boot, deployment_id, sysroot, run_dir, device, counted=False)
+        if booted is not None:
+            return hand_over(boot, booted, run_dir)
+    raise BootError(
+        f"no deployment on {boot.where} could boot, not even as a last resort:\n"
+        + "\n".join(f"  - {f['reason']}" for f in boot.failed)
+        + "\ndeploy a working image with `overlayroot deploy --sysroot DIR SOURCE` from another"
+        " system"
+    )
+
+
+def read_state(boot: Boot) -> None:
+    """Step 1: the boot state, recovered and repaired if need be."""
+    layout = boot.layout
+    if not layout.exists():
+        raise BootError(
+            f"{boot.where} holds no overlayroot state (no overlayroot/deployments directory);"
+            " point overlayroot.state= at the state filesystem, or provision it with"
+            " `overlayroot deploy`"
+        )
+    state, boot.recovery = statefile.load(layout)
+    for note in boot.recovery:
+        boot.console.warn(note)
+        boot.record("recovered", None, reason=note)
+    state, used_up = bootstate.mark_used_up(state)
+    for deployment_id in used_up:
+        boot.console.say(f"deployment {deployment_id} {bootstate.USED_UP}")
+        boot.record("failed", deployment_id, reason=bootstate.USED_UP)
+    boot.state = state
+    if boot.recovery or used_up:
+        # Write the repair now: a boot that is not a trial would otherwise leave the damaged
+        # or stale file on disk until some command writes it.
+        boot.save(state, "cannot write the repaired boot state")
+    if not state.entries:
+        raise BootError(
+            f"no deployments in {layout.deployments} on {boot.where}; stage one with"
+            " `overlayroot deploy --sysroot <mounted state filesystem> <image or tree>`"
+        )
+
+
+def plan(boot: Boot) -> list[str]:
+    """Step 2: the candidates, in order."""
+    pinned = boot.opts.deployment
+    if pinned is not None and pinned not in boot.state.entries:
+        boot.console.warn(
+            f"deployment {pinned!r} (overlayroot.deployment=) is not on {boot.where}; booting"
+            f" the usual candidates instead (deployments there:"
+            f" {', '.join(sorted(boot.state.entries))})"
+        )
+    return bootstate.plan(boot.state, pinned)
+
+
+def attempt(boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: str | None,
+            *, counted: bool) -> Booted | None:
+    """Step 3 for one candidate: the assembled root, or None when it failed (marked bad)."""
+    if boot.failed:
+        boot.console.say(f"falling back to deployment {deployment_id}")
+    boot.counted = boot.count_error = None
+    if counted:
+        take_try(boot, deployment_id)
+    try:
+        manifest = boot.layout.read_manifest(deployment_id)
+        if bootstate.needs_verification(boot.state.entries[deployment_id]):
+            verify(boot.layout, manifest)
+            boot.save(bootstate.verified(boot.state, deployment_id),
+                      f"cannot record that the image of {deployment_id} passed its check (it"
+                      " is checked again next boot)")
+        return assemble(sysroot, run_dir, boot.opts, manifest, device=device,
+                        repairs=boot.repairs)
+    except Exception as e:
+        if isinstance(e, BootError):
+            reason = str(e)
+            boot.console.error(reason)
+        else:
+            boot.console.error(describe_bug(e))
+            reason = (f"internal error (a bug in overlayroot) while booting {deployment_id}:"
+                      f" {type(e).__name__}: {e}")
+        boot.failed.append({"deployment": deployment_id, "reason": reason})
+        boot.save(bootstate.mark_bad(boot.state, deployment_id, reason),
+                  f"cannot record that {deployment_id} is bad")
+        boot.record("failed", deployment_id, reason=reason)
+        return None
+
+
+def take_try(boot: Boot, deployment_id: str) -> None:
+    """Step 3a: the try, on disk before the root is touched. A write that fails is said, and
+    recorded as an uncounted boot: never silently ignored."""
+    new, trial = bootstate.start_attempt(boot.state, deployment_id, boot.opts.tries)
+    if new == boot.state:
+        return
+    error = boot.save(new, f"this boot of {deployment_id} is NOT counted, and will not fall"
+                      " back by itself if it fails")
+    if trial:
+        boot.counted = error is None
+        boot.count_error = error
 
 
 def verify(layout: StateLayout, manifest: Manifest) -> None:
+    """Step 3b: the image's sha256 against its manifest's."""
     if manifest.format == "dir":
         return  # a tree is checked by its mount points and init; hashing it costs a full walk
     image = str(layout.image_path(manifest))
@@ -61,36 +220,34 @@ def verify(layout: StateLayout, manifest: Manifest) -> None:
         )
 
 
-class Attempt:
-    """The bookkeeping of one boot, written into ``booted.json``."""
-
-    def __init__(self) -> None:
-        self.counted: bool | None = None  # None: not a trial
-        self.count_error: str | None = None
-        self.failed: list[dict[str, str]] = []
-        self.notes: list[str] = []
+def sha256_file(path: str) -> str:
+    digest = sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            digest.update(chunk)
+    return str(digest.hexdigest())
 
 
-def _save(layout: StateLayout, state: BootState, console: Console, why: str) -> tuple[
-        BootState, str | None]:
-    try:
-        return statefile.save(layout, state), None
-    except OSError as e:
-        error = f"cannot write {layout.top / statefile.STATE}: {e.strerror}"
-        console.warn(f"{why}: {error}")
-        return state, error
+def last_resort(boot: Boot) -> list[str]:
+    """Step 4: when nothing was bootable, what to boot anyway, degraded."""
+    tried = {f["deployment"] for f in boot.failed}
+    last_started = None
+    for event in reversed(statefile.read_history(boot.layout)):
+        if event.get("event") == "boot" and isinstance(event.get("deployment"), str):
+            last_started = str(event["deployment"])
+            break
+    order = bootstate.last_resort(boot.state, last_started, tried)
+    if order:
+        boot.degraded = ("nothing was bootable: every deployment failed or used up its tries"
+                         " without a bless")
+        boot.console.error(f"no bootable deployment on {boot.where}:\n"
+                           f"{describe_state(boot.state)}\nDEGRADED boot as a last resort: the"
+                           f" deployment that last reached its init first ({', '.join(order)});"
+                           " fix it and run `overlayroot bless`, or deploy a working image")
+    return order
 
 
-def _history(layout: StateLayout, console: Console, event: str, deployment: str | None,
-             **fields: object) -> None:
-    try:
-        statefile.append_history(layout, event, deployment, **fields)
-    except OSError as e:
-        console.warn(f"cannot add to the boot history {layout.top / statefile.HISTORY}:"
-                     f" {e.strerror}")
-
-
-def _describe(state: BootState) -> str:
+def describe_state(state: BootState) -> str:
     lines = []
     for k in sorted(state.entries, key=lambda k: -state.entries[k].priority):
         e = state.entries[k]
@@ -99,111 +256,48 @@ def _describe(state: BootState) -> str:
     return "\n".join(lines) or "  (none)"
 
 
-def prepare_root(
-    sysroot: str, run_dir: str, opts: Options, device: str | None, console: Console
-) -> Booted:
-    """Make ``sysroot`` (the mounted state filesystem) the assembled root of a deployment."""
-    where = device or sysroot
-    layout = StateLayout(sysroot)
-    if not layout.exists():
-        raise BootError(
-            f"{where} holds no overlayroot state (no overlayroot/deployments directory); point"
-            " overlayroot.state= at the state filesystem, or provision it with"
-            " `overlayroot deploy`"
-        )
-    state, notes = statefile.load(layout)
-    attempt = Attempt()
-    attempt.notes = notes
-    for note in notes:
-        console.warn(note)
-        _history(layout, console, "recovered", None, reason=note)
-    state, used_up = bootstate.mark_used_up(state)
-    for deployment_id in used_up:
-        console.say(f"deployment {deployment_id} {bootstate.USED_UP}")
-        _history(layout, console, "failed", deployment_id, reason=bootstate.USED_UP)
-    if notes or used_up:
-        # Write the repair now: a boot that is not a trial would otherwise leave the damaged
-        # or stale file on disk until some command writes it.
-        state, _ = _save(layout, state, console, "cannot write the repaired boot state")
-    if not state.entries:
-        raise BootError(
-            f"no deployments in {layout.deployments} on {where}; stage one with"
-            " `overlayroot deploy --sysroot <mounted state filesystem> <image or tree>`"
-        )
-    order = bootstate.candidates(state)
-    pinned = opts.deployment
-    if pinned is not None:
-        if pinned not in state.entries:
-            raise BootError(
-                f"deployment {pinned!r} (overlayroot.deployment=) is not on {where};"
-                f" deployments there: {', '.join(sorted(state.entries))}"
-            )
-        order = [pinned, *(k for k in order if k != pinned)]
-    if not order:
-        raise BootError(
-            f"no bootable deployment on {where}: every one has failed or used up its tries:\n"
-            f"{_describe(state)}\nboot one anyway with overlayroot.deployment=ID, then"
-            " `overlayroot set-default ID`"
-        )
-    for index, deployment_id in enumerate(order):
-        if index:
-            console.say(f"falling back to deployment {deployment_id}")
-        trial = False
-        # A deployment's image is verified on its first boot, before it ever runs: hashing
-        # costs a read of the whole image (seconds on hardware, ~30 s for 250 MB under
-        # emulation), too much for every trial boot.
-        first_boot = state.entries[deployment_id].tries_left is None
-        if deployment_id != pinned:
-            before = state
-            state, trial = bootstate.start_attempt(state, deployment_id, opts.tries)
-            if state != before:
-                state, error = _save(layout, state, console, f"this boot of {deployment_id} is"
-                                     " NOT counted, and will not fall back by itself if it fails")
-                if trial:
-                    attempt.counted = error is None
-                    attempt.count_error = error
-        try:
-            manifest = layout.read_manifest(deployment_id)
-            if trial and first_boot:
-                verify(layout, manifest)
-            booted = assemble(sysroot, run_dir, opts, device=device, manifest=manifest)
-        except BootError as e:
-            reason = str(e)
-            console.error(reason)
-            attempt.failed.append({"deployment": deployment_id, "reason": reason})
-            state = bootstate.mark_bad(state, deployment_id, reason)
-            state, _ = _save(layout, state, console, f"cannot record that {deployment_id} is bad")
-            _history(layout, console, "failed", deployment_id, reason=reason)
-            continue
-        return _booted(booted, state, deployment_id, trial, opts, attempt, run_dir, console)
-    raise BootError(
-        f"no deployment on {where} could boot:\n"
-        + "\n".join(f"  - {f['reason']}" for f in attempt.failed)
-    )
-
-
-def _booted(booted: Booted, state: BootState, deployment_id: str, trial: bool, opts: Options,
-            attempt: Attempt, run_dir: str, console: Console) -> Booted:
-    layout = StateLayout(booted.state_path)
-    entry = state.entries[deployment_id]
+def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
+    """Step 5: watchdog, history, ``booted.json``."""
+    boot.layout = StateLayout(booted.state_path)  # the state filesystem moved there
+    deployment_id = booted.deployment.id
+    entry = boot.state.entries[deployment_id]
+    trial = boot.counted is not None and boot.degraded is None
+    for repair in boot.repairs:
+        boot.console.warn(repair)
+        boot.record("repaired", None, reason=repair)
     armed = None
-    if trial and opts.watchdog:
+    if trial and boot.opts.watchdog:
         try:
-            armed = watchdog.arm(opts.watchdog)
+            armed = watchdog.arm(boot.opts.watchdog)
         except OSError as e:
-            console.warn(f"no watchdog armed ({e.strerror}: {e.filename}): a trial boot that"
-                         " hangs will not fall back by itself")
-    _history(layout, console, "boot", deployment_id, trial=trial, tries_left=entry.tries_left,
-             counted=attempt.counted, count_error=attempt.count_error,
-             fallback_from=[f["deployment"] for f in attempt.failed] or None, watchdog=armed)
-    if trial:
-        console.say(f"trial boot of {deployment_id}: {entry.tries_left} tries left after this one"
-                    + (f"; watchdog {armed} s" if armed else ""))
-    extra = {"trial": trial, "tries_left": entry.tries_left, "counted": attempt.counted,
-             "count_error": attempt.count_error, "failed": attempt.failed,
-             "recovery": attempt.notes, "watchdog": armed, "generation": state.generation}
+            boot.console.warn(f"no watchdog armed ({e.strerror}: {e.filename}): a trial boot"
+                              " that hangs will not fall back by itself")
+    boot.record("boot", deployment_id, trial=trial, tries_left=entry.tries_left,
+                counted=boot.counted, count_error=boot.count_error,
+                fallback_from=[f["deployment"] for f in boot.failed] or None, watchdog=armed,
+                degraded=boot.degraded)
+    if boot.degraded:
+        boot.console.say(f"DEGRADED boot of {deployment_id}, a last resort, not counted and"
+                         f" without a watchdog: {boot.degraded}")
+    elif trial:
+        boot.console.say(f"trial boot of {deployment_id}: {entry.tries_left} tries left after"
+                         " this one" + (f"; watchdog {armed} s" if armed else ""))
+    extra = {"trial": trial, "tries_left": entry.tries_left, "counted": boot.counted,
+             "count_error": boot.count_error, "failed": boot.failed, "recovery": boot.recovery,
+             "repairs": boot.repairs, "degraded": boot.degraded, "watchdog": armed,
+             "generation": boot.state.generation}
     write_booted(run_dir, {**booted.to_dict(), **extra})
     return booted
+
+
+def write_booted(run_dir: str, data: dict[str, object]) -> None:
+    """``<run_dir>/booted.json``: what the running system reads to learn what was booted."""
+    path = os.path.join(run_dir, BOOTED_FILE)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.rename(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -241,10 +335,12 @@ def main(argv: list[str] | None = None) -> int:
     except BootError as e:
         console.error(str(e))
         return 1
+    except Exception as e:
+        console.error(describe_bug(e))
+        return 1
     console.say(f"prepared deployment {booted.deployment.id} on {args[0]}")
     return 0
 
 
 if __name__ == "__main__":
     sys.exit(main())
-

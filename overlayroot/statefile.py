@@ -1,19 +1,25 @@
 """``boot.json`` and ``history.jsonl`` on the state filesystem: durable, atomic, recoverable.
 
-A write goes to ``boot.json.new``, is fsync'd, the current file is kept as ``boot.json.prev``
-(a hard link, so there is no moment without it) and the new one is renamed over ``boot.json``;
-then the directory is fsync'd. A reader that finds ``boot.json`` torn, missing or damaged falls
-back to ``boot.json.prev``, else rebuilds a safe state from the deployments on disk and the boot
-history, and says so.
+A write goes to a temporary file, is fsync'd, the current file is kept as ``boot.json.prev``
+(a hard link, so there is no moment without it) *when it reads as a valid state* — a damaged
+file never becomes the backup — and the new one is renamed over ``boot.json``; then the
+directory is fsync'd. A reader that finds ``boot.json`` torn, missing or damaged falls back to
+``boot.json.prev``, else rebuilds a safe state from the deployments on disk and the boot
+history, and says so. Every file is read with :func:`overlayroot.files.read_regular`: a FIFO,
+a directory or a symlink where a file belongs is damage, not something to block on or follow.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import time
 
+from overlayroot import files
 from overlayroot.bootstate import BootState, StateError, rebuild, sync
+from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
 
 STATE = "boot.json"
@@ -21,44 +27,39 @@ PREVIOUS = "boot.json.prev"
 HISTORY = "history.jsonl"
 HISTORY_KEEP = 500  # lines kept when the history is trimmed
 HISTORY_TRIM_AT = 1000
+STATE_LIMIT = 1 << 20  # bytes; a boot.json is a few hundred bytes per deployment
+HISTORY_LIMIT = 1 << 24
 
 
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename or a new entry in ``path`` durable."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+def parses(data: bytes) -> bool:
+    """Whether ``data`` is a boot state this version can read."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomically(path: str, data: bytes, *, keep_previous: str | None = None) -> None:
-    directory = os.path.dirname(path)
-    tmp = f"{path}.new"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if keep_previous is not None and os.path.exists(path):
-        link = f"{keep_previous}.new"
-        if os.path.lexists(link):
-            os.unlink(link)
-        os.link(path, link)
-        os.replace(link, keep_previous)
-    os.replace(tmp, path)
-    fsync_dir(directory)
+        BootState.from_json(data.decode())
+    except (StateError, ValueError, RecursionError):
+        return False
+    return True
 
 
 def save(layout: StateLayout, state: BootState) -> BootState:
     """Write ``state`` as the next generation; returns what was written. Raises OSError."""
     written = BootState(state.entries, state.generation + 1, state.once)
     path, previous = str(layout.top / STATE), str(layout.top / PREVIOUS)
-    write_atomically(path, written.to_json().encode(), keep_previous=previous)
+    files.write_atomically(path, written.to_json().encode(), keep_previous=previous,
+                           previous_ok=parses)
     return written
+
+
+def read_state(path: str | os.PathLike[str]) -> BootState:
+    """One state file; raises ``StateError`` for what it holds, ``OSError`` for the file."""
+    data = files.read_regular(path, STATE_LIMIT)
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as e:
+        raise StateError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        return BootState.from_json(text)
+    except RecursionError:
+        raise StateError("nested too deeply to be a boot state") from None
 
 
 def load(layout: StateLayout) -> tuple[BootState, list[str]]:
@@ -70,7 +71,7 @@ def load(layout: StateLayout) -> tuple[BootState, list[str]]:
     for name in (STATE, PREVIOUS):
         path = layout.top / name
         try:
-            state = BootState.from_json(path.read_text(errors="replace"))
+            state = read_state(path)
             if name == PREVIOUS:
                 notes.append(f"recovered the boot state from {path} (generation"
                              f" {state.generation}); {STATE} was {first_problem}")
@@ -91,7 +92,7 @@ def load(layout: StateLayout) -> tuple[BootState, list[str]]:
         for deployment_id in present:
             try:
                 created.append((deployment_id, layout.read_manifest(deployment_id).created))
-            except Exception:  # a damaged manifest must not stop the rebuild
+            except BootError:  # a damaged manifest must not stop the rebuild
                 created.append((deployment_id, ""))
         state = rebuild(created, blessed, bad)
         had_state = bool(notes) or os.path.exists(layout.top / HISTORY)
@@ -119,12 +120,21 @@ def outcomes(history: list[dict[str, object]]) -> tuple[set[str], dict[str, str]
 def append_history(
     layout: StateLayout, event: str, deployment: str | None, **fields: object
 ) -> None:
-    """One line of ``history.jsonl``. Raises OSError: the caller decides how loud to be."""
+    """One line of ``history.jsonl``. Raises OSError: the caller decides how loud to be.
+
+    Commands call it under the state lock (trimming rewrites the file: an append racing it
+    would be lost); the boot stage runs alone. Something other than a regular file in the
+    history's place (a FIFO would block the boot) is set aside and a new history begun."""
     record = {"time": _now(), "event": event, "deployment": deployment, **fields}
     path = str(layout.top / HISTORY)
     line = (json.dumps(record, sort_keys=True) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    if not files.regular_or_missing(path):
+        files.set_aside(path)
+    fd = os.open(path, flags, 0o644)
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise files.NotRegular(errno.EINVAL, "is not a regular file", path)
         os.write(fd, line)
         os.fsync(fd)
         size = os.fstat(fd).st_size
@@ -135,17 +145,15 @@ def append_history(
 
 
 def _trim_history(path: str) -> None:
-    with open(path, "rb") as f:
-        lines = f.readlines()
+    lines = files.read_regular(path, HISTORY_LIMIT).splitlines(keepends=True)
     if len(lines) > HISTORY_TRIM_AT:
-        write_atomically(path, b"".join(lines[-HISTORY_KEEP:]))
+        files.write_atomically(path, b"".join(lines[-HISTORY_KEEP:]))
 
 
 def read_history(layout: StateLayout) -> list[dict[str, object]]:
     """Every readable line; a torn last line (power cut mid-append) is skipped."""
     try:
-        with open(layout.top / HISTORY, "rb") as f:
-            raw = f.read()
+        raw = files.read_regular(layout.top / HISTORY, HISTORY_LIMIT)
     except OSError:
         return []
     events = []

@@ -52,7 +52,7 @@ def bad_reason(entry: bootstate.Entry) -> str | None:
     if entry.bad:
         return entry.bad
     if not entry.successful and entry.tries_left == 0:
-        return "used up its tries without being blessed (it crashed, hung or was reset)"
+        return bootstate.USED_UP
     return None
 
 
@@ -88,7 +88,12 @@ def booted_notes(booted: dict[str, object] | None, records: list[dict[str, objec
     notes = []
     deployment = booted["deployment"]
     record = next((r for r in records if r["id"] == deployment), None)
-    if record is not None and not record["successful"]:
+    degraded = booted.get("degraded")
+    if degraded and record is not None and not record["successful"]:
+        notes.append(f"DEGRADED BOOT: {deployment} was booted as a last resort, not counted and"
+                     f" without a watchdog: {degraded}. Fix what fails and run `overlayroot"
+                     " bless`, or deploy a working image")
+    elif record is not None and not record["successful"]:
         if booted.get("trial"):
             left = record["tries_left"]
             notes.append(
@@ -110,6 +115,10 @@ def booted_notes(booted: dict[str, object] | None, records: list[dict[str, objec
     if isinstance(recovery, list) and not damaged:
         for note in recovery:
             notes.append(f"this boot recovered the boot state: {note}")
+    repairs = booted.get("repairs")
+    if isinstance(repairs, list):
+        for note in repairs:
+            notes.append(f"this boot repaired the state filesystem: {note}")
     return notes
 
 
@@ -203,6 +212,8 @@ def history_line(event: dict[str, object]) -> str:
             details.append(f"fell back from {', '.join(map(str, fallback))}")
         if event.get("watchdog"):
             details.append(f"watchdog {event.get('watchdog')} s")
+        if event.get("degraded"):
+            details.append(f"DEGRADED, a last resort: {event.get('degraded')}")
         details.append(str(event["outcome"]))
         return f"{head}  " + "; ".join(details)
     if event.get("reason"):

@@ -17,6 +17,7 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import sys
 import time
 from collections.abc import Iterator
@@ -88,7 +89,8 @@ class Target:
             ) from None
 
     def record(self, event: str, deployment: str | None, **fields: object) -> None:
-        """A line of the boot history; a failure is a warning, the state change stands."""
+        """A line of the boot history; a failure is a warning, the state change stands. Call
+        it holding the lock: trimming the history rewrites it."""
         try:
             statefile.append_history(self.layout, event, deployment, **fields)
         except OSError as e:
@@ -145,10 +147,16 @@ def require_root(command: str, target: Target) -> None:
 
 @contextlib.contextmanager
 def locked(layout: StateLayout, wait: float | None = None) -> Iterator[None]:
-    """Hold ``overlayroot/.lock``; wait up to ``wait`` seconds (default LOCK_WAIT) for it."""
+    """Hold ``overlayroot/.lock``; wait up to ``wait`` seconds (default LOCK_WAIT) for it.
+
+    The file is root's alone (0600): ``flock`` works on a descriptor opened read-only, so a
+    lock file others can open is one any user could hold to block every bless. It names its
+    holder while held, and nothing once released."""
     path = layout.top / LOCK
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
+            os.fchmod(fd, 0o600)  # a lock file made before this rule
     except OSError as e:
         raise BootError(f"cannot open the lock {path}: {e.strerror}{advice(e.errno)}") from None
     try:
@@ -166,13 +174,24 @@ def locked(layout: StateLayout, wait: float | None = None) -> Iterator[None]:
                 time.sleep(0.1)
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()}: {_command_line()}\n".encode(), 0)
-        yield
+        try:
+            yield
+        finally:
+            os.ftruncate(fd, 0)
     finally:
         os.close(fd)
 
 
 def _holder(fd: int) -> str:
-    return os.pread(fd, 512, 0).decode(errors="replace").strip() or "unknown"
+    """Who holds the lock, as the file says; a holder that is gone is no answer."""
+    text = os.pread(fd, 512, 0).decode(errors="replace").strip()
+    if not text:
+        return "a process that did not say who it is"
+    words = text.split()
+    pid = words[1].rstrip(":") if len(words) > 1 and words[0] == "pid" else ""
+    if pid.isascii() and pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+        return f"a process that did not say who it is; the file still names pid {pid}, gone"
+    return text
 
 
 def _command_line() -> str:

@@ -141,15 +141,22 @@ def test_gc_keeps_the_newest_and_every_protected_deployment(system: System) -> N
         "nothing to remove: 5 deployments, keeping 5\n")
 
 
-def test_gc_clears_what_interrupted_commands_left(system: System) -> None:
+def test_gc_clears_what_interrupted_commands_left_not_an_etc_placed_for_a_coming_deploy(
+        system: System) -> None:
     three(system)
     layout = system.state
     for leftover in (layout.deployments / ".staging-v9", layout.deployments / ".removing-v0",
-                     layout.top / "etc" / ".staging-v9", layout.top / "etc" / "gone"):
+                     layout.top / "etc" / ".staging-v9", layout.top / "etc" / "next"):
         leftover.mkdir()
+    (layout.top / "etc" / "next" / "hostname").write_text("placed by a pipeline\n")
+    out = system.ok("gc", "--keep", "3", "--dry-run", "--sysroot", str(system.env.sysroot))
+    assert f"would remove {layout.deployments / '.staging-v9'}, left by an interrupted" in out
+    assert "next" not in out
+    assert sorted(os.listdir(layout.top / "etc")) == [".staging-v9", "next", "v1", "v2", "v3"]
     system.ok("gc", "--keep", "3", "--sysroot", str(system.env.sysroot))
     assert sorted(os.listdir(layout.deployments)) == ["v1", "v2", "v3"]
-    assert sorted(os.listdir(layout.top / "etc")) == ["v1", "v2", "v3"]
+    assert sorted(os.listdir(layout.top / "etc")) == ["next", "v1", "v2", "v3"]
+    assert (layout.top / "etc" / "next" / "hostname").read_text() == "placed by a pipeline\n"
 
 
 def test_gc_needs_a_sensible_keep(system: System) -> None:

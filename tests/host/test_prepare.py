@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import subprocess
 from contextlib import redirect_stdout
 
 import pytest
@@ -127,26 +128,52 @@ def test_both_state_files_lost_rebuilds_from_the_history(env: Env) -> None:
 
 def test_a_counter_that_cannot_be_written_is_reported_not_ignored(env: Env) -> None:
     env.deploy("v1")
-    syscalls.mount(None, str(env.sysroot), None, syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
-    with pytest.raises(BootError):
-        # A read-only state filesystem cannot hold /etc either; the count failure comes first.
-        boot(env)
-    syscalls.mount(None, str(env.sysroot), None, syscalls.MS_REMOUNT)
-    (env.sysroot / "overlayroot/boot.json").unlink()  # deploy registered v1 there
-    (env.sysroot / "overlayroot/boot.json").mkdir()  # the rename onto it fails
-    booted, console = boot(env)
+    top = env.sysroot / "overlayroot"
+    subprocess.run(["chattr", "+i", str(top)], check=True)  # no new file in it: no state write
+    try:
+        booted, console = boot(env)
+    finally:
+        subprocess.run(["chattr", "-i", str(top)], check=True)
+    assert booted["deployment"] == "v1" and booted["trial"] is True
     assert booted["counted"] is False
     assert "this boot of v1 is NOT counted" in console
-    assert booted["count_error"]
+    assert "Operation not permitted" in str(booted["count_error"])
 
 
-def test_nothing_bootable_is_a_clear_error(env: Env) -> None:
+def test_a_read_only_state_filesystem_still_boots_uncounted_with_a_transient_etc(
+        env: Env) -> None:
     env.deploy("v1")
+    syscalls.mount(None, str(env.sysroot), None, syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
+    booted, console = boot(env)
+    assert booted["deployment"] == "v1" and booted["counted"] is False
+    assert booted["etc"] == "transient"
+    assert "the /etc upper cannot be mounted" in console
+
+
+def test_nothing_bootable_boots_the_last_started_deployment_degraded(env: Env) -> None:
+    env.deploy("v1")
+    env.deploy("v2")
+    boot(env, "overlayroot.deployment=v1 overlayroot.watchdog=0")  # v1 reached its init last
+    layout = StateLayout(env.sysroot)
+    state, _ = statefile.load(layout)
+    state = mark_bad(mark_bad(state, "v1", "hangs at boot"), "v2", "hangs at boot")
+    statefile.save(layout, state)
+    booted, console = boot(env)
+    assert booted["deployment"] == "v1"
+    assert booted["trial"] is False and booted["counted"] is None and booted["watchdog"] is None
+    assert "nothing was bootable" in str(booted["degraded"])
+    assert "DEGRADED boot as a last resort" in console and "v1: hangs at boot" in console
+    assert state_of(env).entries["v1"].tries_left == 0  # no try taken from it
+    assert history(env)[-1]["degraded"]
+
+
+def test_nothing_bootable_and_no_last_resort_boots_is_a_clear_error(env: Env) -> None:
+    env.deploy("v1", init=False)
     layout = StateLayout(env.sysroot)
     state, _ = statefile.load(layout)
     statefile.save(layout, mark_bad(state, "v1", "hangs at boot"))
-    with pytest.raises(BootError, match="no bootable deployment on /dev/test: every one has failed"
-                       r"(.|\n)*v1: hangs at boot(.|\n)*overlayroot.deployment=ID"):
+    with pytest.raises(BootError, match="no deployment on /dev/test could boot, not even as a"
+                       r" last resort:\n  - deployment 'v1' has no executable /sbin/init"):
         boot(env)
 
 

@@ -6,14 +6,14 @@ import errno
 import io
 import os
 import re
-import shutil
 import stat
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, layout, target
+from overlayroot import deploy, layout, target, treecopy
 from overlayroot.errors import BootError
 
 EPOCH = 1_700_000_000
@@ -221,17 +221,18 @@ def test_missing_mkfs_tool_says_what_to_install(
 def test_disk_full_leaves_nothing_staged(
     tree: Path, sysroot: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    real_copyfile = shutil.copyfile
+    real_copy_file = treecopy.copy_file
     calls = 0
 
-    def copyfile(src: str, dst: str, *, follow_symlinks: bool = True) -> str:
+    def copy_file(src: str, dst: str, done: int = 0,
+                  report: Callable[[int], None] | None = None) -> int:
         nonlocal calls
         calls += 1
         if calls == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), dst)
-        return str(real_copyfile(src, dst, follow_symlinks=follow_symlinks))
+        return real_copy_file(src, dst, done, report)
 
-    monkeypatch.setattr(shutil, "copyfile", copyfile)
+    monkeypatch.setattr(treecopy, "copy_file", copy_file)
     with pytest.raises(BootError, match=r"No space left on device .*; free space"):
         deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert os.listdir(layout.StateLayout(sysroot).deployments) == []
