@@ -11,8 +11,8 @@ and:
    operation began, and no known-good one lost its bless; every bootable deployment's manifest
    reads and its image matches its sha256 (nothing half-staged is bootable);
 2. the trial boot's own promises: once the root is handed over (the run's first marker), the
-   try is on disk; and a cut before the first boot finished must not let that boot's image go
-   unverified (the image is damaged on a copy, and the next boot must refuse it);
+   try is on disk; and until the boot state records the image as verified, a boot verifies it
+   (the image is damaged on a copy of the cut's disk, and the next boot must refuse it);
 3. the next boot: ``prepare_root`` reaches a deployment that is known good or a counted trial,
    without failing over a half-staged one, and ``/var`` holds what the image seeds into it;
 4. the next command cleans up: ``overlayroot gc`` succeeds and leaves no ``.staging-*`` or
@@ -123,8 +123,6 @@ class Outcome:
     unbootable: bool = False
     state: BootState | None = None
     rebuilt: bool = False
-    boots: int = 0
-    """``boot`` events in the history: a boot that finished added one."""
     booted: str | None = None
 
     def add(self, kind: Kind, message: str) -> None:
@@ -205,7 +203,7 @@ class Checker:
         try:
             with self._mounted(image, cut.run.fs) as top:
                 self._check_what_was_left(outcome, StateLayout(top), reference, base)
-            if probe is not None and self._unfinished_first_boot(outcome, base):
+            if probe is not None and self._unverified(outcome):
                 self._probe_verification(outcome, probe)
             with self._mounted(image, cut.run.fs) as top:
                 state_top = self._check_next_boot(outcome, top)
@@ -234,7 +232,6 @@ class Checker:
             return
         outcome.state = state
         outcome.rebuilt = any(note.startswith("rebuilt") for note in notes)
-        outcome.boots = sum(1 for e in statefile.read_history(layout) if e.get("event") == "boot")
         if outcome.rebuilt and reference is not None and not reference.rebuilt:
             outcome.add(Kind.STATE_LOST,
                         f"the boot state was lost and rebuilt: {'; '.join(notes)}")
@@ -268,15 +265,12 @@ class Checker:
         if base is None:
             return False  # this is the base itself
         return base.state is not None and trial in base.state.entries and (
-            base.state.entries[trial].tries_left is None)
+            not base.state.entries[trial].verified)
 
-    def _unfinished_first_boot(self, outcome: Outcome, base: Outcome | None) -> bool:
+    def _unverified(self, outcome: Outcome) -> bool:
         trial = outcome.cut.run.trial
         state = outcome.state
-        if base is None or state is None or trial not in state.entries:
-            return False
-        counted = state.entries[trial].tries_left is not None
-        return counted and outcome.boots == base.boots
+        return state is not None and trial in state.entries and not state.entries[trial].verified
 
     def _probe_verification(self, outcome: Outcome, probe: Path) -> None:
         trial = outcome.cut.run.trial
@@ -295,8 +289,8 @@ class Checker:
         if booted is not None and booted.get("deployment") == trial:
             outcome.add(
                 Kind.VERIFY,
-                f"first-boot verification skipped after the cut: {trial}'s first boot was"
-                f" counted but never finished, and the next boot ran its damaged image without"
+                f"first-boot verification skipped after the cut: the state did not record"
+                f" {trial}'s image as verified, yet the next boot ran it, damaged, without"
                 " checking its sha256")
 
     # -- 3. the next boot -----------------------------------------------------------------------
