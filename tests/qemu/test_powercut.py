@@ -80,20 +80,9 @@ def test_the_next_command_cleans_up_what_a_cut_left(outcomes: list[Outcome]) -> 
     assert not broken(outcomes, Kind.CLEANUP)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect the lead is fixing: /var seeding is not atomic. assemble._bind_persistent seeds an"
-    " empty persistent /var in place (seed_tree, no fsync, no staging directory): a cut during"
-    " or after the trial boot, before writeback, leaves /var non-empty but without the image's"
-    " files, and no later boot seeds it again"))
 def test_var_seeding_survives_a_cut(outcomes: list[Outcome]) -> None:
     assert not broken(outcomes, Kind.SEED)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "defect the lead is fixing: the first boot's verification is recorded before the image is"
-    " hashed. prepare_root treats a deployment as on its first boot only while tries_left is"
-    " None, and writes the try (tries_left = tries - 1) before verify(): a cut after that write"
-    " and before the boot finished leaves a deployment the next boot takes for verified, and"
-    " it boots the image without checking its sha256"))
 def test_a_first_boot_cut_short_still_verifies_the_image(outcomes: list[Outcome]) -> None:
     assert not broken(outcomes, Kind.VERIFY)
