@@ -6,11 +6,11 @@ A scenario is three boots of one state disk, each a QEMU run whose disk sits beh
 
 1. ``run1``: the first boot of ``v1``, a trial (the counter write, ``/var`` seeded from the image
    into an empty ``/var``, the image's first-boot sha256); then, from inside: fsynced data in
-   ``/var`` and ``/home``, ``overlayroot deploy`` of a ``dir`` tree (``v2``) and of an erofs
-   image file (``v3``), ``rollback``, ``bless``, ``gc --keep 2``, more data, and last a torn
+   ``/var`` and ``/home``, ``overlayroot deploy`` of a ``dir`` tree (``v2``), of an erofs
+   image file (``v3``) and of a tar archive (``v4``, unpacked by GNU tar into a ``dir``
+   deployment), ``rollback``, ``bless``, ``gc --keep 2``, more data, and last a torn
    ``boot.json`` (garbage written over it, as a cut in the middle of a careless write would);
-2. ``run2``: the boot that repairs ``boot.json``; data; ``set-default v3``; ``gc --keep 1``
-   (removes the ``dir`` deployment ``v2``);
+2. ``run2``: the boot that repairs ``boot.json``; data; ``set-default v3``; ``gc --keep 1``;
 3. ``run3``: the first boot of ``v3`` (a trial of an image deployed from inside); data.
 
 The guest says which operation starts by writing a marker sector (``PCUT <seq> <name>``) to a
@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import os
 import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from initrd.elf import resolve_closure
 from overlayroot import bootstate, statefile
 from overlayroot.deploy import Progress, build_image, deploy
 from overlayroot.layout import StateLayout
@@ -65,6 +67,7 @@ BLOB_BYTES = hashlib.sha256(b"overlayroot power cut").digest() * 512  # 16 KiB
 SEED_FILES = 24  # files the images carry in /var, seeded into an empty persistent /var
 TREE = f"{TEST_DIR}/trees/v2"
 UPDATE = "updates/v3.erofs"  # on the state filesystem, outside overlayroot/
+TARBALL = "updates/v4.tar"
 
 _PRELUDE = f"""\
 seq=0
@@ -106,6 +109,7 @@ SCRIPTS = {
 step data data 1 2 3 4
 step deploy-dir overlayroot deploy --format dir --id v2 /{TREE}
 step deploy-image overlayroot deploy --id v3 /run/overlayroot/state/{UPDATE}
+step deploy-tar overlayroot deploy --format dir --id v4 /run/overlayroot/state/{TARBALL}
 step rollback overlayroot rollback
 step bless overlayroot bless --no-reboot
 step gc overlayroot gc --keep 2
@@ -128,6 +132,7 @@ mark end
 BOOTS = {"run1": ("trial boot", "v1"), "run2": ("repair boot", None), "run3": ("trial boot", "v3")}
 OPERATION_NAMES = {
     "data": "fsync /var /home", "deploy-dir": "deploy dir", "deploy-image": "deploy image",
+    "deploy-tar": "deploy tar",
     "rollback": "rollback", "bless": "bless", "gc": "gc", "tear": "tear boot.json",
     "set-default": "set-default", "end": "power off",
 }
@@ -190,6 +195,25 @@ def require_tools(fs: str) -> None:
                             " scripts/setup installs them")
 
 
+def add_gnu_tar(root: Path) -> None:
+    """GNU tar and its libraries, at their host paths: ``deploy`` unpacks a tar source with it
+    (owners, xattrs), which busybox tar cannot do."""
+    tar = shutil.which("tar")
+    if tar is None:
+        raise ScenarioError("the power-cut scenario needs GNU tar: apt-get install tar")
+    closure = resolve_closure([Path(tar)])
+    for link in closure.symlinks:
+        dest = root / link.path.relative_to("/")
+        if not os.path.lexists(dest):
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.symlink_to(link.target)
+    for path in closure.files:
+        dest = root / path.relative_to("/")
+        if not dest.exists():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, dest)
+
+
 def make_root(base: Path, name: str, payload: Path | None) -> Path:
     root = make_test_root(base / f"root-{name}", image=name, command=payload, scripts=SCRIPTS)
     (root / BLOB).write_bytes(BLOB_BYTES)
@@ -204,8 +228,9 @@ def seed_content(number: int) -> bytes:
 
 
 def make_state_disk(base: Path, fs: str, payload: Path | None) -> Path:
-    """The disk run1 starts from: ``vold`` and ``v0`` blessed, ``v1`` new (both with the command),
-    ``v3`` as an image file to deploy, ``v2``'s tree inside ``v1``; ``/var`` and ``/home``
+    """The disk run1 starts from: ``vold`` and ``v0`` blessed, ``v1`` new (both with the command,
+    ``v1`` with GNU tar), ``v3`` as an image file and ``v4`` as a tar archive to deploy,
+    ``v2``'s tree inside ``v1``; ``/var`` and ``/home``
     empty. Without ``payload`` (the frozen command), the disk can be checked, not booted."""
     require_tools(fs)
     disk = base / "base.img"
@@ -219,6 +244,7 @@ def make_state_disk(base: Path, fs: str, payload: Path | None) -> Path:
          "--change-name", "2:markers", str(disk))  # fmt: skip
     roots = base / "roots"
     v1 = make_root(roots, "v1", payload)
+    add_gnu_tar(v1)
     tree = v1 / TREE
     tree.parent.mkdir(parents=True)
     shutil.copytree(make_root(roots, "v2", None), tree, symlinks=True)
@@ -234,6 +260,8 @@ def make_state_disk(base: Path, fs: str, payload: Path | None) -> Path:
             (top / UPDATE).parent.mkdir()
             build_image(make_root(roots, "v3", None), top / UPDATE, "erofs", "v3", CREATED + 3,
                         Progress(None))
+            _run("tar", "--create", "--numeric-owner", f"--file={top / TARBALL}",
+                 f"--directory={make_root(roots, 'v4', None)}", ".")
     shutil.rmtree(roots)
     return disk
 
