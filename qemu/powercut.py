@@ -6,11 +6,13 @@ A scenario is three boots of one state disk, each a QEMU run whose disk sits beh
 
 1. ``run1``: the first boot of ``v1``, a trial (the counter write, ``/var`` seeded from the image
    into an empty ``/var``, the image's first-boot sha256); then, from inside: fsynced data in
-   ``/var`` and ``/home``, ``overlayroot deploy`` of a ``dir`` tree (``v2``), of an erofs
-   image file (``v3``) and of a tar archive (``v4``, unpacked by GNU tar into a ``dir``
-   deployment), ``rollback``, ``bless``, ``gc --keep 2``, more data, and last a torn
+   ``/var`` and ``/home``, ``overlayroot deploy`` of a ``dir`` tree (``v2``), of a tar archive
+   (``v4``, unpacked by GNU tar into a ``dir`` deployment) and of an erofs image file
+   (``v3``), ``rollback``, ``bless``, ``gc --keep 2`` (removes ``v2`` and ``vold``), more
+   data, and last a torn
    ``boot.json`` (garbage written over it, as a cut in the middle of a careless write would);
-2. ``run2``: the boot that repairs ``boot.json``; data; ``set-default v3``; ``gc --keep 1``;
+2. ``run2``: the boot that repairs ``boot.json``; data; ``set-default v3``; ``gc --keep 1``
+   (removes ``v4``);
 3. ``run3``: the first boot of ``v3`` (a trial of an image deployed from inside); data.
 
 The guest says which operation starts by writing a marker sector (``PCUT <seq> <name>``) to a
@@ -108,8 +110,8 @@ SCRIPTS = {
     "run1": _PRELUDE + f"""\
 step data data 1 2 3 4
 step deploy-dir overlayroot deploy --format dir --id v2 /{TREE}
-step deploy-image overlayroot deploy --id v3 /run/overlayroot/state/{UPDATE}
 step deploy-tar overlayroot deploy --format dir --id v4 /run/overlayroot/state/{TARBALL}
+step deploy-image overlayroot deploy --id v3 /run/overlayroot/state/{UPDATE}
 step rollback overlayroot rollback
 step bless overlayroot bless --no-reboot
 step gc overlayroot gc --keep 2
