@@ -250,6 +250,10 @@ class Checker:
                     Kind.HANDOVER,
                     f"the trial boot of {trial} handed over the root before its try was on"
                     f" disk (tries left {before} before the boot, {after} at hand-over)")
+        listed = [k for k in state.entries if k.startswith(".")]
+        if listed:
+            outcome.add(Kind.HALF_STAGED, f"the boot state lists {', '.join(listed)}: a"
+                        " directory being staged or removed")
         for deployment_id in bootstate.candidates(state):
             problem = half_staged(layout, deployment_id)
             if problem:
@@ -306,6 +310,9 @@ class Checker:
         state_top = Path(str(booted["state"]))
         deployment = str(booted["deployment"])
         outcome.booted = deployment
+        if deployment.startswith("."):
+            outcome.add(Kind.HALF_STAGED, f"the boot after the cut booted {deployment}, a"
+                        " directory being staged or removed")
         if booted.get("failed"):
             outcome.add(Kind.FAILOVER, f"the boot after the cut failed over {booted['failed']}")
         state, _ = statefile.load(StateLayout(state_top))
