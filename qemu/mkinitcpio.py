@@ -94,6 +94,7 @@ SYSTEMD_252_MISSING = (
     "/usr/lib/systemd/systemd-validatefs",
     "/usr/lib/tmpfiles.d/20-systemd-stub.conf",
 )
+DRIVERS = "virtio_blk virtio_pci"
 STAGE = "usr/lib/overlayroot/prepare"
 
 
@@ -183,8 +184,9 @@ def _add_busybox(work: Path, dest: Path) -> None:
 
 
 def config(variant: Variant) -> str:
-    """The mkinitcpio.conf of the test images."""
-    return f'HOOKS=({HOOK_LISTS[variant]})\nCOMPRESSION="zstd"\n'
+    """The mkinitcpio.conf of the test images. MODULES: the guest's disk driver, loaded at once
+    (as in the harness's dracut and initramfs-tools images) rather than when udev gets to it."""
+    return (f'MODULES=({DRIVERS})\nHOOKS=({HOOK_LISTS[variant]})\nCOMPRESSION="zstd"\n')
 
 
 def mkinitcpio_initramfs(kernel: Kernel, output: Path, variant: Variant,
