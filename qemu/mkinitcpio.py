@@ -19,8 +19,9 @@ host look like Arch where mkinitcpio expects it (_ARCH_LAYOUT): the tree at its 
 ``/usr/sbin`` tools visible in ``/usr/bin`` (mkinitcpio runs with ``PATH=/usr/bin:/bin``),
 ``/usr/lib/libkmod.so.2``, both ``hwdb.bin`` paths, and this checkout's ``overlayroot`` command
 where pip puts it, ``/usr/local/bin`` (so the hook has to find it there by itself:
-$OVERLAYROOT_COMMAND is not passed on). Our hooks are given to it the way a user installs them,
-in ``/etc/initcpio``. The kernel's modules come from its tree (``-r``, ``-k``).
+$OVERLAYROOT_COMMAND is not passed on). Our hooks (and a test's own runtime hooks) are given to
+it the way a user installs them, in ``/etc/initcpio``. The kernel's modules come from its tree
+(``-r``, ``-k``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Mapping, Sequence
 from enum import StrEnum
 from pathlib import Path
 
@@ -183,29 +185,45 @@ def _add_busybox(work: Path, dest: Path) -> None:
     shutil.rmtree(unpacked)
 
 
-def config(variant: Variant) -> str:
+def config(variant: Variant, extra_hooks: Sequence[str] = ()) -> str:
     """The mkinitcpio.conf of the test images. MODULES: the guest's disk driver, loaded at once
     (as in the harness's dracut and initramfs-tools images) rather than when udev gets to it."""
-    return (f'MODULES=({DRIVERS})\nHOOKS=({HOOK_LISTS[variant]})\nCOMPRESSION="zstd"\n')
+    hooks = " ".join((HOOK_LISTS[variant], *extra_hooks))
+    return f'MODULES=({DRIVERS})\nHOOKS=({hooks})\nCOMPRESSION="zstd"\n'
 
 
 def mkinitcpio_initramfs(kernel: Kernel, output: Path, variant: Variant,
+                         runtime_hooks: Mapping[str, str] | None = None,
                          cache: Path | None = None) -> Path:
-    """An image of the real mkinitcpio for ``kernel`` with our hooks, busybox or systemd."""
+    """An image of the real mkinitcpio for ``kernel`` with our hooks, busybox or systemd.
+
+    ``runtime_hooks`` (name → script) are more runtime hooks for the busybox /init, after ours,
+    each with an install hook that adds it: what a test needs to see inside the boot."""
     if shutil.which("bsdtar") is None:
         raise GeneratorFailed("mkinitcpio needs bsdtar: apt-get install libarchive-tools")
     tree = install_tree(cache)
     work = Path(tempfile.mkdtemp(prefix="mkinitcpio.", dir=output.parent))
     try:
+        # /etc/initcpio as a user fills it: our hooks, and the test's.
+        initcpio = work / "initcpio"
+        hooks = {"overlayroot": (HOOKS / "install" / "overlayroot").read_text()}
+        scripts = {"overlayroot": (HOOKS / "hooks" / "overlayroot").read_text()}
+        for name, script in (runtime_hooks or {}).items():
+            hooks[name] = "#!/bin/bash\nbuild() {\n    add_runscript\n}\n"
+            scripts[name] = script
+        for kind, files in (("install", hooks), ("hooks", scripts)):
+            (initcpio / kind).mkdir(parents=True)
+            for name, text in files.items():
+                (initcpio / kind / name).write_text(text)
         conf = work / "mkinitcpio.conf"
-        conf.write_text(config(variant))
+        conf.write_text(config(variant, tuple(runtime_hooks or ())))
         (work / "scratch").mkdir()
         (work / "tmp").mkdir()
         env = {key: value for key, value in os.environ.items() if key != "OVERLAYROOT_COMMAND"}
         env["TMPDIR"] = str(work / "tmp")
         command = [
             "unshare", "--mount", "sh", "-c", _ARCH_LAYOUT, "sh",
-            str(work / "scratch"), str(tree), str(HOOKS), overlayroot_command(),
+            str(work / "scratch"), str(tree), str(initcpio), overlayroot_command(),
             "mkinitcpio", "--config", str(conf), "--kernel", kernel.version,
             "--moduleroot", str(kernel.modules.parents[2]), "--generate", str(output),
             "--nocolor",
@@ -244,10 +262,10 @@ def image_members(image: Path) -> list[str]:
     return [name.removeprefix("./") for name in names]
 
 
-# sh -c SCRIPT sh SCRATCH TREE HOOKS BUILDER COMMAND…: run COMMAND in the mount namespace of
+# sh -c SCRIPT sh SCRATCH TREE INITCPIO BUILDER COMMAND…: run COMMAND in the mount namespace of
 # unshare --mount with /usr and /etc laid out as on Arch, over tmpfs-backed overlays.
 _ARCH_LAYOUT = """set -e
-scratch=$1 tree=$2 hooks=$3 builder=$4
+scratch=$1 tree=$2 initcpio=$3 builder=$4
 shift 4
 mount --make-rprivate /
 mount -t tmpfs tmpfs "$scratch"
@@ -257,8 +275,7 @@ for dir in /usr /etc; do
         -o "lowerdir=$dir,upperdir=$scratch/upper$dir,workdir=$scratch/work$dir" "$dir"
 done
 cp -a "$tree/." /
-cp "$hooks/install/overlayroot" /etc/initcpio/install/
-cp "$hooks/hooks/overlayroot" /etc/initcpio/hooks/
+cp -r "$initcpio/." /etc/initcpio/
 # Arch has one bin directory; Debian keeps the admin tools in /usr/sbin. Not links: the image
 # has Arch's /usr/sbin -> bin, so /usr/bin/X -> /usr/sbin/X would point at itself there.
 mkdir -p "$scratch/upper/bin" "$scratch/work/bin"

@@ -28,7 +28,7 @@ from qemu.kernel import Kernel
 from qemu.machine import Machine
 from qemu.mkinitcpio import Variant
 from qemu.plugin import MachineFactory
-from qemu.rootfs import build_command_payload, make_test_root
+from qemu.rootfs import build_command_payload, make_broken_root, make_test_root
 from tests.qemu import stage
 
 FS_LABEL = "or-state"
@@ -261,3 +261,39 @@ def test_busybox_root_through_mkinitcpio_is_tried_with_a_watchdog_and_blessed(
     assert (m2["root_ro"], m2["etc_writable"]) == ("yes", "yes")
     assert (m2["etc_token"], m2["var_token"], m2["home_token"]) == (
         "token-1", "token-1", "token-1")
+
+
+# A runtime hook with an emergency function, as mkinitcpio's keymap-like hooks have: what the
+# failure path must run before its shell.
+EMERGENCY_HOOK = """#!/usr/bin/ash
+run_emergencyhook() {
+    echo "OVERLAYROOT-TEST emergency_hook=ran"
+}
+"""
+EMERGENCY_SHELL = "You are now being dropped into an emergency shell"
+
+
+def test_a_deployment_that_cannot_boot_ends_in_mkinitcpios_emergency_path(
+    machine: MachineFactory, kernel: Kernel, tmp_path: Path,
+) -> None:
+    """The only deployment has no init: the stage fails, and mkinitcpio's busybox /init runs
+    its emergency hooks, then its shell — it does not boot the state filesystem."""
+    try:
+        initrd = mkinitcpio.mkinitcpio_initramfs(
+            kernel, tmp_path / "initrd.img", Variant.BUSYBOX,
+            runtime_hooks={"overlayroot-test-emergency": EMERGENCY_HOOK})
+    except mkinitcpio.MkinitcpioUnavailable as e:
+        pytest.skip(str(e))
+    except debian.GeneratorFailed as e:
+        pytest.fail(str(e))
+    disk = stage.state_disk(tmp_path, [("broken", "erofs", make_broken_root(tmp_path / "root"))])
+    m = machine(initrd=initrd, disks=[disk], cmdline=stage.BASE, name="no-init")
+    with m:
+        # The shell waits on the console for ever: seeing its greeting is the end.
+        m.wait_for(EMERGENCY_SHELL, 180, failure=("Kernel panic - not syncing", "Bailing out"))
+    console = m.console
+    assert "overlayroot: error:" in console
+    assert "OVERLAYROOT-TEST emergency_hook=ran" in console, "the emergency hooks did not run"
+    ran = console.index("OVERLAYROOT-TEST emergency_hook=ran")
+    assert ran < console.index("overlayroot could not assemble the root") < console.index(
+        EMERGENCY_SHELL)
