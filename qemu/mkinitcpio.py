@@ -81,9 +81,9 @@ class Variant(StrEnum):
     SYSTEMD = "systemd"
 
 
-# Arch's default HOOKS without autodetect (a generic image: this host is not the guest) and the
-# hooks for the console and keyboard, which a serial console does not use; ours after
-# filesystems. The systemd image has no base hook, so no busybox and no /bin/sh.
+# Arch's default HOOKS, less autodetect (a generic image: this host is not the guest), microcode,
+# kms and the keyboard and console hooks (a serial console uses none); ours after filesystems.
+# The systemd image has no base hook, so no busybox and no /bin/sh.
 HOOK_LISTS = {
     Variant.BUSYBOX: "base udev modconf block filesystems overlayroot fsck",
     Variant.SYSTEMD: "systemd modconf block filesystems overlayroot fsck",
@@ -135,12 +135,13 @@ def _install(base: Path) -> None:
                         "--strip-components=1"], check=True)
         tree = staging / "tree"
         for name, target in INSTALL.items():
-            paths = sorted((source / name).iterdir()) if (source / name).is_dir() else [
-                source / name]
-            for path in paths:
-                if path.name == "meson.build":
-                    continue
-                dest = tree / target / path.name if (source / name).is_dir() else tree / target
+            if (source / name).is_dir():
+                files = [(path, tree / target / path.name)
+                         for path in sorted((source / name).iterdir())
+                         if path.name != "meson.build"]
+            else:
+                files = [(source / name, tree / target)]
+            for path, dest in files:
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 dest.write_text(_configure(path.read_text()))
                 dest.chmod(0o755 if target in EXECUTABLE else 0o644)
