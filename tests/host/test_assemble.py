@@ -4,58 +4,14 @@ from __future__ import annotations
 
 import errno
 import os
-import subprocess
 from pathlib import Path
 
 import pytest
 
 from overlayroot import syscalls
-from overlayroot.assemble import Booted, assemble
-from overlayroot.cmdline import parse_options
 from overlayroot.deploy import deploy
 from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from tests.host.conftest import make_tree, mkfs_ext4, mounts_under, require_tools
-
-
-class Env:
-    """A state filesystem (ext4 on a loop device) mounted on ``sysroot``, as /init leaves it."""
-
-    def __init__(self, base: Path) -> None:
-        self.base = base
-        self.sysroot = base / "sysroot"
-        self.run = base / "run"
-        self.sysroot.mkdir()
-        self.run.mkdir()
-        image = base / "state.img"
-        mkfs_ext4(image)
-        # mount(8) sets up the loop device with autoclear, so it goes with the mount.
-        subprocess.run(["mount", "-o", "loop", str(image), str(self.sysroot)], check=True)
-
-    def deploy(self, name: str, fmt: str = "erofs", *, init: bool = True) -> str:
-        tree = make_tree(self.base / f"tree-{name}", init=init)
-        (tree / "etc/release").write_text(f"{name}\n")
-        deploy(self.sysroot, tree, deployment_id=name, fmt=fmt, created=1_700_000_000)
-        return name
-
-    def assemble(self, cmdline: str = "", deployment: str | None = None,
-                 repairs: list[str] | None = None) -> Booted:
-        """Assemble ``deployment`` (default: the only one, else the newest id)."""
-        opts, _ = parse_options(cmdline)
-        layout = StateLayout(self.sysroot)
-        manifest = layout.read_manifest(deployment or max(layout.deployment_ids()))
-        return assemble(str(self.sysroot), str(self.run), opts, manifest, device="/dev/test",
-                        repairs=repairs)
-
-    @property
-    def state(self) -> Path:
-        return self.run / "state"
-
-
-@pytest.fixture
-def env(mount_ns: Path) -> Env:
-    require_tools("mkfs.ext4", "mkfs.erofs", "mksquashfs")
-    return Env(mount_ns)
+from tests.host.conftest import Env, make_tree, mounts_under
 
 
 def mount_options(path: Path) -> str:

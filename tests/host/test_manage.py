@@ -4,147 +4,15 @@ prepared by the boot stage in a private mount namespace, and every command run a
 from __future__ import annotations
 
 import errno
-import io
-import json
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
-from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from overlayroot import bootstate, cli, health, statefile, syscalls, target, watchdog
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
-from tests.host.conftest import make_tree, mounts_under
-from tests.host.test_assemble import Env, env
-
-__all__ = ["env"]
-
-NO_WATCHDOG = "overlayroot.watchdog=0"
-
-
-class System:
-    """A machine booted from ``env``'s state filesystem: ``/`` is ``env.sysroot``, the state
-    filesystem is at ``env.run/state`` and ``booted.json`` in ``env.run``."""
-
-    def __init__(self, env: Env, capsys: pytest.CaptureFixture[str]) -> None:
-        self.env = env
-        self.capsys = capsys
-        self.console = ""
-        self.up = False
-
-    @property
-    def state(self) -> StateLayout:
-        return StateLayout(self.env.state if self.up else self.env.sysroot)
-
-    def boot(self, cmdline: str = NO_WATCHDOG) -> dict[str, object]:
-        assert not self.up
-        opts, _ = parse_options(cmdline)
-        out = io.StringIO()
-        with redirect_stdout(out):
-            prepare_root(str(self.env.sysroot), str(self.env.run), opts, "/dev/test", Console())
-        self.console = out.getvalue()
-        self.up = True
-        return self.booted()
-
-    def booted(self) -> dict[str, object]:
-        data = json.loads((self.env.run / "booted.json").read_text())
-        assert isinstance(data, dict)
-        return data
-
-    def shutdown(self) -> None:
-        """Take the assembled root apart and put the state filesystem back on sysroot."""
-        if not self.up:
-            return
-        for point in reversed(mounts_under(self.env.sysroot)):
-            syscalls.umount(point, syscalls.MNT_DETACH)
-        syscalls.mount(str(self.env.state), str(self.env.sysroot), None, syscalls.MS_MOVE)
-        (self.env.run / "booted.json").unlink()
-        self.up = False
-
-    def reboot(self, cmdline: str = NO_WATCHDOG) -> dict[str, object]:
-        self.shutdown()
-        return self.boot(cmdline)
-
-    def run(self, *argv: str) -> tuple[int, str, str]:
-        self.capsys.readouterr()
-        try:
-            code = cli.main(list(argv))
-        except SystemExit as e:
-            code = int(e.code or 0)
-        out, err = self.capsys.readouterr()
-        return code, out, err
-
-    def ok(self, *argv: str) -> str:
-        code, out, err = self.run(*argv)
-        assert code == 0, err
-        return out
-
-    def fails(self, *argv: str) -> str:
-        code, out, err = self.run(*argv)
-        assert code == 1, out + err
-        assert "Traceback" not in err
-        return err
-
-    def status(self, *argv: str) -> dict[str, Any]:
-        data = json.loads(self.ok("status", "--json", *argv))
-        assert isinstance(data, dict)
-        return data
-
-    def entries(self) -> dict[str, bootstate.Entry]:
-        state, _ = statefile.load(self.state)
-        return state.entries
-
-    def default(self) -> str | None:
-        state, _ = statefile.load(self.state)
-        return bootstate.default(state)
-
-    def tree(self, name: str) -> Path:
-        tree = make_tree(self.env.base / f"tree-{name}")
-        (tree / "etc/release").write_text(f"{name}\n")
-        return tree
-
-    def bless_offline(self, deployment_id: str) -> None:
-        state, _ = statefile.load(self.state)
-        statefile.save(self.state, bootstate.bless(state, deployment_id))
-        statefile.append_history(self.state, "blessed", deployment_id)
-
-
-@pytest.fixture
-def system(env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-           tmp_path: Path) -> Iterator[System]:
-    monkeypatch.setattr(target, "BOOTED", str(env.run / "booted.json"))
-    monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
-    monkeypatch.setattr(health, "CHECK_DIR", str(tmp_path / "check.d"))
-    # Never the host's reboot: a file that says it was asked for.
-    reboot = tmp_path / "reboot"
-    reboot.write_text(f"#!/bin/sh\necho rebooted >> {tmp_path / 'rebooted'}\n")
-    reboot.chmod(0o755)
-    monkeypatch.setattr(health, "REBOOT", (str(reboot),))
-    s = System(env, capsys)
-    yield s
-    s.shutdown()
-
-
-def good_v1(system: System) -> None:
-    """v1 deployed, booted once and blessed: the known-good starting point."""
-    system.env.deploy("v1")
-    system.boot()
-    system.ok("bless")
-
-
-def add_check(tmp_path: Path, kind: str, name: str, body: str) -> None:
-    folder = tmp_path / "check.d" / kind
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / name).write_text(f"#!/bin/sh\n{body}\n")
-    (folder / name).chmod(0o755)
-
+from overlayroot import bootstate, statefile, watchdog
+from tests.host.conftest import NO_WATCHDOG, System, add_check, good_v1
 
 # -- where the state is ------------------------------------------------------------------------
 

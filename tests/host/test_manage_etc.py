@@ -9,10 +9,7 @@ import shutil
 
 import pytest
 
-from tests.host.test_assemble import env
-from tests.host.test_manage import System, system
-
-__all__ = ["env", "system"]
+from tests.host.conftest import System
 
 
 def edit_etc(system: System) -> None:

@@ -11,10 +11,7 @@ import pytest
 
 from overlayroot import statefile, target
 from overlayroot.bootstate import USED_UP
-from tests.host.test_assemble import env
-from tests.host.test_manage import System, good_v1, system
-
-__all__ = ["env", "system"]
+from tests.host.conftest import System, good_v1
 
 
 def three(system: System) -> None:

@@ -18,10 +18,7 @@ from overlayroot.console import Console
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
 from overlayroot.prepare import prepare_root
-from tests.host.conftest import mounts_under
-from tests.host.test_assemble import Env, env
-
-__all__ = ["env"]
+from tests.host.conftest import Env, mounts_under
 
 
 def boot(env: Env, cmdline: str = "overlayroot.watchdog=0") -> tuple[dict[str, object], str]:

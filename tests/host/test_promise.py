@@ -17,11 +17,7 @@ import pytest
 from overlayroot import assemble, files, prepare, statefile, target, treecopy
 from overlayroot import layout as layout_module
 from overlayroot.deploy import deploy
-from tests.host.conftest import mounts_under
-from tests.host.test_assemble import env
-from tests.host.test_manage import System, add_check, system
-
-__all__ = ["env", "system"]
+from tests.host.conftest import System, add_check, mounts_under
 
 NOBODY = 65534
 
