@@ -39,3 +39,13 @@ def test_the_wheel_registers_no_pytest_plugin(wheel: Path) -> None:
     text = "".join(archive.read(n).decode() for n in entry_points)
     assert "pytest11" not in text
     assert "overlayroot = overlayroot.cli:main" in text
+
+
+def test_the_runtime_needs_only_cffi_and_the_builder_brings_its_own(wheel: Path) -> None:
+    archive = zipfile.ZipFile(wheel)
+    (metadata,) = [n for n in archive.namelist() if n.endswith(".dist-info/METADATA")]
+    requires = [line.split(":", 1)[1].strip() for line in archive.read(metadata).decode()
+                .splitlines() if line.startswith("Requires-Dist:")]
+    runtime = [r for r in requires if "extra ==" not in r]
+    assert [r.split(">")[0].split("=")[0].strip() for r in runtime] == ["cffi"]
+    assert any(r.startswith("construct") and "extra == \"build\"" in r for r in requires)
