@@ -24,7 +24,6 @@ FROZEN_MODULES = (
     "overlayroot.status",
     "overlayroot.health",
     "overlayroot.etcdiff",
-    "hashlib",  # layout.image_sha256 imports it when it runs
     "traceback",  # --debug
 )
 

@@ -51,7 +51,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from overlayroot import bootstate, files, layout, statefile, target, treecopy
+from overlayroot import bootstate, digest, files, layout, statefile, target, treecopy
 from overlayroot.errors import BootError
 
 # The directories the read-only lower must provide as mount points (docs/design.md §5).
@@ -458,13 +458,13 @@ def stage(
             size = image.stat().st_size
             fsync_file(image)
         with progress.task(f"hashing {image.name}", size) as report:
-            digest = layout.image_sha256(image, report)
+            sha256 = digest.image_sha256(image, report)
     manifest = layout.Manifest(
         id=deployment_id,
         created=layout.created_stamp(epoch),
         format=fmt,
         image=image.name,
-        sha256=digest,
+        sha256=sha256,
         size=size,
         origin=str(source.resolve()),
     )
@@ -529,7 +529,7 @@ def copy_file(source: Path, target: Path, progress: Progress) -> None:
         open(target, "xb") as dst,
     ):
         done = 0
-        while chunk := src.read(layout.CHUNK):
+        while chunk := src.read(digest.CHUNK):
             dst.write(chunk)
             done += len(chunk)
             report(done)

@@ -25,11 +25,7 @@ from overlayroot.safejson import parse_json
 # Type-only imports: the boot stage must not pay for importing ``collections`` (or ``typing``).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from collections.abc import Callable
-    from typing import Any, Protocol
-
-    class _Digest(Protocol):
-        def update(self, data: bytes, /) -> None: ...
+    from typing import Any
 
 TOP = "overlayroot"
 MANIFEST = "manifest.json"
@@ -198,71 +194,3 @@ def created_stamp(epoch: int) -> str:
     import time
 
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
-
-
-CHUNK = 1 << 20
-
-
-def image_sha256(path: Path, progress: Callable[[int], None] | None = None) -> str:
-    """``Manifest.sha256`` of a staged image: the file's digest, read in 1 MiB chunks, or for a
-    ``dir`` deployment the digest of a canonical walk (``tree_sha256``). ``progress`` is told the
-    number of bytes read so far."""
-    import hashlib
-
-    if path.is_dir() and not path.is_symlink():
-        return tree_sha256(path, progress)
-    digest = hashlib.sha256()
-    _read_into(path, digest, 0, progress)
-    return digest.hexdigest()
-
-
-def _read_into(path: Path | bytes, digest: _Digest, done: int,
-               progress: Callable[[int], None] | None) -> int:
-    """Feed the file at ``path`` to ``digest`` in 1 MiB chunks, telling ``progress`` the bytes
-    read so far (``done`` before this file); returns the new count."""
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            digest.update(chunk)
-            done += len(chunk)
-            if progress:
-                progress(done)
-    return done
-
-
-def tree_sha256(root: Path, progress: Callable[[int], None] | None = None) -> str:
-    """Digest of a directory tree that depends on names, types, modes, owners, xattrs, symlink
-    targets, device numbers and file contents, not on mtimes, inode numbers or the order the
-    filesystem lists entries in. Entries are visited depth first, names sorted bytewise; each
-    field is length-prefixed so no name can forge a boundary."""
-    import hashlib
-    import stat
-
-    digest = hashlib.sha256()
-    done = 0
-
-    def field(value: bytes) -> None:
-        digest.update(b"%d:" % len(value) + value)
-
-    def visit(path: bytes, rel: bytes) -> None:
-        nonlocal done
-        st = os.lstat(path)
-        field(rel)
-        field(b"%o %d %d" % (st.st_mode, st.st_uid, st.st_gid))
-        for attr in sorted(os.listxattr(path, follow_symlinks=False)):
-            field(os.fsencode(attr) + b"=" + os.getxattr(path, attr, follow_symlinks=False))
-        if stat.S_ISREG(st.st_mode):
-            content = hashlib.sha256()
-            done = _read_into(path, content, done, progress)
-            field(content.digest())
-        elif stat.S_ISLNK(st.st_mode):
-            field(os.readlink(path))
-        elif stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode):
-            field(b"%d,%d" % (os.major(st.st_rdev), os.minor(st.st_rdev)))
-        elif stat.S_ISDIR(st.st_mode):
-            names = sorted(os.listdir(path))
-            field(b"%d" % len(names))
-            for name in names:
-                visit(path + b"/" + name, rel + b"/" + name if rel else name)
-
-    visit(os.fsencode(root), b"")
-    return digest.hexdigest()

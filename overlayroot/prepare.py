@@ -37,7 +37,7 @@ import json
 import os
 import sys
 
-from overlayroot import bootstate, files, statefile, syscalls, watchdog
+from overlayroot import bootstate, digest, statefile, syscalls, watchdog
 from overlayroot.assemble import Booted, assemble
 from overlayroot.bootstate import BootState
 from overlayroot.cmdline import Options, parse_options
@@ -45,16 +45,8 @@ from overlayroot.console import Console, describe_bug
 from overlayroot.errors import BootError
 from overlayroot.layout import Manifest, StateLayout
 
-# The digest without hashlib, which would pull OpenSSL's libcrypto into the initramfs: the
-# module is built into the interpreter (_sha256 up to 3.11, _sha2 from 3.12).
-try:
-    from _sha2 import sha256  # type: ignore[import-not-found]
-except ImportError:
-    from _sha256 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
-
 RUN_DIR = "/run/overlayroot"
 BOOTED_FILE = "booted.json"
-_CHUNK = 1 << 20
 
 
 class Boot:
@@ -218,7 +210,7 @@ def verify(layout: StateLayout, manifest: Manifest) -> None:
         return  # a tree is checked by its mount points and init; hashing it costs a full walk
     image = str(layout.image_path(manifest))
     try:
-        actual = sha256_file(image)
+        actual = digest.file_sha256(image)
     except OSError as e:
         raise BootError(f"deployment {manifest.id!r}: cannot read its image {image}:"
                         f" {e.strerror}") from None
@@ -228,16 +220,6 @@ def verify(layout: StateLayout, manifest: Manifest) -> None:
             f" {actual[:16]}…, manifest says {manifest.sha256[:16]}…): the image is damaged;"
             " deploy it again"
         )
-
-
-def sha256_file(path: str) -> str:
-    """The digest of the regular file at ``path`` (never through a symlink: one to
-    /dev/zero would be read forever). Raises ``OSError``."""
-    digest = sha256()
-    with files.open_regular(path) as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    return str(digest.hexdigest())
 
 
 def last_resort(boot: Boot) -> list[str]:

@@ -41,8 +41,9 @@ from overlayroot.bootstate import BootState
 from overlayroot.cli import main as overlayroot_cli
 from overlayroot.cmdline import parse_options
 from overlayroot.console import Console
+from overlayroot.digest import image_sha256
 from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout, image_sha256
+from overlayroot.layout import StateLayout
 from overlayroot.prepare import prepare_root
 from qemu.logwrites import Replayer, WriteLog, copy_sparse, read_log
 from qemu.powercut import (

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, layout
+from overlayroot import deploy, digest, layout
 from overlayroot.errors import BootError
 
 pytestmark = [
@@ -67,7 +67,7 @@ def mounted_digest(image: Path, tmp_path: Path) -> str:
     mountpoint.mkdir(exist_ok=True)
     script = (
         'mount -o ro,loop "$1" "$2" && exec "$3" -c'
-        ' "import sys; from overlayroot.layout import tree_sha256; print(tree_sha256(sys.argv[1]))"'
+        ' "import sys; from overlayroot.digest import tree_sha256; print(tree_sha256(sys.argv[1]))"'
         ' "$2"'
     )
     result = subprocess.run(
@@ -117,7 +117,7 @@ def test_image_deployment_mounts_as_the_source_tree(tree: Path, tmp_path: Path, 
     assert manifest.origin == str(tree)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", manifest.created)
     assert sorted(os.listdir(where)) == ["manifest.json", image.name]
-    assert mounted_digest(image, tmp_path) == layout.tree_sha256(tree)
+    assert mounted_digest(image, tmp_path) == digest.tree_sha256(tree)
 
 
 def test_erofs_image_passes_fsck_and_carries_the_derived_uuid(tree: Path, tmp_path: Path) -> None:
@@ -166,7 +166,7 @@ def test_dir_deployment_keeps_the_capability(tree: Path, tmp_path: Path) -> None
     manifest, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt="dir")
     ping = where / "root" / "usr" / "bin" / "ping"
     assert os.getxattr(ping, "security.capability") == CAPABILITY
-    assert manifest.sha256 == layout.tree_sha256(tree)
+    assert manifest.sha256 == digest.tree_sha256(tree)
 
 
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])

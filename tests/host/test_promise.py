@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import assemble, files, prepare, statefile, target, treecopy
-from overlayroot import layout as layout_module
+from overlayroot import assemble, digest, files, prepare, statefile, target, treecopy
 from overlayroot.deploy import deploy
 from tests.host.conftest import System, add_check, mounts_under
 
@@ -309,7 +308,7 @@ def test_a_power_cut_while_hashing_an_image_does_not_skip_its_check(
     def cut(path: str) -> str:
         raise KeyboardInterrupt  # the power goes while the image is hashed
 
-    monkeypatch.setattr(prepare, "sha256_file", cut)
+    monkeypatch.setattr(digest, "file_sha256", cut)
     with pytest.raises(KeyboardInterrupt):
         system.boot()
     assert system.entries()["v2"].tries_left == 2 and not system.entries()["v2"].verified
@@ -325,7 +324,7 @@ def test_a_passed_check_is_recorded_and_not_repeated(
     system.boot()
     assert system.entries()["v2"].verified
     system.shutdown()
-    monkeypatch.setattr(prepare, "sha256_file", lambda path: pytest.fail("hashed again"))
+    monkeypatch.setattr(digest, "file_sha256", lambda path: pytest.fail("hashed again"))
     assert system.boot()["deployment"] == "v2"
 
 
@@ -544,13 +543,13 @@ def test_a_fifo_in_a_state_file_s_place_neither_blocks_nor_stops_the_boot(
 def test_an_image_being_deployed_is_never_open_to_others(
         system: System, monkeypatch: pytest.MonkeyPatch) -> None:
     seen: list[int] = []
-    real = layout_module.image_sha256
+    real = digest.image_sha256
 
     def hashing(path: Path, progress: Callable[[int], None] | None = None) -> str:
         seen.append(path.parent.stat().st_mode & 0o777)
         return real(path, progress)
 
-    monkeypatch.setattr(layout_module, "image_sha256", hashing)
+    monkeypatch.setattr(digest, "image_sha256", hashing)
     system.env.deploy("v1")
     assert seen == [0o700]  # the staging directory, while mkfs wrote the image in it
     assert (system.state.deployments / "v1").stat().st_mode & 0o777 == 0o755

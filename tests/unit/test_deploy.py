@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, layout, target, treecopy
+from overlayroot import deploy, digest, layout, target, treecopy
 from overlayroot.errors import BootError
 
 EPOCH = 1_700_000_000
@@ -108,8 +108,8 @@ def test_dir_deployment_is_laid_out_with_manifest_and_persistent_dirs(
     assert state.read_manifest("one") == manifest
     assert manifest.format == "dir" and manifest.image == "root"
     assert manifest.origin == str(tree)
-    assert manifest.sha256 == layout.tree_sha256(where / "root")
-    assert manifest.sha256 == layout.tree_sha256(tree)
+    assert manifest.sha256 == digest.tree_sha256(where / "root")
+    assert manifest.sha256 == digest.tree_sha256(tree)
     assert manifest.size == len("test\n") + len("#!/bin/sh\necho hi\n")
     for directory in (
         state.etc_upper("one"),
@@ -146,16 +146,16 @@ def test_created_fixes_the_manifest_time_and_every_mtime(tree: Path, sysroot: Pa
 
 def test_tree_digest_ignores_mtimes_but_not_content_modes_or_names(tmp_path: Path) -> None:
     tree = make_tree(tmp_path / "t")
-    before = layout.tree_sha256(tree)
+    before = digest.tree_sha256(tree)
     os.utime(tree / "etc" / "hostname", (1, 1))
-    assert layout.tree_sha256(tree) == before
+    assert digest.tree_sha256(tree) == before
     (tree / "etc" / "hostname").write_text("other\n")
-    changed = layout.tree_sha256(tree)
+    changed = digest.tree_sha256(tree)
     assert changed != before
     (tree / "etc" / "hostname").chmod(0o600)
-    assert layout.tree_sha256(tree) != changed
+    assert digest.tree_sha256(tree) != changed
     (tree / "etc" / "hostname").rename(tree / "etc" / "hostnam")
-    assert layout.tree_sha256(tree) not in (before, changed)
+    assert digest.tree_sha256(tree) not in (before, changed)
 
 
 def test_missing_mount_points_are_named_with_the_source(tmp_path: Path, sysroot: Path) -> None:
@@ -244,7 +244,7 @@ def test_interrupt_leaves_nothing_staged(
     def interrupted(*args: object, **kwargs: object) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(layout, "image_sha256", interrupted)
+    monkeypatch.setattr(digest, "image_sha256", interrupted)
     with pytest.raises(KeyboardInterrupt):
         deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert os.listdir(layout.StateLayout(sysroot).deployments) == []
