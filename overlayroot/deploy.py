@@ -1,4 +1,4 @@
-"""``overlayroot deploy``: stage a deployment on a state filesystem (DESIGN.md §3).
+"""``overlayroot deploy``: stage a deployment on a state filesystem (docs/design.md §3).
 
 Given a directory tree, a tar archive of one or an erofs/squashfs image, write one deployment
 into ``<sysroot>/overlayroot/deployments/<id>/`` together with its manifest, and the persistent
@@ -54,7 +54,7 @@ from typing import TextIO
 from overlayroot import bootstate, files, layout, statefile, target, treecopy
 from overlayroot.errors import BootError
 
-# The directories the read-only lower must provide as mount points (DESIGN.md §4).
+# The directories the read-only lower must provide as mount points (docs/design.md §5).
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 # dracut's shell init keeps root= mounted only if it looks like a root (proc, sys and dev, or a
 # dynamic loader), and with overlayroot root= is the state filesystem: without these it is
@@ -319,6 +319,7 @@ def deploy(
                 carry_etc(state, deployment_id, etc_from, etc_staging, progress)
             registered = register(state, deployment_id, progress, known_good)
             with converting_os_errors(f"moving {staging} to {final}"):
+                os.chmod(staging, DIR_MODE)  # the image is 0600 now; the manifest is for all
                 os.rename(staging, final)
                 files.fsync_dir(state.deployments)
         except BaseException:
@@ -423,6 +424,9 @@ def stage(
 ) -> layout.Manifest:
     with converting_os_errors(f"creating {staging}"):
         make_dir(staging)
+        # Root's alone while the image is written: mkfs creates it readable by all, and a
+        # descriptor opened then would read the image's secrets for good.
+        os.chmod(staging, 0o700)
     image = staging / layout.FORMATS[fmt]
     tree = source
     if kind == "tar":

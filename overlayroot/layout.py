@@ -1,4 +1,4 @@
-"""The on-disk model of the state filesystem (DESIGN.md §3).
+"""The on-disk model of the state filesystem (docs/design.md §3).
 
 ```
 overlayroot/deployments/<id>/{root.erofs|root.squashfs|root/}, manifest.json
@@ -159,7 +159,8 @@ class StateLayout:
         return self.deployment_dir(manifest.id) / manifest.image
 
     def exists(self) -> bool:
-        return self.deployments.is_dir()
+        """Whether the state is here: real directories, not symlinks that lead elsewhere."""
+        return all(p.is_dir() and not p.is_symlink() for p in (self.top, self.deployments))
 
     def deployment_ids(self) -> list[str]:
         """Staged deployments, sorted; half-staged directories (``.``-prefixed) are not ones."""
@@ -191,16 +192,9 @@ class StateLayout:
         return [self.read_manifest(i) for i in self.deployment_ids()]
 
 
-def newest(manifests: list[Manifest]) -> Manifest | None:
-    """The default deployment before boot counting exists: the newest, ties broken by id."""
-    if not manifests:
-        return None
-    return max(manifests, key=lambda m: (m.created, m.id))
-
-
 def created_stamp(epoch: int) -> str:
     """``Manifest.created`` for a UNIX time: RFC 3339 UTC to the second, so that strings sort
-    in time order (``newest`` compares them as strings)."""
+    in time order (``gc`` and a rebuilt boot state compare them as strings)."""
     import time
 
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

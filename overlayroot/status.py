@@ -1,7 +1,7 @@
 """``overlayroot status`` and ``overlayroot history``: what the boot state and the boot history
 say, for people (tables) and for programs (``--json``). Nothing here writes.
 
-The bless is the step most often missing in the field (DESIGN.md §1), so a booted deployment
+The bless is the step most often missing in the field (docs/design.md §1), so a booted deployment
 that is on trial and not blessed yet is called out, with how many boots it has left.
 """
 
