@@ -7,7 +7,11 @@ What it measures
     standalone       our initramfs (initrd.build, zstd), the root deployed as erofs on a state disk;
     dracut+overlayroot  Debian's dracut (systemd initrd, generic) with hooks/dracut, same disk;
     dracut           the same dracut without our module, the root as an ordinary ext4 root
-                     (no overlay, ``rw``): what the integration costs on top of dracut.
+                     (no overlay, ``rw``): what the integration costs on top of dracut;
+    mkinitcpio+overlayroot, mkinitcpio-systemd+overlayroot
+                     the real mkinitcpio 41 (qemu.mkinitcpio) with hooks/mkinitcpio, its busybox
+                     /init (with ``init=/lib/systemd/systemd``: docs/integrations.md) and its
+                     systemd hook, same disk; left out, with a note, where its tarball is not.
 
     The figure is systemd's own ``ActiveEnterTimestampMonotonic`` of multi-user.target (seconds
     since the kernel started), which the image's report unit prints; the size is the initramfs
@@ -33,7 +37,7 @@ from pathlib import Path
 
 from initrd.build import BuildConfig, Compression, build_initramfs
 from overlayroot.deploy import deploy
-from qemu import debian
+from qemu import debian, mkinitcpio
 from qemu.accel import choose_accel
 from qemu.disks import make_raw_fs_disk, make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env
@@ -75,13 +79,24 @@ def setups(kernel: Kernel, root: Path, work: Path) -> list[Setup]:
         ("dracut+overlayroot", lambda out: debian.dracut_initramfs(kernel, out, systemd=True)),
         ("dracut", lambda out: debian.dracut_initramfs(kernel, out, systemd=True,
                                                         overlayroot=False)),
+        ("mkinitcpio+overlayroot", lambda out: mkinitcpio.mkinitcpio_initramfs(
+            kernel, out, mkinitcpio.Variant.BUSYBOX)),
+        ("mkinitcpio-systemd+overlayroot", lambda out: mkinitcpio.mkinitcpio_initramfs(
+            kernel, out, mkinitcpio.Variant.SYSTEMD)),
     ]
     result = []
     for name, build in images:
         progress(f"building the {name} initramfs")
-        initrd = build(work / f"{name}.img")
+        try:
+            initrd = build(work / f"{name}.img")
+        except mkinitcpio.MkinitcpioUnavailable as e:
+            progress(f"left out {name}: {e}")
+            continue
         if name == "dracut":
             result.append(Setup(name, initrd, plain, f"root=LABEL={ROOT_LABEL} rw"))
+        elif name == "mkinitcpio+overlayroot":
+            result.append(Setup(name, initrd, state,
+                                f"root=LABEL={STATE_LABEL} ro init=/lib/systemd/systemd"))
         else:
             result.append(Setup(name, initrd, state, f"root=LABEL={STATE_LABEL} ro"))
     return result
@@ -146,12 +161,12 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
 
 def table(report: dict[str, object]) -> str:
     lines = [f"kernel {report['kernel']}, {report['accel']}, {report['runs']} boots each",
-             f"{'initramfs':<20} {'size':>9} {'median':>8}  boots (s to multi-user.target)"]
+             f"{'initramfs':<30} {'size':>9} {'median':>8}  boots (s to multi-user.target)"]
     configurations = report["configurations"]
     assert isinstance(configurations, list)
     for c in configurations:
         boots = " ".join(f"{t:.1f}" for t in c["multi_user_s"])
-        lines.append(f"{c['name']:<20} {c['initramfs_bytes'] / 2**20:>5.1f} MiB"
+        lines.append(f"{c['name']:<30} {c['initramfs_bytes'] / 2**20:>5.1f} MiB"
                      f" {c['median_s']:>7.1f}s  {boots}")
     return "\n".join(lines)
 

@@ -37,7 +37,7 @@ def _check_text(text: str) -> None:
 def parse_json(text: str | bytes) -> object:
     """Like ``json.loads``; raises ``ValueError`` (``json.JSONDecodeError``,
     ``UnicodeDecodeError``) for anything that is not JSON nested at most ``MAX_DEPTH`` deep."""
-    too_deep = f"nested too deeply: more than {MAX_DEPTH} levels"
+    too_deep = f"nested more than {MAX_DEPTH} levels"
     try:
         data = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except RecursionError:

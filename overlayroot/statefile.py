@@ -36,7 +36,7 @@ def parses(data: bytes) -> bool:
     """Whether ``data`` is a boot state this version can read."""
     try:
         BootState.from_json(data.decode())
-    except (StateError, ValueError, RecursionError):
+    except ValueError:  # StateError, UnicodeDecodeError
         return False
     return True
 
@@ -57,10 +57,7 @@ def read_state(path: str | os.PathLike[str]) -> BootState:
         text = data.decode()
     except UnicodeDecodeError as e:
         raise StateError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        return BootState.from_json(text)
-    except RecursionError:
-        raise StateError("nested too deeply to be a boot state") from None
+    return BootState.from_json(text)
 
 
 def load(layout: StateLayout) -> tuple[BootState, list[str]]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import stat
 import sys
@@ -26,6 +25,7 @@ from overlayroot import files, statefile
 from overlayroot.bootstate import BootState
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
+from overlayroot.safejson import parse_json
 
 BOOTED = "/run/overlayroot/booted.json"
 LOCK = ".lock"
@@ -111,12 +111,11 @@ def advice(code: int | None) -> str:
 
 def read_booted(path: str = BOOTED) -> dict[str, object] | None:
     try:
-        data = json.loads(files.read_regular(path, BOOTED_LIMIT))
+        data = parse_json(files.read_regular(path, BOOTED_LIMIT))
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, RecursionError) as e:
-        why = e.strerror if isinstance(e, OSError) else (
-            "nested too deeply" if isinstance(e, RecursionError) else str(e))
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) else str(e)
         raise BootError(f"cannot read {path}, which says what was booted: {why}") from None
     if not isinstance(data, dict) or not isinstance(data.get("deployment"), str) or not (
             isinstance(data.get("state"), str)):

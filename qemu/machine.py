@@ -9,6 +9,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -34,6 +35,16 @@ class BootFailure(AssertionError):
         self.log_path = log_path
 
 
+@dataclass(frozen=True)
+class LoggedDisk:
+    """A raw disk behind QEMU's ``blklogwrites`` driver: the guest's writes reach ``path`` as
+    usual, and every write, flush and discard is also recorded in ``log`` (dm-log-writes'
+    format, see qemu/logwrites.py), which is created or emptied at start."""
+
+    path: Path
+    log: Path
+
+
 class Machine:
     """A guest with a kernel, an initrd and raw disks as /dev/vda, /dev/vdb, … in order.
 
@@ -46,7 +57,7 @@ class Machine:
         initrd: Path,
         *,
         log_path: Path,
-        disks: Sequence[Path] = (),
+        disks: Sequence[Path | LoggedDisk] = (),
         cmdline: str = "",
         accel: str = "tcg",
         memory_mb: int = 1024,
@@ -84,14 +95,27 @@ class Machine:
         ]  # fmt: skip
         if self.accel == "kvm":
             command += ["-cpu", "host"]
-        for disk in self.disks:
-            command += ["-drive", f"file={disk},if=virtio,format=raw"]
+        for number, disk in enumerate(self.disks):
+            if isinstance(disk, LoggedDisk):
+                node = f"logged{number}"
+                command += [
+                    "-blockdev",
+                    f"driver=blklogwrites,node-name={node},file.driver=file,"
+                    f"file.filename={_escape(disk.path)},log.driver=file,"
+                    f"log.filename={_escape(disk.log)},log-append=off",
+                    "-device", f"virtio-blk-pci,drive={node}",
+                ]  # fmt: skip
+            else:
+                command += ["-drive", f"file={_escape(disk)},if=virtio,format=raw"]
         return command
 
     def start(self) -> Machine:
         if self._process is not None:
             raise RuntimeError("a Machine boots once: make a new one to boot again")
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        for disk in self.disks:
+            if isinstance(disk, LoggedDisk):
+                disk.log.write_bytes(b"")  # QEMU's file driver opens, never creates
         self._process = subprocess.Popen(
             self.command(),
             stdin=subprocess.DEVNULL,
@@ -235,6 +259,11 @@ def parse_markers(console: str) -> dict[str, str]:
     A marker may follow kernel output on the same line: printk and userspace share the console.
     """
     return {m.group(1): (m.group(2) or "").strip() for m in MARKER.finditer(console)}
+
+
+def _escape(path: Path) -> str:
+    """A path as a QEMU option value: a comma would end it, so it is doubled."""
+    return str(path).replace(",", ",,")
 
 
 def _compile(pattern: Pattern) -> re.Pattern[str]:

@@ -17,7 +17,7 @@ import pytest
 
 from qemu.accel import choose_accel
 from qemu.kernel import Kernel, KernelUnavailable, debian_cloud_kernel, kernel_from_env
-from qemu.machine import Machine
+from qemu.machine import LoggedDisk, Machine
 from qemu.paths import cache_dir
 
 _console_logs = pytest.StashKey[list[Path]]()
@@ -42,7 +42,7 @@ class MachineFactory:
         self,
         *,
         initrd: Path,
-        disks: Sequence[Path] = (),
+        disks: Sequence[Path | LoggedDisk] = (),
         cmdline: str = "",
         name: str = "boot",
         memory_mb: int = 1024,

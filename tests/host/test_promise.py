@@ -172,7 +172,7 @@ def test_a_boot_json_nested_too_deep_is_recovered_from_its_backup(system: System
     (system.state.top / "boot.json").write_text("[" * 100_000)
     booted = system.boot()
     assert booted["deployment"] == "v2"
-    assert "nested too deeply" in system.console
+    assert "nested more than 16 levels" in system.console
     assert "recovered the boot state from" in system.console
 
 

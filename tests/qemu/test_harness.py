@@ -12,7 +12,8 @@ import pytest
 from qemu.disks import make_state_disk, partition_offset, read_file
 from qemu.initramfs import make_busybox_initramfs
 from qemu.kernel import Kernel
-from qemu.machine import BootFailure, parse_markers
+from qemu.logwrites import read_log
+from qemu.machine import BootFailure, LoggedDisk, parse_markers
 from qemu.plugin import MachineFactory
 from qemu.rootfs import SEED, make_test_root
 
@@ -110,6 +111,31 @@ def test_disks_appear_in_order_as_virtio_blk(
     with machine(initrd=initramfs(tmp_path, script, kernel), disks=disks) as guest:
         guest.wait_for(re.compile(r"OVERLAYROOT-TEST vdb=\d+"), BOOT_TIMEOUT)
     assert guest.markers() == {"vda": str(8 << 11), "vdb": str(16 << 11)}
+
+
+def test_a_logged_disk_records_every_write_and_flush_next_to_a_plain_disk(
+    tmp_path: Path, kernel: Kernel, machine: MachineFactory
+) -> None:
+    logged, plain = tmp_path / "logged.img", tmp_path / "plain.img"
+    for disk in (logged, plain):
+        with disk.open("wb") as image:
+            image.truncate(8 << 20)
+    script = (
+        "echo hello | dd of=/dev/vda bs=512 seek=8 conv=sync,fsync 2>/dev/null\n"
+        "echo OVERLAYROOT-TEST vdb=$(cat /sys/block/vdb/size)\n"
+        "poweroff -f\n"
+    )
+    log = tmp_path / "logged.log"
+    with machine(initrd=initramfs(tmp_path, script, kernel),
+                 disks=[LoggedDisk(logged, log), plain]) as guest:
+        guest.wait_for(re.compile(r"OVERLAYROOT-TEST vdb=\d+"), BOOT_TIMEOUT)
+        guest.wait_exit(30)
+    assert guest.markers() == {"vdb": str(8 << 11)}
+    entries = read_log(log).entries
+    first = next(e for e in entries if e.writes)
+    assert (first.sector, read_log(log).data(first, 8, 1)[:6]) == (8, b"hello\n")
+    assert any(e.durable_point for e in entries[first.index + 1 :])  # the fsync's flush
+    assert logged.read_bytes()[8 * 512 : 8 * 512 + 6] == b"hello\n"  # written through
 
 
 def test_markers_are_parsed_anywhere_in_a_console_line() -> None:

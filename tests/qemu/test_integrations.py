@@ -1,6 +1,8 @@
 """Issue 4 end to end: a real Debian bookworm with systemd, deployed as erofs on a state disk,
 reaches multi-user.target through our standalone initramfs, dracut with our module (systemd
-initrd and shell init) and initramfs-tools with our hooks — all built by the real tools.
+initrd and shell init), initramfs-tools with our hooks and mkinitcpio with our hooks (its busybox
+/init and its systemd hook) — all built by the real tools. mkinitcpio's images also boot the
+busybox test root (qemu.rootfs), whose init blesses the trial itself.
 
 Each test boots twice on one disk: the first boot is the new deployment's trial, writes a token
 into /etc, /var, /home and /, and is blessed by overlayroot-bless.service after
@@ -20,12 +22,14 @@ import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
 from overlayroot.deploy import deploy
-from qemu import debian
+from qemu import debian, mkinitcpio
 from qemu.disks import make_state_disk
 from qemu.kernel import Kernel
 from qemu.machine import Machine
+from qemu.mkinitcpio import Variant
 from qemu.plugin import MachineFactory
-from qemu.rootfs import build_command_payload
+from qemu.rootfs import build_command_payload, make_broken_root, make_test_root
+from tests.qemu import stage
 
 FS_LABEL = "or-state"
 FS_UUID = "5e1f0a4c-7a2b-4c3d-9e8f-0123456789ab"
@@ -39,6 +43,8 @@ ON_FAILURE = {
     "standalone": "overlayroot.onfail=poweroff",
     "dracut": "rd.shell=0 rd.emergency=poweroff",
     "initramfs-tools": "panic=-1",
+    # mkinitcpio has no such switch: its shells are in FAILURES.
+    "mkinitcpio": "",
 }
 FAILURES = (
     "Kernel panic - not syncing",
@@ -47,6 +53,8 @@ FAILURES = (
     "Entering emergency mode",
     "Press Enter for maintenance",
     "Traceback (most recent call last)",
+    "You are now being dropped into an emergency shell",
+    "Bailing out, you are on your own",
 )
 BOOT_TIMEOUT = 420  # seconds from power-on to the report, under TCG on a busy host
 SHUTDOWN_TIMEOUT = 180
@@ -171,3 +179,121 @@ def test_debian_reaches_multi_user_read_only_with_persistent_state(
         pytest.fail(str(e))
     disk = debian_disk(tmp_path, debian_root)
     check_boots_twice(machine, initrd, disk, f"{BASE} {ON_FAILURE[framework]}")
+
+
+@pytest.fixture(scope="session")
+def mkinitcpio_image(kernel: Kernel, tmp_path_factory: pytest.TempPathFactory,
+                     ) -> Callable[[Variant], Path]:
+    """The real mkinitcpio's image with our hooks, per variant, built once per session."""
+    built: dict[Variant, Path] = {}
+
+    def image(variant: Variant) -> Path:
+        if variant not in built:
+            output = tmp_path_factory.mktemp(f"mkinitcpio-{variant}") / "initramfs.img"
+            try:
+                built[variant] = mkinitcpio.mkinitcpio_initramfs(kernel, output, variant)
+            except mkinitcpio.MkinitcpioUnavailable as e:
+                pytest.skip(str(e))
+            except debian.GeneratorFailed as e:
+                pytest.fail(str(e))
+        return built[variant]
+
+    return image
+
+
+VARIANTS = [pytest.param(v, id=f"mkinitcpio-{v}") for v in Variant]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_debian_through_mkinitcpio(
+    machine: MachineFactory, mkinitcpio_image: Callable[[Variant], Path], debian_root: Path,
+    tmp_path: Path, variant: Variant,
+) -> None:
+    initrd = mkinitcpio_image(variant)
+    disk = debian_disk(tmp_path, debian_root)
+    cmdline = f"{BASE} {ON_FAILURE['mkinitcpio']}"
+    if variant is Variant.BUSYBOX:
+        # mkinitcpio's /init tests the init with `[ -x /new_root/sbin/init ]`, which follows
+        # Debian's absolute link (/sbin/init -> /lib/systemd/systemd) into the initramfs, where
+        # it points at nothing (docs/integrations.md).
+        cmdline += " init=/lib/systemd/systemd"
+    check_boots_twice(machine, initrd, disk, cmdline)
+
+
+@pytest.fixture(scope="session")
+def command_payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_busybox_root_through_mkinitcpio_is_tried_with_a_watchdog_and_blessed(
+    machine: MachineFactory, mkinitcpio_image: Callable[[Variant], Path],
+    command_payload: Path, tmp_path: Path, variant: Variant,
+) -> None:
+    """The busybox test root, deployed as erofs: its first boot is a trial with the watchdog
+    armed (softdog: the guest has no other), writes tokens and blesses itself; the second is no
+    trial and reads them back."""
+    initrd = mkinitcpio_image(variant)
+    root = make_test_root(tmp_path / "root", image="v1", command=command_payload)
+    disk = stage.state_disk(tmp_path, [("v1", "erofs", root)])
+
+    def boot(extra: str, name: str) -> tuple[Machine, dict[str, str]]:
+        m = machine(initrd=initrd, disks=[disk], cmdline=f"{stage.BASE} {extra}", name=name)
+        with m:
+            m.wait_for("OVERLAYROOT-TEST done", 180, failure=FAILURES)
+            m.wait_exit(60)
+        markers = m.markers()
+        print(f"{name}: the root's init at {markers['uptime']} s")
+        return m, markers
+
+    first, m1 = boot("test.write=token-1 test.bless=1", "write")
+    assert (m1["root_ro"], m1["etc_writable"]) == ("yes", "yes")
+    assert m1["mount_root"].split()[1] == "erofs"
+    booted = json.loads(m1["booted_json"])
+    assert (booted["deployment"], booted["trial"]) == ("v1", True)
+    assert booted["watchdog"], "the trial boot got no watchdog"
+    assert (m1["write_etc"], m1["write_var"], m1["write_home"]) == ("ok", "ok", "ok")
+    assert m1["bless"] == "0"
+    assert "stopped the trial boot's watchdog" in first.console
+
+    _, m2 = boot("test.read=1", "read")
+    assert json.loads(m2["booted_json"])["trial"] is False
+    assert (m2["root_ro"], m2["etc_writable"]) == ("yes", "yes")
+    assert (m2["etc_token"], m2["var_token"], m2["home_token"]) == (
+        "token-1", "token-1", "token-1")
+
+
+# A runtime hook with an emergency function, as mkinitcpio's keymap-like hooks have: what the
+# failure path must run before its shell.
+EMERGENCY_HOOK = """#!/usr/bin/ash
+run_emergencyhook() {
+    echo "OVERLAYROOT-TEST emergency_hook=ran"
+}
+"""
+EMERGENCY_SHELL = "You are now being dropped into an emergency shell"
+
+
+def test_a_deployment_that_cannot_boot_ends_in_mkinitcpios_emergency_path(
+    machine: MachineFactory, kernel: Kernel, tmp_path: Path,
+) -> None:
+    """The only deployment has no init: the stage fails, and mkinitcpio's busybox /init runs
+    its emergency hooks, then its shell — it does not boot the state filesystem."""
+    try:
+        initrd = mkinitcpio.mkinitcpio_initramfs(
+            kernel, tmp_path / "initrd.img", Variant.BUSYBOX,
+            runtime_hooks={"overlayroot-test-emergency": EMERGENCY_HOOK})
+    except mkinitcpio.MkinitcpioUnavailable as e:
+        pytest.skip(str(e))
+    except debian.GeneratorFailed as e:
+        pytest.fail(str(e))
+    disk = stage.state_disk(tmp_path, [("broken", "erofs", make_broken_root(tmp_path / "root"))])
+    m = machine(initrd=initrd, disks=[disk], cmdline=stage.BASE, name="no-init")
+    with m:
+        # The shell waits on the console for ever: seeing its greeting is the end.
+        m.wait_for(EMERGENCY_SHELL, 180, failure=("Kernel panic - not syncing", "Bailing out"))
+    console = m.console
+    assert "overlayroot: error:" in console
+    assert "OVERLAYROOT-TEST emergency_hook=ran" in console, "the emergency hooks did not run"
+    ran = console.index("OVERLAYROOT-TEST emergency_hook=ran")
+    assert ran < console.index("overlayroot could not assemble the root") < console.index(
+        EMERGENCY_SHELL)

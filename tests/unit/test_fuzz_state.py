@@ -14,8 +14,9 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot import cli, safejson, status
+from overlayroot import cli, safejson, status, target
 from overlayroot.bootstate import BootState, Entry, StateError
+from overlayroot.errors import BootError
 from overlayroot.layout import Manifest, StateLayout
 from overlayroot.statefile import HISTORY, PREVIOUS, STATE, load, outcomes, read_history
 from tests import fuzzing
@@ -154,7 +155,7 @@ def test_reading_the_boot_state_and_history_raises_only_state_errors(name: str) 
 
 
 def test_a_boot_json_nested_100000_deep_is_a_state_error() -> None:
-    with pytest.raises(StateError, match=r"^not JSON \(nested too deeply: more than 16 levels\)$"):
+    with pytest.raises(StateError, match=r"^not JSON \(nested more than 16 levels\)$"):
         BootState.from_json("[" * 100_000)
 
 
@@ -162,7 +163,7 @@ def test_a_boot_json_nested_just_under_the_interpreter_limit_is_a_state_error() 
     body = {"format": 1, "generation": 1, "once": None,
             "deployments": {"v1": {"priority": deep_value(900), "tries_left": None,
                                    "successful": True, "bad": None, "pinned": False}}}
-    with pytest.raises(StateError, match="nested too deeply: more than 16 levels"):
+    with pytest.raises(StateError, match="nested more than 16 levels"):
         BootState.from_json(with_crc(body))
 
 
@@ -172,8 +173,7 @@ def test_boot_json_and_its_backup_nested_100000_deep_are_rebuilt(tmp_path: Path)
     (layout.top / PREVIOUS).write_text("[" * 100_000)
     state, notes = load(layout)
     assert state.entries == {"v1": Entry(priority=1)}
-    assert notes[0] == (f"{layout.top / STATE} is unreadable: not JSON (nested too deeply: more"
-                        " than 16 levels)")
+    assert notes[0] == f"{layout.top / STATE} is unreadable: not JSON (nested more than 16 levels)"
     assert notes[1].startswith("rebuilt the boot state from the 1 deployments on disk")
 
 
@@ -211,8 +211,8 @@ def test_safe_json_reads_what_overlayroot_writes_and_refuses_the_rest() -> None:
     assert safejson.parse_json(b'{"a": [1, 2.5, "x", null]}') == {"a": [1, 2.5, "x", None]}
     assert safejson.parse_json(json.dumps(deep_value(16))) == deep_value(16)
     refused: list[tuple[str | bytes, str]] = [
-        ("[" * 100_000, "nested too deeply: more than 16 levels"),
-        (json.dumps(deep_value(17)), "nested too deeply: more than 16 levels"),
+        ("[" * 100_000, "nested more than 16 levels"),
+        (json.dumps(deep_value(17)), "nested more than 16 levels"),
         ("NaN", "NaN is not a number JSON allows"),
         ("[-Infinity]", "-Infinity is not a number JSON allows"),
         ("1e999", "1e999 is not a number JSON allows"),
@@ -233,3 +233,10 @@ def test_a_booted_json_fallback_of_the_wrong_shape_is_left_out() -> None:
         "this boot fell back from v4: no reason recorded",
         "this boot fell back from v5: no init"]
 
+
+def test_a_booted_json_nested_100000_deep_is_a_boot_error(tmp_path: Path) -> None:
+    path = tmp_path / "booted.json"
+    path.write_text("[" * 100_000)
+    with pytest.raises(BootError, match=f"^cannot read {path}, which says what was booted:"
+                       " nested more than 16 levels"):
+        target.read_booted(str(path))

@@ -2,8 +2,9 @@
 
 mkinitcpio is not packaged for Debian, so its functions (add_file, add_symlink, add_module,
 add_binary, add_runscript, add_systemd_unit, map, error; at boot mount_handler, err,
-launch_interactive_shell) are small stand-ins that record their calls. The build hook runs the
-real payload builder.
+run_hookfunctions, launch_interactive_shell) are small stand-ins that record their calls. The
+build hook runs the real payload builder. tests/qemu/test_integrations.py builds and boots
+images with the real mkinitcpio.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ BUSYBOX = Path("/bin/busybox")
 BUILD_STANDINS = r"""
 record() { printf '%s\n' "$*" >> "$LOG"; }
 map() { local f=$1; shift; for arg in "$@"; do "$f" "$arg"; done; }
-error() { record error "$@"; return 1; }
+error() { local format=$1; shift; record error "$(printf "$format" "$@")"; return 1; }
 add_module() { record add_module "$@"; }
 add_binary() { record add_binary "$@"; }
 add_runscript() { record add_runscript "${BASH_SOURCE[1]##*/}"; }
@@ -49,8 +50,15 @@ ERROR_ACCOUNTING = """set -o functrace
 trap '(( $? )) && [[ $FUNCNAME == add_* ]] && record builderror "$FUNCNAME"' RETURN"""
 
 
-def build(tmp_path: Path, *, systemd: bool, builder: str = str(BUILDER)) -> tuple[
+# mkinitcpio's own environment: it exports this PATH before it runs any hook.
+MKINITCPIO_PATH = "/usr/bin:/bin"
+
+
+def build(tmp_path: Path, *, systemd: bool, builder: str | None = str(BUILDER),
+          local_bin: Path | None = None) -> tuple[
         subprocess.CompletedProcess[str], list[str], Path]:
+    """Run the build hook. ``builder`` is $OVERLAYROOT_COMMAND (None: unset, and PATH is
+    mkinitcpio's); ``local_bin`` is mounted on /usr/local/bin in a private mount namespace."""
     log, root = tmp_path / "log", tmp_path / "buildroot"
     root.mkdir()
     standins = BUILD_STANDINS
@@ -58,9 +66,18 @@ def build(tmp_path: Path, *, systemd: bool, builder: str = str(BUILDER)) -> tupl
         standins += 'add_systemd_unit() { record add_systemd_unit "$@"; }\n'
     script = (f"{standins}\n{ERROR_ACCOUNTING}\n. {HOOKS}/install/overlayroot\n"
               "build\necho build=$?\n")
-    env = dict(os.environ, LOG=str(log), BUILDROOT=str(root), OVERLAYROOT_COMMAND=builder,
-               TMPDIR=str(tmp_path))
-    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+    env = dict(os.environ, LOG=str(log), BUILDROOT=str(root), TMPDIR=str(tmp_path))
+    if builder is None:
+        env.pop("OVERLAYROOT_COMMAND", None)
+        env["PATH"] = MKINITCPIO_PATH
+    else:
+        env["OVERLAYROOT_COMMAND"] = builder
+    command = ["bash", "-c", script]
+    if local_bin is not None:
+        command = ["unshare", "--mount", "sh", "-c",
+                   'mount --make-rprivate / && mount --bind "$0" /usr/local/bin && exec "$@"',
+                   str(local_bin), *command]
+    proc = subprocess.run(command, env=env, capture_output=True, text=True)
     calls = log.read_text().splitlines() if log.exists() else []
     return proc, calls, root
 
@@ -104,29 +121,79 @@ def test_build_for_the_systemd_hook_adds_a_unit_before_initrd_root_fs(tmp_path: 
     assert os.readlink(wants) == "../overlayroot-prepare.service"
 
 
-def test_the_systemd_unit_is_the_dracut_one(tmp_path: Path) -> None:
+def test_the_systemd_unit_is_the_dracut_one_but_for_the_softdog(tmp_path: Path) -> None:
     _, _, root = build(tmp_path, systemd=True)
     ours = (root / "usr/lib/systemd/system/overlayroot-prepare.service").read_text()
     dracut = (HOOKS.parent / "dracut/90overlayroot/overlayroot-prepare.service").read_text()
 
     def settings(text: str) -> list[str]:
-        return [line for line in text.splitlines() if line and not line.startswith("#")]
+        return [line for line in text.splitlines() if line and not line.startswith("#")
+                and "softdog" not in line]
 
     assert settings(ours) == settings(dracut)
+
+
+def test_the_systemd_image_loads_the_softdog_without_a_shell(tmp_path: Path) -> None:
+    # Without mkinitcpio's base hook a systemd image has no /bin/sh: a unit that needs one
+    # fails (silently, with "-"), and trial boots get no watchdog.
+    proc, _, root = build(tmp_path, systemd=True)
+    assert "build=0" in proc.stdout, proc.stderr
+    units = root / "usr/lib/systemd/system"
+    for unit in units.glob("*.service"):
+        for line in unit.read_text().splitlines():
+            if line.startswith("Exec"):
+                program = line.partition("=")[2].lstrip("-@!:+").split()[0]
+                assert program in ("modprobe", PREPARE), f"{unit.name}: {line}"
+    softdog = (units / "overlayroot-softdog.service").read_text().splitlines()
+    assert "ConditionPathExists=!/dev/watchdog" in softdog
+    assert "ExecStart=-modprobe -q softdog" in softdog
+    assert "Before=overlayroot-prepare.service" in softdog
+    wants = units / "initrd-root-fs.target.wants/overlayroot-softdog.service"
+    assert os.readlink(wants) == "../overlayroot-softdog.service"
 
 
 def test_build_fails_through_an_add_function_when_the_builder_fails(tmp_path: Path) -> None:
     _, calls, root = build(tmp_path, systemd=False, builder="/bin/false")
     assert "builderror add_overlayroot_stage" in calls
-    assert any(c.startswith("error overlayroot: '%s initrd build' failed") for c in calls)
+    assert "error overlayroot: '/bin/false initrd build' failed; the error is above" in calls
     assert not (root / PREPARE.lstrip("/")).exists()
     assert not list(tmp_path.glob("overlayroot-payload.*"))
 
 
 def test_build_names_the_missing_builder(tmp_path: Path) -> None:
     _, calls, _ = build(tmp_path, systemd=False, builder="no-such-overlayroot")
-    assert any("is not installed" in c for c in calls)
+    # mkinitcpio's error takes one format string: the message must read whole.
+    assert ("error overlayroot: 'no-such-overlayroot' is not installed (pip install"
+            " 'overlayroot[build]'), or set OVERLAYROOT_COMMAND") in calls
     assert "builderror add_overlayroot_stage" in calls
+
+
+def needs_mount_namespace() -> None:
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare, to put a private /usr/local/bin in place")
+
+
+def test_build_finds_a_pip_installed_builder_outside_mkinitcpios_path(tmp_path: Path) -> None:
+    # pip puts the command in /usr/local/bin, which mkinitcpio's PATH leaves out.
+    needs_mount_namespace()
+    local_bin = tmp_path / "local-bin"
+    local_bin.mkdir()
+    (local_bin / "overlayroot").symlink_to(BUILDER)
+    proc, calls, root = build(tmp_path, systemd=False, builder=None, local_bin=local_bin)
+    assert "build=0" in proc.stdout, proc.stderr
+    assert not any(c.startswith(("error", "builderror")) for c in calls)
+    assert os.access(root / PREPARE.lstrip("/"), os.X_OK)
+
+
+def test_build_without_any_builder_names_where_pip_puts_it(tmp_path: Path) -> None:
+    needs_mount_namespace()
+    local_bin = tmp_path / "local-bin"
+    local_bin.mkdir()
+    _, calls, root = build(tmp_path, systemd=False, builder=None, local_bin=local_bin)
+    assert any(c.startswith("error overlayroot: '/usr/local/bin/overlayroot' is not installed")
+               for c in calls)
+    assert "builderror add_overlayroot_stage" in calls
+    assert not (root / PREPARE.lstrip("/")).exists()
 
 
 def test_help_says_where_the_hook_goes() -> None:
@@ -153,6 +220,8 @@ default_mount_handler() {{ record mount "$1"; }}
 modprobe() {{ record modprobe "$@"; }}
 err() {{ record err "$@"; }}
 launch_interactive_shell() {{ record shell; }}
+run_hookfunctions() {{ record run_hookfunctions "$@"; }}
+EMERGENCYHOOKS="keymap overlayroot-test"
 mount_handler=default_mount_handler
 . {tmp_path}/hook
 run_hook
@@ -170,7 +239,7 @@ def test_runtime_hook_prepares_the_root_the_mount_handler_mounted(tmp_path: Path
     assert "modprobe -qa overlay loop erofs squashfs" in calls
     assert calls.index("modprobe -qa overlay loop erofs squashfs") < calls.index(
         "prepare /new_root")
-    assert not any(c.startswith(("err", "shell")) for c in calls)
+    assert not any(c.startswith(("err", "shell", "run_hookfunctions")) for c in calls)
     assert calls[-1] == "init goes on"
 
 
@@ -178,6 +247,14 @@ def test_runtime_hook_drops_to_a_shell_when_prepare_fails(tmp_path: Path) -> Non
     calls = boot(tmp_path, 1)
     assert "err overlayroot could not assemble the root; the reason is above" in calls
     assert calls.index("prepare /new_root") < calls.index("shell")
+
+
+def test_runtime_hook_runs_the_emergency_hooks_before_the_shell(tmp_path: Path) -> None:
+    # Every failure path of mkinitcpio's /init does, so that e.g. the keymap hook works.
+    calls = boot(tmp_path, 1)
+    emergency = "run_hookfunctions run_emergencyhook emergency hook keymap overlayroot-test"
+    assert emergency in calls
+    assert calls.index("prepare /new_root") < calls.index(emergency) < calls.index("shell")
 
 
 def test_hooks_need_no_mkinitcpio_code_in_the_repository() -> None:
