@@ -135,7 +135,7 @@ def _modinfo_section(elf_bytes: bytes, origin: Path) -> bytes:
             end = elf_bytes.index(b"\0", str_offset + name_offset)
             if elf_bytes[str_offset + name_offset : end] == b".modinfo":
                 return elf_bytes[offset : offset + size]
-    except (struct.error, IndexError, ValueError) as e:
+    except (struct.error, IndexError, ValueError, OverflowError) as e:  # offsets past 2**63
         raise ModuleError(f"{origin}: not a kernel module (bad ELF section table: {e})") from e
     raise ModuleError(f"{origin}: has no .modinfo section; is it a kernel module?")
 

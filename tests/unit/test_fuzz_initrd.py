@@ -135,6 +135,16 @@ def test_a_module_cut_inside_its_elf_ident_is_a_module_error(data: bytes) -> Non
         parse_modinfo(data, Path("m.ko"))
 
 
+def test_a_section_table_offset_past_what_an_index_holds_is_a_module_error() -> None:
+    header = bytearray(64)
+    header[:6] = b"\x7fELF\x02\x01"
+    header[40:48] = (2**63).to_bytes(8, "little")  # e_shoff
+    header[60:62] = (1).to_bytes(2, "little")  # e_shnum
+    with pytest.raises(ModuleError, match=r"^m\.ko: not a kernel module \(bad ELF section"
+                       r" table: Python int too large to convert to C ssize_t\)$"):
+        parse_modinfo(bytes(header), Path("m.ko"))
+
+
 @pytest.mark.parametrize("value", ["4294967296", "99999999999999999999", "٣", "1_0", "+1", " 1"])
 def test_a_source_date_epoch_a_cpio_archive_cannot_hold_is_refused(
     monkeypatch: pytest.MonkeyPatch, value: str
