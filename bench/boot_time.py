@@ -1,16 +1,23 @@
-"""Boot time of our initramfs against Debian's dracut, under QEMU, for issue 2.
+"""Boot time of our initramfs against a busybox shell floor and Debian's dracut, under QEMU.
 
 What it measures
-    For each of two configurations, N boots (default 5) of the same kernel (the harness's:
+    For each configuration, N boots (default 5) of the same kernel (the harness's:
     $OVERLAYROOT_KERNEL(_MODULES), else Debian's cloud kernel) and the same busybox test root
     (qemu.rootfs.make_test_root), whose /sbin/init prints ``OVERLAYROOT-TEST uptime=<s>``
     (first field of /proc/uptime) as its very first action:
 
-    ours    our initramfs (initrd.build, zstd, default modules) booting that root deployed as
-            erofs on a GPT state disk found by ``root=LABEL=``;
-    dracut  Debian's dracut generic initramfs (``dracut --no-hostonly --kver <kver> --kmoddir
-            <modules> --add-drivers "virtio_blk virtio_pci" --zstd``, systemd inside) booting the
-            same root as a plain ext4 root (``root=/dev/vda rw``, no partition table).
+    trial   our initramfs (initrd.build, zstd, default modules) booting that root deployed as
+            erofs on a GPT state disk found by ``root=LABEL=``, on its first (trial) boot: the
+            try is written, the image hashed, /var seeded, the watchdog armed;
+    blessed the same, the deployment known good (``deploy --known-good``): a normal boot, with
+            nothing written but the history line;
+    floor   bench/floor/init.sh, a busybox shell /init doing the least the same root needs
+            (insmod, findfs, mount the state, loop-mount the erofs lower, /etc overlay, /var and
+            /home binds, switch_root; no checks, no counting): the floor to measure the stage
+            against (the ratios trial/floor and blessed/floor);
+    dracut  (with --dracut) Debian's dracut generic initramfs (``dracut --no-hostonly --kver
+            <kver> --kmoddir <modules> --add-drivers "virtio_blk virtio_pci" --zstd``, systemd
+            inside) booting the same root as a plain ext4 root (``root=/dev/vda rw``).
 
     The figure is guest time from the kernel's ``[ t0] Run /init as init process`` console line
     (printk clock, ``printk.time=1``) to the deployment init's uptime marker: the time the
@@ -33,7 +40,7 @@ How
     A failed boot's console log is kept and its path printed; the others are deleted unless
     --keep-logs.
 
-    .venv/bin/python -m bench.boot_time [--runs 5] [--json]
+    .venv/bin/python -m bench.boot_time [--runs 5] [--dracut] [--json]
 
 The table goes to stdout (or a JSON object with --json), progress to stderr. Exit status 1 when a
 boot failed, 2 when nothing could be measured.
@@ -42,6 +49,8 @@ boot failed, 2 when nothing could be measured.
 from __future__ import annotations
 
 import argparse
+import gzip
+import io
 import json
 import os
 import re
@@ -56,6 +65,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from initrd.build import BuildConfig, BuildResult, Compression, build_initramfs
+from initrd.cpio import Member, write_cpio
+from initrd.kmod import decompress, resolve_modules
 from overlayroot.deploy import deploy
 from qemu.accel import choose_accel
 from qemu.disks import make_raw_fs_disk, make_state_disk
@@ -76,7 +87,15 @@ DRACUT_DRIVERS = "virtio_blk virtio_pci"
 SKIPCPIO = Path("/usr/lib/dracut/skipcpio")
 IDLE_BUSY_CPUS = 0.5
 OURS = "ours"
+TRIAL = "trial"
+BLESSED = "blessed"
+FLOOR = "floor"
 DRACUT = "dracut"
+FLOOR_INIT = Path(__file__).resolve().parent / "floor" / "init.sh"
+FLOOR_MODULES = ("virtio_pci", "virtio_blk", "loop", "erofs", "overlay")
+FLOOR_LABEL = "floorstate"
+FLOOR_UUID = "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7c4"
+BUSYBOX = Path("/bin/busybox")
 
 
 @dataclass(frozen=True)
@@ -138,8 +157,9 @@ class Stats:
         return cls(statistics.median(values), min(values), max(values), len(values))
 
 
-class DracutUnavailable(RuntimeError):
-    """The dracut reference image could not be built: the message says exactly why."""
+class BenchUnavailable(RuntimeError):
+    """A reference image could not be built: the message says exactly why."""
+
 
 
 def progress(message: str) -> None:
@@ -179,11 +199,11 @@ def build_dracut(kernel: Kernel, work: Path) -> Image:
     """Debian's dracut, generic (not host-only), for the harness kernel, into `work`."""
     dracut = shutil.which("dracut")
     if dracut is None:
-        raise DracutUnavailable(
+        raise BenchUnavailable(
             "the dracut command is not installed: apt-get install -y dracut-core"
         )
     if not (kernel.modules / "modules.dep").exists():
-        raise DracutUnavailable(f"{kernel.modules} has no modules.dep: run depmod on it first")
+        raise BenchUnavailable(f"{kernel.modules} has no modules.dep: run depmod on it first")
     output = work / "dracut.img"
     tmpdir = work / "dracut-tmp"
     tmpdir.mkdir()
@@ -201,7 +221,7 @@ def build_dracut(kernel: Kernel, work: Path) -> Image:
     seconds = round(time.monotonic() - started, 1)
     if result.returncode != 0 or not output.exists():
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise DracutUnavailable(
+        raise BenchUnavailable(
             f"{' '.join(command)} exited with status {result.returncode}:\n{tail}"
         )
     log = result.stdout + result.stderr
@@ -240,18 +260,48 @@ def _package_version(package: str) -> str:
     return result.stdout.strip() if result.returncode == 0 else "(version unknown)"
 
 
-def make_disks(work: Path) -> tuple[Path, Path]:
-    """The busybox test root as an erofs deployment on a state disk, and as a plain ext4 disk."""
-    root = make_test_root(work / "root", image="bench")
-    state = work / "state-content"
+def make_state(work: Path, root: Path, name: str, *, known_good: bool) -> Path:
+    """The test root as an erofs deployment on a GPT state disk, on trial or known good."""
+    state = work / f"state-content-{name}"
     state.mkdir()
-    deploy(state, root, deployment_id="bench", fmt="erofs", created=CREATED)
-    state_disk = make_state_disk(
-        work / "state.img", state, size_mb=DISK_MB, fs_label=STATE_LABEL, fs_uuid=STATE_UUID,
-        partlabel="overlayroot state", partuuid="c0ffee00-1234-4abc-8def-0000000be7c3",
-    )  # fmt: skip
-    plain_disk = make_raw_fs_disk(work / "plain.img", root, DISK_MB, ROOT_LABEL, ROOT_UUID)
-    return state_disk, plain_disk
+    deploy(state, root, deployment_id="bench", fmt="erofs", created=CREATED,
+           known_good=known_good)
+    return make_state_disk(
+        work / f"state-{name}.img", state, size_mb=DISK_MB, fs_label=STATE_LABEL,
+        fs_uuid=STATE_UUID, partlabel="overlayroot state",
+        partuuid="c0ffee00-1234-4abc-8def-0000000be7c3",
+    )
+
+
+def build_floor(kernel: Kernel, work: Path, root: Path) -> tuple[Image, Path]:
+    """The busybox floor: a gzip cpio of busybox, bench/floor/init.sh as /init and the modules
+    it loads (dependencies first), and a plain ext4 disk with the root as deploy/root.erofs."""
+    if not BUSYBOX.exists():
+        raise BenchUnavailable(f"{BUSYBOX} is missing: apt-get install busybox-static")
+    started = time.monotonic()
+    modules = resolve_modules(kernel.modules, FLOOR_MODULES).modules
+    members = [Member.directory(d) for d in ("bin", "dev", "proc", "sys", "run", "lib",
+                                             "lib/modules")]
+    members += [
+        Member.char_device("dev/console", 5, 1),
+        Member.file("bin/busybox", BUSYBOX.read_bytes(), 0o755),
+        Member.file("init", FLOOR_INIT.read_bytes(), 0o755),
+        Member.file("modules.order", " ".join(m.name for m in modules).encode() + b"\n"),
+        *(Member.file(f"lib/modules/{m.name}.ko", decompress(m.source)) for m in modules),
+    ]
+    raw = io.BytesIO()
+    write_cpio(raw, members)
+    image = work / "floor.img"
+    image.write_bytes(gzip.compress(raw.getvalue(), compresslevel=9, mtime=0))
+    content = work / "floor-content"
+    (content / "deploy").mkdir(parents=True)
+    subprocess.run(["mkfs.erofs", "--quiet", str(content / "deploy/root.erofs"), str(root)],
+                   check=True, capture_output=True)
+    disk = make_raw_fs_disk(work / "floor.disk", content, DISK_MB, FLOOR_LABEL, FLOOR_UUID)
+    return Image(name=FLOOR, path=image, size=image.stat().st_size, compression="gzip",
+                 description="busybox shell floor (bench/floor/init.sh)",
+                 build_seconds=round(time.monotonic() - started, 1),
+                 details={"kernel_modules": len(modules)}), disk
 
 
 def other_qemu_processes() -> int:
@@ -341,23 +391,34 @@ def boot_once(
     return boot
 
 
-def setups(kernel: Kernel, work: Path) -> tuple[list[Setup], BuildResult, str | None]:
-    """Both configurations (dracut's left out, with the reason, when it cannot be built)."""
+def setups(kernel: Kernel, work: Path, with_dracut: bool) -> tuple[
+        list[Setup], BuildResult, str | None]:
+    """The configurations (dracut's only when asked for, and left out with the reason when it
+    cannot be built)."""
     progress(f"building our initramfs for {kernel.version} (zstd -19)")
     ours, result = build_ours(kernel, work)
     progress(f"  {ours.size} bytes, {result.frozen_modules} frozen modules")
-    progress("making the test root, its erofs deployment and the plain ext4 disk")
-    state_disk, plain_disk = make_disks(work)
+    progress("making the test root and its erofs deployments, on trial and known good")
+    root = make_test_root(work / "root", image="bench")
+    ours_cmdline = (f"printk.time=1 root=LABEL={STATE_LABEL} overlayroot.onfail=poweroff"
+                    " overlayroot.timeout=30")
+    ours_failures = (*DEFAULT_FAILURES, "overlayroot: error:")
     found: list[Setup] = [
-        Setup(OURS, ours, state_disk,
-              f"printk.time=1 root=LABEL={STATE_LABEL} overlayroot.onfail=poweroff"
-              " overlayroot.timeout=30",
-              (*DEFAULT_FAILURES, "overlayroot: error:")),
-    ]  # fmt: skip
+        Setup(TRIAL, ours, make_state(work, root, TRIAL, known_good=False), ours_cmdline,
+              ours_failures),
+        Setup(BLESSED, ours, make_state(work, root, BLESSED, known_good=True), ours_cmdline,
+              ours_failures),
+    ]
+    progress("building the busybox floor and its disk")
+    floor, floor_disk = build_floor(kernel, work, root)
+    found.append(Setup(FLOOR, floor, floor_disk, "printk.time=1", DEFAULT_FAILURES))
+    if not with_dracut:
+        return found, result, None
+    plain_disk = make_raw_fs_disk(work / "plain.img", root, DISK_MB, ROOT_LABEL, ROOT_UUID)
     progress(f"building dracut's generic initramfs for {kernel.version} (about a minute)")
     try:
         dracut = build_dracut(kernel, work)
-    except DracutUnavailable as error:
+    except BenchUnavailable as error:
         progress(f"  no reference: {error}")
         return found, result, str(error)
     progress(f"  {dracut.size} bytes ({dracut.compression}) in {dracut.build_seconds} s")
@@ -381,7 +442,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
     boots: list[Boot] = []
     with tempfile.TemporaryDirectory(prefix="overlayroot-bench-") as tmp:
         work = Path(tmp)
-        configs, ours_result, dracut_error = setups(kernel, work)
+        configs, ours_result, dracut_error = setups(kernel, work, args.dracut)
         for run in range(1, args.runs + 1):
             for setup in configs:
                 progress(f"[{setup.name} {run}/{args.runs}] booting")
@@ -426,11 +487,9 @@ def summarize(
                 else None
             ),
         }
-    ratio = None
-    ours_guest = stats.get(OURS, {}).get("guest_seconds")
-    dracut_guest = stats.get(DRACUT, {}).get("guest_seconds")
-    if isinstance(ours_guest, dict) and isinstance(dracut_guest, dict):
-        ratio = round(ours_guest["median"] / dracut_guest["median"], 3)
+    ratios = {f"{a}/{b}": ratio(stats, a, b)
+              for a, b in ((TRIAL, FLOOR), (BLESSED, FLOOR), (TRIAL, DRACUT), (BLESSED, DRACUT))
+              if a in stats and b in stats}
     return {
         "metric": "guest seconds from the kernel's 'Run /init as init process' (printk clock)"
         " to the deployment init's OVERLAYROOT-TEST uptime marker (/proc/uptime)",
@@ -452,13 +511,21 @@ def summarize(
         "frozen_modules": ours.frozen_modules,
         "dracut_error": dracut_error,
         "stats": stats,
-        "ratio_ours_over_dracut": ratio,
+        "ratios": ratios,
         "boots": [asdict(b) for b in boots],
         "loadavg_start": [round(x, 2) for x in load_start],
         "loadavg_end": [round(x, 2) for x in os.getloadavg()],
         "total_seconds": round(seconds, 1),
         "command": " ".join([Path(sys.executable).name, "-m", "bench.boot_time", *sys.argv[1:]]),
     }
+
+
+def ratio(stats: dict[str, dict[str, object]], a: str, b: str) -> float | None:
+    """The ratio of the guest-second medians of configurations ``a`` and ``b``."""
+    first, second = stats[a].get("guest_seconds"), stats[b].get("guest_seconds")
+    if isinstance(first, dict) and isinstance(second, dict) and second["median"]:
+        return round(float(first["median"]) / float(second["median"]), 3)
+    return None
 
 
 def _mib(size: object) -> str:
@@ -484,15 +551,16 @@ def table(report: dict[str, object]) -> str:
     ]
     for name, image in images.items():
         what = str(image["path_kind"])
-        if name == OURS:
+        if name in (TRIAL, BLESSED):
             what += (f", {image['frozen_modules']} frozen modules, "
                      f"{image['kernel_modules']} kernel modules")
         elif image.get("systemd"):
             what += ", systemd"
         lines.append(f"{name:<10} {_mib(image['size']):>10} {image['size']:>10}  "
                      f"{image['compression']:<6} {what}")
-    if OURS in images and DRACUT in images:
-        lines.append(f"size ratio ours/dracut: {images[OURS]['size'] / images[DRACUT]['size']:.3f}")
+    if TRIAL in images and DRACUT in images:
+        lines.append("size ratio ours/dracut:"
+                     f" {images[TRIAL]['size'] / images[DRACUT]['size']:.3f}")
     lines += [
         "",
         "'Run /init' -> deployment init, guest seconds    wall seconds (QEMU start -> marker)",
@@ -505,8 +573,10 @@ def table(report: dict[str, object]) -> str:
         lines.append(f"{name:<10} {_stat_cells(entry['guest_seconds'])} {ok:>5}    "
                      f"{_stat_cells(entry['wall_seconds'])}   "
                      f"{'-' if busy is None else f'{busy:.2f}'}")
-    ratio = report["ratio_ours_over_dracut"]
-    lines.append(f"ratio ours/dracut of the guest medians: {ratio if ratio is not None else '-'}")
+    ratios = report["ratios"]
+    assert isinstance(ratios, dict)
+    for name, value in ratios.items():
+        lines.append(f"ratio {name} of the guest medians: {'-' if value is None else value}")
     if report["dracut_error"]:
         lines.append(f"no dracut reference: {report['dracut_error']}")
     lines += ["", f"{'boot':<10} {'run':>3} {'Run /init':>9} {'marker':>8} {'guest s':>8} "
@@ -535,7 +605,8 @@ def table(report: dict[str, object]) -> str:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.boot_time",
-        description="Median initramfs boot time of our image against dracut's under QEMU.",
+        description="Median initramfs boot time of our stage (trial and known-good boots)"
+        " against a busybox shell floor (and dracut's, with --dracut) under QEMU.",
     )
     parser.add_argument("--runs", type=int, default=5, help="boots per configuration (5)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
@@ -544,6 +615,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--wait-idle", type=float, default=120,
                         help="seconds to wait before each boot for other QEMU guests to end "
                         "and the host to go idle (120)")
+    parser.add_argument("--dracut", action="store_true",
+                        help="boot Debian's dracut generic initramfs too (about a minute to"
+                        " build, and the slowest boots)")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the console logs of good boots too")
     args = parser.parse_args(argv)

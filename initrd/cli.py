@@ -93,14 +93,16 @@ def summary(result: BuildResult) -> str:
     )
 
 
+MAX_EPOCH = 0xFFFFFFFF  # cpio's 8 hex digits of mtime: early in 2106
+
+
 def _source_date_epoch() -> int:
     value = os.environ.get("SOURCE_DATE_EPOCH", "0")
-    try:
-        epoch = int(value)
-    except ValueError:
-        epoch = -1
-    if epoch < 0:
+    # ASCII digits only: int() also takes "٣", "1_0", " 1" and "+1".
+    epoch = int(value) if value.isascii() and value.isdigit() and len(value) < 20 else -1
+    if not 0 <= epoch <= MAX_EPOCH:
         raise BootError(
-            f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds since 1970; unset it or fix it"
+            f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds since 1970 up to {MAX_EPOCH}"
+            " (what a cpio archive holds); unset it or fix it"
         )
     return epoch

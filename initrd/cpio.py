@@ -14,14 +14,29 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from construct import Bytes, Const, ExprAdapter, Padding, Struct, this
+from construct import Bytes, Const, ConstructError, ExprAdapter, Padding, Struct, this
+
+from overlayroot.errors import BootError
 
 MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
+_HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
+
+
+class CpioError(BootError):
+    """Bytes that are not a newc archive, or one cut short."""
+
+
+def _hex(raw: bytes) -> int:
+    # int(raw, 16) alone would also take " +1_f" and "0x1f".
+    if not _HEX_DIGITS.issuperset(raw):
+        raise ValueError(f"header field {raw!r} is not 8 hex digits")
+    return int(raw, 16)
+
 
 HexField = ExprAdapter(
     Bytes(8),
-    decoder=lambda raw, ctx: int(raw, 16),
+    decoder=lambda raw, ctx: _hex(raw),
     encoder=lambda value, ctx: b"%08x" % value,
 )
 
@@ -90,11 +105,17 @@ def write_cpio(out: BinaryIO, members: Iterable[Member], mtime: int = 0) -> int:
 
 
 def read_cpio(data: bytes) -> Iterator[Member]:
-    """The members of a newc archive up to its trailer (for tests and inspection)."""
+    """The members of a newc archive up to its trailer (for tests and inspection); a
+    CpioError for bytes that are not one."""
     stream = io.BytesIO(data)
     while True:
-        entry = Entry.parse_stream(stream)
-        name = bytes(entry.name).rstrip(b"\0").decode()
+        offset = stream.tell()
+        try:
+            entry = Entry.parse_stream(stream)
+            name = bytes(entry.name).rstrip(b"\0").decode()
+        except (ConstructError, ValueError) as e:  # UnicodeDecodeError is a ValueError
+            raise CpioError(f"not a newc cpio archive, or one cut short: at byte {offset}:"
+                            f" {e}") from None
         if name == TRAILER:
             return
         header = entry.header

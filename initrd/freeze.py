@@ -23,6 +23,7 @@ import time
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from overlayroot.errors import BootError
 
@@ -110,7 +111,7 @@ def freeze(
             f"{python}: no such Python interpreter; pass the target's python3 with --python"
         )
     real = Path(os.path.realpath(python))
-    info = json.loads(_run(real, ["-E", "-s", "-c", _PATHS], "read sys.path"))
+    info = _run(real, ["-E", "-s", "-c", _PATHS], "read sys.path")
     major, minor = info["version"]
     libdir = PurePosixPath(info["prefix"]) / info["platlibdir"]
     zip_path = libdir / f"python{major}{minor}.zip"
@@ -119,7 +120,7 @@ def freeze(
     ) / "lib-dynload"
     search = [str(source_root.resolve()), *(p for p in info["path"] if p != str(zip_path))]
     argv = ["-E", "-s", "-S", "-c", _PROBE, str(zip_path), *entries, "--", *search]
-    found = json.loads(_run(real, argv, f"import {', '.join(entries)} from {source_root}"))
+    found = _run(real, argv, f"import {', '.join(entries)} from {source_root}")
 
     members: dict[str, bytes] = {}
     extensions: list[Extension] = []
@@ -167,7 +168,8 @@ def make_zip(members: dict[str, bytes], source_date_epoch: int = 0) -> bytes:
     return buffer.getvalue()
 
 
-def _run(python: Path, args: list[str], what: str) -> str:
+def _run(python: Path, args: list[str], what: str) -> Any:
+    """What the interpreter prints as JSON when it runs ``args``."""
     try:
         proc = subprocess.run(
             [str(python), *args], capture_output=True, text=True, env={}, check=False
@@ -179,4 +181,10 @@ def _run(python: Path, args: list[str], what: str) -> str:
         raise BootError(
             f"{python}: failed to {what}:\n  " + "\n  ".join(tail or ["(no error output)"])
         )
-    return proc.stdout
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        raise BootError(
+            f"{python}: answered {proc.stdout[:60]!r} when asked to {what}, not what a Python"
+            " interpreter prints; pass the target's python3 with --python"
+        ) from None

@@ -16,6 +16,7 @@ import lzma
 import shutil
 import struct
 import subprocess
+import zlib
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -66,15 +67,24 @@ def normalize(name: str) -> str:
 def decompress(path: Path) -> bytes:
     """The plain ELF contents of a ``.ko``, ``.ko.xz``, ``.ko.gz`` or ``.ko.zst`` file."""
     data = path.read_bytes()
-    if path.name.endswith(".xz"):
-        return lzma.decompress(data)
-    if path.name.endswith(".gz"):
-        return gzip.decompress(data)
+    try:
+        if path.name.endswith(".xz"):
+            return lzma.decompress(data)
+        if path.name.endswith(".gz"):
+            return gzip.decompress(data)
+    except (lzma.LZMAError, OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile: OSError
+        raise ModuleError(f"{path}: cannot decompress it ({e}); reinstall the kernel's"
+                          " modules") from None
     if path.name.endswith(".zst"):
         zstd = shutil.which("zstd")
         if zstd is None:
             raise ModuleError(f"{path}: is zstd-compressed; install the zstd command")
-        return subprocess.run([zstd, "-dcq"], input=data, capture_output=True, check=True).stdout
+        result = subprocess.run([zstd, "-dcq"], input=data, capture_output=True)
+        if result.returncode != 0:
+            raise ModuleError(f"{path}: cannot decompress it (zstd:"
+                              f" {result.stderr.decode(errors='replace').strip()}); reinstall"
+                              " the kernel's modules")
+        return result.stdout
     return data
 
 
@@ -107,7 +117,9 @@ def _modinfo_section(elf_bytes: bytes, origin: Path) -> bytes:
     module); the lazy alias index reads all ~1,100 modules of a distro kernel, so the section
     header table is read here with ``struct`` instead (0.1 ms a module).
     """
-    if elf_bytes[:4] != b"\x7fELF" or elf_bytes[4] not in (1, 2) or elf_bytes[5] not in (1, 2):
+    # Slices, not indexes: a file of 4 or 5 bytes has no elf_bytes[5].
+    magic, elf_class, byte_order = elf_bytes[:4], elf_bytes[4:5], elf_bytes[5:6]
+    if magic != b"\x7fELF" or elf_class not in (b"\1", b"\2") or byte_order not in (b"\1", b"\2"):
         raise ModuleError(f"{origin}: not a kernel module (no ELF header)")
     wide = elf_bytes[4] == 2
     order = "<" if elf_bytes[5] == 1 else ">"

@@ -34,7 +34,7 @@ REQUIRED_MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 DEFAULT_INIT = "/sbin/init"
 # index=on records the lower's file handles in the upper, and the mount then fails once an
 # update changes the lower. redirect_dir and metacopy would make the upper depend on one lower
-# too; xino needs the same filesystem-id stability. DESIGN.md §4.
+# too; xino needs the same filesystem-id stability. docs/design.md §5.
 ETC_OVERLAY_OPTIONS = "index=off,redirect_dir=off,metacopy=off,xino=off"
 IMAGE_FSTYPES = {"erofs": "erofs", "squashfs": "squashfs"}
 BOOTED_FILE = "booted.json"

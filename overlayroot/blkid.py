@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import binascii
 import codecs
+import io
 import struct
 
 # (fstype, superblock offset, magic offset in it, magic, uuid (offset, length) or None,
@@ -112,6 +113,9 @@ def gpt_partitions(path: str, sector_size: int = 512) -> list[Partition]:
         if binascii.crc32(zeroed) != header_crc:
             return []
         if count > MAX_GPT_ENTRIES or not GPT_ENTRY.size <= entry_size <= 4096:
+            return []
+        # A table said to lie past the end is no table (seeking there may fail or overflow).
+        if entries_lba * sector_size + count * entry_size > f.seek(0, io.SEEK_END):
             return []
         f.seek(entries_lba * sector_size)
         table = f.read(count * entry_size)

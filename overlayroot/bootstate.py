@@ -29,6 +29,8 @@ from __future__ import annotations
 import binascii
 import json
 
+from overlayroot.safejson import parse_json
+
 FORMAT = 1
 
 
@@ -129,7 +131,7 @@ class BootState:
     @classmethod
     def from_json(cls, text: str) -> BootState:
         try:
-            data = json.loads(text)
+            data = parse_json(text)
         except ValueError as e:
             raise StateError(f"not JSON ({e})") from None
         if not isinstance(data, dict):

@@ -5,6 +5,8 @@ Pure functions, no I/O: ``parse_options(open("/proc/cmdline").read())`` is the w
 
 from __future__ import annotations
 
+import re
+
 from overlayroot.errors import BootError
 from overlayroot.layout import check_id
 
@@ -20,6 +22,9 @@ MAX_TRIES = 100
 PREFIX = "overlayroot."
 KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries", "watchdog")
 _WHITESPACE = " \t\n\v\f\r"
+# ASCII only: Python's int() and float() also take "٣", "1_0", " 3", "+3", "1e3" and "inf".
+_WHOLE = re.compile(r"[0-9]+")
+_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 class CmdlineError(BootError):
@@ -218,12 +223,15 @@ def _number(
     key: str, value: str | None, low: float, high: float, *, integer: bool = False
 ) -> float:
     text = _required(key, value)
+    if not (_WHOLE if integer else _DECIMAL).fullmatch(text):
+        kind = ("a whole number (ASCII digits only)" if integer
+                else "a number of seconds (ASCII digits, with one '.' at most, as in 2.5)")
+        raise CmdlineError(f"{key}={text} is not {kind}")
     try:
         number = int(text) if integer else float(text)
-    except ValueError:
-        kind = "a whole number" if integer else "a number of seconds"
-        raise CmdlineError(f"{key}={text} is not {kind}") from None
-    if not low <= number <= high:  # also rejects nan
+    except ValueError:  # more digits than int() converts
+        number = high + 1
+    if not low <= number <= high:
         raise CmdlineError(f"{key}={text} is out of range ({low:g} to {high:g})")
     return number
 

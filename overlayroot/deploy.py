@@ -1,4 +1,4 @@
-"""``overlayroot deploy``: stage a deployment on a state filesystem (DESIGN.md §3).
+"""``overlayroot deploy``: stage a deployment on a state filesystem (docs/design.md §3).
 
 Given a directory tree, a tar archive of one or an erofs/squashfs image, write one deployment
 into ``<sysroot>/overlayroot/deployments/<id>/`` together with its manifest, and the persistent
@@ -54,7 +54,7 @@ from typing import TextIO
 from overlayroot import bootstate, files, layout, statefile, target, treecopy
 from overlayroot.errors import BootError
 
-# The directories the read-only lower must provide as mount points (DESIGN.md §4).
+# The directories the read-only lower must provide as mount points (docs/design.md §5).
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 # dracut's shell init keeps root= mounted only if it looks like a root (proc, sys and dev, or a
 # dynamic loader), and with overlayroot root= is the state filesystem: without these it is
@@ -78,6 +78,9 @@ UUID_NAMESPACE = uuid.UUID("3f0d6c52-5b0e-4a8c-9d7e-2f1c8a4b6e10")
 DIR_MODE = 0o755
 # An image holds the root's secrets (/etc/shadow, host keys): root alone may read it.
 IMAGE_MODE = 0o600
+# --created: 9999-12-31T23:59:59Z is the last second whose year has the four digits that the
+# manifest's time and the default id are written with.
+MAX_EPOCH = 253402300799
 
 
 def run(args: argparse.Namespace) -> int:
@@ -128,7 +131,8 @@ def parse_created(option: str | None, source_date_epoch: str | None) -> int | No
         return None
     try:
         if text.startswith("@"):
-            epoch = int(text[1:])
+            digits = text[1:]  # ASCII digits only: int() also takes "٣", "1_0" and " 1"
+            epoch = int(digits) if digits.isascii() and digits.isdigit() else -1
         else:
             from datetime import UTC, datetime
 
@@ -136,12 +140,12 @@ def parse_created(option: str | None, source_date_epoch: str | None) -> int | No
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
             epoch = int(moment.timestamp())
-    except ValueError:
+    except ValueError:  # also digits beyond what int() converts
         epoch = -1
-    if epoch < 0:
+    if not 0 <= epoch <= MAX_EPOCH:
         raise BootError(
-            f"{what} {text!r} is not a time: give RFC 3339 ('2024-05-01T12:00:00Z') or"
-            " '@<unix seconds>' (not before 1970)"
+            f"{what} {text!r} is not a time from 1970 to 9999: give RFC 3339"
+            f" ('2024-05-01T12:00:00Z') or '@<unix seconds>' (0 to {MAX_EPOCH})"
         )
     return epoch
 
@@ -276,7 +280,7 @@ def deploy(
     fmt, kind = inspect_source(source, fmt)
     reproducible = created is not None
     epoch = created if created is not None else int(time.time())
-    deployment_id = layout.check_id(deployment_id or default_id(epoch))
+    deployment_id = layout.check_id(default_id(epoch) if deployment_id is None else deployment_id)
 
     state = layout.StateLayout(sysroot)
     with converting_os_errors(f"preparing {state.top}"):
@@ -315,6 +319,7 @@ def deploy(
                 carry_etc(state, deployment_id, etc_from, etc_staging, progress)
             registered = register(state, deployment_id, progress, known_good)
             with converting_os_errors(f"moving {staging} to {final}"):
+                os.chmod(staging, DIR_MODE)  # the image is 0600 now; the manifest is for all
                 os.rename(staging, final)
                 files.fsync_dir(state.deployments)
         except BaseException:
@@ -395,9 +400,10 @@ def inspect_source(source: Path, fmt: str | None) -> tuple[str, str]:
             return fmt or "erofs", "tar"  # its mount points are checked once it is unpacked
         raise
     if fmt is not None and fmt != detected:
+        article = "an" if detected == "erofs" else "a"
         raise BootError(
-            f"{source} is a {detected} image, but --format {fmt} was given: an image is copied"
-            f" as is; drop --format or give a directory tree"
+            f"{source} is {article} {detected} image, but --format {fmt} was given: an image is"
+            " copied as is; drop --format or give a directory tree"
         )
     top = image_top_dirs(source, detected)
     if top is not None:
@@ -418,6 +424,9 @@ def stage(
 ) -> layout.Manifest:
     with converting_os_errors(f"creating {staging}"):
         make_dir(staging)
+        # Root's alone while the image is written: mkfs creates it readable by all, and a
+        # descriptor opened then would read the image's secrets for good.
+        os.chmod(staging, 0o700)
     image = staging / layout.FORMATS[fmt]
     tree = source
     if kind == "tar":

@@ -173,11 +173,16 @@ def run(args: argparse.Namespace) -> int:
     layout = where.layout
     upper = layout.etc_upper(deployment_id)
     manifest = layout.read_manifest(deployment_id)
-    if not upper.is_dir():
-        changes: dict[str, list[str]] = {kind: [] for kind in KINDS}
-    else:
-        with image_etc(layout, manifest) as lower:
-            changes = diff(str(upper), lower)
+    try:
+        if not upper.is_dir():
+            changes: dict[str, list[str]] = {kind: [] for kind in KINDS}
+        else:
+            with image_etc(layout, manifest) as lower:
+                changes = diff(str(upper), lower)
+    except OSError as e:
+        hint = ": run it as root" if e.errno in (errno.EACCES, errno.EPERM) else ""
+        raise BootError(f"cannot read {e.filename or upper}: {e.strerror}; etc diff reads every"
+                        f" file of the /etc upper and of the image's /etc{hint}") from None
     if args.json:
         print(json.dumps({"deployment": deployment_id, "upper": str(upper), **{
             kind: [f"/etc{p}" for p in paths] for kind, paths in changes.items()}}, indent=2))

@@ -22,6 +22,7 @@ import stat
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
+    from typing import BinaryIO
 
 PathLike = str | os.PathLike[str]
 
@@ -49,20 +50,33 @@ def kind(mode: int) -> str:
     return "a regular file" if stat.S_ISREG(mode) else "of an unknown type"
 
 
-def read_regular(path: PathLike, limit: int) -> bytes:
-    """The bytes of the regular file at ``path``; raises ``OSError`` (``NotRegular`` for any
-    other kind of file, ``EFBIG`` beyond ``limit`` bytes)."""
+def _open_regular(path: PathLike) -> tuple[int, os.stat_result]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as e:
         if e.errno == errno.ELOOP:  # the last component is a symlink
             raise NotRegular(e.errno, "it is a symlink", os.fspath(path)) from None
         raise
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise NotRegular(errno.EISDIR, f"it is {kind(st.st_mode)}, not a regular file",
+                         os.fspath(path))
+    return fd, st
+
+
+def open_regular(path: PathLike) -> BinaryIO:
+    """The regular file at ``path`` opened for reading; raises ``OSError`` (``NotRegular`` for
+    a symlink, FIFO, directory or device)."""
+    fd, _ = _open_regular(path)
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: PathLike, limit: int) -> bytes:
+    """The bytes of the regular file at ``path``; raises ``OSError`` (``NotRegular`` for any
+    other kind of file, ``EFBIG`` beyond ``limit`` bytes)."""
+    fd, st = _open_regular(path)
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise NotRegular(errno.EISDIR, f"it is {kind(st.st_mode)}, not a regular file",
-                             os.fspath(path))
         if st.st_size > limit:
             raise OSError(errno.EFBIG, f"it is {st.st_size} bytes, more than {limit}",
                           os.fspath(path))

@@ -7,7 +7,8 @@ No shell, no udev, no blkid: every step is Python and a system call. The steps, 
 3. load the kernel modules the builder listed;
 4. wait for the state device named by ``overlayroot.state=`` (else ``root=``);
 5. mount it on /sysroot;
-6. assemble the root there (:mod:`overlayroot.assemble`);
+6. choose, count, verify and assemble a deployment there, falling back in the same boot
+   (:func:`overlayroot.prepare.prepare_root`, the flow every integration shares);
 7. switch root and exec the deployment's init.
 
 A failure prints ``overlayroot: error: <what failed and what to do>`` and then does what

@@ -1,4 +1,4 @@
-"""The on-disk model of the state filesystem (DESIGN.md §3).
+"""The on-disk model of the state filesystem (docs/design.md §3).
 
 ```
 overlayroot/deployments/<id>/{root.erofs|root.squashfs|root/}, manifest.json
@@ -20,12 +20,13 @@ from pathlib import Path
 
 from overlayroot import files
 from overlayroot.errors import BootError
+from overlayroot.safejson import parse_json
 
 # Type-only imports: the boot stage must not pay for importing ``collections`` (or ``typing``).
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from collections.abc import Callable
-    from typing import Protocol
+    from typing import Any, Protocol
 
     class _Digest(Protocol):
         def update(self, data: bytes, /) -> None: ...
@@ -35,7 +36,7 @@ MANIFEST = "manifest.json"
 MANIFEST_LIMIT = 1 << 16
 FORMATS = {"erofs": "root.erofs", "squashfs": "root.squashfs", "dir": "root"}
 # Ids become directory names and appear on the kernel command line.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}$")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")  # \Z, not $: "v1\n" is no id
 
 
 def check_id(deployment_id: str) -> str:
@@ -88,24 +89,37 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: Path) -> Manifest:
+        """The manifest in ``text``, read from ``where``; a BootError naming it for anything
+        else."""
         try:
-            data = json.loads(text)
-            manifest = cls(
-                id=str(data["id"]),
-                created=str(data["created"]),
-                format=str(data["format"]),
-                image=str(data["image"]),
-                sha256=str(data["sha256"]),
-                size=int(data["size"]),
-                origin=str(data.get("origin", "")),
-            )
-        except (ValueError, KeyError, TypeError) as e:
-            raise BootError(f"{where}: not a valid deployment manifest ({e})") from None
+            manifest = cls(**_manifest_fields(parse_json(text)))
+        except ValueError as e:
+            raise BootError(f"{where}: not a valid deployment manifest ({e}); this deployment"
+                            " cannot be used: deploy its image again") from None
         if FORMATS.get(manifest.format) != manifest.image:
             raise BootError(
                 f"{where}: format {manifest.format!r} does not match image {manifest.image!r}"
             )
         return manifest
+
+
+MAX_SIZE = 2**63 - 1  # what a file (off_t) can hold
+
+
+def _manifest_fields(data: object) -> dict[str, Any]:
+    """The fields of a parsed manifest, checked; a ValueError says what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    fields = {"origin": "", **data}
+    for name in Manifest.__slots__:
+        if name not in fields:
+            raise ValueError(f"no {name!r}")
+        if name != "size" and not isinstance(fields[name], str):
+            raise ValueError(f"{name!r} is not a string")
+    size = fields["size"]
+    if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_SIZE:
+        raise ValueError(f"'size' is not a whole number of bytes from 0 to {MAX_SIZE}")
+    return {name: fields[name] for name in Manifest.__slots__}
 
 
 class StateLayout:
@@ -145,7 +159,8 @@ class StateLayout:
         return self.deployment_dir(manifest.id) / manifest.image
 
     def exists(self) -> bool:
-        return self.deployments.is_dir()
+        """Whether the state is here: real directories, not symlinks that lead elsewhere."""
+        return all(p.is_dir() and not p.is_symlink() for p in (self.top, self.deployments))
 
     def deployment_ids(self) -> list[str]:
         """Staged deployments, sorted; half-staged directories (``.``-prefixed) are not ones."""
@@ -177,16 +192,9 @@ class StateLayout:
         return [self.read_manifest(i) for i in self.deployment_ids()]
 
 
-def newest(manifests: list[Manifest]) -> Manifest | None:
-    """The default deployment before boot counting exists: the newest, ties broken by id."""
-    if not manifests:
-        return None
-    return max(manifests, key=lambda m: (m.created, m.id))
-
-
 def created_stamp(epoch: int) -> str:
     """``Manifest.created`` for a UNIX time: RFC 3339 UTC to the second, so that strings sort
-    in time order (``newest`` compares them as strings)."""
+    in time order (``gc`` and a rebuilt boot state compare them as strings)."""
     import time
 
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))

@@ -37,7 +37,7 @@ import json
 import os
 import sys
 
-from overlayroot import bootstate, statefile, syscalls, watchdog
+from overlayroot import bootstate, files, statefile, syscalls, watchdog
 from overlayroot.assemble import Booted, assemble
 from overlayroot.bootstate import BootState
 from overlayroot.cmdline import Options, parse_options
@@ -72,6 +72,7 @@ class Boot:
         self.failed: list[dict[str, str]] = []
         self.recovery: list[str] = []
         self.repairs: list[str] = []
+        self.reported = 0  # how many of the repairs the console and the history have had
         self.degraded: str | None = None
 
     def save(self, state: BootState, failure: str) -> str | None:
@@ -91,6 +92,14 @@ class Boot:
         except OSError as e:
             self.console.warn(f"cannot add to the boot history"
                               f" {self.layout.top / statefile.HISTORY}: {e.strerror}")
+
+    def report_repairs(self) -> None:
+        """Say the repairs made since the last call: a set-aside is news even when the boot
+        goes on to fail."""
+        for repair in self.repairs[self.reported:]:
+            self.console.warn(repair)
+            self.record("repaired", None, reason=repair)
+        self.reported = len(self.repairs)
 
 
 def prepare_root(
@@ -183,6 +192,7 @@ def attempt(boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: 
             reason = (f"internal error (a bug in overlayroot) while booting {deployment_id}:"
                       f" {type(e).__name__}: {e}")
         boot.failed.append({"deployment": deployment_id, "reason": reason})
+        boot.report_repairs()
         boot.save(bootstate.mark_bad(boot.state, deployment_id, reason),
                   f"cannot record that {deployment_id} is bad")
         boot.record("failed", deployment_id, reason=reason)
@@ -221,8 +231,10 @@ def verify(layout: StateLayout, manifest: Manifest) -> None:
 
 
 def sha256_file(path: str) -> str:
+    """The digest of the regular file at ``path`` (never through a symlink: one to
+    /dev/zero would be read forever). Raises ``OSError``."""
     digest = sha256()
-    with open(path, "rb") as f:
+    with files.open_regular(path) as f:
         while chunk := f.read(_CHUNK):
             digest.update(chunk)
     return str(digest.hexdigest())
@@ -262,9 +274,7 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
     deployment_id = booted.deployment.id
     entry = boot.state.entries[deployment_id]
     trial = boot.counted is not None and boot.degraded is None
-    for repair in boot.repairs:
-        boot.console.warn(repair)
-        boot.record("repaired", None, reason=repair)
+    boot.report_repairs()
     armed = None
     if trial and boot.opts.watchdog:
         try:

@@ -21,6 +21,7 @@ from overlayroot import files
 from overlayroot.bootstate import BootState, StateError, rebuild, sync
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
+from overlayroot.safejson import parse_json
 
 STATE = "boot.json"
 PREVIOUS = "boot.json.prev"
@@ -35,7 +36,7 @@ def parses(data: bytes) -> bool:
     """Whether ``data`` is a boot state this version can read."""
     try:
         BootState.from_json(data.decode())
-    except (StateError, ValueError, RecursionError):
+    except ValueError:  # StateError, UnicodeDecodeError
         return False
     return True
 
@@ -56,10 +57,7 @@ def read_state(path: str | os.PathLike[str]) -> BootState:
         text = data.decode()
     except UnicodeDecodeError as e:
         raise StateError(f"not UTF-8 text ({e.reason} at byte {e.start})") from None
-    try:
-        return BootState.from_json(text)
-    except RecursionError:
-        raise StateError("nested too deeply to be a boot state") from None
+    return BootState.from_json(text)
 
 
 def load(layout: StateLayout) -> tuple[BootState, list[str]]:
@@ -159,10 +157,11 @@ def read_history(layout: StateLayout) -> list[dict[str, object]]:
     events = []
     for line in raw.splitlines():
         try:
-            event = json.loads(line)
+            event = parse_json(line)
         except ValueError:
             continue
-        if isinstance(event, dict):
+        # Only what overlayroot writes: an object with an "event" string.
+        if isinstance(event, dict) and isinstance(event.get("event"), str):
             events.append(event)
     return events
 

@@ -1,7 +1,7 @@
 """``overlayroot status`` and ``overlayroot history``: what the boot state and the boot history
 say, for people (tables) and for programs (``--json``). Nothing here writes.
 
-The bless is the step most often missing in the field (DESIGN.md §1), so a booted deployment
+The bless is the step most often missing in the field (docs/design.md §1), so a booted deployment
 that is on trial and not blessed yet is called out, with how many boots it has left.
 """
 
@@ -109,8 +109,9 @@ def booted_notes(booted: dict[str, object] | None, records: list[dict[str, objec
     failed = booted.get("failed")
     if isinstance(failed, list):
         for failure in failed:
-            notes.append(f"this boot fell back from {failure['deployment']}:"
-                         f" {failure['reason']}")
+            if isinstance(failure, dict):
+                notes.append(f"this boot fell back from {failure.get('deployment')}:"
+                             f" {failure.get('reason', 'no reason recorded')}")
     recovery = booted.get("recovery")
     if isinstance(recovery, list) and not damaged:
         for note in recovery:

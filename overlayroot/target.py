@@ -15,21 +15,22 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import json
 import os
 import stat
 import sys
 import time
 from collections.abc import Iterator
 
-from overlayroot import statefile
+from overlayroot import files, statefile
 from overlayroot.bootstate import BootState
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
+from overlayroot.safejson import parse_json
 
 BOOTED = "/run/overlayroot/booted.json"
 LOCK = ".lock"
 LOCK_WAIT = 10.0  # seconds to wait for another command before giving up
+BOOTED_LIMIT = 1 << 20
 
 
 class Target:
@@ -110,13 +111,14 @@ def advice(code: int | None) -> str:
 
 def read_booted(path: str = BOOTED) -> dict[str, object] | None:
     try:
-        with open(path) as f:
-            data = json.load(f)
+        data = parse_json(files.read_regular(path, BOOTED_LIMIT))
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as e:
-        raise BootError(f"cannot read {path}, which says what was booted: {e}") from None
-    if not isinstance(data, dict) or "deployment" not in data or "state" not in data:
+        why = e.strerror if isinstance(e, OSError) else str(e)
+        raise BootError(f"cannot read {path}, which says what was booted: {why}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("deployment"), str) or not (
+            isinstance(data.get("state"), str)):
         raise BootError(f"{path} does not say which deployment was booted from where")
     return data
 
@@ -154,7 +156,12 @@ def locked(layout: StateLayout, wait: float | None = None) -> Iterator[None]:
     holder while held, and nothing once released."""
     path = layout.top / LOCK
     try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if not files.regular_or_missing(path):
+            moved = files.set_aside(path)  # a lock is a plain file, nothing else
+            print(f"overlayroot: warning: {path} was not a regular file: set it aside as {moved}",
+                  file=sys.stderr)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o600)
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
             os.fchmod(fd, 0o600)  # a lock file made before this rule
     except OSError as e:

@@ -21,6 +21,15 @@ from overlayroot import syscalls
 
 CLONE_NEWNS = 0x00020000
 _entered = False
+HERE = Path(__file__).resolve().parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test of this directory is a host test (``-m host`` selects them, ``-m 'not host'``
+    leaves them out)."""
+    for item in items:
+        if HERE in Path(str(item.path)).resolve().parents:
+            item.add_marker(pytest.mark.host)
 
 
 def enter_private_mount_namespace() -> None:

@@ -84,7 +84,7 @@ def test_assembles_a_read_only_root_with_writable_etc_var_home(env: Env, fmt: st
     assert (env.state / "overlayroot/var/written").read_text() == "var\n"
     assert (env.state / "overlayroot/home/written").read_text() == "home\n"
     etc_options = mount_options(root / "etc")
-    # The kernel lists these only when they are on (DESIGN.md §4: on breaks updates).
+    # The kernel lists these only when they are on (docs/design.md §5: on breaks updates).
     for option in ("index=on", "redirect_dir=on", "metacopy=on", "xino=on", "xino=auto"):
         assert option not in etc_options
 

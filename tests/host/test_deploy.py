@@ -17,7 +17,6 @@ from overlayroot import deploy, layout
 from overlayroot.errors import BootError
 
 pytestmark = [
-    pytest.mark.host,
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: owners, devices, loop mounts"),
 ]
 

@@ -125,10 +125,14 @@ def test_a_label_that_never_appears(machine: MachineFactory, initramfs: Path,
     assert f"/dev/vda1 ext4 LABEL={FS_LABEL} UUID={FS_UUID} PARTUUID={PARTUUID}" in m.console
 
 
-def test_a_missing_deployment(machine: MachineFactory, initramfs: Path, good_disk: Path) -> None:
-    expect_error(machine, initramfs, good_disk, "overlayroot.deployment=v7",
-                 "deployment 'v7' (overlayroot.deployment=) is not on /dev/vda1;"
-                 " deployments there: v1")
+def test_a_pin_to_a_deployment_not_on_the_disk_boots_the_usual_candidates(
+        machine: MachineFactory, initramfs: Path, good_disk: Path) -> None:
+    # A bootloader entry still naming a deployment that gc removed must not brick the machine.
+    m = boot(machine, initramfs, good_disk, "overlayroot.deployment=v7")
+    assert json.loads(m.markers()["booted_json"])["deployment"] == "v1"
+    assert ("overlayroot: warning: deployment 'v7' (overlayroot.deployment=) is not on"
+            " /dev/vda1; booting the usual candidates instead (deployments there: v1)") in (
+        m.console)
 
 
 def test_an_image_that_is_not_a_filesystem(machine: MachineFactory, initramfs: Path,

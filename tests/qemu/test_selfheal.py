@@ -326,3 +326,31 @@ def test_a_damaged_state_file_still_boots_a_good_deployment_and_says_so(
     assert any(note in n for n in status(m)["notes"])
     assert rows(m)["v2"]["bad"] is not None
     assert any(e["event"] == "recovered" for e in history(m))
+
+
+def test_a_deployment_never_blessed_boots_degraded_instead_of_rebooting_forever(
+    machine: MachineFactory, initramfs: Path, command_payload: Path, tmp_path: Path
+) -> None:
+    """A factory image whose bless unit is missing: once its tries are used up, the last resort
+    boots it anyway, uncounted, without a watchdog, and says so everywhere."""
+    disk = Disk(tmp_path, command_payload)
+    disk.deploy("factory")
+    path = disk.make()
+    for attempt in (1, 2):
+        m = boot(machine, initramfs, path, f"trial-{attempt}", "test.run=report")
+        assert f"trial boot of factory: {2 - attempt} tries left after this one" in m.console
+    m = machine(initrd=initramfs, disks=[path], cmdline=f"{CMDLINE} test.run=report",
+                name="degraded")
+    m.start()
+    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT,
+               failure=("Kernel panic - not syncing", "Attempted to kill init", *BROKEN))
+    m.wait_exit(60)
+    assert booted(m) == "factory"
+    assert "DEGRADED boot as a last resort" in m.console
+    assert "DEGRADED boot of factory, a last resort, not counted and without a watchdog" in (
+        m.console)
+    assert json.loads(m.markers()["booted_json"])["watchdog"] is None
+    assert any(n.startswith("DEGRADED BOOT: factory") for n in status(m)["notes"])
+    boots = [e for e in history(m) if e["event"] == "boot"]
+    assert boots[-1]["degraded"] and boots[-1]["trial"] is False
+    assert rows(m)["factory"]["tries_left"] == 0  # no try was taken from it

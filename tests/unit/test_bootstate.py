@@ -16,15 +16,20 @@ from overlayroot.bootstate import (
     add,
     bless,
     candidates,
+    counts,
     default,
+    last_resort,
     mark_bad,
     mark_used_up,
+    needs_verification,
+    plan,
     rebuild,
     rollback_target,
     set_default,
     set_once,
     start_attempt,
     sync,
+    verified,
 )
 
 ids = st.sampled_from(["a", "b", "c", "d", "e"])
@@ -33,8 +38,9 @@ entries = st.builds(
     priority=st.integers(-5, 5),
     tries_left=st.none() | st.integers(0, 4),
     successful=st.booleans(),
-    bad=st.none() | st.text(max_size=10),
+    bad=st.none() | st.text(max_size=10) | st.just(USED_UP),
     pinned=st.booleans(),
+    verified=st.booleans(),
 )
 states = st.builds(
     BootState,
@@ -210,3 +216,72 @@ def test_used_up_trials_are_marked_bad_once_with_the_reason() -> None:
     assert marked.entries["v2"].bad == USED_UP
     assert marked.entries["v3"].bad == "digest"
     assert mark_used_up(marked)[1] == []
+
+
+# -- the plan of a boot, verification, and the last resort -------------------------------------
+
+
+@given(states, st.none() | ids)
+def test_the_plan_is_the_pin_then_the_candidates(state: BootState, pinned: str | None) -> None:
+    order = plan(state, pinned)
+    if pinned in state.entries:
+        assert order[0] == pinned and not counts(pinned, pinned)
+        assert order[1:] == [k for k in candidates(state) if k != pinned]
+    else:
+        assert order == candidates(state)  # a pin that is not on disk changes nothing
+    assert all(counts(k, pinned) for k in order if k != pinned)
+
+
+@given(entries)
+def test_an_image_is_hashed_until_a_check_passed_and_never_once_known_good(entry: Entry) -> None:
+    assert needs_verification(entry) == (not entry.successful and not entry.verified)
+
+
+@given(states, ids)
+def test_a_passed_check_is_all_verified_changes(state: BootState, k: str) -> None:
+    if k not in state.entries:
+        return
+    after = verified(state, k)
+    assert after.entries[k] == state.entries[k].replace(verified=True)
+    assert {j: e for j, e in after.entries.items() if j != k} == {
+        j: e for j, e in state.entries.items() if j != k}
+
+
+@given(states, st.none() | ids, st.sets(ids))
+def test_the_last_resort_offers_every_untried_deployment_last_started_first(
+        state: BootState, last: str | None, tried: set[str]) -> None:
+    order = last_resort(state, last, tried)
+    assert sorted(order) == sorted(set(state.entries) - tried)
+    if last in order:
+        assert order[0] == last
+    rest = [k for k in order if k != last]
+    used_up = [k for k in rest if state.entries[k].bad == USED_UP]
+    assert rest[:len(used_up)] == used_up  # those that reached their init before the others
+
+
+def test_the_last_resort_prefers_what_last_reached_its_init_then_newest() -> None:
+    state = BootState({"v1": Entry(1, tries_left=0, bad=USED_UP),
+                       "v2": Entry(2, tries_left=0, bad="image does not mount"),
+                       "v3": Entry(3, tries_left=0, bad=USED_UP)})
+    assert last_resort(state, None, set()) == ["v3", "v1", "v2"]
+    assert last_resort(state, "v1", set()) == ["v1", "v3", "v2"]
+    assert last_resort(state, "v1", {"v1"}) == ["v3", "v2"]
+
+
+def test_a_factory_deployment_registered_known_good_is_not_a_trial() -> None:
+    state = add(BootState(), "factory", known_good=True)
+    entry = state.entries["factory"]
+    assert entry.successful and entry.verified
+    assert start_attempt(state, "factory", 3)[1] is False
+
+
+def test_a_state_written_before_verified_existed_reads_as_unverified() -> None:
+    text = BootState({"v1": Entry(1, tries_left=2)}).to_json()
+    import binascii
+    import json
+
+    data = json.loads(text)
+    del data["crc32"], data["deployments"]["v1"]["verified"]
+    body = json.dumps(data, indent=2, sort_keys=True)
+    old = f'{body[:-2]},\n  "crc32": "{binascii.crc32(body.encode()):08x}"\n}}\n'
+    assert BootState.from_json(old).entries["v1"] == Entry(1, tries_left=2, verified=False)

@@ -159,8 +159,9 @@ def test_unknown_keys_warn_and_do_not_stop_the_boot() -> None:
     ("cmdline", "message"),
     [
         ("overlayroot.timeout=abc", "overlayroot.timeout=abc is not a number of seconds"),
-        ("overlayroot.timeout=-1", "overlayroot.timeout=-1 is out of range"),
-        ("overlayroot.timeout=nan", "overlayroot.timeout=nan is out of range"),
+        ("overlayroot.timeout=-1", "overlayroot.timeout=-1 is not a number of seconds"),
+        ("overlayroot.timeout=nan", "overlayroot.timeout=nan is not a number of seconds"),
+        ("overlayroot.timeout=4000", "overlayroot.timeout=4000 is out of range"),
         ("overlayroot.tries=0", "overlayroot.tries=0 is out of range"),
         ("overlayroot.tries=2.5", "overlayroot.tries=2.5 is not a whole number"),
         ("overlayroot.etc=rw", "overlayroot.etc=rw is not one of: persistent, transient, readonly"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import zipfile
 from pathlib import Path
 
@@ -76,3 +77,34 @@ def test_an_entry_that_fails_to_import_is_a_boot_error(stand_in: Path) -> None:
 def test_a_missing_interpreter_is_a_boot_error(stand_in: Path, tmp_path: Path) -> None:
     with pytest.raises(BootError, match=r"no such Python interpreter; pass .* --python"):
         freeze(tmp_path / "python9", stand_in)
+
+
+def test_an_interpreter_that_is_not_python_is_a_boot_error(stand_in: Path, tmp_path: Path) -> None:
+    impostor = tmp_path / "python3"
+    impostor.write_text("#!/bin/sh\necho hello\n")
+    impostor.chmod(0o755)
+    with pytest.raises(BootError) as error:
+        freeze(impostor, stand_in)
+    assert str(error.value) == (
+        f"{os.path.realpath(impostor)}: answered 'hello\\n' when asked to read sys.path, not what"
+        " a Python interpreter prints; pass the target's python3 with --python")
+
+
+# The standard library the boot stage carries: each module costs import time as PID 1 and
+# bytes in the initramfs. Growing this set is a decision to make here, with a reason.
+STAGE_STDLIB = {
+    "__future__", "collections", "copyreg", "encodings", "encodings.aliases", "encodings.utf_8",
+    "enum", "fnmatch", "functools", "ipaddress", "json", "json.decoder", "json.encoder",
+    "json.scanner", "keyword", "operator", "pathlib", "re", "re._casefix", "re._compiler",
+    "re._constants", "re._parser", "reprlib", "struct", "types", "urllib", "urllib.parse",
+    "warnings",
+}
+
+
+def test_the_stage_freezes_exactly_the_stdlib_modules_decided_on() -> None:
+    frozen = freeze(PYTHON, Path(__file__).resolve().parents[2])
+    stdlib = {m for m in frozen.modules if m.split(".")[0] != "overlayroot"}
+    assert stdlib == STAGE_STDLIB, (
+        f"new: {sorted(stdlib - STAGE_STDLIB)}, gone: {sorted(STAGE_STDLIB - stdlib)}")
+    assert not {"subprocess", "shutil", "hashlib", "argparse", "dataclasses", "inspect",
+                "typing"} & set(frozen.modules)

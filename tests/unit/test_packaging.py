@@ -1,0 +1,41 @@
+"""What ``pip install .`` puts into an environment."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("wheel")
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
+         "--wheel-dir", str(out), str(ROOT)],
+        capture_output=True, text=True, cwd=out,
+    )
+    assert built.returncode == 0, built.stderr
+    (path,) = out.glob("overlayroot-*.whl")
+    return path
+
+
+def test_the_wheel_installs_only_our_own_top_level_packages(wheel: Path) -> None:
+    names = zipfile.ZipFile(wheel).namelist()
+    top = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(
+        (".dist-info", ".data"))}
+    # Not `qemu`: that is QEMU's own library's namespace (qemu.qmp), which ours would break.
+    assert top == {"overlayroot", "initrd"}
+
+
+def test_the_wheel_registers_no_pytest_plugin(wheel: Path) -> None:
+    archive = zipfile.ZipFile(wheel)
+    entry_points = [n for n in archive.namelist() if n.endswith("entry_points.txt")]
+    text = "".join(archive.read(n).decode() for n in entry_points)
+    assert "pytest11" not in text
+    assert "overlayroot = overlayroot.cli:main" in text
