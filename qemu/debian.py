@@ -33,7 +33,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from qemu.kernel import Kernel
-from qemu.paths import REPO_ROOT, cache_dir
+from qemu.paths import REPO_ROOT, cache_dir, cache_entry
 
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -212,9 +212,7 @@ def _build(base: Path) -> None:
     """mmdebstrap into a staging directory, then rename: a crash leaves no half-built root."""
     if shutil.which("mmdebstrap") is None:
         raise DebianUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
-    base.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{base.name}.", dir=base.parent))
-    try:
+    with cache_entry(base) as staging:
         command = [
             "mmdebstrap",
             "--quiet",
@@ -233,17 +231,6 @@ def _build(base: Path) -> None:
                 f"\n{tail}"
             )
         (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
-        (staging / ".complete").touch()
-        if base.exists():
-            shutil.rmtree(base)
-        try:
-            staging.rename(base)
-        except OSError:
-            if not (base / ".complete").exists():
-                raise
-            # another process built the same recipe first
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _add_modules(root: Path, kernel: Kernel) -> None:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu.paths import cache_dir
+from qemu.paths import cache_dir, cache_entry
 
 METAPACKAGE = "linux-image-cloud-amd64"
 _CLOUD_IMAGE = re.compile(r"^linux-image-(6\.[0-9.]+-[0-9]+)-cloud-amd64$")
@@ -90,21 +89,9 @@ def _unpack(package: str, kver: str, root: Path) -> None:
     downloads = root.parent / "debs"
     downloads.mkdir(parents=True, exist_ok=True)
     deb = _download(package, downloads)
-    staging = Path(tempfile.mkdtemp(prefix=f".{package}.", dir=root.parent))
-    try:
+    with cache_entry(root) as staging:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)
         subprocess.run(["depmod", "-b", str(staging), kver], check=True)
-        (staging / ".complete").touch()
-        if root.exists():
-            shutil.rmtree(root)
-        try:
-            staging.rename(root)
-        except OSError:
-            if not (root / ".complete").exists():
-                raise
-            # another process finished the same kernel first
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _download(package: str, downloads: Path) -> Path:

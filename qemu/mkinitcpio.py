@@ -40,7 +40,7 @@ from pathlib import Path
 from initrd.cpio import MAGIC, TRAILER, Entry, read_cpio
 from qemu.debian import GeneratorFailed, overlayroot_command
 from qemu.kernel import Kernel
-from qemu.paths import REPO_ROOT, cache_dir
+from qemu.paths import REPO_ROOT, cache_dir, cache_entry
 
 TARBALL = REPO_ROOT.parent / "shared" / "vendor" / "mkinitcpio-41.tar.gz"
 HOOKS = REPO_ROOT / "hooks" / "mkinitcpio"
@@ -126,9 +126,7 @@ def install_tree(cache: Path | None = None) -> Path:
 
 def _install(base: Path) -> None:
     """Unpack, fill the placeholders, add the busybox, then rename: a crash leaves nothing."""
-    base.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{base.name}.", dir=base.parent))
-    try:
+    with cache_entry(base) as staging:
         source = staging / "source"
         source.mkdir()
         subprocess.run(["tar", "-xzf", str(TARBALL), "-C", str(source),
@@ -150,17 +148,6 @@ def _install(base: Path) -> None:
         _add_busybox(staging, tree / "usr" / "lib" / "initcpio" / "busybox")
         (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
         shutil.rmtree(source)
-        (staging / ".complete").touch()
-        if base.exists():
-            shutil.rmtree(base)
-        try:
-            staging.rename(base)
-        except OSError:
-            if not (base / ".complete").exists():
-                raise
-            # another process installed the same tree first
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _configure(text: str) -> str:
