@@ -46,6 +46,7 @@ from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
 from overlayroot.prepare import prepare_root
 from qemu.logwrites import Replayer, WriteLog, copy_sparse, read_log
+from qemu.mounts import mounts_under
 from qemu.powercut import (
     BLOB_BYTES,
     CMDLINE,
@@ -448,13 +449,7 @@ def run_cli(argv: list[str]) -> tuple[int, str]:
 
 def unmount_below(path: Path) -> None:
     """Unmount everything at or below ``path``, innermost first."""
-    points = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            if point == str(path) or point.startswith(f"{path}/"):
-                points.append(point)
-    for point in reversed(points):
+    for point in reversed(mounts_under(path)):
         try:
             syscalls.umount(point, 0)
         except OSError:

@@ -28,6 +28,7 @@ from overlayroot.console import Console
 from overlayroot.deploy import deploy
 from overlayroot.layout import StateLayout
 from overlayroot.prepare import prepare_root
+from qemu.mounts import mounts_under
 
 CLONE_NEWNS = 0x00020000
 _entered = False
@@ -52,17 +53,6 @@ def enter_private_mount_namespace() -> None:
         raise OSError(err, os.strerror(err), "unshare(CLONE_NEWNS)")
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     _entered = True
-
-
-def mounts_under(path: Path) -> list[str]:
-    """Mount points at or below ``path``, innermost (newest) last."""
-    found = []
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            point = line.split()[4].replace("\\040", " ")
-            if point == str(path) or point.startswith(f"{path}/"):
-                found.append(point)
-    return found
 
 
 @pytest.fixture

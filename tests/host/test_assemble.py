@@ -11,7 +11,8 @@ import pytest
 from overlayroot import syscalls
 from overlayroot.deploy import deploy
 from overlayroot.errors import BootError
-from tests.host.conftest import Env, make_tree, mounts_under
+from qemu.mounts import mounts_under
+from tests.host.conftest import Env, make_tree
 
 
 def mount_options(path: Path) -> str:

@@ -22,11 +22,11 @@ from overlayroot.deploy import deploy
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
 from overlayroot.prepare import prepare_root
+from qemu.mounts import mounts_under
 from tests.host.conftest import (
     enter_private_mount_namespace,
     make_tree,
     mkfs_ext4,
-    mounts_under,
     require_tools,
 )
 

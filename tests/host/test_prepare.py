@@ -18,7 +18,8 @@ from overlayroot.console import Console
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
 from overlayroot.prepare import prepare_root
-from tests.host.conftest import Env, mounts_under
+from qemu.mounts import mounts_under
+from tests.host.conftest import Env
 
 
 def boot(env: Env, cmdline: str = "overlayroot.watchdog=0") -> tuple[dict[str, object], str]:

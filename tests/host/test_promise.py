@@ -16,7 +16,8 @@ import pytest
 
 from overlayroot import assemble, digest, files, prepare, statefile, target, treecopy
 from overlayroot.deploy import deploy
-from tests.host.conftest import System, add_check, mounts_under
+from qemu.mounts import mounts_under
+from tests.host.conftest import System, add_check
 
 NOBODY = 65534
 
