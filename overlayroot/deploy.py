@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -601,15 +600,10 @@ def converting_os_errors(doing: str) -> Iterator[None]:
         yield
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
-            advice = "free space on the state filesystem and deploy again"
-        elif e.errno in (errno.EACCES, errno.EPERM):
-            advice = "run as root (owners and device nodes must be kept)"
-        elif e.errno == errno.EROFS:
-            advice = "remount the state filesystem read-write"
-        else:
-            advice = "check the path and try again"
-        raise BootError(f"{doing}: {e.strerror}{where}; {advice}") from None
+        advice = target.advice(e.errno, again="deploy again",
+                               root="run as root (owners and device nodes must be kept)",
+                               otherwise="check the path and try again")
+        raise BootError(f"{doing}: {e.strerror}{where}{advice}") from None
 
 
 def last_lines(text: str, count: int = 3) -> str:

@@ -99,14 +99,17 @@ class Target:
                   f" {self.layout.top / statefile.HISTORY}: {e.strerror}", file=sys.stderr)
 
 
-def advice(code: int | None) -> str:
+def advice(code: int | None, *, again: str = "try again", root: str = "run as root",
+           otherwise: str = "") -> str:
+    """What to do about an ``OSError`` of errno ``code``, as ``"; …"`` to append to the
+    message (``otherwise`` when there is no better advice, or nothing)."""
     if code in (errno.ENOSPC, errno.EDQUOT):
-        return "; free space on the state filesystem and try again"
+        return f"; free space on the state filesystem and {again}"
     if code in (errno.EACCES, errno.EPERM):
-        return "; run as root"
+        return f"; {root}"
     if code == errno.EROFS:
         return "; remount the state filesystem read-write"
-    return ""
+    return f"; {otherwise}" if otherwise else ""
 
 
 def read_booted(path: str = BOOTED) -> dict[str, object] | None:
