@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import configparser
 import json
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from overlayroot import __version__, cli, deploy
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
@@ -183,3 +186,37 @@ def test_python_dash_m_runs_the_cli() -> None:
         [sys.executable, "-m", "overlayroot", "--version"], capture_output=True, text=True
     )
     assert (result.returncode, result.stdout) == (0, f"overlayroot {__version__}\n")
+
+
+@pytest.mark.parametrize("command", ["status", "deploy", "rollback", "bless", "mark-bad",
+                                     "set-default", "pin", "unpin", "gc", "history"])
+def test_every_command_takes_a_sysroot(command: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    assert "--sysroot DIR" in capsys.readouterr().out
+
+
+def test_every_handler_module_is_frozen_with_the_command() -> None:
+    modules = set()
+
+    def visit(parser: argparse.ArgumentParser) -> None:
+        handler = parser.get_default("handler")
+        if isinstance(handler, str):
+            modules.add(handler.split(":")[0])
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub in action.choices.values():
+                    visit(sub)
+
+    visit(cli.build_parser())
+    assert modules == {m for m in cli.FROZEN_MODULES if m.startswith("overlayroot.")}
+
+
+def test_the_bless_unit_runs_after_boot_complete() -> None:
+    unit = configparser.ConfigParser(strict=False, interpolation=None)
+    unit.read(REPO / "hooks/systemd/overlayroot-bless.service")
+    assert unit["Unit"]["After"] == "boot-complete.target"
+    assert unit["Unit"]["Requires"] == "boot-complete.target"
+    assert unit["Unit"]["ConditionPathExists"] == "/run/overlayroot/booted.json"
+    assert unit["Service"]["ExecStart"] == "overlayroot bless"
+    assert unit["Service"]["Type"] == "oneshot"
