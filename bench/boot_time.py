@@ -9,8 +9,8 @@ What it measures
     trial   our initramfs (initrd.build, zstd, default modules) booting that root deployed as
             erofs on a GPT state disk found by ``root=LABEL=``, on its first (trial) boot: the
             try is written, the image hashed, /var seeded, the watchdog armed;
-    blessed the same, the deployment known good (``deploy --known-good``): a normal boot, with
-            nothing written but the history line;
+    blessed the same, the deployment known good (``deploy --known-good``) and /var seeded
+            already: a normal boot, with nothing written but the history line;
     floor   bench/floor/init.sh, a busybox shell /init doing the least the same root needs
             (insmod, findfs, mount the state, loop-mount the erofs lower, /etc overlay, /var and
             /home binds, switch_root; no checks, no counting): the floor to measure the stage
@@ -67,6 +67,7 @@ from pathlib import Path
 from initrd.build import BuildConfig, BuildResult, Compression, build_initramfs
 from initrd.cpio import Member, write_cpio
 from initrd.kmod import decompress, resolve_modules
+from overlayroot import treecopy
 from overlayroot.deploy import deploy
 from qemu.accel import choose_accel
 from qemu.disks import make_raw_fs_disk, make_state_disk
@@ -266,6 +267,11 @@ def make_state(work: Path, root: Path, name: str, *, known_good: bool) -> Path:
     state.mkdir()
     deploy(state, root, deployment_id="bench", fmt="erofs", created=CREATED,
            known_good=known_good)
+    if known_good:
+        # A machine's every boot after its first: /var was seeded from the image already.
+        var = state / "overlayroot" / "var"
+        var.rmdir()
+        treecopy.copy_tree(root / "var", var)
     return make_state_disk(
         work / f"state-{name}.img", state, size_mb=DISK_MB, fs_label=STATE_LABEL,
         fs_uuid=STATE_UUID, partlabel="overlayroot state",
