@@ -16,10 +16,12 @@ class Console:
     def say(self, message: str) -> None:
         print(f"overlayroot: {message}", flush=True)
 
-    def step(self, message: str) -> None:
-        # Seconds since the kernel started, comparable with its own [ 4.038633] stamps.
+    def step(self, message: str, at: float | None = None) -> None:
+        """With ``overlayroot.debug``, ``message`` stamped with the seconds since the kernel
+        started (comparable with its own ``[    4.038633]`` stamps): now, or ``at``, a time
+        taken earlier with :func:`now`."""
         if self.debug:
-            self.say(f"[{time.clock_gettime(time.CLOCK_BOOTTIME):8.3f}] {message}")
+            self.say(f"[{now() if at is None else at:8.3f}] {message}")
 
     def warn(self, message: str) -> None:
         self.say(f"warning: {message}")
@@ -27,6 +29,11 @@ class Console:
     def error(self, message: str) -> None:
         for i, line in enumerate(message.splitlines() or [""]):
             self.say(("error: " if i == 0 else "       ") + line)
+
+
+def now() -> float:
+    """Seconds since the kernel started (``CLOCK_BOOTTIME``, which needs no /proc)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
 
 
 def describe_bug(e: BaseException) -> str:

@@ -22,7 +22,7 @@ import time
 
 from overlayroot import devices, modload, syscalls
 from overlayroot.cmdline import Options, onfail_from, parse_options
-from overlayroot.console import Console, describe_bug
+from overlayroot.console import Console, describe_bug, now
 from overlayroot.errors import BootError
 from overlayroot.prepare import prepare_root
 from overlayroot.switchroot import switch_root
@@ -69,14 +69,17 @@ def mount_state(device: devices.BlockDevice, opts: Options, read_only: bool) -> 
         ) from None
 
 
-def boot(console: Console) -> None:
-    """Steps 1 to 7; returns only by raising."""
+def boot(console: Console, imported: float) -> None:
+    """Steps 1 to 7; returns only by raising. ``imported``: when the stage's imports were done
+    (said once the command line has said whether to say it)."""
     mount_api_filesystems()
-    console.step("mounted /proc /sys /dev /run")
+    mounted = now()
     cmdline = read_cmdline()
     console.onfail = onfail_from(cmdline)
     opts, warnings = parse_options(cmdline)
     console.debug = opts.debug
+    console.step("the interpreter started and imported the stage", at=imported)
+    console.step("mounted /proc /sys /dev /run", at=mounted)
     console.step("read the command line")
     for warning in warnings:
         console.warn(warning)
@@ -155,9 +158,10 @@ def python_shell(console: Console) -> None:
 
 
 def main() -> None:
+    imported = now()
     console = Console()
     try:
-        boot(console)
+        boot(console, imported)
         raise BootError("switch_root returned")
     except BootError as e:
         console.error(str(e))
