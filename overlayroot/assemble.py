@@ -251,15 +251,16 @@ def _mount_etc(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
     if mode == "persistent":
         upper, work = str(layout.etc_upper(manifest.id)), str(layout.etc_work(manifest.id))
         if os.statvfs(layout.top).f_flag & os.ST_RDONLY:
-            error = OSError(errno.EROFS, os.strerror(errno.EROFS))
-            return _transient_instead(root, run_dir, layout, manifest, upper, error, repairs)
+            return _transient_instead(root, run_dir, layout, manifest, upper,
+                                      os.strerror(errno.EROFS), repairs)
         try:
             for directory in (str(layout.top / "etc"), os.path.dirname(upper), upper, work):
                 _ensure_dir(directory, repairs)
         except OSError as e:
             if e.errno != errno.EROFS:
                 raise BootError(f"cannot make {e.filename} a directory: {e.strerror}") from None
-            return _transient_instead(root, run_dir, layout, manifest, upper, e, repairs)
+            return _transient_instead(root, run_dir, layout, manifest, upper, str(e.strerror),
+                                      repairs)
     else:
         scratch = os.path.join(run_dir, "etc-transient")
         os.makedirs(scratch, mode=0o755, exist_ok=True)
@@ -283,10 +284,10 @@ def _mount_etc(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
 
 
 def _transient_instead(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
-                       upper: str, error: OSError, repairs: list[str]) -> tuple[list[str], str]:
+                       upper: str, why: str, repairs: list[str]) -> tuple[list[str], str]:
     """A state filesystem the kernel made read-only (after an I/O error, say): boot with the
     image's /etc made writable in RAM rather than not at all."""
-    repairs.append(f"the /etc upper cannot be mounted ({upper}: {error.strerror}): /etc is"
+    repairs.append(f"the /etc upper cannot be mounted ({upper}: {why}): /etc is"
                    " transient for this boot, its changes are lost at shutdown")
     return _mount_etc(root, run_dir, layout, manifest, "transient", repairs)
 
