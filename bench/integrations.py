@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.deploy import deploy
+from overlayroot.commands.deploy import deploy
 from qemu import debian, mkinitcpio
 from qemu.accel import choose_accel
 from qemu.disks import make_raw_fs_disk, make_state_disk

@@ -19,12 +19,12 @@ from initrd.elf import ElfClosureError, resolve_closure
 from initrd.freeze import DEFAULT_ENTRIES, Frozen, freeze
 from initrd.kmod import DEFAULT_MODULES, ModuleSet, decompress, resolve_modules
 from initrd.tree import Tree, TreeError, write_directory
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 STAGE_DIR = PurePosixPath("/usr/lib/overlayroot")
 EMPTY_DIRS = ("/dev", "/proc", "/sys", "/run", "/sysroot", "/tmp")
-PREPARE_ENTRY = "overlayroot.prepare"
+PREPARE_ENTRY = "overlayroot.boot.prepare"
 PREPARE_SCRIPT = STAGE_DIR / "prepare"
 
 
@@ -164,14 +164,14 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
 
 
 def init_script(python: PurePosixPath) -> bytes:
-    return f"#!{python} -IS\nfrom overlayroot.init import main\n\nmain()\n".encode()
+    return f"#!{python} -IS\nfrom overlayroot.boot.init import main\n\nmain()\n".encode()
 
 
 def prepare_script(python: PurePosixPath) -> bytes:
     """``/usr/lib/overlayroot/prepare SYSROOT``: what the dracut, initramfs-tools and mkinitcpio
     hooks run (``-m`` would need runpy, which is not frozen)."""
     return (
-        f"#!{python} -IS\nimport sys\n\nfrom overlayroot.prepare import main\n\n"
+        f"#!{python} -IS\nimport sys\n\nfrom overlayroot.boot.prepare import main\n\n"
         "sys.exit(main())\n"
     ).encode()
 

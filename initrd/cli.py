@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from initrd.build import BuildConfig, BuildResult, Compression, build_initramfs
+from initrd.build import PREPARE_ENTRY, BuildConfig, BuildResult, Compression, build_initramfs
 from initrd.freeze import DEFAULT_ENTRIES
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,7 +53,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="a module to freeze with everything it imports (repeatable; default:"
-        f" {', '.join(DEFAULT_ENTRIES)}); overlayroot.prepare also installs"
+        f" {', '.join(DEFAULT_ENTRIES)}); {PREPARE_ENTRY} also installs"
         " /usr/lib/overlayroot/prepare, the command the dracut, initramfs-tools and mkinitcpio"
         " hooks run",
     )

@@ -16,7 +16,7 @@ from typing import BinaryIO
 
 from construct import Bytes, Const, ConstructError, ExprAdapter, Padding, Struct, this
 
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 
 MAGIC = b"070701"
 TRAILER = "TRAILER!!!"

@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 
-DEFAULT_ENTRIES = ("overlayroot.init",)
+DEFAULT_ENTRIES = ("overlayroot.boot.init",)
 
 # Runs in the target interpreter. The modules present before the entries are imported are the
 # ones startup itself loads (encodings…): they are frozen too. Nothing is imported by the probe

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 
 # softdog: the watchdog a trial boot arms when the machine has no hardware one.
 DEFAULT_MODULES = ("overlay", "loop", "erofs", "squashfs", "virtio_blk", "virtio_pci", "softdog")

@@ -36,15 +36,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from overlayroot import bootstate, statefile, syscalls
-from overlayroot.bootstate import BootState
-from overlayroot.cli import main as overlayroot_cli
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.digest import image_sha256
-from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
+from overlayroot.boot.cmdline import parse_options
+from overlayroot.boot.console import Console
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.commands.cli import main as overlayroot_cli
+from overlayroot.core import bootstate, statefile, syscalls
+from overlayroot.core.bootstate import BootState
+from overlayroot.core.digest import image_sha256
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import StateLayout
 from qemu.logwrites import Replayer, WriteLog, copy_sparse, read_log
 from qemu.mounts import mounts_under
 from qemu.powercut import (

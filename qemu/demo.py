@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.deploy import Progress, build_image, deploy
+from overlayroot.commands.deploy import Progress, build_image, deploy
 from qemu.accel import choose_accel
 from qemu.disks import make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env

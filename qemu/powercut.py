@@ -37,9 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from initrd.elf import resolve_closure
-from overlayroot import bootstate, statefile
-from overlayroot.deploy import Progress, build_image, deploy
-from overlayroot.layout import StateLayout
+from overlayroot.commands.deploy import Progress, build_image, deploy
+from overlayroot.core import bootstate, statefile
+from overlayroot.core.layout import StateLayout
 from qemu.kernel import Kernel
 from qemu.logwrites import WriteLog, copy_sparse, sectors_written
 from qemu.machine import LoggedDisk, Machine

@@ -189,11 +189,11 @@ def build_command_payload(dest: Path) -> Path:
     """The frozen `overlayroot` command as an initramfs payload tree at `dest` (built once, then
     copied into any number of roots by `make_test_root(command=dest)`)."""
     from initrd.build import BuildConfig, build_initramfs
-    from overlayroot.cli import FROZEN_MODULES
+    from overlayroot.commands.cli import FROZEN_MODULES
 
     result = build_initramfs(BuildConfig(
         modules_dir=None, output=dest, payload=True,
-        entries=("overlayroot.cli", *FROZEN_MODULES),
+        entries=("overlayroot.commands.cli", *FROZEN_MODULES),
     ))
     (dest / "python").write_text(result.python)  # which interpreter the launcher names
     return dest
@@ -209,7 +209,7 @@ def add_command(root: Path, payload: Path) -> None:
     python = (payload / "python").read_text()
     launcher = root / "usr" / "bin" / "overlayroot"
     launcher.parent.mkdir(parents=True, exist_ok=True)
-    launcher.write_text(f"#!{python} -IS\nimport sys\nfrom overlayroot.cli import main\n\n"
+    launcher.write_text(f"#!{python} -IS\nimport sys\nfrom overlayroot.commands.cli import main\n\n"
                         "sys.exit(main())\n")
     launcher.chmod(0o755)
 

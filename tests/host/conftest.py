@@ -21,13 +21,14 @@ from typing import Any
 
 import pytest
 
-from overlayroot import bootstate, cli, health, statefile, syscalls, target
-from overlayroot.assemble import Booted, assemble
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.deploy import deploy
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
+from overlayroot.boot.assemble import Booted, assemble
+from overlayroot.boot.cmdline import parse_options
+from overlayroot.boot.console import Console
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.commands import cli, health, target
+from overlayroot.commands.deploy import deploy
+from overlayroot.core import bootstate, statefile, syscalls
+from overlayroot.core.layout import StateLayout
 from qemu.mounts import mounts_under
 
 CLONE_NEWNS = 0x00020000

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import syscalls
-from overlayroot.deploy import deploy
-from overlayroot.errors import BootError
+from overlayroot.commands.deploy import deploy
+from overlayroot.core import syscalls
+from overlayroot.core.errors import BootError
 from qemu.mounts import mounts_under
 from tests.host.conftest import Env, make_tree
 

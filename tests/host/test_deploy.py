@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, digest, layout
-from overlayroot.errors import BootError
+from overlayroot.commands import deploy
+from overlayroot.core import digest, layout
+from overlayroot.core.errors import BootError
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: owners, devices, loop mounts"),
@@ -67,7 +68,8 @@ def mounted_digest(image: Path, tmp_path: Path) -> str:
     mountpoint.mkdir(exist_ok=True)
     script = (
         'mount -o ro,loop "$1" "$2" && exec "$3" -c'
-        ' "import sys; from overlayroot.digest import tree_sha256; print(tree_sha256(sys.argv[1]))"'
+        ' "import sys; from overlayroot.core.digest import tree_sha256;'
+        ' print(tree_sha256(sys.argv[1]))"'
         ' "$2"'
     )
     result = subprocess.run(
@@ -109,7 +111,7 @@ def sha256_file(path: Path) -> str:
 def test_image_deployment_mounts_as_the_source_tree(tree: Path, tmp_path: Path, fmt: str) -> None:
     sysroot = new_sysroot(tmp_path)
     manifest, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt=fmt)
-    image = where / layout.FORMATS[fmt]
+    image = where / layout.FORMATS[fmt].image
     assert layout.StateLayout(sysroot).read_manifest("one") == manifest
     assert (manifest.id, manifest.format, manifest.image) == ("one", fmt, image.name)
     assert manifest.size == image.stat().st_size
@@ -148,7 +150,7 @@ def test_same_tree_created_and_id_give_identical_images(
         _, where = deploy.deploy(
             new_sysroot(tmp_path, name), tree, deployment_id="one", fmt=fmt, created=EPOCH
         )
-        images.append(where / layout.FORMATS[fmt])
+        images.append(where / layout.FORMATS[fmt].image)
         # A rebuilt tree has new mtimes; a reproducible image must not see them.
         os.utime(tree / "etc" / "hostname", (EPOCH + 7, EPOCH + 7))
     assert filecmp.cmp(images[0], images[1], shallow=False)
@@ -159,7 +161,7 @@ def test_same_tree_created_and_id_give_identical_images(
 def test_without_created_file_mtimes_are_kept(tree: Path, tmp_path: Path, fmt: str) -> None:
     os.utime(tree / "etc" / "hostname", (EPOCH, EPOCH))
     _, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt=fmt)
-    assert mounted_mtime(where / layout.FORMATS[fmt], "etc/hostname", tmp_path) == EPOCH
+    assert mounted_mtime(where / layout.FORMATS[fmt].image, "etc/hostname", tmp_path) == EPOCH
 
 
 def test_dir_deployment_keeps_the_capability(tree: Path, tmp_path: Path) -> None:

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot.blkid import probe
-from overlayroot.devices import find, scan
-from overlayroot.errors import BootError
+from overlayroot.boot.devices import find, scan
+from overlayroot.core.blkid import probe
+from overlayroot.core.errors import BootError
 from qemu.disks import make_state_disk
 from tests.host.conftest import require_tools
 

@@ -15,13 +15,14 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import cli, statefile, syscalls, target
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.deploy import deploy
-from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
+from overlayroot.boot.cmdline import parse_options
+from overlayroot.boot.console import Console
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.commands import cli, target
+from overlayroot.commands.deploy import deploy
+from overlayroot.core import statefile, syscalls
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import StateLayout
 from qemu.mounts import mounts_under
 from tests.host.conftest import (
     enter_private_mount_namespace,

@@ -81,13 +81,13 @@ def test_the_stage_fails_to_import_when_a_frozen_module_is_removed(payload: Path
     archive = payload / ZIP
     with zipfile.ZipFile(archive) as old:
         members = {i.filename: old.read(i) for i in old.infolist()}
-    del members["overlayroot/errors.pyc"]
+    del members["overlayroot/core/errors.pyc"]
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as new:
         for name, data in members.items():
             new.writestr(name, data)
     proc = in_image(payload, "/usr/bin/python3.11", "-IS", "-c", LIST_ORIGINS)
     assert proc.returncode != 0
-    assert "No module named 'overlayroot.errors'" in proc.stderr
+    assert "No module named 'overlayroot.core.errors'" in proc.stderr
 
 
 def test_init_runs_main_of_the_frozen_stage(tmp_path: Path, stand_in: Path) -> None:
@@ -111,7 +111,8 @@ def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
     listed = (payload / "usr/lib/overlayroot/modules.list").read_text().splitlines()
     frozen = zipfile.ZipFile(payload / ZIP).namelist()
     assert info["frozen_modules"] == len([n for n in frozen if n.endswith(".pyc")])
-    assert {"overlayroot/init.pyc", "overlayroot/prepare.pyc", "json/__init__.pyc"} <= set(frozen)
+    assert {"overlayroot/boot/init.pyc", "overlayroot/boot/prepare.pyc",
+            "json/__init__.pyc"} <= set(frozen)
     assert info["python"] == "/usr/bin/python3.11"
     assert listed == [f"/lib/modules/{info['kernel_version']}/{p}"
                       for p in _relative(listed, info)]

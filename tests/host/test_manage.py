@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import bootstate, statefile, watchdog
+from overlayroot.core import bootstate, statefile, watchdog
 from tests.host.conftest import NO_WATCHDOG, System, add_check, good_v1
 
 # -- where the state is ------------------------------------------------------------------------

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import bootstate, statefile
-from overlayroot.deploy import deploy
-from overlayroot.layout import StateLayout
+from overlayroot.commands.deploy import deploy
+from overlayroot.core import bootstate, statefile
+from overlayroot.core.layout import StateLayout
 from qemu.rootfs import build_command_payload, make_test_root
 from tests.host.conftest import make_tree
 

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import statefile, target
-from overlayroot.bootstate import USED_UP
+from overlayroot.commands import target
+from overlayroot.core import statefile
+from overlayroot.core.bootstate import USED_UP
 from tests.host.conftest import System, good_v1
 
 

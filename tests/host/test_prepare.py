@@ -11,13 +11,13 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from overlayroot import statefile, syscalls
-from overlayroot.bootstate import BootState, add, bless, mark_bad
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
+from overlayroot.boot.cmdline import parse_options
+from overlayroot.boot.console import Console
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.core import statefile, syscalls
+from overlayroot.core.bootstate import BootState, add, bless, mark_bad
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import StateLayout
 from qemu.mounts import mounts_under
 from tests.host.conftest import Env
 

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import assemble, digest, files, prepare, statefile, target, treecopy
-from overlayroot.deploy import deploy
+from overlayroot.boot import assemble, prepare
+from overlayroot.commands import target
+from overlayroot.commands.deploy import deploy
+from overlayroot.core import digest, files, statefile, treecopy
 from qemu.mounts import mounts_under
 from tests.host.conftest import System, add_check
 
@@ -95,7 +97,7 @@ def test_a_bug_in_a_candidate_falls_back_and_is_named_a_bug(
             raise TypeError("unsupported operand")
         return real(sysroot, run_dir, opts, manifest, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("overlayroot.prepare.assemble", buggy)
+    monkeypatch.setattr("overlayroot.boot.prepare.assemble", buggy)
     booted = system.boot()
     assert booted["deployment"] == "v1"
     assert system.entries()["v2"].bad == ("internal error (a bug in overlayroot) while booting"
@@ -179,7 +181,7 @@ def test_the_framework_entry_reports_a_bug_without_a_traceback(
         raise ValueError("boom")
 
     monkeypatch.setattr(prepare, "prepare_root", broken)
-    monkeypatch.setattr("overlayroot.syscalls.mount", lambda *args: None)
+    monkeypatch.setattr("overlayroot.core.syscalls.mount", lambda *args: None)
     assert prepare.main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "overlayroot: error: internal error (a bug in overlayroot): ValueError: boom" in out

@@ -16,9 +16,9 @@ from typing import Any
 
 import pytest
 
-from overlayroot import bootstate, statefile
-from overlayroot.deploy import Progress, build_image, deploy
-from overlayroot.layout import StateLayout
+from overlayroot.commands.deploy import Progress, build_image, deploy
+from overlayroot.core import bootstate, statefile
+from overlayroot.core.layout import StateLayout
 from qemu.disks import delete_file, make_state_disk, partition_offset, read_file, write_file
 from qemu.machine import Machine
 from qemu.plugin import MachineFactory

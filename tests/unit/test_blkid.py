@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlayroot.blkid import (
+from overlayroot.core.blkid import (
     GPT_ENTRY,
     GPT_HEADER,
     PROBE_BYTES,

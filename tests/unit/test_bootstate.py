@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlayroot.bootstate import (
+from overlayroot.core.bootstate import (
     USED_UP,
     BootState,
     Entry,

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import __version__, cli, deploy
+from overlayroot import __version__
+from overlayroot.commands import cli, deploy
+from overlayroot.core import layout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -171,8 +173,8 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch)
 
 def test_importing_the_cli_stays_light() -> None:
     code = (
-        "import sys, overlayroot.cli; "
-        "print(sorted(m for m in ('subprocess', 'overlayroot.deploy', 'initrd', 'uuid', "
+        "import sys, overlayroot.commands.cli; "
+        "print(sorted(m for m in ('subprocess', 'overlayroot.commands.deploy', 'initrd', 'uuid', "
         "'hashlib', 'typing') if m in sys.modules))"
     )
     result = subprocess.run(
@@ -202,7 +204,7 @@ def test_every_handler_module_is_frozen_with_the_command() -> None:
     def visit(parser: argparse.ArgumentParser) -> None:
         handler = parser.get_default("handler")
         if isinstance(handler, str):
-            modules.add(handler.split(":")[0])
+            modules.add(f"overlayroot.commands.{handler.split(':')[0]}")
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for sub in action.choices.values():
@@ -220,3 +222,11 @@ def test_the_bless_unit_runs_after_boot_complete() -> None:
     assert unit["Unit"]["ConditionPathExists"] == "/run/overlayroot/booted.json"
     assert unit["Service"]["ExecStart"] == "overlayroot bless"
     assert unit["Service"]["Type"] == "oneshot"
+
+
+def test_deploy_offers_exactly_the_formats_of_the_layout() -> None:
+    # cli does not import layout (it would cost every command its imports): a copy, checked.
+    parser = cli.build_parser()
+    deploy = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    choices = next(a.choices for a in deploy.choices["deploy"]._actions if a.dest == "format")
+    assert list(choices or ()) == list(layout.FORMATS)

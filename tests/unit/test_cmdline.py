@@ -6,7 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlayroot.cmdline import CmdlineError, onfail_from, parse_options, split
+from overlayroot.boot.cmdline import CmdlineError, onfail_from, parse_options, split
 
 
 def kernel_parse(cmdline: str) -> tuple[list[tuple[str, str | None]], list[str]]:

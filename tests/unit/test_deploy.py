@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, digest, layout, target, treecopy
-from overlayroot.errors import BootError
+from overlayroot.commands import deploy, target
+from overlayroot.core import digest, layout, treecopy
+from overlayroot.core.errors import BootError
 
 EPOCH = 1_700_000_000
 

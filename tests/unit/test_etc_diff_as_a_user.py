@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import cli, layout, statefile
-from overlayroot.bootstate import BootState, Entry
+from overlayroot.commands import cli
+from overlayroot.core import layout, statefile
+from overlayroot.core.bootstate import BootState, Entry
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="drops from root to nobody")

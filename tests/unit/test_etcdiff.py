@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import etcdiff
+from overlayroot.commands import etcdiff
 
 
 def test_etc_diff_on_plain_directories(tmp_path: Path) -> None:

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot.blkid import (
+from overlayroot.core.blkid import (
     GPT_ENTRY,
     GPT_HEADER,
     PROBE_BYTES,

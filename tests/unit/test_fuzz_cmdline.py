@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot.cmdline import KNOWN_KEYS, CmdlineError, onfail_from, parse_options, split
-from overlayroot.devices import parse_spec
-from overlayroot.errors import BootError
+from overlayroot.boot.cmdline import KNOWN_KEYS, CmdlineError, onfail_from, parse_options, split
+from overlayroot.boot.devices import parse_spec
+from overlayroot.core.errors import BootError
 from tests import fuzzing
 
 # Values that look like numbers to Python but are not ASCII numbers, and the like.

@@ -12,9 +12,9 @@ import tempfile
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot import cli
-from overlayroot.layout import StateLayout
-from overlayroot.statefile import HISTORY, PREVIOUS, STATE
+from overlayroot.commands import cli
+from overlayroot.core.layout import StateLayout
+from overlayroot.core.statefile import HISTORY, PREVIOUS, STATE
 from tests import fuzzing
 from tests.unit.test_fuzz_manifest import MANIFEST_BYTES
 from tests.unit.test_fuzz_state import BOOT_JSON_BYTES, HISTORY_BYTES

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot import cli, deploy, layout
-from overlayroot.errors import BootError
+from overlayroot.commands import cli, deploy
+from overlayroot.core import layout
+from overlayroot.core.errors import BootError
 from tests import fuzzing
 
 DIGITS = st.one_of(st.integers(min_value=-(10**30), max_value=10**30).map(str),

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from initrd import cli as initrd_cli
 from initrd.cpio import CpioError, Member, read_cpio, write_cpio
 from initrd.kmod import ModuleError, decompress, parse_modinfo
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 from tests import fuzzing
 from tests.unit.test_initrd_kmod import fake_ko
 

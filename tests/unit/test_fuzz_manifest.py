@@ -11,11 +11,12 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot import cli, layout
-from overlayroot.bootstate import BootState, Entry
-from overlayroot.errors import BootError
-from overlayroot.layout import Manifest, StateLayout, check_id
-from overlayroot.statefile import save
+from overlayroot.commands import cli
+from overlayroot.core import layout
+from overlayroot.core.bootstate import BootState, Entry
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import Manifest, StateLayout, check_id
+from overlayroot.core.statefile import save
 from tests import fuzzing
 from tests.unit.test_fuzz_state import DEEP, JSON_VALUES
 
@@ -46,7 +47,7 @@ MANIFEST_BYTES = st.one_of(
 
 def feed_manifest_text(text: str) -> None:
     manifest = Manifest.from_json(text, Path("manifest.json"))
-    assert manifest.image == layout.FORMATS[manifest.format]
+    assert manifest.image == layout.FORMATS[manifest.format].image
     manifest.to_json().encode()
 
 

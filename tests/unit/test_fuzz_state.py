@@ -14,11 +14,12 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot import cli, safejson, status, target
-from overlayroot.bootstate import BootState, Entry, StateError
-from overlayroot.errors import BootError
-from overlayroot.layout import Manifest, StateLayout
-from overlayroot.statefile import HISTORY, PREVIOUS, STATE, load, outcomes, read_history
+from overlayroot.commands import cli, status, target
+from overlayroot.core import safejson
+from overlayroot.core.bootstate import BootState, Entry, StateError
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import Manifest, StateLayout
+from overlayroot.core.statefile import HISTORY, PREVIOUS, STATE, load, outcomes, read_history
 from tests import fuzzing
 
 NUMBERS = st.one_of(

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import health
+from overlayroot.commands import health
 
 
 def test_checks_run_required_first_in_name_order_executables_only(

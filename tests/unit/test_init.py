@@ -6,8 +6,8 @@ import io
 
 import pytest
 
-from overlayroot.console import Console, describe_bug
-from overlayroot.init import python_shell
+from overlayroot.boot.console import Console, describe_bug
+from overlayroot.boot.init import python_shell
 
 
 def test_the_emergency_prompt_runs_python_until_exit(monkeypatch: pytest.MonkeyPatch,

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from initrd import cli
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 
 needs_python = pytest.mark.skipif(
     not Path("/usr/bin/python3").exists(), reason="no /usr/bin/python3 target"

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from initrd.freeze import freeze, make_zip
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 
 PYTHON = Path("/usr/bin/python3")
 pytestmark = pytest.mark.skipif(not PYTHON.exists(), reason="no /usr/bin/python3 target")
@@ -22,7 +22,9 @@ def stand_in(tmp_path: Path) -> Path:
     package = tmp_path / "src/overlayroot"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "init.py").write_text(
+    (package / "boot").mkdir()
+    (package / "boot/__init__.py").write_text("")
+    (package / "boot/init.py").write_text(
         "import struct\nfrom overlayroot import helper\n\ndef main() -> None:\n    print('ok')\n"
     )
     (package / "helper.py").write_text("import json\n")
@@ -31,7 +33,7 @@ def stand_in(tmp_path: Path) -> Path:
 
 def test_frozen_set_is_the_entry_modules_imports_plus_startup(stand_in: Path) -> None:
     frozen = freeze(PYTHON, stand_in)
-    assert {"overlayroot", "overlayroot.init", "overlayroot.helper", "struct", "json"} <= set(
+    assert {"overlayroot", "overlayroot.boot.init", "overlayroot.helper", "struct", "json"} <= set(
         frozen.modules
     )
     assert {"encodings", "encodings.aliases", "encodings.utf_8"} <= set(frozen.modules)
@@ -53,7 +55,7 @@ def test_pyc_are_unchecked_hash_based_and_stored(stand_in: Path) -> None:
 
 
 def test_extension_modules_go_to_lib_dynload(stand_in: Path) -> None:
-    (stand_in / "overlayroot/init.py").write_text("import _cffi_backend\n")
+    (stand_in / "overlayroot/boot/init.py").write_text("import _cffi_backend\n")
     try:
         frozen = freeze(PYTHON, stand_in)
     except BootError as e:
@@ -69,7 +71,7 @@ def test_same_sources_freeze_to_the_same_bytes(stand_in: Path, tmp_path: Path) -
 
 
 def test_an_entry_that_fails_to_import_is_a_boot_error(stand_in: Path) -> None:
-    (stand_in / "overlayroot/init.py").write_text("import no_such_module_here\n")
+    (stand_in / "overlayroot/boot/init.py").write_text("import no_such_module_here\n")
     with pytest.raises(BootError, match="no_such_module_here"):
         freeze(PYTHON, stand_in)
 

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from overlayroot import manage
-from overlayroot.bootstate import BootState, Entry
+from overlayroot.commands import manage
+from overlayroot.core.bootstate import BootState, Entry
 
 
 def state(**entries: Entry) -> BootState:

@@ -38,7 +38,7 @@ def test_the_wheel_registers_no_pytest_plugin(wheel: Path) -> None:
     entry_points = [n for n in archive.namelist() if n.endswith("entry_points.txt")]
     text = "".join(archive.read(n).decode() for n in entry_points)
     assert "pytest11" not in text
-    assert "overlayroot = overlayroot.cli:main" in text
+    assert "overlayroot = overlayroot.commands.cli:main" in text
 
 
 def test_the_runtime_needs_only_cffi_and_the_builder_brings_its_own(wheel: Path) -> None:

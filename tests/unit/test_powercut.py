@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 from bench import powercut as bench
-from overlayroot.bootstate import BootState, Entry
-from overlayroot.layout import StateLayout
+from overlayroot.core.bootstate import BootState, Entry
+from overlayroot.core.layout import StateLayout
 from qemu import powercut
 from qemu.cutcheck import Kind, compare_states, cut_points, half_staged, journal_losses, sample
 from qemu.logwrites import Flag, read_log

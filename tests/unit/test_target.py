@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import target
-from overlayroot.errors import BootError
+from overlayroot.commands import target
+from overlayroot.core.errors import BootError
 
 
 def test_without_booted_json_a_sysroot_is_needed(monkeypatch: pytest.MonkeyPatch,
@@ -35,7 +35,7 @@ def test_booted_json_counts_only_for_the_state_it_names(monkeypatch: pytest.Monk
 
 
 def test_the_lock_excludes_a_second_holder(tmp_path: Path) -> None:
-    from overlayroot.layout import StateLayout
+    from overlayroot.core.layout import StateLayout
 
     layout = StateLayout(tmp_path)
     layout.top.mkdir()

@@ -14,16 +14,16 @@ import importlib
 import sys
 
 from overlayroot import __version__
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 
 # Every module the commands import when they run, besides this one: what a frozen copy of the
 # command (the busybox test root's, say) must carry. The freezer sees only top-level imports.
 FROZEN_MODULES = (
-    "overlayroot.deploy",
-    "overlayroot.manage",
-    "overlayroot.status",
-    "overlayroot.health",
-    "overlayroot.etcdiff",
+    "overlayroot.commands.deploy",
+    "overlayroot.commands.manage",
+    "overlayroot.commands.status",
+    "overlayroot.commands.health",
+    "overlayroot.commands.etcdiff",
     "traceback",  # --debug
 )
 
@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     status = command(
-        "status", "overlayroot.status:run_status", "show the deployments and their boot state",
+        "status", "status:run_status", "show the deployments and their boot state",
         "A table of the deployments: which one is booted, the default, the rollback and the"
         " one-shot choice; priority, tries left, whether each is known good (blessed), why one"
         " was marked bad; created, size and origin.",
@@ -58,7 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print it as JSON")
 
     deploy = command(
-        "deploy", "overlayroot.deploy:run", "stage a deployment and make it the default, on trial",
+        "deploy", "deploy:run", "stage a deployment and make it the default, on trial",
         "Write a deployment (erofs, squashfs or a tree) with its manifest into the state"
         " filesystem and make it the default, on trial. In a booted system, it starts with a"
         " copy of the booted deployment's /etc changes.",
@@ -66,11 +66,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_arguments(deploy)
 
     command(
-        "rollback", "overlayroot.manage:run_rollback", "boot the previous good deployment next",
+        "rollback", "manage:run_rollback", "boot the previous good deployment next",
         "Make the best known-good deployment other than the booted one the default.",
     )
     bless = command(
-        "bless", "overlayroot.health:run_bless", "run the health checks, then mark the booted"
+        "bless", "health:run_bless", "run the health checks, then mark the booted"
         " deployment good",
         "Run the health checks in /etc/overlayroot/check.d/required/ and wanted/; if every"
         " required one passes, mark the booted deployment successful and stop the trial boot's"
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                        " (default 60)")
 
     mark_bad = command(
-        "mark-bad", "overlayroot.manage:run_mark_bad", "never boot a deployment again by itself",
+        "mark-bad", "manage:run_mark_bad", "never boot a deployment again by itself",
         "Mark a deployment bad: it is not booted again unless chosen by hand.",
     )
     mark_bad.add_argument("id", metavar="ID")
@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="why, for status and history")
 
     set_default = command(
-        "set-default", "overlayroot.manage:run_set_default", "choose the deployment to boot",
+        "set-default", "manage:run_set_default", "choose the deployment to boot",
         "Make a deployment the default; one not known good gets a fresh set of tries.",
     )
     set_default.add_argument("id", metavar="ID")
@@ -103,13 +103,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, verb in (("pin", "keep"), ("unpin", "stop keeping")):
         pin = command(
-            name, f"overlayroot.manage:run_{name}", f"{verb} a deployment through gc",
+            name, f"manage:run_{name}", f"{verb} a deployment through gc",
             f"{verb.capitalize()} a deployment through `overlayroot gc`.",
         )
         pin.add_argument("id", metavar="ID")
 
     gc = command(
-        "gc", "overlayroot.manage:run_gc", "remove old deployments",
+        "gc", "manage:run_gc", "remove old deployments",
         "Remove the deployments beyond the newest N, with their /etc; never the booted, the"
         " default, the rollback, the one-shot or a pinned one.",
     )
@@ -125,12 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="What was added, modified and deleted in a deployment's /etc, against its"
         " image's /etc (default: the booted deployment, else the default).",
     )
-    diff.set_defaults(handler="overlayroot.etcdiff:run")
+    diff.set_defaults(handler="etcdiff:run")
     diff.add_argument("id", metavar="ID", nargs="?")
     diff.add_argument("--json", action="store_true", help="print it as JSON")
 
     history = command(
-        "history", "overlayroot.status:run_history", "show the boot history",
+        "history", "status:run_history", "show the boot history",
         "Every boot attempt with its outcome, and the fallbacks, blessings and recoveries.",
     )
     history.add_argument("-n", type=int, metavar="N", dest="count",
@@ -164,8 +164,8 @@ def seconds(text: str) -> float:
 
 
 def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
-    # Declared here rather than in overlayroot.deploy: importing that for its options would cost
-    # every command.
+    # Declared here rather than in overlayroot.commands.deploy: importing that for its options
+    # would cost every command.
     parser.add_argument(
         "source", help="a directory tree, a tar archive of one, or an erofs or squashfs image"
     )
@@ -177,7 +177,7 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--format",
-        choices=["erofs", "squashfs", "dir"],
+        choices=["erofs", "squashfs", "dir"],  # = layout.FORMATS (a test checks)
         help="what to build from a directory source (default: erofs); an image source is"
         " detected from its superblock and copied as is",
     )
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         handler = args.handler
         if isinstance(handler, str):
             module, name = handler.split(":")
-            handler = getattr(importlib.import_module(module), name)
+            handler = getattr(importlib.import_module(f"{__package__}.{module}"), name)
         return int(handler(args))
     except BootError as e:
         if args.debug:

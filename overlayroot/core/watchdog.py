@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-from overlayroot import syscalls
+from overlayroot.core import syscalls
 
 DEVICE = "/dev/watchdog"
 WDIOC_SETTIMEOUT = 0xC0045706  # _IOWR('W', 6, int)

@@ -24,10 +24,10 @@ import stat
 import tempfile
 from collections.abc import Iterator
 
-from overlayroot import bootstate, loop, syscalls, target
-from overlayroot.assemble import IMAGE_FSTYPES
-from overlayroot.errors import BootError
-from overlayroot.layout import Manifest, StateLayout
+from overlayroot.commands import target
+from overlayroot.core import bootstate, loop, syscalls
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import FORMATS, Manifest, StateLayout
 
 OPAQUE = "trusted.overlay.opaque"
 KINDS = ("added", "modified", "deleted")
@@ -149,7 +149,7 @@ def image_etc(layout: StateLayout, manifest: Manifest) -> Iterator[str]:
     try:
         try:
             with loop.attach(image) as device:
-                syscalls.mount(device.path, scratch, IMAGE_FSTYPES[manifest.format],
+                syscalls.mount(device.path, scratch, FORMATS[manifest.format].fstype,
                                syscalls.MS_RDONLY)
         except OSError as e:
             raise BootError(f"cannot mount the image {image} of {manifest.id} read-only:"

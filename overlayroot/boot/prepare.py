@@ -2,13 +2,13 @@
 
 :func:`prepare_root` is what every integration calls once the state filesystem is mounted:
 our standalone ``/init``, and dracut, mkinitcpio and initramfs-tools through
-``python -m overlayroot.prepare /sysroot`` (exit 0: the root is ready; 1: it is not, and the
+``python -m overlayroot.boot.prepare /sysroot`` (exit 0: the root is ready; 1: it is not, and the
 console says why). The boot, step by step:
 
 1. **Read the boot state**, recovering a torn, missing or damaged ``boot.json`` (from
    ``boot.json.prev``, else rebuilt from the deployments and the history), marking deployments
    that used up their tries without a bless, and writing the repair at once.
-2. **Plan the candidates** (:func:`overlayroot.bootstate.plan`): the deployment
+2. **Plan the candidates** (:func:`overlayroot.core.bootstate.plan`): the deployment
    ``overlayroot.deployment=`` names, the one-shot choice, then the bootable ones by priority.
 3. **Try each candidate** until one is assembled:
 
@@ -16,7 +16,7 @@ console says why). The boot, step by step:
       (not for a pinned boot; free for a known-good deployment);
    b. *verify* the image against its manifest's digest until a check has passed, and record
       that it passed;
-   c. *assemble* the root (:mod:`overlayroot.assemble`).
+   c. *assemble* the root (:mod:`overlayroot.boot.assemble`).
 
    Whatever goes wrong with a candidate — a damaged image or manifest, no init, a bug of ours —
    marks it bad with the reason, and the next candidate is tried in this boot.
@@ -37,13 +37,13 @@ import json
 import os
 import sys
 
-from overlayroot import bootstate, digest, statefile, syscalls, watchdog
-from overlayroot.assemble import Booted, assemble
-from overlayroot.bootstate import BootState
-from overlayroot.cmdline import Options, parse_options
-from overlayroot.console import Console, describe_bug
-from overlayroot.errors import BootError
-from overlayroot.layout import Manifest, StateLayout
+from overlayroot.boot.assemble import Booted, assemble
+from overlayroot.boot.cmdline import Options, parse_options
+from overlayroot.boot.console import Console, describe_bug
+from overlayroot.core import bootstate, digest, statefile, syscalls, watchdog
+from overlayroot.core.bootstate import BootState
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import Manifest, StateLayout
 
 RUN_DIR = "/run/overlayroot"
 BOOTED_FILE = "booted.json"
@@ -295,7 +295,7 @@ def write_booted(run_dir: str, data: dict[str, object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m overlayroot.prepare SYSROOT\n"
+        print("usage: python -m overlayroot.boot.prepare SYSROOT\n"
               "Turn the state filesystem mounted at SYSROOT into the assembled root.",
               file=sys.stderr)
         return 2

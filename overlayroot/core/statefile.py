@@ -5,7 +5,7 @@ A write goes to a temporary file, is fsync'd, the current file is kept as ``boot
 file never becomes the backup — and the new one is renamed over ``boot.json``; then the
 directory is fsync'd. A reader that finds ``boot.json`` torn, missing or damaged falls back to
 ``boot.json.prev``, else rebuilds a safe state from the deployments on disk and the boot
-history, and says so. Every file is read with :func:`overlayroot.files.read_regular`: a FIFO,
+history, and says so. Every file is read with :func:`overlayroot.core.files.read_regular`: a FIFO,
 a directory or a symlink where a file belongs is damage, not something to block on or follow.
 """
 
@@ -17,11 +17,11 @@ import os
 import stat
 import time
 
-from overlayroot import files
-from overlayroot.bootstate import BootState, StateError, rebuild, sync
-from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from overlayroot.safejson import parse_json
+from overlayroot.core import files
+from overlayroot.core.bootstate import BootState, StateError, rebuild, sync
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import StateLayout
+from overlayroot.core.safejson import parse_json
 
 STATE = "boot.json"
 PREVIOUS = "boot.json.prev"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import errno
 import os
 
-from overlayroot import syscalls
+from overlayroot.core import syscalls
 
 MODULES_LIST = "/usr/lib/overlayroot/modules.list"
 

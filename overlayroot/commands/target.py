@@ -21,11 +21,11 @@ import sys
 import time
 from collections.abc import Iterator
 
-from overlayroot import files, statefile
-from overlayroot.bootstate import BootState
-from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from overlayroot.safejson import parse_json
+from overlayroot.core import files, statefile
+from overlayroot.core.bootstate import BootState
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import StateLayout
+from overlayroot.core.safejson import parse_json
 
 BOOTED = "/run/overlayroot/booted.json"
 LOCK = ".lock"

@@ -29,7 +29,7 @@ from __future__ import annotations
 import binascii
 import json
 
-from overlayroot.safejson import parse_json
+from overlayroot.core.safejson import parse_json
 
 FORMAT = 1
 

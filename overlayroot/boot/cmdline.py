@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import re
 
-from overlayroot.errors import BootError
-from overlayroot.layout import check_id
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import check_id
 
 ETC_MODES = ("persistent", "transient", "readonly")
 ONFAIL_ACTIONS = ("reboot", "poweroff", "shell")

@@ -41,7 +41,6 @@ import json
 import os
 import shutil
 import stat
-import struct
 import subprocess
 import sys
 import time
@@ -50,8 +49,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from overlayroot import bootstate, digest, files, layout, statefile, target, treecopy
-from overlayroot.errors import BootError
+from overlayroot.commands import target
+from overlayroot.core import blkid, bootstate, digest, files, layout, statefile, treecopy
+from overlayroot.core.errors import BootError
 
 # The directories the read-only lower must provide as mount points (docs/design.md §5).
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
@@ -63,15 +63,6 @@ ROOT_LOOKALIKE = ("proc", "sys", "dev")
 # cannot read if it is not an archive: it says so).
 TAR_MAGICS = ((257, b"ustar"), (0, b"\x1f\x8b"), (0, b"\xfd7zXZ\x00"), (0, b"\x28\xb5\x2f\xfd"),
               (0, b"BZh"))
-# Superblock magics: (format, offset, struct format, value).
-MAGICS = (
-    ("erofs", 1024, "<I", 0xE0F5E1E2),
-    ("squashfs", 0, "<4s", b"hsqs"),
-)
-TOOLS = {
-    "erofs": ("mkfs.erofs", "erofs-utils"),
-    "squashfs": ("mksquashfs", "squashfs-tools"),
-}
 # Namespace of the erofs filesystem UUIDs derived from deployment ids.
 UUID_NAMESPACE = uuid.UUID("3f0d6c52-5b0e-4a8c-9d7e-2f1c8a4b6e10")
 DIR_MODE = 0o755
@@ -159,16 +150,13 @@ def erofs_uuid(deployment_id: str) -> str:
 
 
 def detect_image(path: Path) -> str:
-    """``erofs`` or ``squashfs``, from the superblock magic."""
+    """``erofs`` or ``squashfs``, from the superblock (``blkid``'s table)."""
     try:
-        with open(path, "rb") as f:
-            head = f.read(2048)
+        found = blkid.probe(str(path))
     except OSError as e:
         raise BootError(f"cannot read {path}: {e.strerror}") from None
-    for fmt, offset, layout_, value in MAGICS:
-        size = struct.calcsize(layout_)
-        if len(head) >= offset + size and struct.unpack_from(layout_, head, offset)[0] == value:
-            return fmt
+    if found is not None and found.fstype in layout.IMAGE_FORMATS:
+        return found.fstype
     raise BootError(
         f"{path} is not an erofs or squashfs image, nor a tar archive: give a directory tree, a"
         " tar archive of one, or an image made with mkfs.erofs or mksquashfs"
@@ -426,7 +414,7 @@ def stage(
         # Root's alone while the image is written: mkfs creates it readable by all, and a
         # descriptor opened then would read the image's secrets for good.
         os.chmod(staging, 0o700)
-    image = staging / layout.FORMATS[fmt]
+    image = staging / layout.FORMATS[fmt].image
     tree = source
     if kind == "tar":
         tree = staging / "unpacked"
@@ -481,7 +469,8 @@ def build_image(
     fixed_time: int | None,
     progress: Progress,
 ) -> None:
-    tool, package = TOOLS[fmt]
+    tool, package = layout.FORMATS[fmt].mkfs, layout.FORMATS[fmt].package
+    assert tool is not None, fmt
     if not shutil.which(tool):
         raise BootError(f"{tool} not found: it builds {fmt} images; apt-get install {package}")
     if fmt == "erofs":

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 
-from overlayroot import files
+from overlayroot.core import files
 
 try:
     from _sha2 import sha256  # type: ignore[import-not-found]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
-from overlayroot import syscalls
+from overlayroot.core import syscalls
 
 MOVED_MOUNTS = ("/proc", "/sys", "/dev", "/run")
 

@@ -18,9 +18,9 @@ import os
 import re
 from pathlib import Path
 
-from overlayroot import files
-from overlayroot.errors import BootError
-from overlayroot.safejson import parse_json
+from overlayroot.core import files
+from overlayroot.core.errors import BootError
+from overlayroot.core.safejson import parse_json
 
 # Type-only imports: the boot stage must not pay for importing ``collections`` (or ``typing``).
 TYPE_CHECKING = False
@@ -30,7 +30,38 @@ if TYPE_CHECKING:
 TOP = "overlayroot"
 MANIFEST = "manifest.json"
 MANIFEST_LIMIT = 1 << 16
-FORMATS = {"erofs": "root.erofs", "squashfs": "root.squashfs", "dir": "root"}
+
+
+class ImageFormat:
+    """One way a deployment's root is stored, the one table every part reads: its name in
+    manifests and ``deploy --format``, the file (or directory) in the deployment's directory,
+    the filesystem type that mounts it (None: a tree, bind-mounted), and the tool that makes it
+    with the Debian package that has the tool. ``blkid.SUPERBLOCKS`` recognises the images by
+    the same filesystem type."""
+
+    __slots__ = ("fstype", "image", "mkfs", "name", "package")
+
+    def __init__(self, name: str, image: str, fstype: str | None = None,
+                 mkfs: str | None = None, package: str | None = None) -> None:
+        self.name = name
+        self.image = image
+        self.fstype = fstype
+        self.mkfs = mkfs
+        self.package = package
+
+    def __repr__(self) -> str:
+        return f"ImageFormat({self.name!r})"
+
+
+FORMATS = {
+    f.name: f
+    for f in (
+        ImageFormat("erofs", "root.erofs", "erofs", "mkfs.erofs", "erofs-utils"),
+        ImageFormat("squashfs", "root.squashfs", "squashfs", "mksquashfs", "squashfs-tools"),
+        ImageFormat("dir", "root"),
+    )
+}
+IMAGE_FORMATS = tuple(name for name, f in FORMATS.items() if f.fstype)  # made with a mkfs
 # Ids become directory names and appear on the kernel command line.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")  # \Z, not $: "v1\n" is no id
 
@@ -63,7 +94,7 @@ class Manifest:
         self.id = id
         self.created = created  # RFC 3339, UTC
         self.format = format  # a key of FORMATS
-        self.image = image  # FORMATS[format], relative to the deployment's directory
+        self.image = image  # FORMATS[format].image, relative to the deployment's directory
         self.sha256 = sha256
         self.size = size
         self.origin = origin
@@ -92,7 +123,8 @@ class Manifest:
         except ValueError as e:
             raise BootError(f"{where}: not a valid deployment manifest ({e}); this deployment"
                             " cannot be used: deploy its image again") from None
-        if FORMATS.get(manifest.format) != manifest.image:
+        known = FORMATS.get(manifest.format)
+        if known is None or known.image != manifest.image:
             raise BootError(
                 f"{where}: format {manifest.format!r} does not match image {manifest.image!r}"
             )

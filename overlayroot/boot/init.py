@@ -8,7 +8,7 @@ No shell, no udev, no blkid: every step is Python and a system call. The steps, 
 4. wait for the state device named by ``overlayroot.state=`` (else ``root=``);
 5. mount it on /sysroot;
 6. choose, count, verify and assemble a deployment there, falling back in the same boot
-   (:func:`overlayroot.prepare.prepare_root`, the flow every integration shares);
+   (:func:`overlayroot.boot.prepare.prepare_root`, the flow every integration shares);
 7. switch root and exec the deployment's init.
 
 A failure prints ``overlayroot: error: <what failed and what to do>`` and then does what
@@ -20,12 +20,13 @@ from __future__ import annotations
 import os
 import time
 
-from overlayroot import devices, modload, syscalls
-from overlayroot.cmdline import Options, onfail_from, parse_options
-from overlayroot.console import Console, describe_bug, now
-from overlayroot.errors import BootError
-from overlayroot.prepare import prepare_root
-from overlayroot.switchroot import switch_root
+from overlayroot.boot import devices, modload
+from overlayroot.boot.cmdline import Options, onfail_from, parse_options
+from overlayroot.boot.console import Console, describe_bug, now
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.boot.switchroot import switch_root
+from overlayroot.core import syscalls
+from overlayroot.core.errors import BootError
 
 SYSROOT = "/sysroot"
 RUN_DIR = "/run/overlayroot"

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import os
 
-from overlayroot import syscalls
+from overlayroot.core import syscalls
 
 CONTROL = "/dev/loop-control"
 _ATTEMPTS = 8  # another process can take the free device between GET_FREE and CONFIGURE

@@ -10,9 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from overlayroot import bootstate, statefile, target
-from overlayroot.bootstate import BootState
-from overlayroot.errors import BootError
+from overlayroot.commands import target
+from overlayroot.core import bootstate, statefile
+from overlayroot.core.bootstate import BootState
+from overlayroot.core.errors import BootError
 
 
 def describe(state: BootState, booted: str | None,

@@ -6,8 +6,8 @@ from __future__ import annotations
 import os
 import time
 
-from overlayroot.blkid import Partition, Probe, gpt_partitions, probe
-from overlayroot.errors import BootError
+from overlayroot.core.blkid import Partition, Probe, gpt_partitions, probe
+from overlayroot.core.errors import BootError
 
 SPEC_KINDS = ("LABEL", "UUID", "PARTUUID", "PARTLABEL")
 # udev's symlinks do not exist without udev; read them as the spec they stand for.

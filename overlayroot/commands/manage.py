@@ -2,7 +2,7 @@
 ``pin`` / ``unpin``, and ``gc``, which removes old deployments.
 
 Each one takes the state lock, reads ``boot.json`` (recovering it if need be), applies one
-function of :mod:`overlayroot.bootstate` and writes the result atomically. The policy lives in
+function of :mod:`overlayroot.core.bootstate` and writes the result atomically. The policy lives in
 ``bootstate``; what is here is checking what the user asked for and saying what happened.
 """
 
@@ -15,10 +15,11 @@ import shutil
 import sys
 from collections.abc import Callable
 
-from overlayroot import bootstate, files, target
-from overlayroot.bootstate import BootState
-from overlayroot.errors import BootError
-from overlayroot.layout import Manifest
+from overlayroot.commands import target
+from overlayroot.core import bootstate, files
+from overlayroot.core.bootstate import BootState
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import Manifest
 
 Change = Callable[[target.Target, BootState], BootState]
 

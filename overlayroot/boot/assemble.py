@@ -1,7 +1,7 @@
 """Turn a mounted state filesystem into the assembled root of one deployment, in place.
 
 ``assemble(sysroot, run_dir, options, manifest)`` is the mechanism under
-:func:`overlayroot.prepare.prepare_root`, which decides what to assemble. Its steps:
+:func:`overlayroot.boot.prepare.prepare_root`, which decides what to assemble. Its steps:
 
 1. move the state filesystem from ``sysroot`` to ``<run_dir>/state``, with ``nosuid,nodev``:
    nobody may run a set-id program or open a device node of a deployment kept for rollback;
@@ -25,10 +25,10 @@ import errno
 import os
 import stat
 
-from overlayroot import files, loop, syscalls, treecopy
-from overlayroot.cmdline import Options
-from overlayroot.errors import BootError
-from overlayroot.layout import Manifest, StateLayout
+from overlayroot.boot.cmdline import Options
+from overlayroot.core import files, loop, syscalls, treecopy
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import FORMATS, Manifest, StateLayout
 
 REQUIRED_MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 DEFAULT_INIT = "/sbin/init"
@@ -36,7 +36,6 @@ DEFAULT_INIT = "/sbin/init"
 # update changes the lower. redirect_dir and metacopy would make the upper depend on one lower
 # too; xino needs the same filesystem-id stability. docs/design.md §5.
 ETC_OVERLAY_OPTIONS = "index=off,redirect_dir=off,metacopy=off,xino=off"
-IMAGE_FSTYPES = {"erofs": "erofs", "squashfs": "squashfs"}
 BOOTED_FILE = "booted.json"
 
 
@@ -168,7 +167,7 @@ def _mount_lower(manifest: Manifest, image: str, target: str) -> str | None:
             os.chmod(image, 0o600)
         except OSError:
             pass
-    fstype = IMAGE_FSTYPES[manifest.format]
+    fstype = FORMATS[manifest.format].fstype
     try:
         attached = loop.attach(image)
     except OSError as e:

@@ -1,8 +1,9 @@
-"""Generates ``overlayroot/_syscalls_ffi.py``, the out-of-line ABI-mode cffi module.
+"""Generates ``overlayroot/core/_syscalls_ffi.py``, the out-of-line ABI-mode cffi module.
 
 Out-of-line ABI mode imports in about 2 ms because the declarations below are parsed here, once,
 at development time; in-line mode would parse them at every boot (~50 ms). The generated module
-is committed; ``python -m overlayroot.ffi_build`` regenerates it and a test checks it is current.
+is committed; ``python -m overlayroot.core.ffi_build`` regenerates it and a test checks it is
+current.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-MODULE = "overlayroot._syscalls_ffi"
+MODULE = "overlayroot.core._syscalls_ffi"
 
 CDEF = """
 int mount(const char *source, const char *target, const char *fstype,

@@ -37,8 +37,9 @@ import stat
 import subprocess
 import sys
 
-from overlayroot import bootstate, target, watchdog
-from overlayroot.errors import BootError
+from overlayroot.commands import target
+from overlayroot.core import bootstate, watchdog
+from overlayroot.core.errors import BootError
 
 CHECK_DIR = "/etc/overlayroot/check.d"
 KINDS = ("required", "wanted")

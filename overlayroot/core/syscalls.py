@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import os
 
-from overlayroot._syscalls_ffi import ffi
+from overlayroot.core._syscalls_ffi import ffi
 
 MS_RDONLY = 1
 MS_NOSUID = 2
