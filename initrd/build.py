@@ -16,10 +16,10 @@ from pathlib import Path, PurePosixPath
 
 from initrd.cpio import write_cpio
 from initrd.elf import ElfClosureError, resolve_closure
+from initrd.errors import BuildError
 from initrd.freeze import DEFAULT_ENTRIES, Frozen, freeze
 from initrd.kmod import DEFAULT_MODULES, ModuleSet, decompress, resolve_modules
 from initrd.tree import Tree, TreeError, write_directory
-from overlayroot.core.errors import BootError
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 STAGE_DIR = PurePosixPath("/usr/lib/overlayroot")
@@ -74,7 +74,7 @@ class BuildResult:
 
 
 def build_initramfs(config: BuildConfig) -> BuildResult:
-    """Build the image ``config`` describes; raise BootError for anything the user can fix."""
+    """Build the image ``config`` describes; raise BuildError for anything the user can fix."""
     started = time.monotonic()
     _check_output(config)
     frozen = freeze(config.python, config.source_root, config.entries, config.source_date_epoch)
@@ -91,12 +91,12 @@ def build_initramfs(config: BuildConfig) -> BuildResult:
         try:
             config.output.mkdir(parents=True, exist_ok=True)
             if any(config.output.iterdir()):
-                raise BootError(
+                raise BuildError(
                     f"{config.output}: payload directory is not empty; give an empty one"
                 )
             write_directory(config.output, members, config.source_date_epoch)
         except OSError as e:
-            raise BootError(f"{config.output}: cannot write the payload ({e})") from e
+            raise BuildError(f"{config.output}: cannot write the payload ({e})") from e
         size = uncompressed = sum(len(m.data) for m in members)
     else:
         archive = io.BytesIO()
@@ -135,7 +135,7 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
     try:
         closure = resolve_closure([Path(frozen.python), *(Path(p) for p in extension_sources)])
     except ElfClosureError as e:
-        raise BootError(f"cannot collect the interpreter's libraries: {e}") from e
+        raise BuildError(f"cannot collect the interpreter's libraries: {e}") from e
     try:
         # Links first: /lib → usr/lib must exist before anything is added under /lib.
         for link in closure.symlinks:
@@ -158,7 +158,7 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
         tree.add_file(STAGE_DIR / "modules.list", "".join(f"{p}\n" for p in module_paths).encode())
         tree.add_file(STAGE_DIR / "build.json", build_info(frozen, kernel))
     except TreeError as e:
-        raise BootError(f"cannot lay out the image: {e}") from e
+        raise BuildError(f"cannot lay out the image: {e}") from e
     libraries = len(closure.files) - 1 - len(extension_sources)
     return tree, libraries
 
@@ -197,7 +197,7 @@ def compress(data: bytes, method: Compression) -> bytes:
     if method is Compression.ZSTD:
         zstd = shutil.which("zstd")
         if zstd is None:
-            raise BootError(
+            raise BuildError(
                 "the zstd command is not installed; install zstd or use --compress gzip"
             )
         # -19: 4.0 MB in 14 s against 4.6 MB in 0.7 s at -9 (12 MB cpio). A real image is built
@@ -214,13 +214,13 @@ def _check_output(config: BuildConfig) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise BootError(
+        raise BuildError(
             f"{config.output}: cannot write there; {parent} is not a writable directory"
         )
     if not config.payload and config.output.is_dir():
-        raise BootError(f"{config.output}: is a directory; give the image file name with -o")
+        raise BuildError(f"{config.output}: is a directory; give the image file name with -o")
     if config.modules_dir is not None and not config.modules_dir.is_dir():
-        raise BootError(
+        raise BuildError(
             f"{config.modules_dir}: no such modules directory; pass the kernel's "
             "/lib/modules/<version> directory with --modules, or leave it out"
         )
@@ -234,7 +234,7 @@ def _write_atomically(path: Path, data: bytes) -> None:
         temporary.replace(path)
     except OSError as e:
         temporary.unlink(missing_ok=True)
-        raise BootError(f"{path}: cannot write the image ({e.strerror}); choose another -o") from e
+        raise BuildError(f"{path}: cannot write the image ({e.strerror}); choose another -o") from e
 
 
 def _perm(path: Path) -> int:

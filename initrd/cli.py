@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 
 from initrd.build import PREPARE_ENTRY, BuildConfig, BuildResult, Compression, build_initramfs
+from initrd.errors import BuildError
 from initrd.freeze import DEFAULT_ENTRIES
-from overlayroot.core.errors import BootError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -62,7 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.add_module and args.modules is None:
-        raise BootError("--add-module needs --modules DIR: the modules come from that directory")
+        raise BuildError("--add-module needs --modules DIR: the modules come from that directory")
     config = BuildConfig(
         modules_dir=args.modules,
         output=args.payload_dir or args.output,
@@ -101,7 +101,7 @@ def _source_date_epoch() -> int:
     # ASCII digits only: int() also takes "٣", "1_0", " 1" and "+1".
     epoch = int(value) if value.isascii() and value.isdigit() and len(value) < 20 else -1
     if not 0 <= epoch <= MAX_EPOCH:
-        raise BootError(
+        raise BuildError(
             f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds since 1970 up to {MAX_EPOCH}"
             " (what a cpio archive holds); unset it or fix it"
         )

@@ -16,14 +16,14 @@ from typing import BinaryIO
 
 from construct import Bytes, Const, ConstructError, ExprAdapter, Padding, Struct, this
 
-from overlayroot.core.errors import BootError
+from initrd.errors import BuildError
 
 MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 
 
-class CpioError(BootError):
+class CpioError(BuildError):
     """Bytes that are not a newc archive, or one cut short."""
 
 

@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from overlayroot.core.errors import BootError
+from initrd.errors import BuildError
 
 # softdog: the watchdog a trial boot arms when the machine has no hardware one.
 DEFAULT_MODULES = ("overlay", "loop", "erofs", "squashfs", "virtio_blk", "virtio_pci", "softdog")
 _SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 
-class ModuleError(BootError):
+class ModuleError(BuildError):
     """A kernel module is missing, unreadable or its dependencies are broken."""
 
 

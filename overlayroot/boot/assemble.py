@@ -28,9 +28,8 @@ import stat
 from overlayroot.boot.cmdline import Options
 from overlayroot.core import files, loop, syscalls, treecopy
 from overlayroot.core.errors import BootError
-from overlayroot.core.layout import FORMATS, Manifest, StateLayout
+from overlayroot.core.layout import FORMATS, MOUNT_POINTS, Manifest, StateLayout
 
-REQUIRED_MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 DEFAULT_INIT = "/sbin/init"
 # index=on records the lower's file handles in the upper, and the mount then fails once an
 # update changes the lower. redirect_dir and metacopy would make the upper depend on one lower
@@ -189,7 +188,7 @@ def _noun(manifest: Manifest) -> str:
 
 
 def _check_lower(root: str, manifest: Manifest) -> None:
-    missing = [d for d in REQUIRED_MOUNT_POINTS if not os.path.isdir(os.path.join(root, d))]
+    missing = [d for d in MOUNT_POINTS if not os.path.isdir(os.path.join(root, d))]
     if missing:
         raise BootError(
             f"deployment {manifest.id!r} lacks the mount points /{', /'.join(missing)} in its"

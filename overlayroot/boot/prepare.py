@@ -44,6 +44,7 @@ from overlayroot.core import bootstate, digest, statefile, syscalls, watchdog
 from overlayroot.core.bootstate import BootState
 from overlayroot.core.errors import BootError
 from overlayroot.core.layout import Manifest, StateLayout
+from overlayroot.core.statefile import Event
 
 RUN_DIR = "/run/overlayroot"
 BOOTED_FILE = "booted.json"
@@ -90,7 +91,7 @@ class Boot:
         goes on to fail."""
         for repair in self.repairs[self.reported:]:
             self.console.warn(repair)
-            self.record("repaired", None, reason=repair)
+            self.record(Event.REPAIRED, None, reason=repair)
         self.reported = len(self.repairs)
 
 
@@ -129,11 +130,11 @@ def read_state(boot: Boot) -> None:
     state, boot.recovery = statefile.load(layout)
     for note in boot.recovery:
         boot.console.warn(note)
-        boot.record("recovered", None, reason=note)
+        boot.record(Event.RECOVERED, None, reason=note)
     state, used_up = bootstate.mark_used_up(state)
     for deployment_id in used_up:
         boot.console.say(f"deployment {deployment_id} {bootstate.USED_UP}")
-        boot.record("failed", deployment_id, reason=bootstate.USED_UP)
+        boot.record(Event.FAILED, deployment_id, reason=bootstate.USED_UP)
     boot.state = state
     if boot.recovery or used_up:
         # Write the repair now: a boot that is not a trial would otherwise leave the damaged
@@ -187,7 +188,7 @@ def attempt(boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: 
         boot.report_repairs()
         boot.save(bootstate.mark_bad(boot.state, deployment_id, reason),
                   f"cannot record that {deployment_id} is bad")
-        boot.record("failed", deployment_id, reason=reason)
+        boot.record(Event.FAILED, deployment_id, reason=reason)
         return None
 
 
@@ -227,7 +228,7 @@ def last_resort(boot: Boot) -> list[str]:
     tried = {f["deployment"] for f in boot.failed}
     last_started = None
     for event in reversed(statefile.read_history(boot.layout)):
-        if event.get("event") == "boot" and isinstance(event.get("deployment"), str):
+        if event.get("event") == Event.BOOT and isinstance(event.get("deployment"), str):
             last_started = str(event["deployment"])
             break
     order = bootstate.last_resort(boot.state, last_started, tried)
@@ -264,7 +265,7 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
         except OSError as e:
             boot.console.warn(f"no watchdog armed ({e.strerror}: {e.filename}): a trial boot"
                               " that hangs will not fall back by itself")
-    boot.record("boot", deployment_id, trial=trial, tries_left=entry.tries_left,
+    boot.record(Event.BOOT, deployment_id, trial=trial, tries_left=entry.tries_left,
                 counted=boot.counted, count_error=boot.count_error,
                 fallback_from=[f["deployment"] for f in boot.failed] or None, watchdog=armed,
                 degraded=boot.degraded)

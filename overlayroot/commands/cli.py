@@ -212,7 +212,11 @@ def run_initrd_build(args: argparse.Namespace) -> int:
         description="Freeze the overlayroot boot stage into an initramfs.",
     )
     cli.add_arguments(parser)
-    return int(cli.run(parser.parse_args(args.arguments)))
+    errors = importlib.import_module("initrd.errors")
+    try:
+        return int(cli.run(parser.parse_args(args.arguments)))
+    except errors.BuildError as e:
+        raise BootError(str(e)) from None  # printed like every other error of the command
 
 
 def main(argv: list[str] | None = None) -> int:

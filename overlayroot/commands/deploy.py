@@ -54,7 +54,6 @@ from overlayroot.core import blkid, bootstate, digest, files, layout, statefile,
 from overlayroot.core.errors import BootError
 
 # The directories the read-only lower must provide as mount points (docs/design.md §5).
-MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 # dracut's shell init keeps root= mounted only if it looks like a root (proc, sys and dev, or a
 # dynamic loader), and with overlayroot root= is the state filesystem: without these it is
 # unmounted before the pre-pivot hook can assemble the root (docs/integrations.md).
@@ -194,7 +193,7 @@ def extract_tar(archive: Path, tree: Path, progress: Progress) -> None:
 
 
 def check_mount_points(source: Path, present: Callable[[str], bool]) -> None:
-    missing = [name for name in MOUNT_POINTS if not present(name)]
+    missing = [name for name in layout.MOUNT_POINTS if not present(name)]
     if missing:
         raise BootError(
             f"{source} lacks the mount points the read-only root needs: {', '.join(missing)}"

@@ -40,6 +40,7 @@ import sys
 from overlayroot.commands import target
 from overlayroot.core import bootstate, watchdog
 from overlayroot.core.errors import BootError
+from overlayroot.core.statefile import Event
 
 CHECK_DIR = "/etc/overlayroot/check.d"
 KINDS = ("required", "wanted")
@@ -205,7 +206,7 @@ def run_bless(args: argparse.Namespace) -> int:
         where.check_known(state, booted)
         if not state.entries[booted].successful:
             where.save(bootstate.bless(state, booted))
-        where.record("blessed", booted)
+        where.record(Event.BLESSED, booted)
     print(f"overlayroot: blessed {booted}: it is known good")
     if where.booted.get("watchdog"):
         try:
@@ -232,15 +233,15 @@ def condemn(where: target.Target, booted: str, trial: bool, reason: str, no_rebo
     with target.locked(where.layout):
         state = where.load()
         where.check_known(state, booted)
-        new = bootstate.mark_bad(state, booted, reason)
-        fallback = bootstate.default(new)
-        if fallback is None:
+        marked = bootstate.mark_bad_leaving_a_fallback(state, booted, reason)
+        if marked is None:
             raise BootError(
                 f"{reason}; {booted} is not blessed, and not marked bad either: no other"
                 " deployment could boot"
             )
+        new, fallback = marked
         where.save(new)
-        where.record("marked-bad", booted, reason=reason)
+        where.record(Event.MARKED_BAD, booted, reason=reason)
     print(f"overlayroot: error: {reason}", file=sys.stderr)
     print(f"overlayroot: marked {booted} bad; {fallback} boots next", file=sys.stderr)
     if no_reboot:

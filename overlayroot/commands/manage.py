@@ -20,6 +20,7 @@ from overlayroot.core import bootstate, files
 from overlayroot.core.bootstate import BootState
 from overlayroot.core.errors import BootError
 from overlayroot.core.layout import Manifest
+from overlayroot.core.statefile import Event
 
 Change = Callable[[target.Target, BootState], BootState]
 
@@ -70,16 +71,16 @@ def run_mark_bad(args: argparse.Namespace) -> int:
 
     def apply(where: target.Target, state: BootState) -> BootState:
         where.check_known(state, deployment_id)
-        new = bootstate.mark_bad(state, deployment_id, reason)
-        if not bootstate.ranked(new):
+        marked = bootstate.mark_bad_leaving_a_fallback(state, deployment_id, reason)
+        if marked is None:
             raise BootError(
                 f"marking {deployment_id} bad would leave nothing bootable on {where.where}:"
                 " deploy or choose another deployment first"
             )
-        return new
+        return marked[0]
 
     _, state = change(args, "mark-bad", apply,
-                      ("marked-bad", deployment_id, {"reason": reason}))
+                      (Event.MARKED_BAD, deployment_id, {"reason": reason}))
     print(f"marked {deployment_id} bad: {reason}; the default is {bootstate.default(state)}")
     return 0
 

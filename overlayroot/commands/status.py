@@ -14,6 +14,7 @@ from overlayroot.commands import target
 from overlayroot.core import bootstate, statefile
 from overlayroot.core.bootstate import BootState
 from overlayroot.core.errors import BootError
+from overlayroot.core.statefile import GONE_BAD, Event
 
 
 def describe(state: BootState, booted: str | None,
@@ -173,10 +174,10 @@ def with_outcomes(events: list[dict[str, object]]) -> list[dict[str, object]]:
     """The history with an ``outcome`` for each boot: what the events after it, up to the next
     boot, say became of it."""
     result = []
-    boots = [i for i, e in enumerate(events) if e.get("event") == "boot"]
+    boots = [i for i, e in enumerate(events) if e.get("event") == Event.BOOT]
     for i, event in enumerate(events):
         event = dict(event)
-        if event.get("event") == "boot":
+        if event.get("event") == Event.BOOT:
             following = [j for j in boots if j > i]
             end = following[0] if following else len(events)
             event["outcome"] = outcome(event, events[i + 1:end], last=not following)
@@ -189,9 +190,9 @@ def outcome(boot: dict[str, object], after: list[dict[str, object]], *, last: bo
     for event in after:
         if event.get("deployment") != deployment:
             continue
-        if event.get("event") == "blessed":
+        if event.get("event") == Event.BLESSED:
             return "blessed"
-        if event.get("event") in ("marked-bad", "failed"):
+        if event.get("event") in GONE_BAD:
             return f"marked bad: {event.get('reason')}"
     if last:
         return "the latest boot, not blessed yet" if boot.get("trial") else "the latest boot"
@@ -203,7 +204,7 @@ def outcome(boot: dict[str, object], after: list[dict[str, object]], *, last: bo
 def history_line(event: dict[str, object]) -> str:
     kind = event.get("event")
     head = f"{event.get('time', '?')}  {kind:<10}  {event.get('deployment') or '-'}"
-    if kind == "boot":
+    if kind == Event.BOOT:
         details = []
         if event.get("trial"):
             details.append(f"trial, {event.get('tries_left')} tries left after it")

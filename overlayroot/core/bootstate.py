@@ -228,6 +228,16 @@ def default(state: BootState) -> str | None:
     return order[0] if order else None
 
 
+def mark_bad_leaving_a_fallback(
+    state: BootState, deployment_id: str, reason: str
+) -> tuple[BootState, str] | None:
+    """``deployment_id`` marked bad, and the deployment that boots next; None when marking it
+    would leave nothing bootable (then it must not be marked: a machine must keep a way up)."""
+    new = mark_bad(state, deployment_id, reason)
+    fallback = default(new)
+    return None if fallback is None else (new, fallback)
+
+
 def rollback_target(state: BootState, booted: str | None) -> str | None:
     """Where ``rollback`` goes: the best successful deployment other than the booted one."""
     good = [k for k in ranked(state) if state.entries[k].successful and k != booted]

@@ -61,6 +61,10 @@ FORMATS = {
         ImageFormat("dir", "root"),
     )
 }
+# What every deployment's root must have: the stage mounts /etc, /var, /home, /run and the API
+# filesystems on them (a read-only root cannot grow a directory at boot). deploy refuses a root
+# without them; the stage refuses to switch to one.
+MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 IMAGE_FORMATS = tuple(name for name, f in FORMATS.items() if f.fstype)  # made with a mkfs
 # Ids become directory names and appear on the kernel command line.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")  # \Z, not $: "v1\n" is no id

@@ -100,16 +100,31 @@ def load(layout: StateLayout) -> tuple[BootState, list[str]]:
     return sync(state, present), notes
 
 
+class Event:
+    """The kinds of history events (``history.jsonl``'s ``event``): every writer and reader
+    names them from here. Plain strings, not an enum: the stage imports this module."""
+
+    BOOT = "boot"  # the stage handed over to a deployment's init (trial, counted, degraded…)
+    FAILED = "failed"  # a deployment failed in the stage, or used up its tries
+    RECOVERED = "recovered"  # boot.json was damaged and was recovered
+    REPAIRED = "repaired"  # damaged shared state was set aside and made anew
+    BLESSED = "blessed"  # overlayroot bless: known good
+    MARKED_BAD = "marked-bad"  # overlayroot mark-bad, or a required health check failed
+
+
+GONE_BAD = (Event.FAILED, Event.MARKED_BAD)
+
+
 def outcomes(history: list[dict[str, object]]) -> tuple[set[str], dict[str, str]]:
     """From the history: deployments blessed, and deployments last seen going bad (reason)."""
     blessed: set[str] = set()
     bad: dict[str, str] = {}
     for event in history:
         deployment = str(event.get("deployment"))
-        if event.get("event") == "blessed":
+        if event.get("event") == Event.BLESSED:
             blessed.add(deployment)
             bad.pop(deployment, None)
-        elif event.get("event") in ("failed", "marked-bad"):
+        elif event.get("event") in GONE_BAD:
             blessed.discard(deployment)
             bad[deployment] = str(event.get("reason", ""))
     return blessed, bad

@@ -28,7 +28,7 @@ CAPABILITY = bytes.fromhex("0000000200200000000000000000000000000000")
 
 
 def make_tree(root: Path) -> Path:
-    for name in deploy.MOUNT_POINTS:
+    for name in layout.MOUNT_POINTS:
         (root / name).mkdir(parents=True)
     (root / "etc" / "hostname").write_text("test\n")
     (root / "etc" / "shadow").write_text("root:*:1::::::\n")

@@ -52,7 +52,9 @@ def stand_in(tmp_path: Path) -> Path:
     package = tmp_path / "src/overlayroot"
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
-    (package / "init.py").write_text("import json\n\ndef main():\n    print(json.dumps('ran'))\n")
+    (package / "boot").mkdir()
+    (package / "boot/__init__.py").write_text("")
+    (package / "boot/init.py").write_text("import json\n\ndef main():\n    print(json.dumps('ran'))\n")
     return tmp_path / "src"
 
 

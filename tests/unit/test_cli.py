@@ -147,7 +147,7 @@ def test_deploy_json_prints_the_manifest_and_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tree = tmp_path / "tree"
-    for name in deploy.MOUNT_POINTS:
+    for name in layout.MOUNT_POINTS:
         (tree / name).mkdir(parents=True)
     state = tmp_path / "state"
     state.mkdir()
@@ -230,3 +230,14 @@ def test_deploy_offers_exactly_the_formats_of_the_layout() -> None:
     deploy = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     choices = next(a.choices for a in deploy.choices["deploy"]._actions if a.dest == "format")
     assert list(choices or ()) == list(layout.FORMATS)
+
+
+def test_a_builder_error_is_printed_like_every_error_of_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(["initrd", "build", "--modules", str(tmp_path / "nope"),
+                     "-o", str(tmp_path / "initrd.img")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"overlayroot: error: {tmp_path / 'nope'}: no such modules directory")
+    assert "Traceback" not in err

@@ -21,7 +21,7 @@ EPOCH = 1_700_000_000
 
 
 def make_tree(root: Path) -> Path:
-    for name in deploy.MOUNT_POINTS:
+    for name in layout.MOUNT_POINTS:
         (root / name).mkdir(parents=True)
     (root / "etc" / "hostname").write_text("test\n")
     (root / "usr" / "bin").mkdir(parents=True)

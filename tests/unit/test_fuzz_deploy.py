@@ -71,7 +71,7 @@ def valid_tar() -> bytes:
     """A tar archive of a tree with the mount points and a file."""
     out = io.BytesIO()
     with tarfile.open(fileobj=out, mode="w", format=tarfile.GNU_FORMAT) as tar:
-        for name in deploy.MOUNT_POINTS:
+        for name in layout.MOUNT_POINTS:
             info = tarfile.TarInfo(name)
             info.type, info.mode = tarfile.DIRTYPE, 0o755
             tar.addfile(info)
@@ -130,7 +130,7 @@ def test_reading_what_deploy_is_given_raises_only_boot_errors(name: str) -> None
 
 
 def tree(root: Path) -> Path:
-    for name in deploy.MOUNT_POINTS:
+    for name in layout.MOUNT_POINTS:
         (root / name).mkdir(parents=True)
     return root
 

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from initrd import cli as initrd_cli
 from initrd.cpio import CpioError, Member, read_cpio, write_cpio
+from initrd.errors import BuildError
 from initrd.kmod import ModuleError, decompress, parse_modinfo
-from overlayroot.core.errors import BootError
 from tests import fuzzing
 from tests.unit.test_initrd_kmod import fake_ko
 
@@ -106,7 +106,7 @@ READERS = {
     "initrd.kmod.parse_modinfo": fuzzing.Reader(MODULES, feed_module, (ModuleError,)),
     "initrd.kmod.decompress": fuzzing.Reader(COMPRESSED, feed_compressed, (ModuleError,)),
     "initrd.cli SOURCE_DATE_EPOCH": fuzzing.Reader(EPOCHS.filter(lambda v: "\0" not in v),
-                                                   feed_epoch, (BootError,)),
+                                                   feed_epoch, (BuildError,)),
 }
 
 
@@ -151,7 +151,7 @@ def test_a_source_date_epoch_a_cpio_archive_cannot_hold_is_refused(
 ) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", value)
     message = f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds since 1970 up to 4294967295"
-    with pytest.raises(BootError, match="^" + re.escape(message + " (what a cpio archive holds)")):
+    with pytest.raises(BuildError, match="^" + re.escape(message + " (what a cpio archive holds)")):
         initrd_cli._source_date_epoch()
 
 

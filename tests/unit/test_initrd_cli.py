@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from initrd import cli
-from overlayroot.core.errors import BootError
+from initrd.errors import BuildError
 
 needs_python = pytest.mark.skipif(
     not Path("/usr/bin/python3").exists(), reason="no /usr/bin/python3 target"
@@ -23,20 +23,20 @@ def run(*argv: str) -> int:
 
 
 def test_a_missing_modules_directory_names_it_and_the_option(tmp_path: Path) -> None:
-    with pytest.raises(BootError, match=r"/nope: no such modules directory.*--modules"):
+    with pytest.raises(BuildError, match=r"/nope: no such modules directory.*--modules"):
         run("--modules", "/nope", "-o", str(tmp_path / "img"))
 
 
 def test_a_missing_interpreter_names_it_and_the_option(tmp_path: Path) -> None:
-    with pytest.raises(BootError, match=r"/no/python: no such Python interpreter.*--python"):
+    with pytest.raises(BuildError, match=r"/no/python: no such Python interpreter.*--python"):
         run("--python", "/no/python", "-o", str(tmp_path / "img"))
 
 
 def test_an_unwritable_output_names_the_path(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("")
-    with pytest.raises(BootError, match=r"file/img: cannot write there"):
+    with pytest.raises(BuildError, match=r"file/img: cannot write there"):
         run("-o", str(tmp_path / "file/img"))
-    with pytest.raises(BootError, match="is a directory"):
+    with pytest.raises(BuildError, match="is a directory"):
         run("-o", str(tmp_path))
 
 
@@ -45,12 +45,12 @@ def test_an_unknown_module_names_it_and_the_modules_directory(tmp_path: Path) ->
     kdir = tmp_path / "6.1.0-test"
     kdir.mkdir()
     (kdir / "modules.builtin").write_text("")
-    with pytest.raises(BootError, match=rf"kernel module overlay \(requested\).*{kdir}"):
+    with pytest.raises(BuildError, match=rf"kernel module overlay \(requested\).*{kdir}"):
         run("--modules", str(kdir), "-o", str(tmp_path / "img"), "--compress", "none")
 
 
 def test_add_module_without_modules_is_refused(tmp_path: Path) -> None:
-    with pytest.raises(BootError, match="--add-module needs --modules"):
+    with pytest.raises(BuildError, match="--add-module needs --modules"):
         run("--add-module", "dm-verity", "-o", str(tmp_path / "img"))
 
 
@@ -58,7 +58,7 @@ def test_a_bad_source_date_epoch_is_refused(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", "yesterday")
-    with pytest.raises(BootError, match="SOURCE_DATE_EPOCH='yesterday'"):
+    with pytest.raises(BuildError, match="SOURCE_DATE_EPOCH='yesterday'"):
         run("-o", str(tmp_path / "img"))
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from initrd.errors import BuildError
 from initrd.freeze import freeze, make_zip
-from overlayroot.core.errors import BootError
 
 PYTHON = Path("/usr/bin/python3")
 pytestmark = pytest.mark.skipif(not PYTHON.exists(), reason="no /usr/bin/python3 target")
@@ -58,7 +58,7 @@ def test_extension_modules_go_to_lib_dynload(stand_in: Path) -> None:
     (stand_in / "overlayroot/boot/init.py").write_text("import _cffi_backend\n")
     try:
         frozen = freeze(PYTHON, stand_in)
-    except BootError as e:
+    except BuildError as e:
         pytest.skip(f"target has no _cffi_backend: {e}")
     (ext,) = [e for e in frozen.extensions if e.name == "_cffi_backend"]
     assert ext.path.parent == frozen.dynload_dir
@@ -72,12 +72,12 @@ def test_same_sources_freeze_to_the_same_bytes(stand_in: Path, tmp_path: Path) -
 
 def test_an_entry_that_fails_to_import_is_a_boot_error(stand_in: Path) -> None:
     (stand_in / "overlayroot/boot/init.py").write_text("import no_such_module_here\n")
-    with pytest.raises(BootError, match="no_such_module_here"):
+    with pytest.raises(BuildError, match="no_such_module_here"):
         freeze(PYTHON, stand_in)
 
 
 def test_a_missing_interpreter_is_a_boot_error(stand_in: Path, tmp_path: Path) -> None:
-    with pytest.raises(BootError, match=r"no such Python interpreter; pass .* --python"):
+    with pytest.raises(BuildError, match=r"no such Python interpreter; pass .* --python"):
         freeze(tmp_path / "python9", stand_in)
 
 
@@ -85,7 +85,7 @@ def test_an_interpreter_that_is_not_python_is_a_boot_error(stand_in: Path, tmp_p
     impostor = tmp_path / "python3"
     impostor.write_text("#!/bin/sh\necho hello\n")
     impostor.chmod(0o755)
-    with pytest.raises(BootError) as error:
+    with pytest.raises(BuildError) as error:
         freeze(impostor, stand_in)
     assert str(error.value) == (
         f"{os.path.realpath(impostor)}: answered 'hello\\n' when asked to read sys.path, not what"
