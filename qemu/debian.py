@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from qemu.kernel import Kernel
@@ -267,22 +266,12 @@ def _enable_tmp_mount(root: Path) -> None:
 
 
 def _add_command(root: Path, payload: Path) -> None:
-    """The frozen command, through ``add_command``, but without replacing what the image has:
-    its libraries (libc, libcrypto, ...) are Debian's own, as new or newer than the builder's."""
-    from qemu.rootfs import add_command
+    """The frozen command, as `overlayroot install-command ROOT` puts it: without replacing
+    what the image has (its libraries, libc, libcrypto..., are Debian's own, as new as the
+    builder's or newer)."""
+    from initrd.command import install_command
 
-    with tempfile.TemporaryDirectory(prefix="command.", dir=root.parent) as work:
-        thinned = Path(work) / "payload"
-        shutil.copytree(payload, thinned, symlinks=True, ignore=_present_in(payload, root))
-        add_command(root, thinned)
-
-
-def _present_in(payload: Path, root: Path) -> Callable[[str, list[str]], set[str]]:
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        relative = Path(directory).relative_to(payload)
-        return {n for n in names
-                if not (Path(directory) / n).is_dir() and os.path.lexists(root / relative / n)}
-    return ignore
+    install_command(payload, root)
 
 
 def _install_unit(root: Path, unit: Path) -> None:

@@ -20,7 +20,6 @@ init traps the signal and does it.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -34,7 +33,6 @@ FAILURES = ("exit", "panic", "hang")
 TEST_DIR = "usr/lib/overlayroot-test"
 # Payload paths the test root does not take: the initramfs's own /init and its empty mount
 # points and device nodes (the root has its own).
-PAYLOAD_SKIP = ("init", "dev", "proc", "sys", "run", "tmp", "sysroot")
 SEED = "seeded-from-image"
 
 # Reads only builtins until the uptime is out, so the marker times the boot, not the script.
@@ -186,41 +184,17 @@ def make_broken_root(dest: Path) -> Path:
 
 
 def build_command_payload(dest: Path) -> Path:
-    """The frozen `overlayroot` command as an initramfs payload tree at `dest` (built once, then
-    copied into any number of roots by `make_test_root(command=dest)`)."""
-    from initrd.build import BuildConfig, build_initramfs
-    from overlayroot.commands.cli import FROZEN_MODULES
+    """The frozen `overlayroot` command as a tree at `dest` (built once, then copied into any
+    number of roots by `make_test_root(command=dest)`): what `overlayroot install-command`
+    builds."""
+    from initrd.command import build_command
 
-    result = build_initramfs(BuildConfig(
-        modules_dir=None, output=dest, payload=True,
-        entries=("overlayroot.commands.cli", *FROZEN_MODULES),
-    ))
-    (dest / "python").write_text(result.python)  # which interpreter the launcher names
-    return dest
+    return build_command(dest)
 
 
 def add_command(root: Path, payload: Path) -> None:
-    """Copy the payload's interpreter, libraries and frozen modules into `root`, and add
-    `/usr/bin/overlayroot`."""
-    for entry in sorted(os.listdir(payload)):
-        if entry in (*PAYLOAD_SKIP, "python"):
-            continue
-        _merge(payload / entry, root / entry)
-    python = (payload / "python").read_text()
-    launcher = root / "usr" / "bin" / "overlayroot"
-    launcher.parent.mkdir(parents=True, exist_ok=True)
-    launcher.write_text(f"#!{python} -IS\nimport sys\nfrom overlayroot.commands.cli import main\n\n"
-                        "sys.exit(main())\n")
-    launcher.chmod(0o755)
+    """The payload's interpreter, libraries, frozen modules and `/usr/bin/overlayroot` in
+    `root`, as `overlayroot install-command --replace ROOT` puts them."""
+    from initrd.command import install_command
 
-
-def _merge(source: Path, target: Path) -> None:
-    if source.is_symlink():
-        if not os.path.lexists(target):
-            target.symlink_to(os.readlink(source))
-    elif source.is_dir():
-        target.mkdir(exist_ok=True)
-        for entry in sorted(os.listdir(source)):
-            _merge(source / entry, target / entry)
-    else:
-        shutil.copy2(source, target)
+    install_command(payload, root, replace=True)

@@ -148,7 +148,23 @@ def build_parser() -> argparse.ArgumentParser:
         prefix_chars="\0",
     )
     build.add_argument("arguments", nargs=argparse.REMAINDER)
-    build.set_defaults(handler=run_initrd_build)
+    build.set_defaults(handler=run_builder, builder="initrd.cli", prog="overlayroot initrd build",
+                       description="Freeze the overlayroot boot stage into an initramfs.")
+
+    install = commands.add_parser(
+        "install-command",
+        help="put the frozen overlayroot command into an image's root, Python included"
+        " (options: overlayroot install-command --help)",
+        add_help=False,
+        prefix_chars="\0",
+    )
+    install.add_argument("arguments", nargs=argparse.REMAINDER)
+    install.set_defaults(
+        handler=run_builder, builder="initrd.command", prog="overlayroot install-command",
+        description="Put the overlayroot command into the root of an image that has no Python"
+        " (or another one): the interpreter, its libraries, the frozen modules and"
+        " /usr/bin/overlayroot. Files the root has already are kept unless --replace.",
+    )
     return parser
 
 
@@ -199,22 +215,20 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def run_initrd_build(args: argparse.Namespace) -> int:
+def run_builder(args: argparse.Namespace) -> int:
+    """A subcommand of the builder (``initrd build``, ``install-command``), which parses its own
+    options: the builder is an optional part (``pip install 'overlayroot[build]'``)."""
     try:
-        # By name: the builder is optional, and absent from the initramfs.
-        cli = importlib.import_module("initrd.cli")
+        module = importlib.import_module(args.builder)
+        errors = importlib.import_module("initrd.errors")
     except ImportError as e:
         raise BootError(
             f"the initramfs builder is not installed ({e}): pip install 'overlayroot[build]'"
         ) from None
-    parser = argparse.ArgumentParser(
-        prog="overlayroot initrd build",
-        description="Freeze the overlayroot boot stage into an initramfs.",
-    )
-    cli.add_arguments(parser)
-    errors = importlib.import_module("initrd.errors")
+    parser = argparse.ArgumentParser(prog=args.prog, description=args.description)
+    module.add_arguments(parser)
     try:
-        return int(cli.run(parser.parse_args(args.arguments)))
+        return int(module.run(parser.parse_args(args.arguments)))
     except errors.BuildError as e:
         raise BootError(str(e)) from None  # printed like every other error of the command
 

@@ -54,7 +54,8 @@ def stand_in(tmp_path: Path) -> Path:
     (package / "__init__.py").write_text("")
     (package / "boot").mkdir()
     (package / "boot/__init__.py").write_text("")
-    (package / "boot/init.py").write_text("import json\n\ndef main():\n    print(json.dumps('ran'))\n")
+    (package / "boot/init.py").write_text(
+        "import json\n\ndef main():\n    print(json.dumps('ran'))\n")
     return tmp_path / "src"
 
 

@@ -72,3 +72,56 @@ def test_every_command_runs_frozen(root: Path) -> None:
             assert result.stdout == "A /etc/local.conf\n"
         if command.startswith("deploy"):
             assert "/etc carried forward from v1" in result.stdout
+
+
+def test_install_command_puts_a_working_command_into_a_root_without_python(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chroot needs root")
+    from overlayroot import __version__
+    from overlayroot.commands import cli
+
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "etc").mkdir()
+    assert cli.main(["install-command", str(root), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report == {"root": str(root), "command": "/usr/bin/overlayroot", "kept": []}
+    assert not (root / "init").exists() and not (root / "dev").exists()
+    ran = subprocess.run(["chroot", str(root), "/usr/bin/overlayroot", "--version"],
+                         capture_output=True, text=True, check=True)
+    assert __version__ in ran.stdout
+    ran = subprocess.run(["chroot", str(root), "/usr/bin/overlayroot", "status"],
+                         capture_output=True, text=True)
+    assert ran.returncode == 1 and "overlayroot: error:" in ran.stderr  # ran, found no state
+
+
+def test_install_command_keeps_what_the_image_has_unless_told_to_replace(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from overlayroot.commands import cli
+
+    root = tmp_path / "root"
+    python = Path(os.path.realpath("/usr/bin/python3"))
+    own = root / python.relative_to("/")
+    own.parent.mkdir(parents=True)
+    own.write_text("the image's own\n")
+    assert cli.main(["install-command", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"installed /usr/bin/overlayroot into {root}; kept ")
+    assert own.read_text() == "the image's own\n"
+    assert cli.main(["install-command", str(root), "--replace", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["kept"] == []
+    assert own.read_bytes() == python.read_bytes()
+
+
+def test_install_command_into_a_missing_root_names_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from overlayroot.commands import cli
+
+    assert cli.main(["install-command", str(tmp_path / "nope")]) == 1
+    assert capsys.readouterr().err == (
+        f"overlayroot: error: {tmp_path / 'nope'} is not a directory: give the root of the"
+        " image to install the command into\n")
