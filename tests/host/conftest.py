@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import redirect_stdout
@@ -30,6 +29,7 @@ from overlayroot.commands.deploy import deploy
 from overlayroot.core import bootstate, statefile, syscalls
 from overlayroot.core.layout import StateLayout
 from qemu.mounts import mounts_under
+from tests.trees import make_tree
 
 CLONE_NEWNS = 0x00020000
 _entered = False
@@ -72,20 +72,6 @@ def require_tools(*tools: str) -> None:
     missing = [t for t in tools if shutil.which(t) is None]
     if missing:
         pytest.skip(f"needs {', '.join(missing)} (scripts/setup installs them)")
-
-
-def make_tree(root: Path, *, init: bool = True) -> Path:
-    """A minimal deployment tree: the mount points, some /etc and /var content, an init."""
-    for d in ("etc", "var/lib/testdata", "home", "run", "proc", "sys", "dev", "tmp", "sbin"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "etc/hostname").write_text("image\n")
-    (root / "var/lib/testdata/seed").write_text("from the image\n")
-    (root / "var/log").mkdir()
-    os.symlink("../run/lock", root / "var/lock")
-    if init:
-        (root / "sbin/init").write_text("#!/bin/sh\necho hello\n")
-        (root / "sbin/init").chmod(stat.S_IMODE(0o755))
-    return root
 
 
 def mkfs_ext4(image: Path, size_mb: int = 64, label: str = "state") -> None:

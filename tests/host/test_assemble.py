@@ -12,7 +12,8 @@ from overlayroot.commands.deploy import deploy
 from overlayroot.core import syscalls
 from overlayroot.core.errors import BootError
 from qemu.mounts import mounts_under
-from tests.host.conftest import Env, make_tree
+from tests.host.conftest import Env
+from tests.trees import make_tree
 
 
 def mount_options(path: Path) -> str:

@@ -16,6 +16,7 @@ import pytest
 from overlayroot.commands import deploy
 from overlayroot.core import digest, layout
 from overlayroot.core.errors import BootError
+from tests import trees
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: owners, devices, loop mounts"),
@@ -28,8 +29,8 @@ CAPABILITY = bytes.fromhex("0000000200200000000000000000000000000000")
 
 
 def make_tree(root: Path) -> Path:
-    for name in layout.MOUNT_POINTS:
-        (root / name).mkdir(parents=True)
+    """The shared minimal tree (tests.trees), and what these tests look for."""
+    trees.make_tree(root)
     (root / "etc" / "hostname").write_text("test\n")
     (root / "etc" / "shadow").write_text("root:*:1::::::\n")
     os.chown(root / "etc" / "shadow", 0, 42)

@@ -26,10 +26,10 @@ from overlayroot.core.layout import StateLayout
 from qemu.mounts import mounts_under
 from tests.host.conftest import (
     enter_private_mount_namespace,
-    make_tree,
     mkfs_ext4,
     require_tools,
 )
+from tests.trees import make_tree
 
 PATHS = (
     "overlayroot",

@@ -21,7 +21,10 @@ pytestmark = [
     pytest.mark.skipif(not Path("/usr/bin/python3").exists(), reason="no /usr/bin/python3"),
 ]
 
-ZIP = "usr/lib/python311.zip"
+PYTHON = os.path.realpath("/usr/bin/python3")  # the target the builder defaults to
+XY = os.path.basename(PYTHON).removeprefix("python")  # "3.11"
+ZIP = f"usr/lib/python{XY.replace('.', '')}.zip"
+DYNLOAD = f"usr/lib/python{XY}/lib-dynload"
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 
 
@@ -71,12 +74,12 @@ LIST_ORIGINS = (
 def test_the_stage_imports_in_the_image_with_nothing_outside_the_frozen_set(
     payload: Path,
 ) -> None:
-    proc = in_image(payload, "/usr/bin/python3.11", "-IS", "-c", LIST_ORIGINS)
+    proc = in_image(payload, PYTHON, "-IS", "-c", LIST_ORIGINS)
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr == ""  # no "could not find platform libraries" warning either
     for origin in proc.stdout.split():
         assert origin in ("None", "built-in", "frozen") or origin.startswith(
-            ("/usr/lib/python311.zip/", "/usr/lib/python3.11/lib-dynload/")
+            (f"/{ZIP}/", f"/{DYNLOAD}/")
         ), origin
 
 
@@ -88,7 +91,7 @@ def test_the_stage_fails_to_import_when_a_frozen_module_is_removed(payload: Path
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as new:
         for name, data in members.items():
             new.writestr(name, data)
-    proc = in_image(payload, "/usr/bin/python3.11", "-IS", "-c", LIST_ORIGINS)
+    proc = in_image(payload, PYTHON, "-IS", "-c", LIST_ORIGINS)
     assert proc.returncode != 0
     assert "No module named 'overlayroot.core.errors'" in proc.stderr
 
@@ -101,11 +104,11 @@ def test_init_runs_main_of_the_frozen_stage(tmp_path: Path, stand_in: Path) -> N
 
 def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
     init = (payload / "init").read_text().splitlines()
-    assert init[0] == "#!/usr/bin/python3.11 -IS"
+    assert init[0] == f"#!{PYTHON} -IS"
     console = (payload / "dev/console").lstat()
     assert stat.S_ISCHR(console.st_mode) and stat.S_IMODE(console.st_mode) == 0o600
     assert (os.major(console.st_rdev), os.minor(console.st_rdev)) == (5, 1)
-    for directory in ("proc", "sys", "run", "sysroot", "tmp", "usr/lib/python3.11/lib-dynload"):
+    for directory in ("proc", "sys", "run", "sysroot", "tmp", DYNLOAD):
         assert (payload / directory).is_dir()
     # The loader is where PT_INTERP says, through the same links as on the host.
     assert (payload / "lib64").is_symlink()
@@ -116,7 +119,7 @@ def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
     assert info["frozen_modules"] == len([n for n in frozen if n.endswith(".pyc")])
     assert {"overlayroot/boot/init.pyc", "overlayroot/boot/prepare.pyc",
             "json/__init__.pyc"} <= set(frozen)
-    assert info["python"] == "/usr/bin/python3.11"
+    assert info["python"] == PYTHON
     assert listed == [f"/lib/modules/{info['kernel_version']}/{p}"
                       for p in _relative(listed, info)]
     for path in listed:
@@ -163,7 +166,7 @@ def test_archive_unpacks_to_the_payload_tree(tmp_path: Path) -> None:
     assert result.entries == len(tree(payload))
     assert (unpacked / "init").stat().st_mtime == 1700000000
     assert (payload / "usr/lib").stat().st_mtime == 1700000000
-    assert in_image(unpacked, "/usr/bin/python3.11", "-IS", "-c", "import json").returncode == 0
+    assert in_image(unpacked, PYTHON, "-IS", "-c", "import json").returncode == 0
 
 
 def tree(root: Path) -> dict[str, tuple[int, object]]:

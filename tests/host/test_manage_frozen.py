@@ -16,7 +16,7 @@ from overlayroot.commands.deploy import deploy
 from overlayroot.core import bootstate, statefile
 from overlayroot.core.layout import StateLayout
 from qemu.rootfs import build_command_payload, make_test_root
-from tests.host.conftest import make_tree
+from tests.trees import make_tree
 
 
 @pytest.fixture(scope="module")

@@ -16,13 +16,14 @@ import pytest
 from overlayroot.commands import deploy, target
 from overlayroot.core import digest, layout, treecopy
 from overlayroot.core.errors import BootError
+from tests import trees
 
 EPOCH = 1_700_000_000
 
 
 def make_tree(root: Path) -> Path:
-    for name in layout.MOUNT_POINTS:
-        (root / name).mkdir(parents=True)
+    """The shared minimal tree (tests.trees), and what these tests look for."""
+    trees.make_tree(root)
     (root / "etc" / "hostname").write_text("test\n")
     (root / "usr" / "bin").mkdir(parents=True)
     tool = root / "usr" / "bin" / "tool"
@@ -111,7 +112,9 @@ def test_dir_deployment_is_laid_out_with_manifest_and_persistent_dirs(
     assert manifest.origin == str(tree)
     assert manifest.sha256 == digest.tree_sha256(where / "root")
     assert manifest.sha256 == digest.tree_sha256(tree)
-    assert manifest.size == len("test\n") + len("#!/bin/sh\necho hi\n")
+    # The bytes of its regular files: the hostname, the setuid tool, the seed and the init.
+    assert manifest.size == len("test\n") + len("#!/bin/sh\necho hi\n") + len(
+        "from the image\n") + len("#!/bin/sh\necho hello\n")
     for directory in (
         state.etc_upper("one"),
         state.etc_work("one"),

@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import zipfile
 from pathlib import Path
 
 import pytest
 
 from initrd import cli
+from initrd.build import SOURCE_ROOT
 from initrd.errors import BuildError
+from initrd.freeze import freeze
 
 needs_python = pytest.mark.skipif(
     not Path("/usr/bin/python3").exists(), reason="no /usr/bin/python3 target"
@@ -73,7 +77,10 @@ def test_json_reports_the_build(tmp_path: Path, capsys: pytest.CaptureFixture[st
     result = json.loads(capsys.readouterr().out)
     assert result["output"] == str(tmp_path / "img")
     assert result["size"] == (tmp_path / "img").stat().st_size
-    assert result["frozen_modules"] > 0 and result["kernel_version"] is None
+    frozen = freeze(Path("/usr/bin/python3"), SOURCE_ROOT)
+    in_zip = [n for n in zipfile.ZipFile(io.BytesIO(frozen.zip_data)).namelist()
+              if n.endswith(".pyc")]
+    assert result["frozen_modules"] == len(in_zip) and result["kernel_version"] is None
     assert result["kernel_modules"] == []
 
 
