@@ -13,7 +13,8 @@ console says why). The boot, step by step:
 3. **Try each candidate** until one is assembled:
 
    a. *take a try* and write it to disk before anything else, so a crash from here on counts
-      (not for a pinned boot; free for a known-good deployment);
+      (not for a deployment chosen with ``overlayroot.deployment=``; free for a known-good
+      deployment);
    b. *verify* the image against its manifest's digest until a check has passed, and record
       that it passed;
    c. *assemble* the root (:mod:`overlayroot.boot.assemble`).
@@ -149,14 +150,14 @@ def read_state(boot: Boot) -> None:
 
 def plan(boot: Boot) -> list[str]:
     """Step 2: the candidates, in order."""
-    pinned = boot.opts.deployment
-    if pinned is not None and pinned not in boot.state.entries:
+    chosen = boot.opts.deployment
+    if chosen is not None and chosen not in boot.state.entries:
         boot.console.warn(
-            f"deployment {pinned!r} (overlayroot.deployment=) is not on {boot.where}; booting"
+            f"deployment {chosen!r} (overlayroot.deployment=) is not on {boot.where}; booting"
             f" the usual candidates instead (deployments there:"
             f" {', '.join(sorted(boot.state.entries))})"
         )
-    return bootstate.plan(boot.state, pinned)
+    return bootstate.plan(boot.state, chosen)
 
 
 def attempt(boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: str | None,

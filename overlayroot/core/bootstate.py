@@ -184,19 +184,21 @@ def candidates(state: BootState) -> list[str]:
     return order
 
 
-def plan(state: BootState, pinned: str | None) -> list[str]:
-    """The candidates of this boot, in order: the deployment ``overlayroot.deployment=`` names
-    (when it is on disk; booted whatever its state), then :func:`candidates`."""
+def plan(state: BootState, chosen: str | None) -> list[str]:
+    """The candidates of this boot, in order: the deployment chosen on the kernel command line
+    (``overlayroot.deployment=``; when it is on disk, booted whatever its state), then
+    :func:`candidates`. (Not to be confused with ``Entry.pinned``: kept by gc.)"""
     order = candidates(state)
-    if pinned in state.entries:
-        order = [pinned, *(k for k in order if k != pinned)]
+    if chosen in state.entries:
+        order = [chosen, *(k for k in order if k != chosen)]
     return order
 
 
-def counts(deployment_id: str, pinned: str | None) -> bool:
-    """Whether booting ``deployment_id`` takes a try: every boot but a pinned one does (and a
-    successful deployment's try is free, see :func:`start_attempt`)."""
-    return deployment_id != pinned
+def counts(deployment_id: str, chosen: str | None) -> bool:
+    """Whether booting ``deployment_id`` takes a try: every boot but one of the deployment
+    chosen on the command line does (and a successful deployment's try is free, see
+    :func:`start_attempt`)."""
+    return deployment_id != chosen
 
 
 def needs_verification(entry: Entry) -> bool:

@@ -222,14 +222,14 @@ def test_used_up_trials_are_marked_bad_once_with_the_reason() -> None:
 
 
 @given(states, st.none() | ids)
-def test_the_plan_is_the_pin_then_the_candidates(state: BootState, pinned: str | None) -> None:
-    order = plan(state, pinned)
-    if pinned in state.entries:
-        assert order[0] == pinned and not counts(pinned, pinned)
-        assert order[1:] == [k for k in candidates(state) if k != pinned]
+def test_the_plan_is_the_chosen_one_then_the_candidates(state: BootState, chosen: str | None) -> None:
+    order = plan(state, chosen)
+    if chosen in state.entries:
+        assert order[0] == chosen and not counts(chosen, chosen)
+        assert order[1:] == [k for k in candidates(state) if k != chosen]
     else:
-        assert order == candidates(state)  # a pin that is not on disk changes nothing
-    assert all(counts(k, pinned) for k in order if k != pinned)
+        assert order == candidates(state)  # a choice that is not on disk changes nothing
+    assert all(counts(k, chosen) for k in order if k != chosen)
 
 
 @given(entries)
