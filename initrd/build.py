@@ -20,6 +20,7 @@ from initrd.errors import BuildError
 from initrd.freeze import DEFAULT_ENTRIES, Frozen, freeze
 from initrd.kmod import DEFAULT_MODULES, ModuleSet, decompress, resolve_modules
 from initrd.tree import Tree, TreeError, write_directory
+from overlayroot.core import files
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 STAGE_DIR = PurePosixPath("/usr/lib/overlayroot")
@@ -227,13 +228,11 @@ def _check_output(config: BuildConfig) -> None:
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
+    """The image, durably: a power cut while writing /boot/initrd.img leaves the old one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_bytes(data)
-        temporary.replace(path)
+        files.write_atomically(str(path), data)
     except OSError as e:
-        temporary.unlink(missing_ok=True)
         raise BuildError(f"{path}: cannot write the image ({e.strerror}); choose another -o") from e
 
 

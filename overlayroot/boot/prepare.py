@@ -41,7 +41,7 @@ import sys
 from overlayroot.boot.assemble import Booted, assemble
 from overlayroot.boot.cmdline import Options, parse_options
 from overlayroot.boot.console import Console, describe_bug
-from overlayroot.core import bootstate, digest, statefile, syscalls, watchdog
+from overlayroot.core import bootstate, digest, files, statefile, syscalls, watchdog
 from overlayroot.core.bootstate import BootState
 from overlayroot.core.errors import BootError
 from overlayroot.core.layout import Manifest, StateLayout
@@ -286,12 +286,8 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
 
 def write_booted(run_dir: str, data: dict[str, object]) -> None:
     """``<run_dir>/booted.json``: what the running system reads to learn what was booted."""
-    path = os.path.join(run_dir, BOOTED_FILE)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.rename(tmp, path)
+    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    files.write_atomically(os.path.join(run_dir, BOOTED_FILE), text.encode())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -222,7 +222,9 @@ def test_used_up_trials_are_marked_bad_once_with_the_reason() -> None:
 
 
 @given(states, st.none() | ids)
-def test_the_plan_is_the_chosen_one_then_the_candidates(state: BootState, chosen: str | None) -> None:
+def test_the_plan_is_the_chosen_one_then_the_candidates(
+    state: BootState, chosen: str | None
+) -> None:
     order = plan(state, chosen)
     if chosen in state.entries:
         assert order[0] == chosen and not counts(chosen, chosen)
