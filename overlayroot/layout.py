@@ -13,14 +13,12 @@ The boot stage imports this module, so it avoids ``dataclasses`` (which pulls in
 
 from __future__ import annotations
 
-import json
 import os
-import re
 from pathlib import Path
 
 from overlayroot import files
 from overlayroot.errors import BootError
-from overlayroot.safejson import parse_json
+from overlayroot.safejson import format_json, parse_json
 
 # Type-only imports: the boot stage must not pay for importing ``collections`` (or ``typing``).
 TYPE_CHECKING = False
@@ -31,12 +29,24 @@ TOP = "overlayroot"
 MANIFEST = "manifest.json"
 MANIFEST_LIMIT = 1 << 16
 FORMATS = {"erofs": "root.erofs", "squashfs": "root.squashfs", "dir": "root"}
-# Ids become directory names and appear on the kernel command line.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")  # \Z, not $: "v1\n" is no id
+# Ids become directory names and appear on the kernel command line: 1 to 64 of these, the first
+# a letter or digit.
+ID_MAX = 64
+_ID_PUNCTUATION = "._+-"
+
+
+def is_id(name: str) -> bool:
+    """Whether ``name`` is a deployment id (ASCII only: ``str.isalnum`` takes "é" and "٣")."""
+    return (
+        0 < len(name) <= ID_MAX
+        and name.isascii()
+        and name[0].isalnum()
+        and all(c.isalnum() or c in _ID_PUNCTUATION for c in name)
+    )
 
 
 def check_id(deployment_id: str) -> str:
-    if not ID_PATTERN.match(deployment_id):
+    if not is_id(deployment_id):
         raise BootError(
             f"invalid deployment id {deployment_id!r}: use 1-64 letters, digits, '.', '_', '+'"
             " or '-', starting with a letter or digit"
@@ -72,7 +82,7 @@ class Manifest:
         return {name: getattr(self, name) for name in self.__slots__}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return format_json(self.to_dict(), indent=2) + "\n"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Manifest) and self.to_dict() == other.to_dict()
@@ -164,7 +174,7 @@ class StateLayout:
             names = os.listdir(self.deployments)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if ID_PATTERN.match(n) and not n.startswith("."))
+        return sorted(n for n in names if is_id(n))
 
     def read_manifest(self, deployment_id: str) -> Manifest:
         path = self.deployment_dir(deployment_id) / MANIFEST

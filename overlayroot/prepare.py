@@ -33,7 +33,6 @@ boot with an error.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -44,6 +43,7 @@ from overlayroot.cmdline import Options, parse_options
 from overlayroot.console import Console, describe_bug
 from overlayroot.errors import BootError
 from overlayroot.layout import Manifest, StateLayout
+from overlayroot.safejson import format_json
 
 RUN_DIR = "/run/overlayroot"
 BOOTED_FILE = "booted.json"
@@ -287,8 +287,7 @@ def write_booted(run_dir: str, data: dict[str, object]) -> None:
     path = os.path.join(run_dir, BOOTED_FILE)
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True)
-        f.write("\n")
+        f.write(format_json(data, indent=2) + "\n")
     os.rename(tmp, path)
 
 

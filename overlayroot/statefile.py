@@ -12,7 +12,6 @@ a directory or a symlink where a file belongs is damage, not something to block 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 import time
@@ -21,7 +20,7 @@ from overlayroot import files
 from overlayroot.bootstate import BootState, StateError, rebuild, sync
 from overlayroot.errors import BootError
 from overlayroot.layout import StateLayout
-from overlayroot.safejson import parse_json
+from overlayroot.safejson import format_json, parse_json
 
 STATE = "boot.json"
 PREVIOUS = "boot.json.prev"
@@ -125,7 +124,7 @@ def append_history(
     history's place (a FIFO would block the boot) is set aside and a new history begun."""
     record = {"time": _now(), "event": event, "deployment": deployment, **fields}
     path = str(layout.top / HISTORY)
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    line = (format_json(record) + "\n").encode()
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     if not files.regular_or_missing(path):
         files.set_aside(path)

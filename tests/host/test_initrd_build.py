@@ -114,7 +114,8 @@ def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
     listed = (payload / "usr/lib/overlayroot/modules.list").read_text().splitlines()
     frozen = zipfile.ZipFile(payload / ZIP).namelist()
     assert info["frozen_modules"] == len([n for n in frozen if n.endswith(".pyc")])
-    assert {"overlayroot/init.pyc", "overlayroot/prepare.pyc", "json/__init__.pyc"} <= set(frozen)
+    assert {"overlayroot/init.pyc", "overlayroot/prepare.pyc", "encodings/__init__.pyc"} <= set(
+        frozen)
     assert info["python"] == "/usr/bin/python3.11"
     assert listed == [f"/lib/modules/{info['kernel_version']}/{p}"
                       for p in _relative(listed, info)]
@@ -217,7 +218,8 @@ def test_archive_unpacks_to_the_payload_tree(tmp_path: Path) -> None:
     assert result.entries == len(tree(payload))
     assert (unpacked / "init").stat().st_mtime == 1700000000
     assert (payload / "usr/lib").stat().st_mtime == 1700000000
-    assert in_image(unpacked, "/usr/bin/python3.11", "-IS", "-c", "import json").returncode == 0
+    imported = in_image(unpacked, "/usr/bin/python3.11", "-IS", "-c", "import overlayroot.safejson")
+    assert imported.returncode == 0, imported.stderr
 
 
 def tree(root: Path) -> dict[str, tuple[int, object]]:

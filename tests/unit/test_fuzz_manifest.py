@@ -4,17 +4,19 @@ file, whatever bytes it holds, and ``status`` and ``gc`` say so instead of a tra
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
 from overlayroot import cli, layout
 from overlayroot.bootstate import BootState, Entry
 from overlayroot.errors import BootError
-from overlayroot.layout import Manifest, StateLayout, check_id
+from overlayroot.layout import Manifest, StateLayout, check_id, is_id
 from overlayroot.statefile import save
 from tests import fuzzing
 from tests.unit.test_fuzz_state import DEEP, JSON_VALUES
@@ -160,6 +162,15 @@ def test_gc_warns_of_a_damaged_manifest(
 def test_check_id_refuses_what_is_not_an_id(deployment_id: str) -> None:
     with pytest.raises(BootError, match=r"^invalid deployment id .*: use 1-64 letters, digits"):
         check_id(deployment_id)
+
+
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")  # what an id is, as a regular expression
+
+
+@given(st.text(alphabet=st.sampled_from("aZ09._+-/\n é٣") | st.characters(), max_size=66)
+       | st.text(alphabet="ab1._", min_size=60, max_size=70))
+def test_an_id_is_what_the_pattern_says(name: str) -> None:
+    assert is_id(name) == bool(ID.fullmatch(name))
 
 
 def test_a_directory_named_with_a_trailing_newline_is_no_deployment(tmp_path: Path) -> None:
