@@ -14,7 +14,6 @@ The boot stage imports this module, so it avoids ``dataclasses`` (which pulls in
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from overlayroot import files
 from overlayroot.errors import BootError
@@ -94,7 +93,7 @@ class Manifest:
         return f"Manifest({self.to_dict()!r})"
 
     @classmethod
-    def from_json(cls, text: str, where: Path) -> Manifest:
+    def from_json(cls, text: str, where: str | os.PathLike[str]) -> Manifest:
         """The manifest in ``text``, read from ``where``; a BootError naming it for anything
         else."""
         try:
@@ -129,44 +128,58 @@ def _manifest_fields(data: object) -> dict[str, Any]:
 
 
 class StateLayout:
-    """Paths inside a state filesystem mounted at ``root``."""
+    """Paths inside a state filesystem mounted at ``root``, as ``str``: the boot stage does
+    without ``pathlib`` (which imports ``re``, ``fnmatch``, ``urllib.parse``, ``ipaddress``…)."""
 
     __slots__ = ("root",)
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
 
     @property
-    def top(self) -> Path:
-        return self.root / TOP
+    def top(self) -> str:
+        return os.path.join(self.root, TOP)
+
+    def file(self, name: str) -> str:
+        """A file of the whole state in ``top``: ``boot.json``, ``history.jsonl``, ``.lock``."""
+        return os.path.join(self.top, name)
 
     @property
-    def deployments(self) -> Path:
-        return self.top / "deployments"
+    def deployments(self) -> str:
+        return os.path.join(self.top, "deployments")
 
     @property
-    def var(self) -> Path:
-        return self.top / "var"
+    def etc(self) -> str:
+        """The parent of every deployment's ``/etc`` upper and work directories."""
+        return os.path.join(self.top, "etc")
 
     @property
-    def home(self) -> Path:
-        return self.top / "home"
+    def var(self) -> str:
+        return os.path.join(self.top, "var")
 
-    def deployment_dir(self, deployment_id: str) -> Path:
-        return self.deployments / check_id(deployment_id)
+    @property
+    def home(self) -> str:
+        return os.path.join(self.top, "home")
 
-    def etc_upper(self, deployment_id: str) -> Path:
-        return self.top / "etc" / check_id(deployment_id) / "upper"
+    def deployment_dir(self, deployment_id: str) -> str:
+        return os.path.join(self.deployments, check_id(deployment_id))
 
-    def etc_work(self, deployment_id: str) -> Path:
-        return self.top / "etc" / check_id(deployment_id) / "work"
+    def etc_dir(self, deployment_id: str) -> str:
+        """The ``upper`` and ``work`` of one deployment's ``/etc`` overlay."""
+        return os.path.join(self.etc, check_id(deployment_id))
 
-    def image_path(self, manifest: Manifest) -> Path:
-        return self.deployment_dir(manifest.id) / manifest.image
+    def etc_upper(self, deployment_id: str) -> str:
+        return os.path.join(self.etc_dir(deployment_id), "upper")
+
+    def etc_work(self, deployment_id: str) -> str:
+        return os.path.join(self.etc_dir(deployment_id), "work")
+
+    def image_path(self, manifest: Manifest) -> str:
+        return os.path.join(self.deployment_dir(manifest.id), manifest.image)
 
     def exists(self) -> bool:
         """Whether the state is here: real directories, not symlinks that lead elsewhere."""
-        return all(p.is_dir() and not p.is_symlink() for p in (self.top, self.deployments))
+        return all(os.path.isdir(p) and not os.path.islink(p) for p in (self.top, self.deployments))
 
     def deployment_ids(self) -> list[str]:
         """Staged deployments, sorted; half-staged directories (``.``-prefixed) are not ones."""
@@ -177,7 +190,7 @@ class StateLayout:
         return sorted(n for n in names if is_id(n))
 
     def read_manifest(self, deployment_id: str) -> Manifest:
-        path = self.deployment_dir(deployment_id) / MANIFEST
+        path = os.path.join(self.deployment_dir(deployment_id), MANIFEST)
         try:
             data = files.read_regular(path, MANIFEST_LIMIT)
         except FileNotFoundError:

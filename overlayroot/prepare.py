@@ -74,7 +74,7 @@ class Boot:
             return None
         except OSError as e:
             self.state = state
-            error = f"cannot write {self.layout.top / statefile.STATE}: {e.strerror}"
+            error = f"cannot write {self.layout.file(statefile.STATE)}: {e.strerror}"
             self.console.warn(f"{failure}: {error}")
             return error
 
@@ -83,7 +83,7 @@ class Boot:
             statefile.append_history(self.layout, event, deployment, **fields)
         except OSError as e:
             self.console.warn(f"cannot add to the boot history"
-                              f" {self.layout.top / statefile.HISTORY}: {e.strerror}")
+                              f" {self.layout.file(statefile.HISTORY)}: {e.strerror}")
 
     def report_repairs(self) -> None:
         """Say the repairs made since the last call: a set-aside is news even when the boot
@@ -208,7 +208,7 @@ def verify(layout: StateLayout, manifest: Manifest) -> None:
     """Step 3b: the image's sha256 against its manifest's."""
     if manifest.format == "dir":
         return  # a tree is checked by its mount points and init; hashing it costs a full walk
-    image = str(layout.image_path(manifest))
+    image = layout.image_path(manifest)
     try:
         actual = digest.file_sha256(image)
     except OSError as e:
