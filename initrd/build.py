@@ -27,6 +27,9 @@ STAGE_DIR = PurePosixPath("/usr/lib/overlayroot")
 EMPTY_DIRS = ("/dev", "/proc", "/sys", "/run", "/sysroot", "/tmp")
 PREPARE_ENTRY = "overlayroot.boot.prepare"
 PREPARE_SCRIPT = STAGE_DIR / "prepare"
+HASH_SEED = bytes(64)
+"""What Python reads as its hash seed when the kernel has no random bytes yet: zeros, more than
+the 24 bytes it reads."""
 
 
 class Compression(StrEnum):
@@ -127,9 +130,12 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
     for directory in EMPTY_DIRS:
         tree.mkdir(directory)
     tree.add_char_device("/dev/console", 5, 1, 0o600)
-    # Python seeds its hash randomisation before /init can mount devtmpfs; when getrandom()
-    # would block that early in boot it falls back to /dev/urandom, and dies without one.
-    tree.add_char_device("/dev/urandom", 1, 9, 0o666)
+    # Python seeds its str hash at start, before /init mounts devtmpfs: with getrandom() when
+    # the kernel's random pool is ready, else from /dev/urandom, and it dies when that cannot be
+    # read. The device would wait for the pool (Linux >= 5.18: about a second on a CPU without
+    # RDRAND, as QEMU's default one); this file answers at once with Python's fixed seed (that
+    # of PYTHONHASHSEED=0, which -I does not let the environment set). devtmpfs hides it.
+    tree.add_file("/dev/urandom", HASH_SEED, 0o444)
     tree.add_char_device("/dev/null", 1, 3, 0o666)
 
     extension_sources = {PurePosixPath(e.source) for e in frozen.extensions}

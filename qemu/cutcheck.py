@@ -289,7 +289,7 @@ class Checker:
                 return  # not bootable as it stands: the half-staged check says so
             if manifest.format == "dir":
                 return  # a tree is checked by its mount points and init, not a digest
-            image = layout.image_path(manifest)
+            image = Path(layout.image_path(manifest))
             with image.open("r+b") as f:
                 f.seek(max(0, image.stat().st_size // 2 - DAMAGE // 2))
                 f.write(b"\xff" * DAMAGE)
@@ -417,7 +417,7 @@ def journal_losses(layout: StateLayout) -> tuple[int, list[str]]:
     """Bytes of journalled, fsynced data that a cut lost, and what is wrong."""
     lost, found = 0, []
     for area in DATA_AREAS:
-        directory = layout.top / area / "pcut"
+        directory = Path(layout.top, area, "pcut")
         journal = _read(directory / "journal")
         if journal is None:
             continue

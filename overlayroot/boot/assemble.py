@@ -99,7 +99,7 @@ def assemble(
         syscalls.mount(None, state, None, syscalls.MS_REMOUNT | syscalls.MS_BIND
                        | syscalls.MS_NOSUID | syscalls.MS_NODEV)
         layout = StateLayout(state)
-        image = str(layout.image_path(manifest))
+        image = layout.image_path(manifest)
         loop_path = _mount_lower(manifest, image, sysroot)
         undo.append(("umount", sysroot))
         _check_lower(sysroot, manifest)
@@ -247,12 +247,12 @@ def _mount_etc(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
     etc = os.path.join(root, "etc")
     mounted = []
     if mode == "persistent":
-        upper, work = str(layout.etc_upper(manifest.id)), str(layout.etc_work(manifest.id))
+        upper, work = layout.etc_upper(manifest.id), layout.etc_work(manifest.id)
         if os.statvfs(layout.top).f_flag & os.ST_RDONLY:
             return _transient_instead(root, run_dir, layout, manifest, upper,
                                       os.strerror(errno.EROFS), repairs)
         try:
-            for directory in (str(layout.top / "etc"), os.path.dirname(upper), upper, work):
+            for directory in (layout.etc, os.path.dirname(upper), upper, work):
                 _ensure_dir(directory, repairs)
         except OSError as e:
             if e.errno != errno.EROFS:
@@ -300,7 +300,7 @@ def _ensure_dir(path: str, repairs: list[str]) -> None:
 
 def _bind_persistent(layout: StateLayout, name: str, target: str, repairs: list[str]) -> None:
     """The state's ``var`` or ``home`` on ``target``, seeded from the image when empty."""
-    source = str(layout.top / name)
+    source = os.path.join(layout.top, name)
     try:
         _ensure_dir(source, repairs)
     except OSError as e:

@@ -5,8 +5,6 @@ Pure functions, no I/O: ``parse_options(open("/proc/cmdline").read())`` is the w
 
 from __future__ import annotations
 
-import re
-
 from overlayroot.core.errors import BootError
 from overlayroot.core.layout import check_id
 
@@ -22,9 +20,6 @@ MAX_TRIES = 100
 PREFIX = "overlayroot."
 KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries", "watchdog")
 _WHITESPACE = " \t\n\v\f\r"
-# ASCII only: Python's int() and float() also take "٣", "1_0", " 3", "+3", "1e3" and "inf".
-_WHOLE = re.compile(r"[0-9]+")
-_DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
 
 
 class CmdlineError(BootError):
@@ -223,7 +218,7 @@ def _number(
     key: str, value: str | None, low: float, high: float, *, integer: bool = False
 ) -> float:
     text = _required(key, value)
-    if not (_WHOLE if integer else _DECIMAL).fullmatch(text):
+    if not (_digits(text) if integer else _decimal(text)):
         kind = ("a whole number (ASCII digits only)" if integer
                 else "a number of seconds (ASCII digits, with one '.' at most, as in 2.5)")
         raise CmdlineError(f"{key}={text} is not {kind}")
@@ -234,6 +229,18 @@ def _number(
     if not low <= number <= high:
         raise CmdlineError(f"{key}={text} is out of range ({low:g} to {high:g})")
     return number
+
+
+def _digits(text: str) -> bool:
+    """One or more ASCII digits and nothing else: Python's int() and float() also take "٣",
+    "1_0", " 3", "+3", "1e3" and "inf"."""
+    return text.isascii() and text.isdigit()
+
+
+def _decimal(text: str) -> bool:
+    """ASCII digits with at most one '.' between digits, as in 2.5."""
+    whole, dot, fraction = text.partition(".")
+    return _digits(whole) and (not dot or _digits(fraction))
 
 
 _TRUE = ("1", "on", "yes", "true", "enable", "enabled")

@@ -34,7 +34,6 @@ boot with an error.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -45,6 +44,7 @@ from overlayroot.core import bootstate, digest, files, statefile, syscalls, watc
 from overlayroot.core.bootstate import BootState
 from overlayroot.core.errors import BootError
 from overlayroot.core.layout import Manifest, StateLayout
+from overlayroot.core.safejson import format_json
 from overlayroot.core.statefile import Event
 
 RUN_DIR = "/run/overlayroot"
@@ -76,7 +76,7 @@ class Boot:
             return None
         except OSError as e:
             self.state = state
-            error = f"cannot write {self.layout.top / statefile.STATE}: {e.strerror}"
+            error = f"cannot write {self.layout.file(statefile.STATE)}: {e.strerror}"
             self.console.warn(f"{failure}: {error}")
             return error
 
@@ -85,7 +85,7 @@ class Boot:
             statefile.append_history(self.layout, event, deployment, **fields)
         except OSError as e:
             self.console.warn(f"cannot add to the boot history"
-                              f" {self.layout.top / statefile.HISTORY}: {e.strerror}")
+                              f" {self.layout.file(statefile.HISTORY)}: {e.strerror}")
 
     def report_repairs(self) -> None:
         """Say the repairs made since the last call: a set-aside is news even when the boot
@@ -210,7 +210,7 @@ def verify(layout: StateLayout, manifest: Manifest) -> None:
     """Step 3b: the image's sha256 against its manifest's."""
     if manifest.format == "dir":
         return  # a tree is checked by its mount points and init; hashing it costs a full walk
-    image = str(layout.image_path(manifest))
+    image = layout.image_path(manifest)
     try:
         actual = digest.file_sha256(image)
     except OSError as e:
@@ -286,7 +286,7 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
 
 def write_booted(run_dir: str, data: dict[str, object]) -> None:
     """``<run_dir>/booted.json``: what the running system reads to learn what was booted."""
-    text = json.dumps(data, indent=2, sort_keys=True) + "\n"
+    text = format_json(data, indent=2) + "\n"
     files.write_atomically(os.path.join(run_dir, BOOTED_FILE), text.encode())
 
 

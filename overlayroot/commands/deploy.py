@@ -79,13 +79,13 @@ def run(args: argparse.Namespace) -> int:
         target.require_root("overlayroot deploy", where)
     etc_from = None
     if where.booted_id is not None:
-        etc_from = where.layout.etc_upper(where.booted_id)
+        etc_from = Path(where.layout.etc_upper(where.booted_id))
         if not etc_from.is_dir():
             print(f"overlayroot: warning: the booted deployment has no /etc upper at {etc_from}:"
                   " the new deployment starts with the image's /etc", file=sys.stderr)
             etc_from = None
     manifest, final = deploy(
-        where.layout.root,
+        Path(where.layout.root),
         Path(args.source),
         deployment_id=args.deployment_id,
         fmt=args.format,
@@ -270,18 +270,18 @@ def deploy(
 
     state = layout.StateLayout(sysroot)
     with converting_os_errors(f"preparing {state.top}"):
-        for directory in (state.deployments, state.var, state.home,
+        for directory in (Path(state.deployments), Path(state.var), Path(state.home),
                           *(sysroot / name for name in ROOT_LOOKALIKE)):
             make_dir(directory)
     with target.locked(state):
-        final = state.deployment_dir(deployment_id)
+        final = Path(state.deployment_dir(deployment_id))
         if os.path.lexists(final):
             raise BootError(
                 f"deployment {deployment_id!r} already exists at {final}: choose another --id"
                 " or remove it first"
             )
-        staging = state.deployments / f".staging-{deployment_id}"
-        etc_staging = state.top / "etc" / f".staging-{deployment_id}"
+        staging = Path(state.deployments, f".staging-{deployment_id}")
+        etc_staging = Path(state.etc, f".staging-{deployment_id}")
         for leftover in (staging, etc_staging):
             if os.path.lexists(leftover):
                 progress.note(f"removing {leftover}, left over by an interrupted deploy")
@@ -322,9 +322,9 @@ def deploy(
 def make_etc(state: layout.StateLayout, deployment_id: str) -> None:
     with converting_os_errors(f"creating the /etc upper of {deployment_id}"):
         for directory in (state.etc_upper(deployment_id), state.etc_work(deployment_id)):
-            make_dir(directory)
-        files.fsync_dir(state.top / "etc" / deployment_id)
-        files.fsync_dir(state.top / "etc")
+            make_dir(Path(directory))
+        files.fsync_dir(state.etc_dir(deployment_id))
+        files.fsync_dir(state.etc)
 
 
 def carry_etc(
@@ -337,7 +337,7 @@ def carry_etc(
     """``etc/<id>/`` from a copy of ``upper``. Whiteouts (0:0 character devices) and opaque
     directories (the ``trusted.overlay.opaque`` xattr) are copied like any file, so what was
     deleted or replaced in /etc stays so."""
-    etc_dir = state.top / "etc" / deployment_id
+    etc_dir = state.etc_dir(deployment_id)
     with converting_os_errors(f"copying the /etc upper {upper} for {deployment_id}"):
         make_dir(staging)
         copy_tree(upper, staging / "upper", mtime=None, progress=progress)
@@ -349,7 +349,7 @@ def carry_etc(
             progress.note(f"replacing {etc_dir}, left over by an interrupted deploy")
             shutil.rmtree(etc_dir)
         os.rename(staging, etc_dir)
-        files.fsync_dir(state.top / "etc")
+        files.fsync_dir(state.etc)
 
 
 def register(
@@ -360,7 +360,7 @@ def register(
     current, notes = statefile.load(state)
     for note in notes:
         progress.note(f"warning: {note}")
-    with converting_os_errors(f"registering {deployment_id} in {state.top / statefile.STATE}"):
+    with converting_os_errors(f"registering {deployment_id} in {state.file(statefile.STATE)}"):
         return statefile.save(state, bootstate.add(current, deployment_id,
                                                    known_good=known_good))
 

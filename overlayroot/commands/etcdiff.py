@@ -134,7 +134,7 @@ def enter_private_mount_namespace() -> None:
 @contextlib.contextmanager
 def image_etc(layout: StateLayout, manifest: Manifest) -> Iterator[str]:
     """The deployment's image's own /etc, for as long as the context lasts."""
-    image = str(layout.image_path(manifest))
+    image = layout.image_path(manifest)
     if manifest.format == "dir":
         yield os.path.join(image, "etc")
         return
@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
     upper = layout.etc_upper(deployment_id)
     manifest = layout.read_manifest(deployment_id)
     try:
-        if not upper.is_dir():
+        if not os.path.isdir(upper):
             changes: dict[str, list[str]] = {kind: [] for kind in KINDS}
         else:
             with image_etc(layout, manifest) as lower:

@@ -179,13 +179,13 @@ def run_gc(args: argparse.Namespace) -> int:
         # boot stage and bootstate.sync), so a crash from here on cannot boot half of it.
         hidden: list[str] = []
         for k in going:
-            away = layout.deployments / f".removing-{k}"
+            away = os.path.join(layout.deployments, f".removing-{k}")
             try:
                 os.rename(layout.deployment_dir(k), away)
             except OSError as e:
                 raise BootError(f"cannot remove {layout.deployment_dir(k)}: {e.strerror}"
                                 f"{target.advice(e.errno)}") from None
-            hidden.append(str(away))
+            hidden.append(away)
         if going:
             files.fsync_dir(layout.deployments)
         new = state
@@ -195,7 +195,7 @@ def run_gc(args: argparse.Namespace) -> int:
         for path in [*hidden, *leftovers]:
             shutil.rmtree(path, ignore_errors=True)
         for k in going:
-            shutil.rmtree(layout.top / "etc" / k, ignore_errors=True)
+            shutil.rmtree(layout.etc_dir(k), ignore_errors=True)
             print(f"removed {k}")
         for path in leftovers:
             print(f"removed {path}, left by an interrupted command")
@@ -219,11 +219,11 @@ def _leftovers(where: target.Target) -> list[str]:
     for a deployment still to come."""
     layout = where.layout
     found = []
-    for parent in (layout.deployments, layout.top / "etc"):
+    for parent in (layout.deployments, layout.etc):
         try:
             names = os.listdir(parent)
         except FileNotFoundError:
             continue
-        found += [str(parent / name) for name in sorted(names)
+        found += [os.path.join(parent, name) for name in sorted(names)
                   if name.startswith((".staging-", ".removing-"))]
     return found

@@ -85,7 +85,7 @@ class Target:
             return statefile.save(self.layout, state)
         except OSError as e:
             raise BootError(
-                f"cannot write {self.layout.top / statefile.STATE}: {e.strerror}; nothing was"
+                f"cannot write {self.layout.file(statefile.STATE)}: {e.strerror}; nothing was"
                 f" changed{advice(e.errno)}"
             ) from None
 
@@ -96,7 +96,7 @@ class Target:
             statefile.append_history(self.layout, event, deployment, **fields)
         except OSError as e:
             print(f"overlayroot: warning: cannot add to the boot history"
-                  f" {self.layout.top / statefile.HISTORY}: {e.strerror}", file=sys.stderr)
+                  f" {self.layout.file(statefile.HISTORY)}: {e.strerror}", file=sys.stderr)
 
 
 def advice(code: int | None, *, again: str = "try again", root: str = "run as root",
@@ -157,7 +157,7 @@ def locked(layout: StateLayout, wait: float | None = None) -> Iterator[None]:
     The file is root's alone (0600): ``flock`` works on a descriptor opened read-only, so a
     lock file others can open is one any user could hold to block every bless. It names its
     holder while held, and nothing once released."""
-    path = layout.top / LOCK
+    path = layout.file(LOCK)
     try:
         if not files.regular_or_missing(path):
             moved = files.set_aside(path)  # a lock is a plain file, nothing else

@@ -9,7 +9,7 @@ from __future__ import annotations
 import binascii
 import codecs
 import io
-import struct
+from _struct import Struct  # what struct.Struct is, without the struct module
 
 # (fstype, superblock offset, magic offset in it, magic, uuid (offset, length) or None,
 #  label (offset, length, encoding) or None)
@@ -25,9 +25,9 @@ PROBE_BYTES = 0x10000 + 0x1000  # enough for every superblock above (btrfs is th
 
 GPT_SIGNATURE = b"EFI PART"
 # struct gpt_header, up to the fields we use (UEFI spec 2.10 §5.3.2).
-GPT_HEADER = struct.Struct("<8s4sII4xQQQQ16sQIII")
+GPT_HEADER = Struct("<8s4sII4xQQQQ16sQIII")
 # struct gpt_entry (UEFI spec §5.3.3).
-GPT_ENTRY = struct.Struct("<16s16sQQQ72s")
+GPT_ENTRY = Struct("<16s16sQQQ72s")
 MAX_GPT_ENTRIES = 1024
 
 

@@ -27,9 +27,8 @@ Every function returns a new state; none modifies its argument.
 from __future__ import annotations
 
 import binascii
-import json
 
-from overlayroot.core.safejson import parse_json
+from overlayroot.core.safejson import format_json, parse_json
 
 FORMAT = 1
 
@@ -123,7 +122,7 @@ class BootState:
             "once": self.once,
             "deployments": {k: self.entries[k].to_dict() for k in sorted(self.entries)},
         }
-        text = json.dumps(body, indent=2, sort_keys=True)
+        text = format_json(body, indent=2)
         # The checksum covers the exact text before it, so a torn or bit-flipped file is caught
         # even when what is left still parses as JSON.
         return f'{text[:-2]},\n  "crc32": "{binascii.crc32(text.encode()):08x}"\n}}\n'
@@ -137,7 +136,7 @@ class BootState:
         if not isinstance(data, dict):
             raise StateError("not a JSON object")
         crc = data.pop("crc32", None)
-        body = json.dumps(data, indent=2, sort_keys=True)
+        body = format_json(data, indent=2)
         if crc != f"{binascii.crc32(body.encode()):08x}":
             raise StateError("checksum mismatch (torn or damaged write)")
         if data.get("format") != FORMAT:

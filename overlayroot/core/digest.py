@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import os
 import stat
+import sys
 
 from overlayroot.core import files
 
-try:
+# Asked by version, not by trying: a failed import searches every sys.path entry.
+if sys.version_info >= (3, 12):
     from _sha2 import sha256  # type: ignore[import-not-found]
-except ImportError:
-    from _sha256 import sha256  # type: ignore[import-not-found,no-redef,unused-ignore]
+else:
+    from _sha256 import sha256  # type: ignore[import-not-found,unused-ignore]
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

@@ -13,14 +13,11 @@ The boot stage imports this module, so it avoids ``dataclasses`` (which pulls in
 
 from __future__ import annotations
 
-import json
 import os
-import re
-from pathlib import Path
 
 from overlayroot.core import files
 from overlayroot.core.errors import BootError
-from overlayroot.core.safejson import parse_json
+from overlayroot.core.safejson import format_json, parse_json
 
 # Type-only imports: the boot stage must not pay for importing ``collections`` (or ``typing``).
 TYPE_CHECKING = False
@@ -66,12 +63,24 @@ FORMATS = {
 # without them; the stage refuses to switch to one.
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev")
 IMAGE_FORMATS = tuple(name for name, f in FORMATS.items() if f.fstype)  # made with a mkfs
-# Ids become directory names and appear on the kernel command line.
-ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")  # \Z, not $: "v1\n" is no id
+# Ids become directory names and appear on the kernel command line: 1 to 64 of these, the first
+# a letter or digit.
+ID_MAX = 64
+_ID_PUNCTUATION = "._+-"
+
+
+def is_id(name: str) -> bool:
+    """Whether ``name`` is a deployment id (ASCII only: ``str.isalnum`` takes "é" and "٣")."""
+    return (
+        0 < len(name) <= ID_MAX
+        and name.isascii()
+        and name[0].isalnum()
+        and all(c.isalnum() or c in _ID_PUNCTUATION for c in name)
+    )
 
 
 def check_id(deployment_id: str) -> str:
-    if not ID_PATTERN.match(deployment_id):
+    if not is_id(deployment_id):
         raise BootError(
             f"invalid deployment id {deployment_id!r}: use 1-64 letters, digits, '.', '_', '+'"
             " or '-', starting with a letter or digit"
@@ -107,7 +116,7 @@ class Manifest:
         return {name: getattr(self, name) for name in self.__slots__}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return format_json(self.to_dict(), indent=2) + "\n"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Manifest) and self.to_dict() == other.to_dict()
@@ -119,7 +128,7 @@ class Manifest:
         return f"Manifest({self.to_dict()!r})"
 
     @classmethod
-    def from_json(cls, text: str, where: Path) -> Manifest:
+    def from_json(cls, text: str, where: str | os.PathLike[str]) -> Manifest:
         """The manifest in ``text``, read from ``where``; a BootError naming it for anything
         else."""
         try:
@@ -155,44 +164,58 @@ def _manifest_fields(data: object) -> dict[str, Any]:
 
 
 class StateLayout:
-    """Paths inside a state filesystem mounted at ``root``."""
+    """Paths inside a state filesystem mounted at ``root``, as ``str``: the boot stage does
+    without ``pathlib`` (which imports ``re``, ``fnmatch``, ``urllib.parse``, ``ipaddress``…)."""
 
     __slots__ = ("root",)
 
-    def __init__(self, root: Path | str) -> None:
-        self.root = Path(root)
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = os.fspath(root)
 
     @property
-    def top(self) -> Path:
-        return self.root / TOP
+    def top(self) -> str:
+        return os.path.join(self.root, TOP)
+
+    def file(self, name: str) -> str:
+        """A file of the whole state in ``top``: ``boot.json``, ``history.jsonl``, ``.lock``."""
+        return os.path.join(self.top, name)
 
     @property
-    def deployments(self) -> Path:
-        return self.top / "deployments"
+    def deployments(self) -> str:
+        return os.path.join(self.top, "deployments")
 
     @property
-    def var(self) -> Path:
-        return self.top / "var"
+    def etc(self) -> str:
+        """The parent of every deployment's ``/etc`` upper and work directories."""
+        return os.path.join(self.top, "etc")
 
     @property
-    def home(self) -> Path:
-        return self.top / "home"
+    def var(self) -> str:
+        return os.path.join(self.top, "var")
 
-    def deployment_dir(self, deployment_id: str) -> Path:
-        return self.deployments / check_id(deployment_id)
+    @property
+    def home(self) -> str:
+        return os.path.join(self.top, "home")
 
-    def etc_upper(self, deployment_id: str) -> Path:
-        return self.top / "etc" / check_id(deployment_id) / "upper"
+    def deployment_dir(self, deployment_id: str) -> str:
+        return os.path.join(self.deployments, check_id(deployment_id))
 
-    def etc_work(self, deployment_id: str) -> Path:
-        return self.top / "etc" / check_id(deployment_id) / "work"
+    def etc_dir(self, deployment_id: str) -> str:
+        """The ``upper`` and ``work`` of one deployment's ``/etc`` overlay."""
+        return os.path.join(self.etc, check_id(deployment_id))
 
-    def image_path(self, manifest: Manifest) -> Path:
-        return self.deployment_dir(manifest.id) / manifest.image
+    def etc_upper(self, deployment_id: str) -> str:
+        return os.path.join(self.etc_dir(deployment_id), "upper")
+
+    def etc_work(self, deployment_id: str) -> str:
+        return os.path.join(self.etc_dir(deployment_id), "work")
+
+    def image_path(self, manifest: Manifest) -> str:
+        return os.path.join(self.deployment_dir(manifest.id), manifest.image)
 
     def exists(self) -> bool:
         """Whether the state is here: real directories, not symlinks that lead elsewhere."""
-        return all(p.is_dir() and not p.is_symlink() for p in (self.top, self.deployments))
+        return all(os.path.isdir(p) and not os.path.islink(p) for p in (self.top, self.deployments))
 
     def deployment_ids(self) -> list[str]:
         """Staged deployments, sorted; half-staged directories (``.``-prefixed) are not ones."""
@@ -200,10 +223,10 @@ class StateLayout:
             names = os.listdir(self.deployments)
         except FileNotFoundError:
             return []
-        return sorted(n for n in names if ID_PATTERN.match(n) and not n.startswith("."))
+        return sorted(n for n in names if is_id(n))
 
     def read_manifest(self, deployment_id: str) -> Manifest:
-        path = self.deployment_dir(deployment_id) / MANIFEST
+        path = os.path.join(self.deployment_dir(deployment_id), MANIFEST)
         try:
             data = files.read_regular(path, MANIFEST_LIMIT)
         except FileNotFoundError:

@@ -12,7 +12,6 @@ a directory or a symlink where a file belongs is damage, not something to block 
 from __future__ import annotations
 
 import errno
-import json
 import os
 import stat
 import time
@@ -21,7 +20,7 @@ from overlayroot.core import files
 from overlayroot.core.bootstate import BootState, StateError, rebuild, sync
 from overlayroot.core.errors import BootError
 from overlayroot.core.layout import StateLayout
-from overlayroot.core.safejson import parse_json
+from overlayroot.core.safejson import format_json, parse_json
 
 STATE = "boot.json"
 PREVIOUS = "boot.json.prev"
@@ -44,7 +43,7 @@ def parses(data: bytes) -> bool:
 def save(layout: StateLayout, state: BootState) -> BootState:
     """Write ``state`` as the next generation; returns what was written. Raises OSError."""
     written = BootState(state.entries, state.generation + 1, state.once)
-    path, previous = str(layout.top / STATE), str(layout.top / PREVIOUS)
+    path, previous = layout.file(STATE), layout.file(PREVIOUS)
     files.write_atomically(path, written.to_json().encode(), keep_previous=previous,
                            previous_ok=parses)
     return written
@@ -67,7 +66,7 @@ def load(layout: StateLayout) -> tuple[BootState, list[str]]:
     state = None
     problem = first_problem = "missing"
     for name in (STATE, PREVIOUS):
-        path = layout.top / name
+        path = layout.file(name)
         try:
             state = read_state(path)
             if name == PREVIOUS:
@@ -93,7 +92,7 @@ def load(layout: StateLayout) -> tuple[BootState, list[str]]:
             except BootError:  # a damaged manifest must not stop the rebuild
                 created.append((deployment_id, ""))
         state = rebuild(created, blessed, bad)
-        had_state = bool(notes) or os.path.exists(layout.top / HISTORY)
+        had_state = bool(notes) or os.path.exists(layout.file(HISTORY))
         if had_state and present:
             notes.append(f"rebuilt the boot state from the {len(present)} deployments on disk"
                          f" and the boot history ({len(blessed)} known good)")
@@ -139,8 +138,8 @@ def append_history(
     would be lost); the boot stage runs alone. Something other than a regular file in the
     history's place (a FIFO would block the boot) is set aside and a new history begun."""
     record = {"time": _now(), "event": event, "deployment": deployment, **fields}
-    path = str(layout.top / HISTORY)
-    line = (json.dumps(record, sort_keys=True) + "\n").encode()
+    path = layout.file(HISTORY)
+    line = (format_json(record) + "\n").encode()
     flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     if not files.regular_or_missing(path):
         files.set_aside(path)
@@ -166,7 +165,7 @@ def _trim_history(path: str) -> None:
 def read_history(layout: StateLayout) -> list[dict[str, object]]:
     """Every readable line; a torn last line (power cut mid-append) is skipped."""
     try:
-        raw = files.read_regular(layout.top / HISTORY, HISTORY_LIMIT)
+        raw = files.read_regular(layout.file(HISTORY), HISTORY_LIMIT)
     except OSError:
         return []
     events = []

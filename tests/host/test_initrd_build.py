@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
+import platform
 import shutil
 import stat
 import subprocess
@@ -118,7 +121,7 @@ def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
     frozen = zipfile.ZipFile(payload / ZIP).namelist()
     assert info["frozen_modules"] == len([n for n in frozen if n.endswith(".pyc")])
     assert {"overlayroot/boot/init.pyc", "overlayroot/boot/prepare.pyc",
-            "json/__init__.pyc"} <= set(frozen)
+            "encodings/__init__.pyc"} <= set(frozen)
     assert info["python"] == PYTHON
     assert listed == [f"/lib/modules/{info['kernel_version']}/{p}"
                       for p in _relative(listed, info)]
@@ -126,6 +129,61 @@ def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
         assert (payload / path.lstrip("/")).resolve().is_relative_to(payload)
         assert (payload / path.lstrip("/")).read_bytes()[:4] == b"\x7fELF"
     assert {"virtio_pci", "erofs", "softdog"} <= set(info["modules"])
+
+
+# A seccomp filter that makes getrandom(2) fail with EAGAIN, as it does early in a boot when the
+# kernel's random pool is not ready yet: then Python reads /dev/urandom for its hash seed.
+_AUDIT_ARCH_X86_64 = 0xC000003E
+_SYS_GETRANDOM_X86_64 = 318
+_FILTER = (  # (code, jt, jf, k): struct sock_filter
+    (0x20, 0, 0, 4),  # load seccomp_data.arch
+    (0x15, 0, 3, _AUDIT_ARCH_X86_64),  # not x86-64: allow
+    (0x20, 0, 0, 0),  # load seccomp_data.nr
+    (0x15, 0, 1, _SYS_GETRANDOM_X86_64),
+    (0x06, 0, 0, 0x00050000 | errno.EAGAIN),  # SECCOMP_RET_ERRNO
+    (0x06, 0, 0, 0x7FFF0000),  # SECCOMP_RET_ALLOW
+)
+
+
+def _getrandom_not_ready() -> None:
+    """preexec_fn: from here on, getrandom() answers EAGAIN."""
+
+    class SockFilter(ctypes.Structure):
+        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
+                    ("k", ctypes.c_uint)]
+
+    class SockFprog(ctypes.Structure):
+        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    program = (SockFilter * len(_FILTER))(*(SockFilter(*f) for f in _FILTER))
+    fprog = SockFprog(len(_FILTER), program)
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+        raise OSError(ctypes.get_errno(), "PR_SET_NO_NEW_PRIVS")
+    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, FILTER
+        raise OSError(ctypes.get_errno(), "PR_SET_SECCOMP")
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the filter knows x86-64 only")
+def test_python_takes_its_hash_seed_from_the_image_when_the_kernel_has_no_random_bytes(
+    payload: Path,
+) -> None:
+    seed = (payload / "dev/urandom").lstat()
+    assert stat.S_ISREG(seed.st_mode) and (payload / "dev/urandom").read_bytes() == bytes(64)
+    show_hash = ["-IS", "-c", "print(hash('overlayroot'))"]
+    zero_seed = subprocess.run(
+        ["/usr/bin/python3.11", *show_hash[1:]], capture_output=True, text=True, check=True,
+        env={"PYTHONHASHSEED": "0"},
+    ).stdout
+    early = subprocess.run(
+        [CHROOT, str(payload), "/usr/bin/python3.11", *show_hash], capture_output=True,
+        text=True, env={}, preexec_fn=_getrandom_not_ready, check=False,
+    )
+    # Started at once, seeded from the file: the hash of PYTHONHASHSEED=0.
+    assert (early.returncode, early.stderr, early.stdout) == (0, "", zero_seed)
+    # With the kernel's random bytes at hand, the file is not read: a random seed.
+    later = {in_image(payload, "/usr/bin/python3.11", *show_hash).stdout for _ in range(3)}
+    assert zero_seed not in later and len(later) > 1
 
 
 def _relative(listed: list[str], info: dict[str, object]) -> list[str]:
@@ -166,7 +224,8 @@ def test_archive_unpacks_to_the_payload_tree(tmp_path: Path) -> None:
     assert result.entries == len(tree(payload))
     assert (unpacked / "init").stat().st_mtime == 1700000000
     assert (payload / "usr/lib").stat().st_mtime == 1700000000
-    assert in_image(unpacked, PYTHON, "-IS", "-c", "import json").returncode == 0
+    imported = in_image(unpacked, PYTHON, "-IS", "-c", "import overlayroot.core.safejson")
+    assert imported.returncode == 0, imported.stderr
 
 
 def tree(root: Path) -> dict[str, tuple[int, object]]:

@@ -145,7 +145,7 @@ def test_deploy_carries_etc_changes_forward_whiteouts_and_opaque_dirs_included(
 
     out = system.ok("deploy", str(system.tree("v2")), "--id", "v2")
     assert "v2 is the default now, on trial: it boots next; /etc carried forward from v1" in out
-    upper = system.state.etc_upper("v2")
+    upper = Path(system.state.etc_upper("v2"))
     whiteout = os.lstat(upper / "motd")
     assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
     assert os.getxattr(upper / "skel", "trusted.overlay.opaque") == b"y"
@@ -192,7 +192,7 @@ def test_deploy_on_a_full_disk_leaves_nothing_half_staged(
     assert "free space on the state filesystem and deploy again" in err
     layout = system.state
     assert os.listdir(layout.deployments) == ["v1"]
-    assert sorted(os.listdir(layout.top / "etc")) == ["v1"]
+    assert sorted(os.listdir(Path(layout.top) / "etc")) == ["v1"]
     state, notes = statefile.load(layout)
     assert (state.generation, notes, bootstate.default(state)) == (generation, [], "v1")
 

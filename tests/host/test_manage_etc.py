@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -58,7 +59,7 @@ def test_etc_diff_of_the_booted_deployment(system: System, fmt: str) -> None:
 def test_etc_diff_of_another_deployment_offline(system: System) -> None:
     system.env.deploy("v1")
     system.env.deploy("v2")
-    upper = system.state.etc_upper("v1")
+    upper = Path(system.state.etc_upper("v1"))
     (upper / "extra").write_text("x\n")
     os.mknod(upper / "hostname", 0o600 | 0o020000, 0)  # a whiteout, written by hand
     out = system.ok("etc", "diff", "v1", "--sysroot", str(system.env.sysroot))
@@ -70,8 +71,8 @@ def test_etc_diff_of_another_deployment_offline(system: System) -> None:
 
 def test_etc_diff_of_an_image_that_does_not_mount(system: System) -> None:
     system.env.deploy("v1")
-    image = system.state.deployment_dir("v1") / "root.erofs"
+    image = Path(system.state.deployment_dir("v1")) / "root.erofs"
     image.write_bytes(b"\0" * 8192)
-    (system.state.etc_upper("v1") / "x").write_text("x\n")
+    (Path(system.state.etc_upper("v1")) / "x").write_text("x\n")
     err = system.fails("etc", "diff", "--sysroot", str(system.env.sysroot))
     assert f"cannot mount the image {image} of v1 read-only" in err

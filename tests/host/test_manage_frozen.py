@@ -31,7 +31,7 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     deploy(root / "state", make_tree(base / "tree-v1"), deployment_id="v1", fmt="dir")
     current, _ = statefile.load(state)
     statefile.save(state, bootstate.bless(current, "v1"))
-    (state.etc_upper("v1") / "local.conf").write_text("mine\n")
+    (Path(state.etc_upper("v1")) / "local.conf").write_text("mine\n")
     make_tree(root / "tree-v2")
     (root / "run/overlayroot").mkdir(parents=True)
     (root / "run/overlayroot/booted.json").write_text(json.dumps(

@@ -114,7 +114,7 @@ def test_gc_keeps_the_newest_and_every_protected_deployment(system: System) -> N
         # Creation times in deploy order (Env.deploy fixes them all to one second).
         manifest = system.state.read_manifest(name)
         manifest.created = f"2024-01-0{name[1]}T00:00:00Z"
-        (system.state.deployment_dir(name) / "manifest.json").write_text(manifest.to_json())
+        (Path(system.state.deployment_dir(name)) / "manifest.json").write_text(manifest.to_json())
     system.bless_offline("v2")
     system.ok("pin", "v1", "--sysroot", str(system.env.sysroot))
     system.ok("set-default", "--once", "v3", "--sysroot", str(system.env.sysroot))
@@ -132,7 +132,7 @@ def test_gc_keeps_the_newest_and_every_protected_deployment(system: System) -> N
     assert "removed v5" in out
     layout = system.state
     assert sorted(os.listdir(layout.deployments)) == ["v1", "v2", "v3", "v4", "v6"]
-    assert sorted(os.listdir(layout.top / "etc")) == ["v1", "v2", "v3", "v4", "v6"]
+    assert sorted(os.listdir(Path(layout.top) / "etc")) == ["v1", "v2", "v3", "v4", "v6"]
     assert sorted(system.entries()) == ["v1", "v2", "v3", "v4", "v6"]
     assert system.ok("gc", "--keep", "5").startswith("keeping")
     assert system.ok("gc", "--keep", "5").endswith(
@@ -143,18 +143,19 @@ def test_gc_clears_what_interrupted_commands_left_not_an_etc_placed_for_a_coming
         system: System) -> None:
     three(system)
     layout = system.state
-    for leftover in (layout.deployments / ".staging-v9", layout.deployments / ".removing-v0",
-                     layout.top / "etc" / ".staging-v9", layout.top / "etc" / "next"):
+    deployments = Path(layout.deployments)
+    for leftover in (deployments / ".staging-v9", deployments / ".removing-v0",
+                     Path(layout.top) / "etc" / ".staging-v9", Path(layout.top) / "etc" / "next"):
         leftover.mkdir()
-    (layout.top / "etc" / "next" / "hostname").write_text("placed by a pipeline\n")
+    (Path(layout.top) / "etc" / "next" / "hostname").write_text("placed by a pipeline\n")
     out = system.ok("gc", "--keep", "3", "--dry-run", "--sysroot", str(system.env.sysroot))
-    assert f"would remove {layout.deployments / '.staging-v9'}, left by an interrupted" in out
+    assert f"would remove {Path(layout.deployments) / '.staging-v9'}, left by an interrupted" in out
     assert "next" not in out
-    assert sorted(os.listdir(layout.top / "etc")) == [".staging-v9", "next", "v1", "v2", "v3"]
+    assert sorted(os.listdir(Path(layout.top) / "etc")) == [".staging-v9", "next", "v1", "v2", "v3"]
     system.ok("gc", "--keep", "3", "--sysroot", str(system.env.sysroot))
     assert sorted(os.listdir(layout.deployments)) == ["v1", "v2", "v3"]
-    assert sorted(os.listdir(layout.top / "etc")) == ["next", "v1", "v2", "v3"]
-    assert (layout.top / "etc" / "next" / "hostname").read_text() == "placed by a pipeline\n"
+    assert sorted(os.listdir(Path(layout.top) / "etc")) == ["next", "v1", "v2", "v3"]
+    assert (Path(layout.top) / "etc" / "next" / "hostname").read_text() == "placed by a pipeline\n"
 
 
 def test_gc_needs_a_sensible_keep(system: System) -> None:

@@ -50,20 +50,20 @@ def open_to_nobody(path: Path) -> None:
 
 
 def _manifest_bad_utf8(system: System) -> str:
-    path = system.state.deployments / "v2/manifest.json"
+    path = Path(system.state.deployments) / "v2/manifest.json"
     path.write_bytes(path.read_bytes().replace(b'"origin": "', b'"origin": "\xff'))
     return "not UTF-8"
 
 
 def _manifest_huge_size(system: System) -> str:
-    path = system.state.deployments / "v2/manifest.json"
+    path = Path(system.state.deployments) / "v2/manifest.json"
     data = json.loads(path.read_text())
     path.write_text(path.read_text().replace(f'"size": {data["size"]}', '"size": 1e999'))
     return "not a valid deployment manifest"
 
 
 def _image_a_symlink(system: System) -> str:
-    image = system.state.deployments / "v2/root.erofs"
+    image = Path(system.state.deployments) / "v2/root.erofs"
     image.unlink()
     image.symlink_to("/dev/zero")
     return "it is a symlink"
@@ -106,28 +106,28 @@ def test_a_bug_in_a_candidate_falls_back_and_is_named_a_bug(
 
 
 def _upper_a_file(system: System) -> Path:
-    upper = system.state.top / "etc/v2/upper"
+    upper = Path(system.state.top) / "etc/v2/upper"
     shutil.rmtree(upper)
     upper.write_text("not a directory\n")
     return upper
 
 
 def _upper_dangling(system: System) -> Path:
-    upper = system.state.top / "etc/v2/upper"
+    upper = Path(system.state.top) / "etc/v2/upper"
     shutil.rmtree(upper)
     upper.symlink_to("/nonexistent")
     return upper
 
 
 def _var_a_file(system: System) -> Path:
-    var = system.state.var
+    var = Path(system.state.var)
     shutil.rmtree(var)
     var.write_text("not a directory\n")
     return var
 
 
 def _home_a_symlink(system: System) -> Path:
-    home = system.state.home
+    home = Path(system.state.home)
     shutil.rmtree(home)
     home.symlink_to("/")
     return home
@@ -167,7 +167,7 @@ def test_a_boot_json_nested_too_deep_is_recovered_from_its_backup(system: System
     v1_good_v2_trial(system)
     system.boot()
     system.shutdown()
-    (system.state.top / "boot.json").write_text("[" * 100_000)
+    (Path(system.state.top) / "boot.json").write_text("[" * 100_000)
     booted = system.boot()
     assert booted["deployment"] == "v2"
     assert "nested more than 16 levels" in system.console
@@ -244,7 +244,7 @@ def test_a_power_cut_while_seeding_var_leaves_it_empty_and_the_next_boot_seeds_i
     with pytest.raises(KeyboardInterrupt):
         system.boot()
     assert os.listdir(system.state.var) == []  # never a half-seeded /var
-    assert os.path.isdir(system.state.top / ".var.seeding")
+    assert os.path.isdir(Path(system.state.top) / ".var.seeding")
     monkeypatch.undo()
     system.boot()
     var = system.env.state / "overlayroot/var"
@@ -287,11 +287,11 @@ def test_seeding_keeps_xattrs_and_hardlinks(system: System) -> None:
 
 def test_the_repair_write_keeps_the_good_backup(system: System) -> None:
     v1_good_v2_trial(system)
-    state_path = system.state.top / "boot.json"
+    state_path = Path(system.state.top) / "boot.json"
     state_path.write_bytes(b"\0" * 512)  # zeroed by a crash
     system.boot()
     system.shutdown()
-    assert statefile.parses((system.state.top / "boot.json.prev").read_bytes())
+    assert statefile.parses((Path(system.state.top) / "boot.json.prev").read_bytes())
     state_path.write_bytes(b"\0" * 512)  # and again
     system.boot()
     assert "recovered the boot state from" in system.console
@@ -305,7 +305,7 @@ def test_the_repair_write_keeps_the_good_backup(system: System) -> None:
 def test_a_power_cut_while_hashing_an_image_does_not_skip_its_check(
         system: System, monkeypatch: pytest.MonkeyPatch) -> None:
     v1_good_v2_trial(system)
-    with open(system.state.deployments / "v2/root.erofs", "ab") as f:
+    with open(Path(system.state.deployments) / "v2/root.erofs", "ab") as f:
         f.write(b"bit rot")  # still mounts, no longer matches its digest
 
     def cut(path: str) -> str:
@@ -354,7 +354,7 @@ def test_commands_write_the_history_holding_the_lock(
     real = statefile.append_history
 
     def append(layout: object, event: str, deployment: str | None, **fields: object) -> None:
-        held.append(_lock_held(system.state.top))
+        held.append(_lock_held(Path(system.state.top)))
         real(layout, event, deployment, **fields)  # type: ignore[arg-type]
 
     monkeypatch.setattr(statefile, "append_history", append)
@@ -394,7 +394,7 @@ def test_concurrent_history_writers_lose_no_line(
 
 def test_images_are_root_only_and_an_old_one_is_tightened_at_boot(system: System) -> None:
     system.env.deploy("v1")
-    image = system.state.deployments / "v1/root.erofs"
+    image = Path(system.state.deployments) / "v1/root.erofs"
     assert image.stat().st_mode & 0o777 == 0o600
     image.chmod(0o644)  # as deployed before the rule
     system.boot()
@@ -438,12 +438,12 @@ def test_setuid_programs_of_a_kept_deployment_do_not_work_for_others(system: Sys
 
 def test_nobody_can_hold_the_state_lock(system: System) -> None:
     v1_good_v2_trial(system)
-    lock = system.state.top / target.LOCK
+    lock = Path(system.state.top) / target.LOCK
     lock.chmod(0o644)  # as made before the rule
     with target.locked(system.state):
         pass
     assert lock.stat().st_mode & 0o777 == 0o600
-    open_to_nobody(system.state.top)
+    open_to_nobody(Path(system.state.top))
     held = as_nobody("flock", "--nonblock", str(lock), "true")
     assert held.returncode != 0 and "Permission denied" in held.stderr
 
@@ -453,8 +453,8 @@ def test_a_released_lock_names_nobody_and_a_dead_holder_is_not_blamed(system: Sy
     layout = system.state
     with target.locked(layout):
         pass
-    assert (layout.top / target.LOCK).read_text() == ""
-    fd = os.open(layout.top / target.LOCK, os.O_RDWR)
+    assert (Path(layout.top) / target.LOCK).read_text() == ""
+    fd = os.open(Path(layout.top) / target.LOCK, os.O_RDWR)
     try:
         os.write(fd, b"pid 999999999: overlayroot deploy x\n")
         fcntl.flock(fd, fcntl.LOCK_EX)  # held by something that does not say who it is
@@ -532,7 +532,7 @@ def test_a_fifo_in_a_state_file_s_place_neither_blocks_nor_stops_the_boot(
     v1_good_v2_trial(system)
     system.boot()
     system.shutdown()
-    path = system.state.top / name
+    path = Path(system.state.top) / name
     path.unlink()
     os.mkfifo(path)
     booted = system.boot()
@@ -555,4 +555,4 @@ def test_an_image_being_deployed_is_never_open_to_others(
     monkeypatch.setattr(digest, "image_sha256", hashing)
     system.env.deploy("v1")
     assert seen == [0o700]  # the staging directory, while mkfs wrote the image in it
-    assert (system.state.deployments / "v1").stat().st_mode & 0o777 == 0o755
+    assert (Path(system.state.deployments) / "v1").stat().st_mode & 0o777 == 0o755

@@ -248,12 +248,12 @@ def test_an_image_that_does_not_mount_or_verify_falls_back_in_the_same_boot(
     disk.deploy("v2-nomount")
     disk.deploy("v3-damaged")
     garbage = b"not a filesystem\n" * 4096
-    nomount = disk.layout.deployment_dir("v2-nomount")
+    nomount = Path(disk.layout.deployment_dir("v2-nomount"))
     (nomount / "root.erofs").write_bytes(garbage)
     manifest = disk.layout.read_manifest("v2-nomount")
     manifest.sha256 = hashlib.sha256(garbage).hexdigest()
     (nomount / "manifest.json").write_text(manifest.to_json())  # it verifies, but does not mount
-    damaged = disk.layout.deployment_dir("v3-damaged") / "root.erofs"
+    damaged = Path(disk.layout.deployment_dir("v3-damaged")) / "root.erofs"
     with open(damaged, "r+b") as f:
         f.seek(8192)
         f.write(b"\xff" * 16)

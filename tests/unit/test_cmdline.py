@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from overlayroot.boot import cmdline
 from overlayroot.boot.cmdline import CmdlineError, onfail_from, parse_options, split
 
 
@@ -193,3 +196,21 @@ def test_onfail_is_read_even_when_another_option_is_malformed() -> None:
         parse_options(cmdline)
     assert onfail_from(cmdline) == "poweroff"
     assert onfail_from("quiet") == "reboot"
+
+
+# What a number option takes, as the regular expressions the stage no longer imports re for.
+WHOLE = re.compile(r"[0-9]+")
+DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+@given(st.text(alphabet=st.sampled_from("0123456789.٣²+-_ e\n") | st.characters(), max_size=8))
+def test_a_number_option_takes_exactly_ascii_digits(text: str) -> None:
+    assert cmdline._digits(text) == bool(WHOLE.fullmatch(text))
+    assert cmdline._decimal(text) == bool(DECIMAL.fullmatch(text))
+
+
+@pytest.mark.parametrize("text", ["٣", "1_0", " 3", "+3", "1e3", "inf", "²", "1.", ".5", "1.2.3"])
+def test_what_int_and_float_take_but_the_options_do_not(text: str) -> None:
+    for key in ("tries", "timeout"):
+        with pytest.raises(CmdlineError, match="is not a"):
+            parse_options(f'overlayroot.{key}="{text}"')

@@ -106,7 +106,7 @@ def test_dir_deployment_is_laid_out_with_manifest_and_persistent_dirs(
 ) -> None:
     manifest, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     state = layout.StateLayout(sysroot)
-    assert where == state.deployment_dir("one")
+    assert where == Path(state.deployment_dir("one"))
     assert state.read_manifest("one") == manifest
     assert manifest.format == "dir" and manifest.image == "root"
     assert manifest.origin == str(tree)
@@ -121,8 +121,8 @@ def test_dir_deployment_is_laid_out_with_manifest_and_persistent_dirs(
         state.var,
         state.home,
     ):
-        assert directory.is_dir()
-        assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+        assert os.path.isdir(directory)
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o755
     assert state.deployment_ids() == ["one"]
     assert os.listdir(state.deployments) == ["one"]
 
@@ -267,7 +267,7 @@ def test_a_concurrent_deploy_is_refused(
     tree: Path, sysroot: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = layout.StateLayout(sysroot)
-    state.deployments.mkdir(parents=True)
+    Path(state.deployments).mkdir(parents=True)
     monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
     with (
         target.locked(state),
@@ -278,7 +278,7 @@ def test_a_concurrent_deploy_is_refused(
 
 
 def test_existing_etc_upper_is_kept(tree: Path, sysroot: Path) -> None:
-    upper = layout.StateLayout(sysroot).etc_upper("one")
+    upper = Path(layout.StateLayout(sysroot).etc_upper("one"))
     upper.mkdir(parents=True)
     (upper / "hostname").write_text("kept\n")
     deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")

@@ -56,12 +56,12 @@ def sysroot() -> Iterator[Path]:
     try:
         root.chmod(0o755)
         state = layout.StateLayout(root)
-        image = state.deployments / "v1" / "root"
+        image = Path(state.deployments) / "v1" / "root"
         (image / "etc").mkdir(parents=True)
         manifest = layout.Manifest(id="v1", created="2024-01-01T00:00:00Z", format="dir",
                                    image="root", sha256="0" * 64, size=0, origin="/x")
-        (state.deployments / "v1" / "manifest.json").write_text(manifest.to_json())
-        private = state.etc_upper("v1") / "ssl" / "private"
+        (Path(state.deployments) / "v1" / "manifest.json").write_text(manifest.to_json())
+        private = Path(state.etc_upper("v1")) / "ssl" / "private"
         private.mkdir(parents=True)
         (private / "key.pem").write_text("secret\n")
         private.chmod(0o700)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import strategies as st
@@ -30,13 +31,13 @@ def feed_commands(files: tuple[bytes, bytes | None, bytes, list[bytes]]) -> None
     with tempfile.TemporaryDirectory() as tmp:
         layout = StateLayout(tmp)
         for number, manifest in enumerate(manifests, 1):
-            deployment = layout.deployments / f"v{number}"
+            deployment = Path(layout.deployments) / f"v{number}"
             (deployment / "root" / "etc").mkdir(parents=True)
             (deployment / "manifest.json").write_bytes(manifest)
-        (layout.top / STATE).write_bytes(state)
+        (Path(layout.top) / STATE).write_bytes(state)
         if previous is not None:
-            (layout.top / PREVIOUS).write_bytes(previous)
-        (layout.top / HISTORY).write_bytes(history)
+            (Path(layout.top) / PREVIOUS).write_bytes(previous)
+        (Path(layout.top) / HISTORY).write_bytes(history)
         for command in COMMANDS:
             out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as on a terminal
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

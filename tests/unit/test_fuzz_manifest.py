@@ -4,18 +4,20 @@ file, whatever bytes it holds, and ``status`` and ``gc`` say so instead of a tra
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
 from overlayroot.commands import cli
 from overlayroot.core import layout
 from overlayroot.core.bootstate import BootState, Entry
 from overlayroot.core.errors import BootError
-from overlayroot.core.layout import Manifest, StateLayout, check_id
+from overlayroot.core.layout import Manifest, StateLayout, check_id, is_id
 from overlayroot.core.statefile import save
 from tests import fuzzing
 from tests.unit.test_fuzz_state import DEEP, JSON_VALUES
@@ -54,8 +56,8 @@ def feed_manifest_text(text: str) -> None:
 def feed_manifest_file(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         state = StateLayout(tmp)
-        (state.deployments / "v1").mkdir(parents=True)
-        (state.deployments / "v1" / "manifest.json").write_bytes(data)
+        (Path(state.deployments) / "v1").mkdir(parents=True)
+        (Path(state.deployments) / "v1" / "manifest.json").write_bytes(data)
         state.read_manifest("v1")
 
 
@@ -101,7 +103,7 @@ DAMAGED = {
 def test_a_damaged_manifest_is_a_boot_error_naming_the_file(tmp_path: Path, case: str) -> None:
     data, problem = DAMAGED[case]
     state = StateLayout(tmp_path)
-    path = state.deployments / "v1" / "manifest.json"
+    path = Path(state.deployments) / "v1" / "manifest.json"
     path.parent.mkdir(parents=True)
     path.write_bytes(data)
     with pytest.raises(BootError) as error:
@@ -125,12 +127,12 @@ def test_a_manifest_without_an_origin_is_still_read() -> None:
 def sysroot_with_a_damaged_manifest(root: Path, case: str) -> Path:
     state = StateLayout(root)
     for deployment_id in ("v1", "v2"):
-        (state.deployments / deployment_id / "root").mkdir(parents=True)
+        (Path(state.deployments) / deployment_id / "root").mkdir(parents=True)
         manifest = {**GOOD, "id": deployment_id, "format": "dir", "image": "root"}
-        (state.deployments / deployment_id / "manifest.json").write_text(json.dumps(manifest))
-    (state.deployments / "v1" / "manifest.json").write_bytes(DAMAGED[case][0])
+        (Path(state.deployments) / deployment_id / "manifest.json").write_text(json.dumps(manifest))
+    (Path(state.deployments) / "v1" / "manifest.json").write_bytes(DAMAGED[case][0])
     save(state, BootState({"v1": Entry(priority=1, successful=True), "v2": Entry(priority=2)}))
-    return state.deployments / "v1" / "manifest.json"
+    return Path(state.deployments) / "v1" / "manifest.json"
 
 
 @pytest.mark.parametrize("case", ["invalid UTF-8", "size 1e999", "size 10**400", "60000 ["])
@@ -163,8 +165,17 @@ def test_check_id_refuses_what_is_not_an_id(deployment_id: str) -> None:
         check_id(deployment_id)
 
 
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")  # what an id is, as a regular expression
+
+
+@given(st.text(alphabet=st.sampled_from("aZ09._+-/\n é٣") | st.characters(), max_size=66)
+       | st.text(alphabet="ab1._", min_size=60, max_size=70))
+def test_an_id_is_what_the_pattern_says(name: str) -> None:
+    assert is_id(name) == bool(ID.fullmatch(name))
+
+
 def test_a_directory_named_with_a_trailing_newline_is_no_deployment(tmp_path: Path) -> None:
     state = StateLayout(tmp_path)
     for name in ("v1", "v2\n"):
-        (state.deployments / name).mkdir(parents=True)
+        (Path(state.deployments) / name).mkdir(parents=True)
     assert state.deployment_ids() == ["v1"]

@@ -104,12 +104,12 @@ HISTORY_BYTES = st.lists(HISTORY_LINES, max_size=12).map(b"\n".join)
 
 def state_dir(root: Path, *, deployment: bool = True) -> StateLayout:
     layout = StateLayout(root)
-    layout.deployments.mkdir(parents=True)
+    Path(layout.deployments).mkdir(parents=True)
     if deployment:
-        (layout.deployments / "v1").mkdir()
+        (Path(layout.deployments) / "v1").mkdir()
         manifest = Manifest(id="v1", created="2024-01-01T00:00:00Z", format="dir", image="root",
                             sha256="0" * 64, size=0, origin="/x")
-        (layout.deployments / "v1" / "manifest.json").write_text(manifest.to_json())
+        (Path(layout.deployments) / "v1" / "manifest.json").write_text(manifest.to_json())
     return layout
 
 
@@ -117,10 +117,10 @@ def feed_load(files: tuple[bytes, bytes | None, bytes]) -> None:
     state, previous, history = files
     with tempfile.TemporaryDirectory() as tmp:
         layout = state_dir(Path(tmp))
-        (layout.top / STATE).write_bytes(state)
+        (Path(layout.top) / STATE).write_bytes(state)
         if previous is not None:
-            (layout.top / PREVIOUS).write_bytes(previous)
-        (layout.top / HISTORY).write_bytes(history)
+            (Path(layout.top) / PREVIOUS).write_bytes(previous)
+        (Path(layout.top) / HISTORY).write_bytes(history)
         loaded, _notes = load(layout)
         assert set(loaded.entries) == {"v1"}
 
@@ -128,7 +128,7 @@ def feed_load(files: tuple[bytes, bytes | None, bytes]) -> None:
 def feed_history(raw: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         layout = state_dir(Path(tmp), deployment=False)
-        (layout.top / HISTORY).write_bytes(raw)
+        (Path(layout.top) / HISTORY).write_bytes(raw)
         events = read_history(layout)
     outcomes(events)
     shown = status.with_outcomes(events)
@@ -170,22 +170,23 @@ def test_a_boot_json_nested_just_under_the_interpreter_limit_is_a_state_error() 
 
 def test_boot_json_and_its_backup_nested_100000_deep_are_rebuilt(tmp_path: Path) -> None:
     layout = state_dir(tmp_path)
-    (layout.top / STATE).write_text("[" * 100_000)
-    (layout.top / PREVIOUS).write_text("[" * 100_000)
+    (Path(layout.top) / STATE).write_text("[" * 100_000)
+    (Path(layout.top) / PREVIOUS).write_text("[" * 100_000)
     state, notes = load(layout)
     assert state.entries == {"v1": Entry(priority=1)}
-    assert notes[0] == f"{layout.top / STATE} is unreadable: not JSON (nested more than 16 levels)"
+    assert notes[0] == (
+        f"{Path(layout.top) / STATE} is unreadable: not JSON (nested more than 16 levels)")
     assert notes[1].startswith("rebuilt the boot state from the 1 deployments on disk")
 
 
 def test_boot_json_nested_100000_deep_falls_back_to_the_backup(tmp_path: Path) -> None:
     layout = state_dir(tmp_path)
     good = BootState({"v1": Entry(priority=7, successful=True)}, generation=4)
-    (layout.top / STATE).write_text("[" * 100_000)
-    (layout.top / PREVIOUS).write_text(good.to_json())
+    (Path(layout.top) / STATE).write_text("[" * 100_000)
+    (Path(layout.top) / PREVIOUS).write_text(good.to_json())
     state, notes = load(layout)
     assert state == good
-    assert notes[-1].startswith(f"recovered the boot state from {layout.top / PREVIOUS}")
+    assert notes[-1].startswith(f"recovered the boot state from {Path(layout.top) / PREVIOUS}")
 
 
 @pytest.mark.parametrize("line", [
@@ -200,7 +201,7 @@ def test_a_history_line_of_the_wrong_shape_is_skipped(
 ) -> None:
     layout = state_dir(tmp_path)
     good = json.dumps({"time": "2024-01-01T00:00:00Z", "event": "boot", "deployment": "v1"})
-    (layout.top / HISTORY).write_text(f"{line}\n{good}\n")
+    (Path(layout.top) / HISTORY).write_text(f"{line}\n{good}\n")
     assert read_history(layout) == [json.loads(good)]
     assert cli.main(["history", "--sysroot", str(tmp_path)]) == 0
     assert capsys.readouterr().out == "2024-01-01T00:00:00Z  boot        v1  the latest boot\n"

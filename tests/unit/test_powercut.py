@@ -114,12 +114,12 @@ def test_journalled_data_that_is_missing_or_wrong_is_lost(tmp_path: Path) -> Non
     layout = StateLayout(tmp_path)
     blob = powercut.BLOB_BYTES
     for area in ("var", "home"):
-        (layout.top / area / "pcut" / "data").mkdir(parents=True)
-    var = layout.top / "var" / "pcut"
+        (Path(layout.top) / area / "pcut" / "data").mkdir(parents=True)
+    var = Path(layout.top) / "var" / "pcut"
     (var / "data" / "1").write_bytes(blob + b"1\n")
     (var / "data" / "2").write_bytes(blob[:100])
     (var / "journal").write_bytes(b"1\n2\n3\n4")  # 4 is a torn line: never fsynced
-    (layout.top / "home" / "pcut" / "journal").write_bytes(b"\0\0\n")
+    (Path(layout.top) / "home" / "pcut" / "journal").write_bytes(b"\0\0\n")
     lost, found = journal_losses(layout)
     assert lost == 2 * (len(blob) + 2)
     assert found == [
@@ -134,7 +134,7 @@ def test_a_deployment_without_its_manifest_or_with_another_image_is_half_staged(
     tmp_path: Path,
 ) -> None:
     layout = StateLayout(tmp_path)
-    directory = layout.deployment_dir("v1")
+    directory = Path(layout.deployment_dir("v1"))
     directory.mkdir(parents=True)
     assert "deployment 'v1' has no manifest" in str(half_staged(layout, "v1"))
     image = directory / "root.erofs"

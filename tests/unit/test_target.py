@@ -38,7 +38,7 @@ def test_the_lock_excludes_a_second_holder(tmp_path: Path) -> None:
     from overlayroot.core.layout import StateLayout
 
     layout = StateLayout(tmp_path)
-    layout.top.mkdir()
+    Path(layout.top).mkdir()
     with (
         target.locked(layout),
         pytest.raises(BootError, match="another overlayroot command"),
