@@ -61,7 +61,8 @@ ROOT_MODULES = ("autofs4",)
 
 # Runs once multi-user.target is reached. Markers go straight to the console so they do not
 # depend on journald forwarding. The kernel command line drives it, like qemu/rootfs.py:
-# test.write=TOKEN writes TOKEN into /etc, /var, /home and /; test.read=1 reads them back.
+# test.write=TOKEN writes TOKEN into /etc, /var, /home and /; test.read=1 reads them back;
+# test.deploy=ID deploys the update image the test left on the state filesystem.
 REPORT_SCRIPT = r"""#!/bin/sh
 exec >/dev/console 2>&1
 mark() { echo "OVERLAYROOT-TEST $1=$2"; }
@@ -77,6 +78,7 @@ mark initrd_us "$(systemctl show -P InitRDTimestampMonotonic)"
 mark userspace_us "$(systemctl show -P UserspaceTimestampMonotonic)"
 read -r uptime _ < /proc/uptime
 mark uptime "$uptime"
+mark kernel "$(uname -r)"
 
 if [ "$(try_write /.overlayroot-test-probe x)" = ok ]; then
     rm -f /.overlayroot-test-probe
@@ -129,6 +131,7 @@ for word in $(cat /proc/cmdline); do
     case $word in
         test.write=*) token=${word#test.write=} ;;
         test.read=1) read_tokens=1 ;;
+        test.deploy=*) deploy_id=${word#test.deploy=} ;;
     esac
 done
 if [ -n "$token" ]; then
@@ -137,6 +140,12 @@ if [ -n "$token" ]; then
     mark write_home "$(try_write /home/test-token "$token")"
     mark write_root "$(try_write /test-token "$token")"
     sync
+fi
+# test.deploy=ID: deploy the update the test put on the state filesystem at updates/ID.erofs
+# (after the bless: the unit runs after it), as an update service would.
+if [ -n "$deploy_id" ]; then
+    overlayroot deploy --id "$deploy_id" "/run/overlayroot/state/updates/$deploy_id.erofs"
+    mark deploy "$?"
 fi
 if [ -n "$read_tokens" ]; then
     mark etc_token "$(cat /etc/test-token 2>/dev/null)"

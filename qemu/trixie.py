@@ -31,6 +31,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -203,6 +204,20 @@ def deployment_root(image: TrixieImage, dest: Path) -> Path:
     debian.install_unit(dest, debian.BLESS_UNIT)
     debian.add_test_unit(dest)
     return dest
+
+
+def initrd_member(initrd: Path, member: str) -> bytes:
+    """One file of an initramfs image, early microcode segment or not: unpacked by Debian's
+    ``unmkinitramfs`` (into ``early/`` and ``main/`` when there are segments, else flat)."""
+    with tempfile.TemporaryDirectory(prefix="unmkinitramfs.") as work:
+        result = subprocess.run(["unmkinitramfs", str(initrd), work],
+                                capture_output=True, text=True)
+        if result.returncode != 0:
+            raise TrixieUnavailable(f"unmkinitramfs {initrd} failed: {result.stderr.strip()}")
+        for top in (Path(work), Path(work) / "main"):
+            if (top / member).is_file():
+                return (top / member).read_bytes()
+    raise FileNotFoundError(f"{initrd} has no {member}")
 
 
 def main() -> None:
