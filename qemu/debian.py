@@ -274,7 +274,11 @@ def _add_modules(root: Path, kernel: Kernel) -> None:
 
 
 def enable_tmp_mount(root: Path) -> None:
-    """What docs/integrations.md tells users: Debian leaves /tmp on the root, read-only here."""
+    """What docs/integrations.md tells users: Debian 12 leaves /tmp on the root, read-only here.
+    Debian 13's systemd mounts a tmpfs there itself (tmp.mount enabled in /usr): nothing to do."""
+    if (root / "usr" / "lib" / "systemd" / "system" / "local-fs.target.wants" /
+            "tmp.mount").exists():
+        return
     unit = root / "etc" / "systemd" / "system" / "tmp.mount"
     shutil.copy2(root / "usr" / "share" / "systemd" / "tmp.mount", unit)
     wants = root / "etc" / "systemd" / "system" / "local-fs.target.wants"
