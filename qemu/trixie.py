@@ -46,7 +46,7 @@ SUITE = "trixie"
 PACKAGES = (*debian.PACKAGES, "linux-image-cloud-amd64", "zstd", "python3", "python3-pip",
             "python3-cffi", "python3-pyelftools", "python3-construct")
 # What goes from this checkout into the image; any byte changed rebuilds it.
-SOURCES = ("overlayroot", "initrd", "hooks", "pyproject.toml")
+SOURCES = ("overlayroot", "initrd", "hooks", "pyproject.toml", "README.md")
 STANDALONE_NAME = "initrd.img-overlayroot"
 INITRAMFS_TOOLS_NAME = "initrd.img-initramfs-tools"
 PYTHON = "/usr/bin/python3"
@@ -151,10 +151,19 @@ def _build(base: Path, staging: Path) -> None:
 
 
 def _build_wheel(out: Path) -> Path:
+    """This checkout's wheel, built from a copy of what goes into it: setuptools leaves a
+    ``build/`` directory in the tree it builds, and a stale one would leak into the next."""
     out.mkdir()
+    source = out / "source"
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(REPO_ROOT / name, source / name)
+    for package in ("overlayroot", "initrd"):
+        shutil.copytree(REPO_ROOT / package, source / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
     result = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "--wheel-dir", str(out), str(REPO_ROOT)],
+         "--wheel-dir", str(out), str(source)],
         capture_output=True, text=True, cwd=out,
     )
     if result.returncode != 0:
