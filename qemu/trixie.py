@@ -21,7 +21,8 @@ The kernel and the two initramfs images are then moved out of the root's /boot, 
 finds them on its own partition rather than inside the read-only root image: the harness boots
 them with ``-kernel``/``-initrd``. The result is cached under ``<cache>/trixie/<key>`` keyed by
 the mmdebstrap recipe and the bytes of everything that goes into the image from this checkout
-(the packages ``overlayroot`` and ``initrd``, ``pyproject.toml`` and the hooks).
+(the packages ``overlayroot`` and ``initrd``, ``pyproject.toml``, ``README.md`` and the hooks);
+building one removes those of other keys.
 """
 
 from __future__ import annotations
@@ -95,7 +96,16 @@ def trixie_image(cache: Path | None = None) -> TrixieImage:
             raise TrixieUnavailable(str(e)) from None
         with cache_entry(entry) as staging:
             _build(base, staging)
+        _prune(entry)
     return _image(entry)
+
+
+def _prune(current: Path) -> None:
+    """Remove the images built from other sources: each is a couple of hundred MB, and a
+    checkout under development makes one per change of the packages or hooks."""
+    for other in current.parent.iterdir():
+        if other != current and (other / ".complete").exists():
+            shutil.rmtree(other, ignore_errors=True)
 
 
 def _image(entry: Path) -> TrixieImage:
