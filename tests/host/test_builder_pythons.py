@@ -119,3 +119,18 @@ def test_the_builder_inside_debian_13_freezes_the_stage_for_its_python_3_13() ->
     assert found["builder"] == found["info"]["python_version"] == "3.13"
     check_payload(found["info"], found["zip"], found["files"], found["stage_digest"],
                   found["expected"])
+
+
+def test_the_trixie_images_initramfs_were_frozen_by_its_own_python() -> None:
+    """Both initramfs images qemu.trixie builds inside the image (the standalone one and
+    update-initramfs' with our hook) carry a stage frozen by the image's Python 3.13, not the
+    host's: build.json says which interpreter; and pip put the command in /usr/local/bin."""
+    try:
+        image = trixie.trixie_image()
+    except trixie.TrixieUnavailable as e:
+        pytest.skip(f"the trixie image cannot be built here: {e}")
+    assert image.python_version == "3.13"
+    for initrd in (image.standalone, image.initramfs_tools):
+        info = json.loads(trixie.initrd_member(initrd, "usr/lib/overlayroot/build.json"))
+        assert (info["python"], info["python_version"]) == ("/usr/bin/python3.13", "3.13")
+    assert (image.root / "usr/local/bin/overlayroot").exists()

@@ -69,16 +69,6 @@ def check_own_kernel(markers: dict[str, str], image: trixie.TrixieImage) -> None
     assert markers["kernel"].startswith("6.12.")
 
 
-def test_the_image_is_built_by_its_own_python(image: trixie.TrixieImage) -> None:
-    """The stage in both initramfs images was frozen by the image's Python 3.13, not the
-    host's: build.json says which interpreter, and the pip-installed command is there."""
-    assert image.python_version == "3.13"
-    for initrd in (image.standalone, image.initramfs_tools):
-        info = json.loads(trixie.initrd_member(initrd, "usr/lib/overlayroot/build.json"))
-        assert (info["python"], info["python_version"]) == ("/usr/bin/python3.13", "3.13")
-    assert (image.root / "usr/local/bin/overlayroot").exists()
-
-
 def test_trixie_through_the_standalone_image_is_blessed_and_falls_back_from_a_bad_update(
     machine: MachineFactory, image: trixie.TrixieImage, trixie_root: Path, tmp_path: Path,
 ) -> None:
@@ -127,20 +117,15 @@ def test_trixie_through_initramfs_tools_built_inside_the_image(
     machine: MachineFactory, image: trixie.TrixieImage, trixie_root: Path, tmp_path: Path,
 ) -> None:
     """initramfs-tools' image, made by update-initramfs inside the image with our hooks: the
-    trial is blessed, and the next boot is an ordinary one with the state of the first."""
+    trial reaches multi-user.target read-only with no failed unit and is blessed. (One boot:
+    the later boots and the fallback are the standalone test's, and the bookworm tests boot
+    initramfs-tools twice.)"""
     disk = trixie_disk(tmp_path, trixie_root)
-    cmdline = f"{CMDLINE} panic=-1"
-    first = boot_debian(machine, image.initramfs_tools, disk, f"{cmdline} test.write=token-1",
-                        "write", kernel=image.kernel)
+    first = boot_debian(machine, image.initramfs_tools, disk,
+                        f"{CMDLINE} panic=-1 test.write=token-1", "write", kernel=image.kernel)
     check_own_kernel(first, image)
     check_read_only_system(first, DEPLOYMENT)
     assert json.loads(first["booted_json"])["trial"] is True
     check_blessed(first, DEPLOYMENT)
-
-    second = boot_debian(machine, image.initramfs_tools, disk, f"{cmdline} test.read=1", "read",
-                         kernel=image.kernel)
-    check_read_only_system(second, DEPLOYMENT)
-    assert json.loads(second["booted_json"])["trial"] is False
-    assert (second["etc_token"], second["var_token"], second["home_token"]) == (
-        "token-1", "token-1", "token-1")
-    assert second["machine_id"] == first["machine_id"]
+    assert (first["write_etc"], first["write_var"], first["write_home"]) == ("ok", "ok", "ok")
+    assert first["write_root"] == "Read-only file system"
