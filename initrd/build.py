@@ -30,6 +30,12 @@ PREPARE_SCRIPT = STAGE_DIR / "prepare"
 HASH_SEED = bytes(64)
 """What Python reads as its hash seed when the kernel has no random bytes yet: zeros, more than
 the 24 bytes it reads."""
+# Where the rescue shell (overlayroot/boot/rescue.py) looks for busybox: not in /bin, which the
+# interpreter's /bin -> usr/bin link may take.
+BUSYBOX_PATH = STAGE_DIR / "busybox"
+# Where ``--busybox auto`` looks, in order: Debian's busybox and busybox-static install
+# /usr/bin/busybox (/bin is a link to it on merged /usr).
+BUSYBOX_SEARCH = ("/usr/bin/busybox", "/bin/busybox", "/usr/sbin/busybox", "/sbin/busybox")
 
 
 class Compression(StrEnum):
@@ -53,6 +59,9 @@ class BuildConfig:
     source_root: Path = SOURCE_ROOT
     """Where the ``overlayroot`` package to freeze lives."""
     entries: tuple[str, ...] = DEFAULT_ENTRIES
+    busybox: str = "auto"
+    """The rescue shell's busybox: a path, ``auto`` (BUSYBOX_SEARCH, none when absent) or
+    ``none``. A payload never has one: the generator that takes it brings its own shell."""
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,8 @@ class BuildResult:
     extension_modules: tuple[str, ...]
     libraries: int
     python: str
+    busybox: str | None
+    """The busybox put in the image (its path on the build host), if any."""
     seconds: float = field(compare=False)
 
     def to_json(self) -> dict[str, object]:
@@ -87,7 +98,8 @@ def build_initramfs(config: BuildConfig) -> BuildResult:
         if config.modules_dir is not None
         else None
     )
-    tree, libraries = make_tree(frozen, kernel)
+    busybox = find_busybox(config)
+    tree, libraries = make_tree(frozen, kernel, busybox)
     if PREPARE_ENTRY in config.entries:
         tree.add_file(PREPARE_SCRIPT, prepare_script(frozen.python), 0o755)
     members = list(tree.members())
@@ -120,11 +132,36 @@ def build_initramfs(config: BuildConfig) -> BuildResult:
         extension_modules=tuple(e.name for e in frozen.extensions),
         libraries=libraries,
         python=str(frozen.python),
+        busybox=str(busybox) if busybox else None,
         seconds=round(time.monotonic() - started, 3),
     )
 
 
-def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
+def find_busybox(config: BuildConfig) -> Path | None:
+    """The busybox ``config.busybox`` asks for; BuildError when a named one is unusable."""
+    if config.busybox == "none":
+        return None
+    if config.busybox == "auto":
+        if config.payload:
+            return None
+        found = next((p for p in BUSYBOX_SEARCH if os.access(p, os.X_OK)), None)
+        return Path(found) if found else None
+    if config.payload:
+        raise BuildError(
+            f"--busybox {config.busybox}: a payload (--payload-dir) has no rescue shell of its"
+            " own, the initramfs generator that takes it brings one; leave --busybox out"
+        )
+    path = Path(config.busybox)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise BuildError(
+            f"--busybox {path}: no such executable file; give the path of a busybox binary"
+            " (apt-get install busybox-static puts one at /usr/bin/busybox), auto or none"
+        )
+    return path
+
+
+def make_tree(frozen: Frozen, kernel: ModuleSet | None,
+              busybox: Path | None = None) -> tuple[Tree, int]:
     """The image tree, and how many shared libraries it holds."""
     tree = Tree()
     for directory in EMPTY_DIRS:
@@ -139,17 +176,30 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
     tree.add_char_device("/dev/null", 1, 3, 0o666)
 
     extension_sources = {PurePosixPath(e.source) for e in frozen.extensions}
+    own = set(extension_sources)  # closure files that go elsewhere or are not libraries
     try:
         closure = resolve_closure([Path(frozen.python), *(Path(p) for p in extension_sources)])
     except ElfClosureError as e:
         raise BuildError(f"cannot collect the interpreter's libraries: {e}") from e
+    busybox_closure = None
+    if busybox is not None:
+        try:
+            busybox_closure = resolve_closure([busybox])
+        except ElfClosureError as e:
+            raise BuildError(f"--busybox {busybox}: not a usable program for the image: {e}"
+                            " (give a busybox binary, or none)") from e
+        own.add(PurePosixPath(os.path.realpath(busybox)))
     try:
         # Links first: /lib → usr/lib must exist before anything is added under /lib.
-        for link in closure.symlinks:
+        closures = [closure, *([busybox_closure] if busybox_closure else [])]
+        links = {link.path: link for c in closures for link in c.symlinks}
+        for link in links.values():
             tree.add_symlink(link.path, link.target)
-        for path in closure.files:
-            if path not in extension_sources:
-                tree.add_file(path, Path(path), _perm(Path(path)))
+        paths = sorted({path for c in closures for path in c.files} - own)
+        for path in paths:
+            tree.add_file(path, Path(path), _perm(Path(path)))
+        if busybox is not None:
+            tree.add_file(BUSYBOX_PATH, busybox, 0o755)
         tree.add_file(frozen.zip_path, frozen.zip_data)
         tree.mkdir(frozen.dynload_dir)
         for ext in frozen.extensions:
@@ -163,10 +213,10 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
                 tree.add_file(base / module.relative, decompress(module.source))
                 module_paths.append(str(base / module.relative))
         tree.add_file(STAGE_DIR / "modules.list", "".join(f"{p}\n" for p in module_paths).encode())
-        tree.add_file(STAGE_DIR / "build.json", build_info(frozen, kernel))
+        tree.add_file(STAGE_DIR / "build.json", build_info(frozen, kernel, busybox))
     except TreeError as e:
         raise BuildError(f"cannot lay out the image: {e}") from e
-    libraries = len(closure.files) - 1 - len(extension_sources)
+    libraries = len(paths) - 1  # the interpreter is not a library
     return tree, libraries
 
 
@@ -183,8 +233,9 @@ def prepare_script(python: PurePosixPath) -> bytes:
     ).encode()
 
 
-def build_info(frozen: Frozen, kernel: ModuleSet | None) -> bytes:
+def build_info(frozen: Frozen, kernel: ModuleSet | None, busybox: Path | None = None) -> bytes:
     info = {
+        "busybox": str(BUSYBOX_PATH) if busybox else None,
         "kernel_version": kernel.kernel_version if kernel else None,
         "python": str(frozen.python),
         "python_version": ".".join(map(str, frozen.version)),

@@ -57,6 +57,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         " /usr/lib/overlayroot/prepare, the command the dracut, initramfs-tools and mkinitcpio"
         " hooks run",
     )
+    parser.add_argument(
+        "--busybox",
+        metavar="PATH|auto|none",
+        default="auto",
+        help="busybox for the rescue shell (overlayroot.break=, overlayroot.onfail=shell):"
+        " a busybox binary, auto (the default: /usr/bin/busybox when installed, e.g. by"
+        " busybox-static) or none (a Python prompt only); Debian's busybox-static adds 0.6 MB"
+        " to a zstd image."
+        " Never in a --payload-dir: the generator that takes it brings its own shell",
+    )
     parser.add_argument("--json", action="store_true", help="print the build result as JSON")
 
 
@@ -72,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         source_date_epoch=_source_date_epoch(),
         payload=args.payload_dir is not None,
         entries=tuple(args.entry) or DEFAULT_ENTRIES,
+        busybox=args.busybox,
     )
     result = build_initramfs(config)
     print(json.dumps(result.to_json(), indent=2) if args.json else summary(result))
@@ -90,6 +101,7 @@ def summary(result: BuildResult) -> str:
         f"  {result.python}: {result.frozen_modules} frozen modules, "
         f"{len(result.extension_modules)} extension modules, {result.libraries} libraries\n"
         f"  {kernel}"
+        + (f"\n  rescue shell: busybox from {result.busybox}" if result.busybox else "")
     )
 
 

@@ -39,6 +39,7 @@ VARIANT = "minbase"
 # systemd-sysv makes systemd /sbin/init; udev finds the disks; dbus for logind and systemctl;
 # kmod, which a kernel package would bring (the kernel itself is the harness's).
 PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod")
+MIRROR = "http://deb.debian.org/debian"
 # Documentation and translations are a third of a minbase root and nothing boots from them.
 DPKG_OPTIONS = (
     "path-exclude=/usr/share/man/*",
@@ -59,7 +60,8 @@ ROOT_MODULES = ("autofs4",)
 
 # Runs once multi-user.target is reached. Markers go straight to the console so they do not
 # depend on journald forwarding. The kernel command line drives it, like qemu/rootfs.py:
-# test.write=TOKEN writes TOKEN into /etc, /var, /home and /; test.read=1 reads them back.
+# test.write=TOKEN writes TOKEN into /etc, /var, /home and /; test.read=1 reads them back;
+# test.deploy=ID deploys the update image the test left on the state filesystem.
 REPORT_SCRIPT = r"""#!/bin/sh
 exec >/dev/console 2>&1
 mark() { echo "OVERLAYROOT-TEST $1=$2"; }
@@ -75,6 +77,7 @@ mark initrd_us "$(systemctl show -P InitRDTimestampMonotonic)"
 mark userspace_us "$(systemctl show -P UserspaceTimestampMonotonic)"
 read -r uptime _ < /proc/uptime
 mark uptime "$uptime"
+mark kernel "$(uname -r)"
 
 if [ "$(try_write /.overlayroot-test-probe x)" = ok ]; then
     rm -f /.overlayroot-test-probe
@@ -127,6 +130,7 @@ for word in $(cat /proc/cmdline); do
     case $word in
         test.write=*) token=${word#test.write=} ;;
         test.read=1) read_tokens=1 ;;
+        test.deploy=*) deploy_id=${word#test.deploy=} ;;
     esac
 done
 if [ -n "$token" ]; then
@@ -135,6 +139,12 @@ if [ -n "$token" ]; then
     mark write_home "$(try_write /home/test-token "$token")"
     mark write_root "$(try_write /test-token "$token")"
     sync
+fi
+# test.deploy=ID: deploy the update the test put on the state filesystem at updates/ID.erofs
+# (after the bless: the unit runs after it), as an update service would.
+if [ -n "$deploy_id" ]; then
+    overlayroot deploy --id "$deploy_id" "/run/overlayroot/state/updates/$deploy_id.erofs"
+    mark deploy "$?"
 fi
 if [ -n "$read_tokens" ]; then
     mark etc_token "$(cat /etc/test-token 2>/dev/null)"
@@ -163,28 +173,29 @@ class DebianUnavailable(RuntimeError):
     """mmdebstrap is missing or failed: the message says why and what to do."""
 
 
-def recipe() -> dict[str, object]:
-    """What the cached mmdebstrap tree depends on."""
+def recipe(suite: str = SUITE, packages: tuple[str, ...] = PACKAGES) -> dict[str, object]:
+    """What a cached mmdebstrap tree depends on (the bookworm one: the defaults)."""
     return {
-        "suite": SUITE,
+        "suite": suite,
         "variant": VARIANT,
-        "packages": sorted(PACKAGES),
+        "packages": sorted(packages),
         "dpkg_options": list(DPKG_OPTIONS),
     }
 
 
-def recipe_key() -> str:
-    text = json.dumps(recipe(), sort_keys=True)
+def recipe_key(suite: str = SUITE, packages: tuple[str, ...] = PACKAGES) -> str:
+    text = json.dumps(recipe(suite, packages), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def debian_base(cache: Path | None = None) -> Path:
-    """The mmdebstrap tree, built on first use and cached. Do not modify it: ``debian_image``
-    makes a copy to change."""
-    base = (cache or cache_dir()) / "debian" / recipe_key()
+def debian_base(cache: Path | None = None, suite: str = SUITE,
+                packages: tuple[str, ...] = PACKAGES) -> Path:
+    """The mmdebstrap tree of ``suite`` with ``packages``, built on first use and cached. Do
+    not modify it: ``debian_image`` (and ``qemu.trixie``) make a copy to change."""
+    base = (cache or cache_dir()) / "debian" / recipe_key(suite, packages)
     root = base / "root"
     if not (base / ".complete").exists():
-        _build(base)
+        _build(base, suite, packages)
     return root
 
 
@@ -199,15 +210,15 @@ def debian_image(kernel: Kernel, dest: Path, command: Path | None = None,
     # cp -a, not shutil.copytree: owners, groups, hard links and xattrs stay as dpkg made them.
     subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(dest)], check=True)
     _add_modules(dest, kernel)
-    _enable_tmp_mount(dest)
+    enable_tmp_mount(dest)
     if command is not None:
         _add_command(dest, command)
-        _install_unit(dest, BLESS_UNIT)
-    _add_test_unit(dest)
+        install_unit(dest, BLESS_UNIT)
+    add_test_unit(dest)
     return dest
 
 
-def _build(base: Path) -> None:
+def _build(base: Path, suite: str, packages: tuple[str, ...]) -> None:
     """mmdebstrap into a staging directory, then rename: a crash leaves no half-built root."""
     if shutil.which("mmdebstrap") is None:
         raise DebianUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
@@ -217,19 +228,24 @@ def _build(base: Path) -> None:
             "--quiet",
             "--mode=root",
             f"--variant={VARIANT}",
-            f"--include={','.join(PACKAGES)}",
+            f"--include={','.join(packages)}",
             *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
-            SUITE,
+            suite,
             str(staging / "root"),
+            # Named, not left to mmdebstrap: without a mirror argument it reads sources from a
+            # stdin that is not a terminal, and the host's sources name the host's suite only.
+            MIRROR,
         ]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True,
+                                stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-15:])
             raise DebianUnavailable(
                 f"mmdebstrap failed (exit {result.returncode}); it needs the network and root:"
                 f"\n{tail}"
             )
-        (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
+        (staging / "recipe.json").write_text(
+            json.dumps(recipe(suite, packages), indent=2, sort_keys=True))
 
 
 def _add_modules(root: Path, kernel: Kernel) -> None:
@@ -256,8 +272,12 @@ def _add_modules(root: Path, kernel: Kernel) -> None:
     subprocess.run(["depmod", "--basedir", str(root), kernel.version], check=True)
 
 
-def _enable_tmp_mount(root: Path) -> None:
-    """What docs/integrations.md tells users: Debian leaves /tmp on the root, read-only here."""
+def enable_tmp_mount(root: Path) -> None:
+    """What docs/integrations.md tells users: Debian 12 leaves /tmp on the root, read-only here.
+    Debian 13's systemd mounts a tmpfs there itself (tmp.mount enabled in /usr): nothing to do."""
+    if (root / "usr" / "lib" / "systemd" / "system" / "local-fs.target.wants" /
+            "tmp.mount").exists():
+        return
     unit = root / "etc" / "systemd" / "system" / "tmp.mount"
     shutil.copy2(root / "usr" / "share" / "systemd" / "tmp.mount", unit)
     wants = root / "etc" / "systemd" / "system" / "local-fs.target.wants"
@@ -274,7 +294,7 @@ def _add_command(root: Path, payload: Path) -> None:
     install_command(payload, root)
 
 
-def _install_unit(root: Path, unit: Path) -> None:
+def install_unit(root: Path, unit: Path) -> None:
     """What ``systemctl enable`` does for a unit copied into /etc/systemd/system: a link in the
     .wants or .requires directory of each target its [Install] section names."""
     system = root / "etc" / "systemd" / "system"
@@ -293,7 +313,7 @@ def _install_unit(root: Path, unit: Path) -> None:
                 (links / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
 
 
-def _add_test_unit(root: Path) -> None:
+def add_test_unit(root: Path) -> None:
     (root / "etc" / "hostname").write_text(HOSTNAME + "\n")
     script = root / "usr" / "lib" / "overlayroot-test" / "report"
     script.parent.mkdir(parents=True, exist_ok=True)

@@ -46,13 +46,14 @@ class MachineFactory:
         cmdline: str = "",
         name: str = "boot",
         memory_mb: int = 1024,
+        kernel: Kernel | None = None,
     ) -> Machine:
         log_path = self._log_dir / f"{_sanitise(name)}.log"
         if log_path in self._logs:
             raise ValueError(f"a machine named {name!r} already booted in this test")
         self._logs.append(log_path)
         machine = Machine(
-            self._kernel,
+            kernel or self._kernel,
             initrd,
             log_path=log_path,
             disks=disks,

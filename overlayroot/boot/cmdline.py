@@ -18,7 +18,20 @@ MAX_TIMEOUT = 3600.0
 MAX_TRIES = 100
 
 PREFIX = "overlayroot."
-KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries", "watchdog")
+KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries", "watchdog",
+              "break")
+# Where ``overlayroot.break=`` can stop the standalone /init, in boot order, with what the
+# shell's first line says. A bare ``overlayroot.break`` is the last: the assembled root, before
+# the switch (dracut's ``rd.break``).
+BREAK_STEPS = {
+    "modules": "before loading the kernel modules",
+    "device": "before waiting for the state device",
+    "mount": "before mounting the state filesystem on /sysroot",
+    "prepare": "before choosing, counting and assembling a deployment (the state filesystem is"
+               " mounted read-write on /sysroot)",
+    "switch": "before switching root (the deployment is assembled on /sysroot)",
+}
+DEFAULT_BREAK = "switch"
 _WHITESPACE = " \t\n\v\f\r"
 
 
@@ -85,6 +98,7 @@ class Options:
     """What the command line asks of the boot stage."""
 
     __slots__ = (
+        "breaks",
         "debug",
         "deployment",
         "enabled",
@@ -108,6 +122,7 @@ class Options:
         self.timeout = DEFAULT_TIMEOUT
         self.etc = "persistent"
         self.debug = False
+        self.breaks: frozenset[str] = frozenset()  # BREAK_STEPS to stop at
         self.onfail = "reboot"
         self.tries = DEFAULT_TRIES
         self.watchdog = DEFAULT_WATCHDOG  # seconds a trial boot has to be blessed; 0: off
@@ -196,9 +211,28 @@ def _apply(opts: Options, name: str, key: str, value: str | None, warnings: list
         opts.onfail = _choice(key, value, ONFAIL_ACTIONS)
     elif name == "debug":
         opts.debug = True if value is None else _parse_switch(key, value)
+    elif name == "break":
+        opts.breaks, bad = _breaks(value)
+        if bad:
+            # A warning, not an error: a typo in a request to stop must not stop the boot.
+            warnings.append(
+                f"ignoring {key}={value}: {', '.join(repr(b) for b in bad)}"
+                f" {'is not a step' if len(bad) == 1 else 'are not steps'} the boot can stop"
+                f" before (steps: {', '.join(BREAK_STEPS)}; several: {key}=mount,switch;"
+                f" a bare {key} stops before the switch)")
     else:
         known = ", ".join(PREFIX + k for k in KNOWN_KEYS)
         warnings.append(f"ignoring unknown option {key!r} (known: {known})")
+
+
+def _breaks(value: str | None) -> tuple[frozenset[str], list[str]]:
+    """The steps ``overlayroot.break[=a,b]`` names, and the words that are not steps (then
+    the option is ignored whole)."""
+    if value is None:
+        return frozenset({DEFAULT_BREAK}), []
+    words = value.split(",")
+    bad = [w for w in words if w not in BREAK_STEPS]
+    return (frozenset() if bad else frozenset(words)), bad
 
 
 def _required(key: str, value: str | None) -> str:

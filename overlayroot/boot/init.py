@@ -13,6 +13,10 @@ No shell, no udev, no blkid: every step is Python and a system call. The steps, 
 
 A failure prints ``overlayroot: error: <what failed and what to do>`` and then does what
 ``overlayroot.onfail=`` says. PID 1 must never exit: the kernel would panic.
+
+``overlayroot.break=STEP`` (:data:`overlayroot.boot.cmdline.BREAK_STEPS`) opens the rescue shell
+before step 3 (``modules``), 4 (``device``), 5 (``mount``), 6 (``prepare``) or 7 (``switch``);
+leaving the shell goes on with the boot.
 """
 
 from __future__ import annotations
@@ -21,9 +25,10 @@ import os
 import time
 
 from overlayroot.boot import devices, modload
-from overlayroot.boot.cmdline import Options, onfail_from, parse_options
+from overlayroot.boot.cmdline import BREAK_STEPS, Options, onfail_from, parse_options
 from overlayroot.boot.console import Console, describe_bug, now
 from overlayroot.boot.prepare import prepare_root
+from overlayroot.boot.rescue import rescue_shell
 from overlayroot.boot.switchroot import switch_root
 from overlayroot.core import syscalls
 from overlayroot.core.errors import BootError
@@ -84,6 +89,7 @@ def boot(console: Console, imported: float) -> None:
     console.step("read the command line")
     for warning in warnings:
         console.warn(warning)
+    stop(console, opts, "modules")
     loaded, warnings = modload.load_listed()
     console.step(f"loaded {len(loaded)} kernel modules")
     for warning in warnings:
@@ -91,12 +97,15 @@ def boot(console: Console, imported: float) -> None:
     if not opts.state:
         raise BootError("no state device given: set overlayroot.state= or root= on the kernel"
                         " command line, e.g. overlayroot.state=LABEL=state")
+    stop(console, opts, "device")
     device = devices.find(opts.state, opts.timeout)
     console.step(f"found {device.describe()}")
+    stop(console, opts, "mount")
     if not opts.enabled:
         # overlayroot=off: boot the device as an ordinary root, as the kernel would.
         mount_state(device, opts, read_only=opts.read_only is not False)
         init = opts.init or "/sbin/init"
+        stop(console, opts, "switch")
         console.say(f"overlayroot=off: switching root to {device.path} ({init})")
         switch_root(SYSROOT, init, opts.init_args)
         return
@@ -104,9 +113,11 @@ def boot(console: Console, imported: float) -> None:
     # describe the root the system sees, and that root is read-only in any case.
     mount_state(device, opts, read_only=False)
     console.step(f"mounted {device.path} on {SYSROOT}")
+    stop(console, opts, "prepare")
     booted = prepare_root(SYSROOT, RUN_DIR, opts, device.path, console)
     console.step(f"assembled deployment {booted.deployment.id}")
     assert booted.init is not None
+    stop(console, opts, "switch")
     console.say(f"switching root to {booted.deployment.id} ({booted.init})")
     try:
         switch_root(SYSROOT, booted.init, opts.init_args)
@@ -116,11 +127,24 @@ def boot(console: Console, imported: float) -> None:
         ) from None
 
 
-def fail(console: Console, onfail: str) -> None:
-    """What ``overlayroot.onfail=`` says, once a boot cannot go on. Never returns."""
+def stop(console: Console, opts: Options, step: str) -> None:
+    """The rescue shell, when ``overlayroot.break=`` names ``step``; the boot goes on after."""
+    if step not in opts.breaks:
+        return
+    why = f"overlayroot.break={step}: stopped {BREAK_STEPS[step]}"
+    if step == "switch":
+        why += ("; on a trial boot the watchdog is already running (overlayroot.watchdog=):"
+                " a long stop resets the machine")
+    rescue_shell(console, why, "to go on with the boot")
+
+
+def fail(console: Console, onfail: str, why: str = "") -> None:
+    """What ``overlayroot.onfail=`` says, once a boot cannot go on; ``why``: the error's
+    first line, for the rescue shell's greeting. Never returns."""
     syscalls.sync()
     if onfail == "shell":
-        python_shell(console)
+        rescue_shell(console, f"the boot failed: {why}" if why else "the boot failed",
+                     "to reboot")
         onfail = "reboot"
     if onfail == "reboot":
         console.say(f"rebooting in {REBOOT_DELAY:g} s")
@@ -137,27 +161,6 @@ def fail(console: Console, onfail: str) -> None:
         time.sleep(60)
 
 
-def python_shell(console: Console) -> None:
-    """A Python prompt on the console: the initramfs has no shell, only this interpreter.
-    ``exit`` or end of input leaves it."""
-    console.say("emergency Python prompt; the state filesystem is at /sysroot if it mounted;"
-                " end with Ctrl-D")
-    namespace: dict[str, object] = {"os": os, "syscalls": syscalls}
-    while True:
-        try:
-            line = input(">>> ")
-        except EOFError:
-            return
-        if line.strip() in ("exit", "exit()"):
-            return
-        try:
-            exec(compile(line, "<console>", "single"), namespace)
-        except SystemExit:
-            return
-        except BaseException as e:
-            print(f"{type(e).__name__}: {e}", flush=True)
-
-
 def main() -> None:
     imported = now()
     console = Console()
@@ -165,10 +168,11 @@ def main() -> None:
         boot(console, imported)
         raise BootError("switch_root returned")
     except BootError as e:
-        console.error(str(e))
+        why = str(e)
     except BaseException as e:
-        console.error(describe_bug(e))
-    fail(console, console.onfail)
+        why = describe_bug(e)
+    console.error(why)
+    fail(console, console.onfail, why.splitlines()[0] if why else "")
 
 
 if __name__ == "__main__":

@@ -178,3 +178,55 @@ def test_a_malformed_option(machine: MachineFactory, initramfs: Path, good_disk:
     expect_error(machine, initramfs, good_disk, "overlayroot.etc=sometimes",
                  "overlayroot: error: overlayroot.etc=sometimes is not one of: persistent,"
                  " transient, readonly")
+
+
+SHELL_PROMPT = "overlayroot# "
+# busybox sh prints this once it runs, with the console's tty open: what is typed from then on
+# reaches it (the prompt itself ends no line, and wait_for reads whole lines).
+SHELL_READY = "Enter 'help' for a list of built-in commands."
+
+
+def test_a_break_stops_in_busybox_sh_and_exiting_it_goes_on_with_the_boot(
+    machine: MachineFactory, initramfs: Path, good_disk: Path
+) -> None:
+    """overlayroot.break=prepare: the rescue shell (busybox, which the builder found on this
+    host) opens with the state filesystem mounted and nothing chosen yet; a command typed there
+    runs; exiting goes on to the deployment's init."""
+    m = machine(initrd=initramfs, disks=[good_disk],
+                cmdline=f"{BASE} overlayroot.break=prepare", name="break")
+    with m:
+        m.wait_for("overlayroot: overlayroot.break=prepare: stopped before choosing, counting and"
+                   " assembling a deployment", BOOT_TIMEOUT)
+        m.wait_for("rescue shell (busybox sh); to go on with the boot: exit or Ctrl-D", 10)
+        m.wait_for(SHELL_READY, 30)
+        m.send("ls /sysroot/overlayroot/deployments; echo typed-$((6 * 7))\n")
+        m.wait_for("typed-42", 30)
+        assert "switching root" not in m.console
+        m.send("exit\n")
+        m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
+            "Kernel panic - not syncing", "overlayroot: error:"))
+        m.wait_exit(30)
+    console = m.console
+    shell = console.index("typed-42")
+    assert "v1" in console[console.index(SHELL_PROMPT):shell]  # what ls listed
+    assert shell < console.index("switching root to v1 (/sbin/init)")
+    assert json.loads(m.markers()["booted_json"])["deployment"] == "v1"
+
+
+def test_a_failed_boot_with_onfail_shell_says_what_failed_in_the_shell(
+    machine: MachineFactory, initramfs: Path, tmp_path: Path
+) -> None:
+    disk = state_disk(tmp_path, [("noinit", "erofs", make_root(tmp_path, with_init=False))])
+    m = machine(initrd=initramfs, disks=[disk], cmdline=f"{BASE} overlayroot.onfail=shell",
+                name="onfail-shell")
+    with m:
+        m.wait_for("overlayroot: the boot failed: no deployment on /dev/vda1 could boot",
+                   BOOT_TIMEOUT, failure=("Kernel panic - not syncing",))
+        m.wait_for("rescue shell (busybox sh); to reboot: exit or Ctrl-D", 10)
+        m.wait_for(SHELL_READY, 30)
+        # The shell echoes what is typed: the marker is made by the command, not typed whole.
+        m.send("cat /sysroot/overlayroot/boot.json > /dev/null && echo state-$((1 + 1))-read\n")
+        m.wait_for("state-2-read", 30)
+        m.send("exit\n")
+        m.wait_for("overlayroot: rebooting in 10 s", 30)
+        assert m.wait_exit(60) == 0  # -no-reboot: the reboot ends QEMU

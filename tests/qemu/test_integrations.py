@@ -82,8 +82,8 @@ def debian_disk(base: Path, root: Path) -> Path:
 
 
 def boot_debian(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str,
-                name: str) -> dict[str, str]:
-    m: Machine = machine(initrd=initrd, disks=[disk], cmdline=cmdline, name=name)
+                name: str, kernel: Kernel | None = None) -> dict[str, str]:
+    m: Machine = machine(initrd=initrd, disks=[disk], cmdline=cmdline, name=name, kernel=kernel)
     with m:
         m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=FAILURES)
         # A clean shutdown through systemd: the state filesystem must let go too.
@@ -95,17 +95,17 @@ def boot_debian(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str,
     return markers
 
 
-def check_read_only_system(markers: dict[str, str]) -> None:
+def check_read_only_system(markers: dict[str, str], deployment: str = DEPLOYMENT) -> None:
     assert markers["root_ro"] == "yes"
     assert markers["etc_writable"] == "yes"
     assert markers["tmp_writable"] == "yes"
     assert markers["mount_root"].split()[1] == "erofs"
     assert markers["mount_etc"].startswith("overlay overlay")
     assert markers["failed"] == ""
-    assert json.loads(markers["booted_json"])["deployment"] == DEPLOYMENT
+    assert json.loads(markers["booted_json"])["deployment"] == deployment
 
 
-def check_blessed(markers: dict[str, str]) -> None:
+def check_blessed(markers: dict[str, str], deployment: str = DEPLOYMENT) -> None:
     """overlayroot-bless.service ran after boot-complete.target, succeeded, and the booted
     deployment is known good (the report unit runs after the bless)."""
     assert markers["boot_complete"] == "active"
@@ -113,7 +113,7 @@ def check_blessed(markers: dict[str, str]) -> None:
     assert 0 < int(markers["boot_complete_us"]) <= int(markers["bless_start_us"])
     status: dict[str, Any] = json.loads(markers["status"])
     booted = [r for r in status["deployments"] if r["booted"]]
-    assert [(r["id"], r["successful"], r["bad"]) for r in booted] == [(DEPLOYMENT, True, None)]
+    assert [(r["id"], r["successful"], r["bad"]) for r in booted] == [(deployment, True, None)]
 
 
 def check_boots_twice(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str) -> None:

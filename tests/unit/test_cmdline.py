@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlayroot.boot import cmdline
-from overlayroot.boot.cmdline import CmdlineError, onfail_from, parse_options, split
+from overlayroot.boot.cmdline import BREAK_STEPS, CmdlineError, onfail_from, parse_options, split
 
 
 def kernel_parse(cmdline: str) -> tuple[list[tuple[str, str | None]], list[str]]:
@@ -214,3 +214,29 @@ def test_what_int_and_float_take_but_the_options_do_not(text: str) -> None:
     for key in ("tries", "timeout"):
         with pytest.raises(CmdlineError, match="is not a"):
             parse_options(f'overlayroot.{key}="{text}"')
+
+
+def test_break_names_the_steps_to_stop_before() -> None:
+    assert parse_options("quiet")[0].breaks == frozenset()
+    assert parse_options("overlayroot.break")[0].breaks == {"switch"}
+    opts, warnings = parse_options("rd.overlayroot.break=mount,prepare")
+    assert opts.breaks == {"mount", "prepare"} and warnings == []
+    assert list(BREAK_STEPS) == ["modules", "device", "mount", "prepare", "switch"]
+
+
+@pytest.mark.parametrize(
+    ("option", "bad"),
+    [
+        ("overlayroot.break=pre-pivot", "'pre-pivot' is not a step"),
+        ("overlayroot.break=mount,nope,later", "'nope', 'later' are not steps"),
+        ("overlayroot.break=", "'' is not a step"),
+    ],
+)
+def test_a_break_that_names_no_step_is_a_warning_and_stops_nowhere(option: str, bad: str) -> None:
+    opts, warnings = parse_options(f"root=LABEL=s {option}")
+    assert opts.breaks == frozenset()
+    assert opts.state == "LABEL=s"  # the rest of the command line still counts
+    assert warnings == [
+        f"ignoring {option}: {bad} the boot can stop before (steps: modules, device, mount,"
+        " prepare, switch; several: overlayroot.break=mount,switch; a bare overlayroot.break"
+        " stops before the switch)"]
