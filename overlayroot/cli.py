@@ -24,6 +24,8 @@ FROZEN_MODULES = (
     "overlayroot.status",
     "overlayroot.health",
     "overlayroot.etcdiff",
+    "overlayroot.bootpair",
+    "tomllib",  # deploy reads a root's kargs.d
     "traceback",  # --debug
 )
 
@@ -193,6 +195,21 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
         help="register the deployment as known good (blessed) instead of on trial: for a"
         " factory image whose first deployment was tested before it shipped, so that a missing"
         " or failing bless can never use up its tries",
+    )
+    parser.add_argument(
+        "--kernel", metavar="VERSION",
+        help="the root's kernel to deploy with it, when it has several (default: the newest);"
+        " kernels are found at /usr/lib/modules/VERSION/vmlinuz (initramfs.img next to it) and"
+        " /boot/vmlinuz-VERSION (/boot/initrd.img-VERSION)",
+    )
+    parser.add_argument(
+        "--no-kernel", action="store_true",
+        help="deploy without the root's kernel: the deployment boots under the running kernel",
+    )
+    parser.add_argument(
+        "--karg", metavar="ARG", action="append", default=[],
+        help="a kernel argument the deployment's kernel boots with (repeatable), after those of"
+        " the root's /usr/lib/bootc/kargs.d/*.toml",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the manifest and the path as JSON"
