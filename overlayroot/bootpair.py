@@ -25,8 +25,9 @@ a temporary name, fsyncs it, renames it over the old one and fsyncs the director
 So at every point the bootloader finds a whole kernel and a whole initramfs that works with it:
 (A, IA), (A, IA+IB), (B, IA+IB), (B, IB). A promotion cut short is finished by the next one,
 which starts from whatever pair is there. Each step is one rename over an existing name: on
-vfat, Linux rewrites the target's directory entry in place (one sector), so the name points at
-the old file or the new one.
+vfat, Linux writes the renamed file's first cluster and size into the target's directory entry
+in place, then frees the source's entry; with the directory's entries in one sector (``TEMPORARY``)
+both reach the disk in one write, so the name points at the old file or the new one.
 """
 
 from __future__ import annotations
@@ -42,6 +43,10 @@ from overlayroot.safejson import parse_json
 KERNEL = "vmlinuz"
 INITRD = "initrd.img"
 RECORD = "pair.json"
+# Each file is written under a temporary name first. The names are short (8.3, lower case:
+# vfat gives such a name one directory entry, no long-name entries), so that the directory's
+# few entries share its first sector, and a rename's two entry updates reach the disk together.
+TEMPORARY = {KERNEL: "vmlinuz.new", INITRD: "initrd.new", RECORD: "pair.new"}
 BOOT_DIR = "boot"  # under overlayroot/ on the state filesystem
 CONFIG = "/etc/overlayroot/boot-dir"
 CONFIG_LIMIT = 4096
@@ -126,7 +131,7 @@ def _sha(path: Path) -> str | None:
 def _install(disk: Disk, path: Path, parts: list[tuple[Path, str | None]]) -> None:
     """Make ``path`` the concatenation of ``parts`` (each checked against its digest when one is
     given) by a whole new file renamed over it."""
-    tmp = path.with_name(f".{path.name}.new")
+    tmp = path.with_name(TEMPORARY[path.name])
     fd = disk.create(tmp)
     try:
         for source, expected in parts:
@@ -156,7 +161,7 @@ def _write_record(disk: Disk, directory: Path, manifest: layout.Manifest) -> Non
               "vmlinuz_sha256": manifest.kernel.vmlinuz_sha256,
               "initramfs_sha256": manifest.kernel.initramfs_sha256,
               "kargs": manifest.kernel.kargs}
-    tmp = directory / f".{RECORD}.new"
+    tmp = directory / TEMPORARY[RECORD]
     fd = disk.create(tmp)
     try:
         disk.write(fd, (json.dumps(record, indent=2, sort_keys=True) + "\n").encode())
@@ -181,7 +186,7 @@ def promote(directory: Path, state: layout.StateLayout, manifest: layout.Manifes
     vmlinuz, initrd = directory / KERNEL, directory / INITRD
     try:
         os.makedirs(directory, 0o755, exist_ok=True)
-        for leftover in (f".{KERNEL}.new", f".{INITRD}.new", f".{RECORD}.new"):
+        for leftover in TEMPORARY.values():
             if os.path.lexists(directory / leftover):
                 disk.unlink(directory / leftover)
         kernel_sha, initrd_sha = _sha(vmlinuz), _sha(initrd)
