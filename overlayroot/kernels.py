@@ -193,6 +193,9 @@ def read_kargs_dir(root: Path, machine: str | None = None) -> list[str]:
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
             raise BootError(f"{where} is not TOML ({e}): write it as kargs = [\"arg\", ...]"
                             ) from None
+        except RecursionError:  # tomllib recurses once per level of nesting
+            raise BootError(f"{where} nests arrays or tables too deep for a kargs file: write"
+                            " it as kargs = [\"arg\", ...]") from None
         unknown = sorted(set(data) - set(KARGS_KEYS))
         if unknown:
             raise BootError(f"{where}: unknown key(s) {', '.join(unknown)}: a kargs.d file holds"

@@ -150,6 +150,8 @@ BAD_KARGS_FILES: dict[str, tuple[str | bytes, str]] = {
                          r" machine's, not a deployment's"),
     "two words": ('kargs = ["a b"]', r": kernel argument 'a b' is not one word"),
     "not UTF-8": (b"kargs = ['\xff']", r" is not TOML \("),
+    "nested 5000 deep": ("kargs = " + "[" * 5000 + "]" * 5000, r" nests arrays or tables too deep"
+                         r" for a kargs file: write it as kargs = \[\"arg\", \.\.\.\]$"),
 }
 
 
