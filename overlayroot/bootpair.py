@@ -96,9 +96,12 @@ def boot_dir(where: target.Target, option: str | None) -> Path:
             text = files.read_regular(CONFIG, CONFIG_LIMIT).decode().strip()
         except FileNotFoundError:
             text = ""
-        except (OSError, UnicodeDecodeError) as e:
-            raise BootError(f"cannot read {CONFIG}: {e}: it names the boot pair's directory in"
-                            " one line, e.g. /boot/efi/overlayroot") from None
+        except OSError as e:
+            raise BootError(f"cannot read {CONFIG}: {e.strerror}: it names the boot pair's"
+                            " directory in one line, e.g. /boot/efi/overlayroot") from None
+        except UnicodeDecodeError:
+            raise BootError(f"{CONFIG} is not UTF-8 text: write one absolute directory there,"
+                            " e.g. /boot/efi/overlayroot") from None
         if text:
             if not text.startswith("/") or "\n" in text:
                 raise BootError(f"{CONFIG} holds {text!r}: write one absolute directory there,"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from overlayroot import bootpair, bootstate, statefile, target
 from overlayroot.bootstate import BootState
@@ -145,8 +146,13 @@ def run_status(args: argparse.Namespace) -> int:
         except BootError as e:
             notes.append(str(e))
     records = describe(state, where.booted_id, manifests)
-    pair_dir = bootpair.boot_dir(where, getattr(args, "boot_dir", None))
-    pair = bootpair.describe(pair_dir, read)
+    pair_dir: Path | None = None
+    pair = None
+    try:
+        pair_dir = bootpair.boot_dir(where, getattr(args, "boot_dir", None))
+        pair = bootpair.describe(pair_dir, read)
+    except BootError as e:
+        notes.append(f"cannot tell what the boot pair holds: {e}")
     notes = [*booted_notes(where.booted, records, bool(recovery)), *notes]
     if args.json:
         print(json.dumps({
@@ -177,7 +183,7 @@ def run_status(args: argparse.Namespace) -> int:
         for r in records:
             if r["bad"]:
                 print(f"{r['id']}: bad: {r['bad']}")
-        if pair is not None or any(r["kernel"] for r in records):
+        if pair_dir is not None and (pair is not None or any(r["kernel"] for r in records)):
             print(bootpair.summary(pair, pair_dir))
     for note in notes:
         print(f"note: {note}")

@@ -83,9 +83,20 @@ def test_bless_uses_the_configured_boot_dir(system: System, tmp_path: Path,
     assert (esp / "vmlinuz").exists() and not (system.state.top / "boot").exists()
     assert system.status()["boot_pair"]["dir"] == str(esp)
     config.write_text("relative/dir\n")
-    err = system.fails("status")
-    assert (f"overlayroot: error: {config} holds 'relative/dir': write one absolute directory"
-            " there, e.g. /boot/efi/overlayroot") in err
+    assert (f"note: cannot tell what the boot pair holds: {config} holds 'relative/dir': write"
+            " one absolute directory there, e.g. /boot/efi/overlayroot") in system.ok("status")
+    err = system.fails("promote")
+    assert f"overlayroot: error: {config} holds 'relative/dir'" in err
+    config.write_bytes(b"/boot/\xff\n")
+    assert (f"overlayroot: error: {config} is not UTF-8 text: write one absolute directory"
+            " there, e.g. /boot/efi/overlayroot") in system.fails("promote")
+    config.unlink()
+    config.mkdir()
+    assert (f"overlayroot: error: cannot read {config}: it is a directory, not a regular file:"
+            " it names the boot pair's directory in one line") in system.fails("promote")
+    config.rmdir()  # no file: the default place
+    assert (f"promoted: the boot pair in {system.state.top / 'boot'} holds the kernel {A} of"
+            " v1") in system.ok("promote")
 
 
 def test_bless_that_cannot_write_the_pair_still_blesses_and_says_so(system: System,
