@@ -564,10 +564,12 @@ def build_initramfs(found: kernels.Found, output: Path, source: Path, epoch: int
                         f" one from: {advice}")
     config = build.BuildConfig(modules_dir=found.modules, output=output,
                                source_date_epoch=epoch)
+    # The builder's own error type where it has one (initrd.errors.BuildError), else BootError.
+    failures = (BootError, getattr(build, "BuildError", BootError))
     with progress.task(f"building an initramfs for {found.version}", None):
         try:
             build.build_initramfs(config)
-        except BootError as e:
+        except failures as e:
             raise BootError(f"{missing}; building one failed: {e}") from None
     with converting_os_errors(f"setting the mode of {output}"):
         os.chmod(output, KERNEL_MODE)

@@ -309,3 +309,15 @@ def test_modload_prefers_the_running_kernels_own_list(
     (tmp_path / "modules.d" / f"{OLD}.list").write_text("")
     assert modload.listing_for(OLD) == str(tmp_path / "modules.d" / f"{OLD}.list")
     assert modload.listing_for(NEW) == str(single)
+
+
+def test_an_initramfs_the_builder_cannot_build_is_refused_with_its_reason(
+    tree: Path, sysroot: Path
+) -> None:
+    add_kernel(tree, OLD, initramfs=None)  # a modules directory without modules
+    with pytest.raises(BootError, match=rf"^{tree} has kernel {OLD} \(.*\) but no initramfs for"
+                       r" it \(.*\); building one failed: kernel module overlay \(requested\) is"
+                       rf" neither a file in {tree}/usr/lib/modules/{OLD} nor listed in its"
+                       r" modules\.builtin"):
+        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+    assert os.listdir(sysroot / "overlayroot/deployments") == []
