@@ -608,11 +608,18 @@ def stage_image_kernel(staging: Path, source: Path, fmt: str, choice: KernelChoi
 
 
 def mount_image(image: Path, fmt: str) -> Path | None:
-    """``image`` mounted read-only (nosuid, nodev) on a new directory under the temporary
-    directory, outside the state filesystem; None when it cannot be."""
+    """``image`` mounted read-only (nosuid, nodev) on a new directory in ``/run`` (or the
+    temporary directory), outside the state filesystem; None when it cannot be."""
     import tempfile
 
-    point = Path(tempfile.mkdtemp(prefix="overlayroot-kernel-"))
+    for parent in ("/run", None):  # a booted overlayroot system may have no writable /tmp
+        try:
+            point = Path(tempfile.mkdtemp(prefix="overlayroot-kernel-", dir=parent))
+            break
+        except OSError:
+            continue
+    else:
+        return None
     try:
         with loop.attach(str(image)) as attached:
             syscalls.mount(attached.path, str(point), fmt, syscalls.MS_RDONLY
