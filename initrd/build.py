@@ -212,7 +212,12 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None,
             for module in kernel.modules:
                 tree.add_file(base / module.relative, decompress(module.source))
                 module_paths.append(str(base / module.relative))
-        tree.add_file(STAGE_DIR / "modules.list", "".join(f"{p}\n" for p in module_paths).encode())
+        listing = "".join(f"{p}\n" for p in module_paths).encode()
+        tree.add_file(STAGE_DIR / "modules.list", listing)
+        if kernel is not None:
+            # Named by the release too: where initramfs images of two kernels are concatenated
+            # (the boot pair's bridge, docs/kernels.md), each kernel still finds its own list.
+            tree.add_file(STAGE_DIR / "modules.d" / f"{kernel.kernel_version}.list", listing)
         tree.add_file(STAGE_DIR / "build.json", build_info(frozen, kernel, busybox))
     except TreeError as e:
         raise BuildError(f"cannot lay out the image: {e}") from e
