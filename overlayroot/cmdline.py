@@ -20,7 +20,12 @@ MAX_TIMEOUT = 3600.0
 MAX_TRIES = 100
 
 PREFIX = "overlayroot."
-KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries", "watchdog")
+KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries", "watchdog",
+              "kexec")
+# What the stage leaves off the command line it hands a kernel it switches to: the choice of
+# deployment (the kexec option names it), and what a bootloader adds for its own kernel.
+NOT_CARRIED = ("overlayroot.deployment", "rd.overlayroot.deployment", "overlayroot.kexec",
+               "rd.overlayroot.kexec", "BOOT_IMAGE", "initrd")
 _WHITESPACE = " \t\n\v\f\r"
 # ASCII only: Python's int() and float() also take "٣", "1_0", " 3", "+3", "1e3" and "inf".
 _WHOLE = re.compile(r"[0-9]+")
@@ -96,6 +101,7 @@ class Options:
         "etc",
         "init",
         "init_args",
+        "kexec",
         "onfail",
         "read_only",
         "rootflags",
@@ -116,6 +122,7 @@ class Options:
         self.onfail = "reboot"
         self.tries = DEFAULT_TRIES
         self.watchdog = DEFAULT_WATCHDOG  # seconds a trial boot has to be blessed; 0: off
+        self.kexec: str | None = None  # the deployment a stage kexec'd this kernel for
         self.init: str | None = None
         self.init_args: list[str] = []
         self.read_only: bool | None = None
@@ -166,6 +173,29 @@ def parse_options(cmdline: str) -> tuple[Options, list[str]]:
     return opts, warnings
 
 
+def kexec_cmdline(cmdline: str, kargs: list[str], deployment_id: str) -> str:
+    """The command line for the kernel the stage switches to for ``deployment_id``: this one
+    without :data:`NOT_CARRIED`, then the deployment's own arguments ``kargs`` (the last of a
+    key wins, so they override), then ``overlayroot.kexec=<id>``, which tells the stage there
+    that the try is taken and that it must not switch kernels again; the words after ``--``
+    (init's arguments) stay last."""
+    params, init_args = split(cmdline)
+    words = [_join(key, value) for key, value in params if key not in NOT_CARRIED]
+    words += [karg for karg in kargs if karg.strip(_WHITESPACE)]
+    words.append(f"{PREFIX}kexec={check_id(deployment_id)}")
+    if init_args:
+        words += ["--", *init_args]
+    return " ".join(words)
+
+
+def _join(key: str, value: str | None) -> str:
+    if value is None:
+        return f'"{key}"' if any(c in key for c in _WHITESPACE) else key
+    if any(c in value for c in _WHITESPACE):
+        return f'{key}="{value}"'
+    return f"{key}={value}"
+
+
 def onfail_from(cmdline: str) -> str:
     """``overlayroot.onfail=`` alone, for when the rest of the command line does not parse:
     what to do about a malformed option is still what the user asked for."""
@@ -189,6 +219,12 @@ def _apply(opts: Options, name: str, key: str, value: str | None, warnings: list
                 opts.deployment = check_id(wanted)
             except BootError as e:
                 raise CmdlineError(f"{key}: {e}") from None
+    elif name == "kexec":
+        named = _required(key, value)
+        try:
+            opts.kexec = check_id(named)
+        except BootError as e:
+            raise CmdlineError(f"{key}: {e}") from None
     elif name == "timeout":
         opts.timeout = _number(key, value, 0.0, MAX_TIMEOUT)
     elif name == "tries":
