@@ -205,10 +205,18 @@ def counts(deployment_id: str, pinned: str | None, kexec_for: str | None = None)
     return deployment_id not in (pinned, kexec_for)
 
 
-def trial_after_kexec(entry: Entry) -> bool:
-    """Whether the boot of the deployment a kexec was made for is a trial: its try was taken
-    before the kexec (:func:`start_attempt`), unless it is known good."""
-    return not entry.successful
+TRIAL = "trial"
+KNOWN_GOOD = "known good"
+DEGRADED = "degraded"
+
+
+def after_kexec(entry: Entry) -> str:
+    """What the boot of the deployment a kexec was made for is: a :data:`TRIAL` whose try the
+    stage took before the kexec (:func:`start_attempt`); :data:`KNOWN_GOOD`, not counted; or
+    :data:`DEGRADED` when it is bad, which only the last resort boots (:func:`last_resort`)."""
+    if entry.successful:
+        return KNOWN_GOOD
+    return DEGRADED if entry.bad is not None else TRIAL
 
 
 BOOT = "boot"  # the running kernel is the deployment's, or it has none: boot it here

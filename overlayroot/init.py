@@ -103,7 +103,7 @@ def boot(console: Console, imported: float) -> None:
     # describe the root the system sees, and that root is read-only in any case.
     mount_state(device, opts, read_only=False)
     console.step(f"mounted {device.path} on {SYSROOT}")
-    booted = prepare_root(SYSROOT, RUN_DIR, opts, device.path, console)
+    booted = prepare_root(SYSROOT, RUN_DIR, opts, device.path, console, cmdline)
     console.step(f"assembled deployment {booted.deployment.id}")
     assert booted.init is not None
     console.say(f"switching root to {booted.deployment.id} ({booted.init})")
