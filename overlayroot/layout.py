@@ -2,6 +2,7 @@
 
 ```
 overlayroot/deployments/<id>/{root.erofs|root.squashfs|root/}, manifest.json
+overlayroot/deployments/<id>/vmlinuz, initramfs.img     (a deployment with a kernel of its own)
 overlayroot/etc/<id>/{upper,work}
 overlayroot/var/  overlayroot/home/
 ```
@@ -33,6 +34,20 @@ MANIFEST_LIMIT = 1 << 16
 FORMATS = {"erofs": "root.erofs", "squashfs": "root.squashfs", "dir": "root"}
 # Ids become directory names and appear on the kernel command line.
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,63}\Z")  # \Z, not $: "v1\n" is no id
+# A deployment's own kernel: its two files, next to the root image (fixed names, as the image's).
+KERNEL_FILE = "vmlinuz"
+INITRAMFS_FILE = "initramfs.img"
+# ``uname -r``: the kernel's release field holds at most 64 characters.
+KERNEL_VERSION_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+~-]{0,63}\Z")
+SHA256_PATTERN = re.compile(r"^[0-9a-f]{64}\Z")
+# A deployment's kernel arguments are words of the command line the stage gives its kernel: no
+# white space or quotes (they would merge words), no control characters.
+KARG_PATTERN = re.compile(r"^[!#-~]+\Z")
+MAX_KARGS_LENGTH = 1024  # of the arguments joined by spaces; x86's whole command line is 2048
+# Arguments that belong to the machine (which state filesystem, which deployment), not to a
+# deployment: the stage writes them itself.
+RESERVED_KARGS = ("root", "rootfstype", "rootflags", "--")
+RESERVED_KARG_PREFIX = "overlayroot."
 
 
 def check_id(deployment_id: str) -> str:
@@ -44,10 +59,63 @@ def check_id(deployment_id: str) -> str:
     return deployment_id
 
 
-class Manifest:
-    """What ``manifest.json`` says of one deployment. Immutable once staged."""
+def check_karg(arg: str) -> str:
+    """``arg`` if it may be one of a deployment's kernel arguments; a ValueError says why not."""
+    if not KARG_PATTERN.match(arg):
+        raise ValueError(f"kernel argument {arg!r} is not one word of printable ASCII without"
+                         " quotes")
+    key = arg.partition("=")[0]
+    if key in RESERVED_KARGS or key.startswith(RESERVED_KARG_PREFIX):
+        raise ValueError(f"kernel argument {arg!r} is the machine's, not a deployment's: the"
+                         " boot stage sets root=, rootfstype=, rootflags= and overlayroot.* itself")
+    return arg
 
-    __slots__ = ("created", "format", "id", "image", "origin", "sha256", "size")
+
+class Kernel:
+    """A deployment's own kernel (``manifest.json``'s ``kernel``): its release, its two files
+    in the deployment's directory with their digests, and the arguments it boots with."""
+
+    __slots__ = ("initramfs", "initramfs_sha256", "kargs", "version", "vmlinuz",
+                 "vmlinuz_sha256")
+
+    def __init__(
+        self,
+        *,
+        version: str,
+        vmlinuz_sha256: str,
+        initramfs_sha256: str,
+        kargs: list[str],
+        vmlinuz: str = KERNEL_FILE,
+        initramfs: str = INITRAMFS_FILE,
+    ) -> None:
+        self.version = version  # ``uname -r`` of the kernel
+        self.vmlinuz = vmlinuz  # KERNEL_FILE, relative to the deployment's directory
+        self.initramfs = initramfs  # INITRAMFS_FILE, likewise
+        self.vmlinuz_sha256 = vmlinuz_sha256
+        self.initramfs_sha256 = initramfs_sha256
+        self.kargs = list(kargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {name: list(self.kargs) if name == "kargs" else getattr(self, name)
+                for name in self.__slots__}
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Kernel) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash((self.version, self.vmlinuz_sha256, self.initramfs_sha256))
+
+    def __repr__(self) -> str:
+        return f"Kernel({self.to_dict()!r})"
+
+
+class Manifest:
+    """What ``manifest.json`` says of one deployment. Immutable once staged.
+
+    ``kernel`` is None for a deployment without a kernel of its own: it boots under whatever
+    kernel runs. Such a manifest is written without the field, as before kernels existed."""
+
+    __slots__ = ("created", "format", "id", "image", "kernel", "origin", "sha256", "size")
 
     def __init__(
         self,
@@ -59,6 +127,7 @@ class Manifest:
         sha256: str,
         size: int,
         origin: str,
+        kernel: Kernel | None = None,
     ) -> None:
         self.id = id
         self.created = created  # RFC 3339, UTC
@@ -67,9 +136,14 @@ class Manifest:
         self.sha256 = sha256
         self.size = size
         self.origin = origin
+        self.kernel = kernel
 
-    def to_dict(self) -> dict[str, str | int]:
-        return {name: getattr(self, name) for name in self.__slots__}
+    def to_dict(self) -> dict[str, Any]:
+        fields: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__
+                                  if name != "kernel"}
+        if self.kernel is not None:
+            fields["kernel"] = self.kernel.to_dict()
+        return fields
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
@@ -106,16 +180,46 @@ def _manifest_fields(data: object) -> dict[str, Any]:
     """The fields of a parsed manifest, checked; a ValueError says what is wrong."""
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    fields = {"origin": "", **data}
+    fields = {"origin": "", "kernel": None, **data}
     for name in Manifest.__slots__:
         if name not in fields:
             raise ValueError(f"no {name!r}")
-        if name != "size" and not isinstance(fields[name], str):
+        if name not in ("size", "kernel") and not isinstance(fields[name], str):
             raise ValueError(f"{name!r} is not a string")
     size = fields["size"]
     if isinstance(size, bool) or not isinstance(size, int) or not 0 <= size <= MAX_SIZE:
         raise ValueError(f"'size' is not a whole number of bytes from 0 to {MAX_SIZE}")
-    return {name: fields[name] for name in Manifest.__slots__}
+    result = {name: fields[name] for name in Manifest.__slots__}
+    if fields["kernel"] is not None:
+        result["kernel"] = Kernel(**_kernel_fields(fields["kernel"]))
+    return result
+
+
+def _kernel_fields(data: object) -> dict[str, Any]:
+    """The fields of a manifest's ``kernel``, checked; a ValueError says what is wrong."""
+    if not isinstance(data, dict):
+        raise ValueError("'kernel' is neither null nor a JSON object")
+    for name in Kernel.__slots__:
+        if name not in data:
+            raise ValueError(f"no 'kernel.{name}'")
+        if name != "kargs" and not isinstance(data[name], str):
+            raise ValueError(f"'kernel.{name}' is not a string")
+    if not KERNEL_VERSION_PATTERN.match(data["version"]):
+        raise ValueError(f"'kernel.version' {data['version']!r} is not a kernel release")
+    for name, expected in (("vmlinuz", KERNEL_FILE), ("initramfs", INITRAMFS_FILE)):
+        if data[name] != expected:
+            raise ValueError(f"'kernel.{name}' is {data[name]!r}, not {expected!r}")
+    for name in ("vmlinuz_sha256", "initramfs_sha256"):
+        if not SHA256_PATTERN.match(data[name]):
+            raise ValueError(f"'kernel.{name}' is not 64 lowercase hexadecimal digits")
+    kargs = data["kargs"]
+    if not isinstance(kargs, list) or not all(isinstance(a, str) for a in kargs):
+        raise ValueError("'kernel.kargs' is not a list of strings")
+    for arg in kargs:
+        check_karg(arg)
+    if len(" ".join(kargs)) > MAX_KARGS_LENGTH:
+        raise ValueError(f"'kernel.kargs' are longer than {MAX_KARGS_LENGTH} characters")
+    return {name: data[name] for name in Kernel.__slots__}
 
 
 class StateLayout:
@@ -154,6 +258,14 @@ class StateLayout:
     def image_path(self, manifest: Manifest) -> Path:
         return self.deployment_dir(manifest.id) / manifest.image
 
+    def kernel_path(self, manifest: Manifest) -> Path:
+        """The deployment's own kernel image; a BootError if it has none."""
+        return self.deployment_dir(manifest.id) / _kernel_of(manifest).vmlinuz
+
+    def initramfs_path(self, manifest: Manifest) -> Path:
+        """The deployment's own initramfs; a BootError if it has no kernel of its own."""
+        return self.deployment_dir(manifest.id) / _kernel_of(manifest).initramfs
+
     def exists(self) -> bool:
         """Whether the state is here: real directories, not symlinks that lead elsewhere."""
         return all(p.is_dir() and not p.is_symlink() for p in (self.top, self.deployments))
@@ -186,6 +298,13 @@ class StateLayout:
 
     def manifests(self) -> list[Manifest]:
         return [self.read_manifest(i) for i in self.deployment_ids()]
+
+
+def _kernel_of(manifest: Manifest) -> Kernel:
+    if manifest.kernel is None:
+        raise BootError(f"deployment {manifest.id!r} has no kernel of its own: it boots under"
+                        " the running kernel")
+    return manifest.kernel
 
 
 def created_stamp(epoch: int) -> str:

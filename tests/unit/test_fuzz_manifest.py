@@ -29,11 +29,26 @@ MUTATED = st.tuples(
     st.sets(st.sampled_from(sorted(GOOD)), max_size=2),
 ).map(lambda change: json.dumps({k: v for k, v in {**GOOD, **change[0]}.items()
                                  if k not in change[1]}))
+GOOD_KERNEL: dict[str, Any] = {"version": "6.1.0-27-cloud-amd64", "vmlinuz": "vmlinuz",
+                               "initramfs": "initramfs.img", "vmlinuz_sha256": "a" * 64,
+                               "initramfs_sha256": "b" * 64, "kargs": ["console=ttyS0", "quiet"]}
+# A good manifest with a kernel whose fields are dropped or replaced, or kargs made up.
+KARGS = st.lists(st.one_of(st.text(max_size=12), st.sampled_from(
+    ["root=/dev/sda", "overlayroot.deployment=v2", "--", "a b", 'x="y"', "é", "ok=1"])),
+    max_size=4)
+MUTATED_KERNEL = st.tuples(
+    st.dictionaries(st.sampled_from(sorted(GOOD_KERNEL)), st.one_of(JSON_VALUES, KARGS),
+                    max_size=3),
+    st.sets(st.sampled_from(sorted(GOOD_KERNEL)), max_size=2),
+).map(lambda change: json.dumps({**GOOD, "kernel": {
+    k: v for k, v in {**GOOD_KERNEL, **change[0]}.items() if k not in change[1]}}))
 MANIFEST_TEXT = st.one_of(
     st.text(),
     DEEP,
     JSON_VALUES.map(json.dumps),
     MUTATED,
+    MUTATED_KERNEL,
+    JSON_VALUES.map(lambda kernel: json.dumps({**GOOD, "kernel": kernel})),
     ODD_NUMBERS.map(lambda n: json.dumps(GOOD).replace('"size": 4096', f'"size": {n}')),
 )
 MANIFEST_BYTES = st.one_of(
