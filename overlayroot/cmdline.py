@@ -178,22 +178,34 @@ def kexec_cmdline(cmdline: str, kargs: list[str], deployment_id: str) -> str:
     without :data:`NOT_CARRIED`, then the deployment's own arguments ``kargs`` (the last of a
     key wins, so they override), then ``overlayroot.kexec=<id>``, which tells the stage there
     that the try is taken and that it must not switch kernels again; the words after ``--``
-    (init's arguments) stay last."""
+    (init's arguments) stay last. A parameter whose quotes the kernel's parser cannot give
+    back (a lone ``"`` in it) is left off: written again, it would swallow what follows."""
     params, init_args = split(cmdline)
-    words = [_join(key, value) for key, value in params if key not in NOT_CARRIED]
+    words = [word for key, value in params
+             if key and key not in NOT_CARRIED and (word := _carry(key, value)) is not None]
     words += [karg for karg in kargs if karg.strip(_WHITESPACE)]
     words.append(f"{PREFIX}kexec={check_id(deployment_id)}")
-    if init_args:
-        words += ["--", *init_args]
+    carried = [word for arg in init_args if (word := _carry_init_arg(arg)) is not None]
+    if carried:
+        words += ["--", *carried]
     return " ".join(words)
 
 
-def _join(key: str, value: str | None) -> str:
-    if value is None:
-        return f'"{key}"' if any(c in key for c in _WHITESPACE) else key
-    if any(c in value for c in _WHITESPACE):
-        return f'{key}="{value}"'
-    return f"{key}={value}"
+def _quote(text: str) -> str:
+    return f'"{text}"' if any(c in text for c in _WHITESPACE) else text
+
+
+def _carry(key: str, value: str | None) -> str | None:
+    """``key`` and ``value`` as one word that the kernel reads back as exactly them, whatever
+    follows it; None if there is no such word."""
+    word = _quote(key) if value is None else f"{key}={_quote(value)}"
+    return word if split(f"{word} x") == ([(key, value), ("x", None)], []) else None
+
+
+def _carry_init_arg(arg: str) -> str | None:
+    """One of init's arguments as a word the kernel gives init back as is; None if none."""
+    word = _quote(arg)
+    return word if split(f"-- {word} x") == ([], [arg, "x"]) else None
 
 
 def onfail_from(cmdline: str) -> str:
