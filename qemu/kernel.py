@@ -1,4 +1,10 @@
-"""The kernel the harness boots: from the environment, or Debian's cloud kernel fetched with apt."""
+"""The kernels the harness boots: from the environment, or Debian's cloud kernels fetched with apt.
+
+The first is bookworm's (the machine's own apt sources); the second, for deployments that carry
+a kernel of their own (issue 9), is bookworm-backports' 6.12, another version and module ABI.
+The host's apt sources are left alone: the backports index is fetched into an apt directory of
+the harness's own (``<cache>/apt/bookworm-backports``), with Debian's archive key.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import os
 import re
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,6 +20,13 @@ from qemu.paths import cache_dir, cache_entry
 
 METAPACKAGE = "linux-image-cloud-amd64"
 _CLOUD_IMAGE = re.compile(r"^linux-image-(6\.[0-9.]+-[0-9]+)-cloud-amd64$")
+# bookworm-backports names its kernels by upstream version: 6.12.95+deb12(.1)-cloud-amd64.
+_BACKPORTS_IMAGE = re.compile(r"^linux-image-(6\.[0-9]+\.[0-9]+\+deb[0-9]+(?:\.[0-9]+)?)"
+                              r"-cloud-amd64$")
+BACKPORTS_SUITE = "bookworm-backports"
+BACKPORTS_SOURCE = ("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]"
+                    f" http://deb.debian.org/debian {BACKPORTS_SUITE} main\n")
+LISTS_MAX_AGE = 86400  # seconds before the harness's own apt index is fetched again
 
 
 class KernelUnavailable(RuntimeError):
@@ -42,6 +56,78 @@ def kernel_from_env() -> Kernel | None:
         if not path.exists():
             raise KernelUnavailable(f"{path} (from the environment) does not exist")
     return kernel
+
+
+def second_kernel_from_env() -> Kernel | None:
+    """`OVERLAYROOT_KERNEL_B=/path/vmlinuz` and `OVERLAYROOT_KERNEL_B_MODULES=/lib/modules/<kver>`:
+    the kernel a deployment carries, instead of bookworm-backports' cloud kernel."""
+    vmlinuz = os.environ.get("OVERLAYROOT_KERNEL_B")
+    if not vmlinuz:
+        return None
+    modules = os.environ.get("OVERLAYROOT_KERNEL_B_MODULES")
+    if not modules:
+        raise KernelUnavailable(
+            "OVERLAYROOT_KERNEL_B is set but OVERLAYROOT_KERNEL_B_MODULES is not: "
+            "point it at that kernel's /lib/modules/<kver> directory"
+        )
+    kernel = Kernel(Path(vmlinuz), Path(modules), Path(modules).name)
+    for path in (kernel.vmlinuz, kernel.modules):
+        if not path.exists():
+            raise KernelUnavailable(f"{path} (from the environment) does not exist")
+    return kernel
+
+
+def backports_cloud_kernel(cache: Path | None = None) -> Kernel:
+    """bookworm-backports' cloud kernel (6.12), downloaded through the harness's own apt
+    directory and unpacked into the cache once, like :func:`debian_cloud_kernel`."""
+    cache = cache or cache_dir()
+    apt = _backports_apt(cache / "apt" / BACKPORTS_SUITE)
+    depends = _run_apt(["apt-cache", *apt, "depends", METAPACKAGE])
+    names = [line.strip().removeprefix("Depends:").strip() for line in depends.splitlines()
+             if line.strip().startswith("Depends:")]
+    names = [n for n in names if _BACKPORTS_IMAGE.match(n)]
+    if not names:
+        raise KernelUnavailable(
+            f"{BACKPORTS_SUITE} has no {METAPACKAGE} naming a linux-image-6.*+deb*-cloud-amd64"
+            f" (apt directory {cache / 'apt' / BACKPORTS_SUITE}); set OVERLAYROOT_KERNEL_B and"
+            " OVERLAYROOT_KERNEL_B_MODULES to boot another second kernel"
+        )
+    package = names[0]
+    kver = package.removeprefix("linux-image-")
+    root = cache / "kernels" / package
+    if not (root / ".complete").exists():
+        _unpack(package, kver, root, apt)
+    return Kernel(root / "boot" / f"vmlinuz-{kver}", root / "lib" / "modules" / kver, kver)
+
+
+def _backports_apt(directory: Path) -> list[str]:
+    """apt options for an apt directory that knows bookworm-backports only; its index is
+    fetched when missing or older than a day. The host's sources and lists are not touched."""
+    lists = directory / "lists"
+    for sub in (lists / "partial", directory / "cache" / "archives" / "partial",
+                directory / "sources.list.d"):
+        sub.mkdir(parents=True, exist_ok=True)
+    sources = directory / "sources.list"
+    sources.write_text(BACKPORTS_SOURCE)
+    options = [
+        "-o", f"Dir::Etc::SourceList={sources}",
+        "-o", f"Dir::Etc::SourceParts={directory / 'sources.list.d'}",
+        "-o", f"Dir::State::Lists={lists}",
+        "-o", f"Dir::Cache={directory / 'cache'}",
+        "-o", "APT::Sandbox::User=root",
+    ]
+    fetched = [p for p in lists.glob("*_Packages*") if p.is_file()]
+    if not fetched or min(time.time() - p.stat().st_mtime for p in fetched) > LISTS_MAX_AGE:
+        _run_apt(["apt-get", *options, "-q", "update"])
+    return options
+
+
+def _run_apt(argv: list[str]) -> str:
+    result = subprocess.run(argv, capture_output=True, text=True)
+    if result.returncode != 0:
+        raise KernelUnavailable(f"{' '.join(argv[:1] + argv[-2:])} failed:"
+                                f" {result.stderr.strip()}")
+    return result.stdout
 
 
 def debian_cloud_kernel(cache: Path | None = None) -> Kernel:
@@ -84,23 +170,23 @@ def _apt_cache(*args: str) -> str:
     return result.stdout if result.returncode == 0 else ""
 
 
-def _unpack(package: str, kver: str, root: Path) -> None:
+def _unpack(package: str, kver: str, root: Path, apt: list[str] | None = None) -> None:
     """Download, extract and depmod into a temp dir, then rename: a crash leaves no half kernel."""
     downloads = root.parent / "debs"
     downloads.mkdir(parents=True, exist_ok=True)
-    deb = _download(package, downloads)
+    deb = _download(package, downloads, apt or [])
     with cache_entry(root) as staging:
         subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)
         subprocess.run(["depmod", "-b", str(staging), kver], check=True)
 
 
-def _download(package: str, downloads: Path) -> Path:
+def _download(package: str, downloads: Path, apt: list[str]) -> Path:
     existing = sorted(downloads.glob(f"{package}_*.deb"))
     if existing:
         return existing[-1]
     with tempfile.TemporaryDirectory(dir=downloads) as tmp:
         result = subprocess.run(
-            ["apt-get", "download", package], cwd=tmp, capture_output=True, text=True
+            ["apt-get", *apt, "download", package], cwd=tmp, capture_output=True, text=True
         )
         if result.returncode != 0:
             raise KernelUnavailable(
@@ -112,9 +198,12 @@ def _download(package: str, downloads: Path) -> Path:
 
 
 def main() -> None:
-    """``python -m qemu.kernel``: fetch the test kernel into the cache (scripts/setup runs it)."""
+    """``python -m qemu.kernel``: fetch the test kernels into the cache (scripts/setup runs
+    it)."""
     kernel = kernel_from_env() or debian_cloud_kernel()
     print(f"test kernel {kernel.version}: {kernel.vmlinuz}")
+    second = second_kernel_from_env() or backports_cloud_kernel()
+    print(f"second test kernel (deployments' own) {second.version}: {second.vmlinuz}")
 
 
 if __name__ == "__main__":

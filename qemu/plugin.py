@@ -1,4 +1,5 @@
-"""pytest plugin: the `kernel`, `qemu_accel` and `machine` fixtures, console logs on failure.
+"""pytest plugin: the `kernel`, `second_kernel`, `qemu_accel` and `machine` fixtures, console logs
+on failure.
 
 Every console log of a test lands in `<cache>/test-logs/<test id>/<name>.log`; a failed test's
 report names them, a passing test's logs are deleted.
@@ -16,7 +17,14 @@ from typing import NoReturn
 import pytest
 
 from qemu.accel import choose_accel
-from qemu.kernel import Kernel, KernelUnavailable, debian_cloud_kernel, kernel_from_env
+from qemu.kernel import (
+    Kernel,
+    KernelUnavailable,
+    backports_cloud_kernel,
+    debian_cloud_kernel,
+    kernel_from_env,
+    second_kernel_from_env,
+)
 from qemu.machine import LoggedDisk, Machine
 from qemu.paths import cache_dir
 
@@ -81,6 +89,20 @@ def kernel() -> Kernel:
         return debian_cloud_kernel(cache_dir())
     except KernelUnavailable as error:
         _skip_or_fail(f"no kernel to boot: {error}")
+
+
+@pytest.fixture(scope="session")
+def second_kernel(kernel: Kernel) -> Kernel:
+    """A kernel of another version and module ABI than `kernel`, for deployments that carry
+    their own: $OVERLAYROOT_KERNEL_B(_MODULES), else bookworm-backports' cloud kernel."""
+    try:
+        second = second_kernel_from_env() or backports_cloud_kernel(cache_dir())
+    except KernelUnavailable as error:
+        _skip_or_fail(f"no second kernel: {error}")
+    if second.version == kernel.version:
+        _skip_or_fail(f"the second kernel is the first one ({kernel.version}): set"
+                      " OVERLAYROOT_KERNEL_B to another")
+    return second
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,152 @@
+"""Issue 9, the stage side: deployments that carry a kernel of their own, under QEMU.
+
+The machine always starts kernel A (Debian bookworm's cloud kernel, the harness's ``-kernel``
+and ``-initrd``, as a bootloader with one static entry would). A deployment that carries kernel
+B (bookworm-backports' 6.12, another version and module ABI) is reached by the stage itself:
+it takes the try, loads B and B's initramfs with ``kexec_file_load`` and starts B, whose stage
+boots that deployment without a second try. QEMU does not see a kexec (no reset): one QEMU run
+is one power-on, whatever kernels it went through.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from initrd.build import BuildConfig, Compression, build_initramfs
+from overlayroot.layout import Kernel as DeploymentKernel
+from overlayroot.layout import StateLayout
+from qemu.kernel import Kernel
+from qemu.machine import Machine
+from qemu.plugin import MachineFactory
+from qemu.rootfs import add_kernel, make_test_root
+from tests.qemu.stage import initramfs
+from tests.qemu.test_selfheal import (
+    BOOT_TIMEOUT,
+    BROKEN,
+    CMDLINE,
+    SCRIPTS,
+    Disk,
+    booted,
+    command_payload,
+    history,
+    rows,
+)
+
+__all__ = ["command_payload", "initramfs"]  # the fixtures, imported so pytest finds them here
+
+MODULE = "dummy"  # in both kernels as a module, with no dependencies
+KEXEC_REPORT = f"""\
+echo "OVERLAYROOT-TEST uname=$(uname -r)"
+insmod /lib/modules/$(uname -r)/kernel/drivers/net/{MODULE}.ko
+echo "OVERLAYROOT-TEST insmod=$?"
+grep -q '^{MODULE} ' /proc/modules && echo "OVERLAYROOT-TEST module={MODULE}"
+""" + SCRIPTS["report"]
+KEXEC_SCRIPTS = {**SCRIPTS, "kexec-report": KEXEC_REPORT}
+
+
+@pytest.fixture(scope="session")
+def second_initramfs(second_kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Our standalone initramfs for kernel B: what a deployment built with
+    ``overlayroot initrd build`` carries."""
+    out = tmp_path_factory.mktemp("initramfs-b") / "initramfs.img"
+    build_initramfs(BuildConfig(modules_dir=second_kernel.modules, output=out,
+                                compress=Compression.ZSTD))
+    return out
+
+
+class KernelDisk(Disk):
+    """A state disk whose deployments may carry a kernel of their own."""
+
+    def kernel_root(self, name: str, kernel: Kernel, initrd: Path, fail: str | None = None,
+                    ) -> Path:
+        root = make_test_root(self.base / f"root-{name}", image=name, fail=fail,
+                              command=self.payload, scripts=KEXEC_SCRIPTS)
+        add_kernel(root, kernel.vmlinuz, initrd, kernel.version, kernel.modules, (MODULE,))
+        return root
+
+    def deploy_with_kernel(self, name: str, kernel: Kernel, initrd: Path,
+                           fail: str | None = None, kargs: tuple[str, ...] = ()) -> None:
+        """Deploy a root that carries ``kernel``, and record the kernel in its manifest."""
+        root = self.kernel_root(name, kernel, initrd, fail)
+        from overlayroot.deploy import deploy
+
+        deploy(self.content, root, deployment_id=name, created=self.created())
+        attach_kernel(self.layout, name, root / "usr/lib/modules" / kernel.version,
+                      kernel.version, list(kargs))
+
+    def created(self) -> int:
+        from tests.qemu.stage import CREATED
+
+        self.count += 1
+        return CREATED + self.count - 1
+
+
+def attach_kernel(layout: StateLayout, deployment_id: str, source: Path, version: str,
+                  kargs: list[str]) -> None:
+    """What ``overlayroot deploy`` records of a root's kernel: its two files next to the
+    image, their digests and the arguments in the manifest."""
+    directory = layout.deployment_dir(deployment_id)
+    digests = []
+    for name in ("vmlinuz", "initramfs.img"):
+        shutil.copy2(source / name, directory / name)
+        digests.append(hashlib.sha256((directory / name).read_bytes()).hexdigest())
+    manifest = layout.read_manifest(deployment_id)
+    manifest.kernel = DeploymentKernel(version=version, vmlinuz_sha256=digests[0],
+                                       initramfs_sha256=digests[1], kargs=kargs)
+    (directory / "manifest.json").write_text(manifest.to_json())
+
+
+def boot(machine: MachineFactory, initrd: Path, disk: Path, name: str,
+         extra: str = "") -> Machine:
+    m = machine(initrd=initrd, disks=[disk], cmdline=f"{CMDLINE} {extra}", name=name)
+    m.start()
+    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT * 2, failure=(
+        "Kernel panic - not syncing", "Attempted to kill init", "overlayroot: error: no",
+        "OVERLAYROOT-TEST failing=", *BROKEN))
+    m.wait_exit(60)
+    return m
+
+
+def booted_json(m: Machine) -> dict[str, object]:
+    data = json.loads(m.markers()["booted_json"])
+    assert isinstance(data, dict)
+    return data
+
+
+def test_a_deployment_with_its_own_kernel_runs_under_it_and_keeps_etc_var_home(
+    machine: MachineFactory, initramfs: Path, second_initramfs: Path, command_payload: Path,
+    kernel: Kernel, second_kernel: Kernel, tmp_path: Path
+) -> None:
+    disk = KernelDisk(tmp_path, command_payload)
+    disk.deploy("v1")
+    disk.bless("v1")
+    disk.deploy_with_kernel("v2", second_kernel, second_initramfs, kargs=("loglevel=7",))
+    path = disk.make()
+
+    first = boot(machine, initramfs, path, "1-kexec",
+                 "test.write=kexec-token test.bless=1 test.run=kexec-report")
+    m = first.markers()
+    assert f"switching to deployment v2's kernel {second_kernel.version}" in first.console
+    assert booted(first) == "v2"
+    assert m["uname"] == second_kernel.version != kernel.version
+    assert (m["insmod"], m["module"]) == ("0", MODULE)
+    assert "trial boot of v2: 1 tries left after this one" in first.console
+    info = booted_json(first)
+    assert (info["kernel"], info["kexec"], info["counted"]) == (second_kernel.version, "v2", True)
+    assert (m["write_etc"], m["write_var"], m["write_home"], m["bless"]) == ("ok",) * 3 + ("0",)
+    assert rows(first)["v2"]["tries_left"] == 1  # one try, taken before the kexec
+    events = [(e["event"], e["deployment"]) for e in history(first)]
+    assert events[-3:] == [("kexec", "v2"), ("boot", "v2"), ("blessed", "v2")]
+
+    second = boot(machine, initramfs, path, "2-known-good", "test.read=1 test.run=kexec-report")
+    m = second.markers()
+    assert booted(second) == "v2" and m["uname"] == second_kernel.version
+    assert "trial boot" not in second.console  # known good: no try, no watchdog
+    assert (m["etc_token"], m["var_token"], m["home_token"]) == ("kexec-token",) * 3
+    assert m["module"] == MODULE
+    assert "Traceback" not in first.console + second.console
