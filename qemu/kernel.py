@@ -1,9 +1,12 @@
 """The kernels the harness boots: from the environment, or Debian's cloud kernels fetched with apt.
 
-The first is bookworm's (the machine's own apt sources); the second, for deployments that carry
-a kernel of their own (issue 9), is bookworm-backports' 6.12, another version and module ABI.
-The host's apt sources are left alone: the backports index is fetched into an apt directory of
-the harness's own (``<cache>/apt/bookworm-backports``), with Debian's archive key.
+The first is bookworm's 6.1 (the machine's own apt sources). The second, for deployments that
+carry a kernel of their own (issue 9), is a 6.12, another version and module ABI: the one Debian
+12 ships in bookworm-security (``linux-image-6.12-cloud-amd64``), else bookworm-backports'. For
+backports the host's apt sources are left alone: its index is fetched into an apt directory of
+the harness's own (``<cache>/apt/bookworm-backports``), with Debian's archive key. (Backports'
+6.12.95 crashes in early boot under QEMU 7.2's TCG, slab corruption while probing virtio-pci,
+booted directly as much as by kexec; bookworm-security's 6.12.117 boots.)
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ from pathlib import Path
 from qemu.paths import cache_dir, cache_entry
 
 METAPACKAGE = "linux-image-cloud-amd64"
+SECOND_METAPACKAGE = "linux-image-6.12-cloud-amd64"  # bookworm-security
 _CLOUD_IMAGE = re.compile(r"^linux-image-(6\.[0-9.]+-[0-9]+)-cloud-amd64$")
-# bookworm-backports names its kernels by upstream version: 6.12.95+deb12(.1)-cloud-amd64.
-_BACKPORTS_IMAGE = re.compile(r"^linux-image-(6\.[0-9]+\.[0-9]+\+deb[0-9]+(?:\.[0-9]+)?)"
+# Debian 12 names its 6.12 kernels by upstream version: 6.12.117+deb12(.1)-cloud-amd64.
+_SECOND_IMAGE = re.compile(r"^linux-image-(6\.[0-9]+\.[0-9]+\+deb[0-9]+(?:\.[0-9]+)?)"
                               r"-cloud-amd64$")
 BACKPORTS_SUITE = "bookworm-backports"
 BACKPORTS_SOURCE = ("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]"
@@ -77,20 +81,22 @@ def second_kernel_from_env() -> Kernel | None:
     return kernel
 
 
-def backports_cloud_kernel(cache: Path | None = None) -> Kernel:
-    """bookworm-backports' cloud kernel (6.12), downloaded through the harness's own apt
-    directory and unpacked into the cache once, like :func:`debian_cloud_kernel`."""
+def second_cloud_kernel(cache: Path | None = None) -> Kernel:
+    """Debian's 6.12 cloud kernel: bookworm-security's through the host's apt sources, else
+    bookworm-backports' through the harness's own apt directory; downloaded and unpacked into
+    the cache once, like :func:`debian_cloud_kernel`."""
     cache = cache or cache_dir()
-    apt = _backports_apt(cache / "apt" / BACKPORTS_SUITE)
-    depends = _run_apt(["apt-cache", *apt, "depends", METAPACKAGE])
-    names = [line.strip().removeprefix("Depends:").strip() for line in depends.splitlines()
-             if line.strip().startswith("Depends:")]
-    names = [n for n in names if _BACKPORTS_IMAGE.match(n)]
+    apt: list[str] = []
+    names = _depends(_apt_cache("depends", SECOND_METAPACKAGE))
+    if not names:
+        apt = _backports_apt(cache / "apt" / BACKPORTS_SUITE)
+        names = _depends(_run_apt(["apt-cache", *apt, "depends", METAPACKAGE]))
     if not names:
         raise KernelUnavailable(
-            f"{BACKPORTS_SUITE} has no {METAPACKAGE} naming a linux-image-6.*+deb*-cloud-amd64"
-            f" (apt directory {cache / 'apt' / BACKPORTS_SUITE}); set OVERLAYROOT_KERNEL_B and"
-            " OVERLAYROOT_KERNEL_B_MODULES to boot another second kernel"
+            f"neither the host's apt ({SECOND_METAPACKAGE}) nor {BACKPORTS_SUITE}"
+            f" ({METAPACKAGE}, apt directory {cache / 'apt' / BACKPORTS_SUITE}) names a"
+            " linux-image-6.*+deb*-cloud-amd64; run apt-get update, or set OVERLAYROOT_KERNEL_B"
+            " and OVERLAYROOT_KERNEL_B_MODULES to another kernel"
         )
     package = names[0]
     kver = package.removeprefix("linux-image-")
@@ -98,6 +104,13 @@ def backports_cloud_kernel(cache: Path | None = None) -> Kernel:
     if not (root / ".complete").exists():
         _unpack(package, kver, root, apt)
     return Kernel(root / "boot" / f"vmlinuz-{kver}", root / "lib" / "modules" / kver, kver)
+
+
+def _depends(text: str) -> list[str]:
+    """The 6.12-style cloud kernel packages an ``apt-cache depends`` output names."""
+    names = [line.strip().removeprefix("Depends:").strip() for line in text.splitlines()
+             if line.strip().startswith("Depends:")]
+    return [n for n in names if _SECOND_IMAGE.match(n)]
 
 
 def _backports_apt(directory: Path) -> list[str]:
@@ -202,7 +215,7 @@ def main() -> None:
     it)."""
     kernel = kernel_from_env() or debian_cloud_kernel()
     print(f"test kernel {kernel.version}: {kernel.vmlinuz}")
-    second = second_kernel_from_env() or backports_cloud_kernel()
+    second = second_kernel_from_env() or second_cloud_kernel()
     print(f"second test kernel (deployments' own) {second.version}: {second.vmlinuz}")
 
 

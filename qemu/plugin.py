@@ -20,7 +20,7 @@ from qemu.accel import choose_accel
 from qemu.kernel import (
     Kernel,
     KernelUnavailable,
-    backports_cloud_kernel,
+    second_cloud_kernel,
     debian_cloud_kernel,
     kernel_from_env,
     second_kernel_from_env,
@@ -94,9 +94,9 @@ def kernel() -> Kernel:
 @pytest.fixture(scope="session")
 def second_kernel(kernel: Kernel) -> Kernel:
     """A kernel of another version and module ABI than `kernel`, for deployments that carry
-    their own: $OVERLAYROOT_KERNEL_B(_MODULES), else bookworm-backports' cloud kernel."""
+    their own: $OVERLAYROOT_KERNEL_B(_MODULES), else Debian's 6.12 cloud kernel."""
     try:
-        second = second_kernel_from_env() or backports_cloud_kernel(cache_dir())
+        second = second_kernel_from_env() or second_cloud_kernel(cache_dir())
     except KernelUnavailable as error:
         _skip_or_fail(f"no second kernel: {error}")
     if second.version == kernel.version:

@@ -125,7 +125,7 @@ def test_a_deployment_with_its_own_kernel_runs_under_it_and_keeps_etc_var_home(
     disk = KernelDisk(tmp_path, command_payload)
     disk.deploy("v1")
     disk.bless("v1")
-    disk.deploy_with_kernel("v2", second_kernel, second_initramfs, kargs=("loglevel=7",))
+    disk.deploy_with_kernel("v2", second_kernel, second_initramfs, kargs=("loglevel=6",))
     path = disk.make()
 
     first = boot(machine, initramfs, path, "1-kexec",
