@@ -24,7 +24,7 @@ from qemu.kernel import Kernel
 from qemu.machine import Machine
 from qemu.plugin import MachineFactory
 from qemu.rootfs import add_kernel, make_test_root
-from tests.qemu.stage import initramfs
+from tests.qemu.stage import FS_LABEL, initramfs
 from tests.qemu.test_selfheal import (
     BOOT_TIMEOUT,
     BROKEN,
@@ -62,10 +62,13 @@ def second_initramfs(second_kernel: Kernel, tmp_path_factory: pytest.TempPathFac
 class KernelDisk(Disk):
     """A state disk whose deployments may carry a kernel of their own."""
 
+    def root(self, name: str, fail: str | None = None) -> Path:
+        return make_test_root(self.base / f"root-{name}", image=name, fail=fail,
+                              command=self.payload, scripts=KEXEC_SCRIPTS)
+
     def kernel_root(self, name: str, kernel: Kernel, initrd: Path, fail: str | None = None,
                     ) -> Path:
-        root = make_test_root(self.base / f"root-{name}", image=name, fail=fail,
-                              command=self.payload, scripts=KEXEC_SCRIPTS)
+        root = self.root(name, fail)
         add_kernel(root, kernel.vmlinuz, initrd, kernel.version, kernel.modules, (MODULE,))
         return root
 
@@ -150,3 +153,82 @@ def test_a_deployment_with_its_own_kernel_runs_under_it_and_keeps_etc_var_home(
     assert (m["etc_token"], m["var_token"], m["home_token"]) == ("kexec-token",) * 3
     assert m["module"] == MODULE
     assert "Traceback" not in first.console + second.console
+
+
+def test_a_kernel_that_is_damaged_or_not_a_kernel_falls_back_in_the_same_boot(
+    machine: MachineFactory, initramfs: Path, second_initramfs: Path, command_payload: Path,
+    second_kernel: Kernel, tmp_path: Path
+) -> None:
+    disk = KernelDisk(tmp_path, command_payload)
+    disk.deploy("v1")
+    disk.bless("v1")
+    disk.deploy_with_kernel("v2-damaged", second_kernel, second_initramfs)
+    disk.deploy_with_kernel("v3-notakernel", second_kernel, second_initramfs)
+    damaged = disk.layout.deployment_dir("v2-damaged") / "vmlinuz"
+    with open(damaged, "r+b") as f:
+        f.seek(1 << 20)
+        f.write(b"\xff" * 16)
+    # A file the digest check passes, and that kexec_file_load refuses: not an x86 bzImage.
+    notakernel = disk.layout.deployment_dir("v3-notakernel") / "vmlinuz"
+    notakernel.write_bytes(Path("/bin/busybox").read_bytes())
+    manifest = disk.layout.read_manifest("v3-notakernel")
+    assert manifest.kernel is not None
+    manifest.kernel.vmlinuz_sha256 = hashlib.sha256(notakernel.read_bytes()).hexdigest()
+    (notakernel.parent / "manifest.json").write_text(manifest.to_json())
+    path = disk.make()
+
+    m = boot(machine, initramfs, path, "fallback", "test.run=kexec-report")
+    assert booted(m) == "v1"
+    assert "kexec_core: Starting new kernel" not in m.console
+    notakernel_reason = (f"deployment 'v3-notakernel': its kernel {second_kernel.version}"
+                         " (/sysroot/overlayroot/deployments/v3-notakernel/vmlinuz) cannot be"
+                         " loaded: it is not a kernel this machine can start (another"
+                         " architecture, or not a kernel image at all) [kexec_file_load: Exec"
+                         " format error]")
+    assert f"overlayroot: error: {notakernel_reason}" in m.console
+    assert ("overlayroot: error: deployment 'v2-damaged': its kernel"
+            " /sysroot/overlayroot/deployments/v2-damaged/vmlinuz fails its digest check"
+            in m.console)
+    records = rows(m)
+    assert records["v3-notakernel"]["bad"] == notakernel_reason
+    assert "fails its digest check" in records["v2-damaged"]["bad"]
+    failed = [(e["deployment"], e["reason"]) for e in history(m) if e["event"] == "failed"]
+    assert [d for d, _ in failed] == ["v3-notakernel", "v2-damaged"]
+    assert failed[0][1] == notakernel_reason
+    assert m.markers()["uname"] != second_kernel.version
+
+
+def test_a_kernel_that_starts_and_then_fails_is_given_up_after_its_tries(
+    machine: MachineFactory, initramfs: Path, command_payload: Path, kernel: Kernel,
+    second_kernel: Kernel, tmp_path: Path
+) -> None:
+    """v2's kernel loads and starts, but its initramfs has no virtio_blk (built without
+    modules): it cannot find the state device, and its stage powers off (here; a reboot on a
+    real machine, ``overlayroot.onfail=``). Each such boot used a try, taken before the kexec,
+    so the bootloader's kernel falls back to v1 by itself."""
+    no_modules = tmp_path / "initramfs-b-no-modules.img"
+    build_initramfs(BuildConfig(modules_dir=None, output=no_modules,
+                                compress=Compression.ZSTD))
+    disk = KernelDisk(tmp_path, command_payload)
+    disk.deploy("v1")
+    disk.bless("v1")
+    disk.deploy_with_kernel("v2", second_kernel, no_modules)
+    path = disk.make()
+
+    for attempt in (1, 2):
+        m = machine(initrd=initramfs, disks=[path], cmdline=CMDLINE, name=f"v2-{attempt}")
+        m.start()
+        m.wait_for(f"the state device LABEL={FS_LABEL} did not appear", BOOT_TIMEOUT * 2,
+                   failure=("OVERLAYROOT-TEST done", *BROKEN))
+        m.wait_exit(60)
+        assert f"switching to deployment v2's kernel {second_kernel.version}" in m.console
+        assert f"Linux version {second_kernel.version}" in m.console
+        assert disk.state().entries["v2"].tries_left == 2 - attempt
+    last = boot(machine, initramfs, path, "back-on-v1", "test.run=kexec-report")
+    assert booted(last) == "v1" and last.markers()["uname"] == kernel.version
+    assert "kexec_core: Starting new kernel" not in last.console
+    assert rows(last)["v2"]["bad"] == ("used up its tries without being blessed (it crashed,"
+                                       " hung or was reset)")
+    events = [(e["event"], e["deployment"]) for e in history(last)]
+    assert events == [("blessed", "v1"), ("kexec", "v2"), ("kexec", "v2"), ("failed", "v2"),
+                      ("boot", "v1")]
