@@ -155,7 +155,12 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
             for module in kernel.modules:
                 tree.add_file(base / module.relative, decompress(module.source))
                 module_paths.append(str(base / module.relative))
-        tree.add_file(STAGE_DIR / "modules.list", "".join(f"{p}\n" for p in module_paths).encode())
+        listing = "".join(f"{p}\n" for p in module_paths).encode()
+        tree.add_file(STAGE_DIR / "modules.list", listing)
+        if kernel is not None:
+            # Named by the release too: where initramfs images of two kernels are concatenated
+            # (the boot pair's bridge, docs/kernels.md), each kernel still finds its own list.
+            tree.add_file(STAGE_DIR / "modules.d" / f"{kernel.kernel_version}.list", listing)
         tree.add_file(STAGE_DIR / "build.json", build_info(frozen, kernel))
     except TreeError as e:
         raise BootError(f"cannot lay out the image: {e}") from e

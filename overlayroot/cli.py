@@ -24,12 +24,20 @@ FROZEN_MODULES = (
     "overlayroot.status",
     "overlayroot.health",
     "overlayroot.etcdiff",
+    "overlayroot.bootpair",
+    "tomllib",  # deploy reads a root's kargs.d
     "traceback",  # --debug
 )
 
 SYSROOT_HELP = (
     "the state filesystem, mounted at DIR (default: the one this system booted from, as"
     " /run/overlayroot/booted.json says)"
+)
+
+
+BOOT_DIR_HELP = (
+    "the boot pair's directory (default: the one line of /etc/overlayroot/boot-dir in a booted"
+    " system, else overlayroot/boot on the state filesystem)"
 )
 
 
@@ -56,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
         " was marked bad; created, size and origin.",
     )
     status.add_argument("--json", action="store_true", help="print it as JSON")
+    status.add_argument("--boot-dir", metavar="DIR", help=BOOT_DIR_HELP)
 
     deploy = command(
         "deploy", "overlayroot.deploy:run", "stage a deployment and make it the default, on trial",
@@ -80,10 +89,22 @@ def build_parser() -> argparse.ArgumentParser:
     bless.add_argument("--no-reboot", action="store_true",
                        help="when a required check fails, mark the deployment bad but do not"
                        " reboot")
+    bless.add_argument("--boot-dir", metavar="DIR", help=BOOT_DIR_HELP)
     bless.add_argument("--check-timeout", type=seconds, default=60.0, metavar="S",
                        help="seconds a check may run before it is killed and fails, unless it"
                        " names its own with overlayroot-timeout=S in its first lines"
                        " (default 60)")
+
+    promote = command(
+        "promote", "overlayroot.bootpair:run_promote", "put a deployment's kernel in the boot"
+        " pair",
+        "Make the boot pair (the vmlinuz and initrd.img one static bootloader entry loads) hold"
+        " the kernel and initramfs of a deployment: ID, or by default the newest known-good"
+        " deployment that has a kernel of its own. bless does this by itself; this command is"
+        " for image pipelines and repairs. Safe against a power cut at any point.",
+    )
+    promote.add_argument("id", metavar="ID", nargs="?")
+    promote.add_argument("--boot-dir", metavar="DIR", help=BOOT_DIR_HELP)
 
     mark_bad = command(
         "mark-bad", "overlayroot.manage:run_mark_bad", "never boot a deployment again by itself",
@@ -193,6 +214,21 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
         help="register the deployment as known good (blessed) instead of on trial: for a"
         " factory image whose first deployment was tested before it shipped, so that a missing"
         " or failing bless can never use up its tries",
+    )
+    parser.add_argument(
+        "--kernel", metavar="VERSION",
+        help="the root's kernel to deploy with it, when it has several (default: the newest);"
+        " kernels are found at /usr/lib/modules/VERSION/vmlinuz (initramfs.img next to it) and"
+        " /boot/vmlinuz-VERSION (/boot/initrd.img-VERSION)",
+    )
+    parser.add_argument(
+        "--no-kernel", action="store_true",
+        help="deploy without the root's kernel: the deployment boots under the running kernel",
+    )
+    parser.add_argument(
+        "--karg", metavar="ARG", action="append", default=[],
+        help="a kernel argument the deployment's kernel boots with (repeatable), after those of"
+        " the root's /usr/lib/bootc/kargs.d/*.toml",
     )
     parser.add_argument(
         "--json", action="store_true", help="print the manifest and the path as JSON"

@@ -50,7 +50,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from overlayroot import bootstate, digest, files, layout, statefile, target, treecopy
+from overlayroot import bootstate, digest, files, kernels, layout, statefile, target, treecopy
 from overlayroot.errors import BootError
 
 # The directories the read-only lower must provide as mount points (docs/design.md §5).
@@ -77,6 +77,8 @@ UUID_NAMESPACE = uuid.UUID("3f0d6c52-5b0e-4a8c-9d7e-2f1c8a4b6e10")
 DIR_MODE = 0o755
 # An image holds the root's secrets (/etc/shadow, host keys): root alone may read it.
 IMAGE_MODE = 0o600
+# A kernel and its initramfs are no secret (and /boot's are world-readable).
+KERNEL_MODE = 0o644
 # --created: 9999-12-31T23:59:59Z is the last second whose year has the four digits that the
 # manifest's time and the default id are written with.
 MAX_EPOCH = 253402300799
@@ -103,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
         progress=Progress.for_stream(sys.stderr),
         etc_from=etc_from,
         known_good=args.known_good,
+        kernel=KernelChoice(args.kernel, args.no_kernel, args.karg),
     )
     if args.json:
         print(json.dumps({**manifest.to_dict(), "path": str(final)}, indent=2, sort_keys=True))
@@ -111,6 +114,12 @@ def run(args: argparse.Namespace) -> int:
             f"deployed {manifest.id} ({manifest.format}, {manifest.size / 2**20:.1f} MiB,"
             f" sha256 {manifest.sha256[:16]}…) at {final}"
         )
+        if manifest.kernel is not None:
+            kargs = " ".join(manifest.kernel.kargs) or "none"
+            print(f"{manifest.id} has its own kernel {manifest.kernel.version} (kernel arguments:"
+                  f" {kargs})")
+        else:
+            print(f"{manifest.id} has no kernel of its own: it boots under the running kernel")
         carried = f"; /etc carried forward from {where.booted_id}" if etc_from else ""
         if args.known_good:
             print(f"{manifest.id} is the default now, known good: it boots next{carried}")
@@ -251,6 +260,24 @@ def image_top_dirs(image: Path, fmt: str) -> set[str] | None:
     return found
 
 
+class KernelChoice:
+    """What ``--kernel``, ``--no-kernel`` and ``--karg`` ask of the deployment's own kernel."""
+
+    __slots__ = ("kargs", "skip", "version")
+
+    def __init__(self, version: str | None = None, skip: bool = False,
+                 kargs: list[str] | None = None) -> None:
+        if skip and (version is not None or kargs):
+            raise BootError("--no-kernel leaves the deployment without a kernel of its own:"
+                            " drop --kernel and --karg, or --no-kernel")
+        if version is not None and not layout.KERNEL_VERSION_PATTERN.match(version):
+            raise BootError(f"--kernel {version!r} is not a kernel release (what `uname -r`"
+                            " prints, e.g. 6.1.0-27-cloud-amd64)")
+        self.version = version
+        self.skip = skip
+        self.kargs = kernels.check_kargs(list(kargs or []))
+
+
 def deploy(
     sysroot: Path,
     source: Path,
@@ -261,16 +288,19 @@ def deploy(
     progress: Progress | None = None,
     etc_from: Path | None = None,
     known_good: bool = False,
+    kernel: KernelChoice | None = None,
 ) -> tuple[layout.Manifest, Path]:
     """Stage ``source`` as a deployment on the state filesystem at ``sysroot`` and make it the
     default, on trial.
 
     ``created`` (UNIX seconds) makes the result reproducible; None means now, mtimes kept.
     ``etc_from`` is an ``/etc`` upper to start the new deployment's from. ``known_good``
-    registers it as blessed rather than on trial.
+    registers it as blessed rather than on trial. ``kernel`` says which of the root's kernels
+    is the deployment's own (default: the newest it has, if any).
     Returns the manifest and the deployment's directory.
     """
     progress = progress or Progress(None)
+    kernel = kernel or KernelChoice()
     if not sysroot.is_dir():
         raise BootError(
             f"sysroot {sysroot} is not a directory: mount the state filesystem there (or create"
@@ -311,6 +341,7 @@ def deploy(
                 epoch=epoch,
                 reproducible=reproducible,
                 progress=progress,
+                kernel=kernel,
             )
             if etc_from is None:
                 make_etc(state, deployment_id)
@@ -420,7 +451,9 @@ def stage(
     epoch: int,
     reproducible: bool,
     progress: Progress,
+    kernel: KernelChoice | None = None,
 ) -> layout.Manifest:
+    kernel = kernel or KernelChoice()
     with converting_os_errors(f"creating {staging}"):
         make_dir(staging)
         # Root's alone while the image is written: mkfs creates it readable by all, and a
@@ -432,21 +465,30 @@ def stage(
         tree = staging / "unpacked"
         extract_tar(source, tree, progress)
         check_mount_points(source, tree_has_dir(tree))
+    own_kernel = None
     if kind == "image":
         with converting_os_errors(f"copying {source} to {image}"):
             copy_file(source, image, progress)
+        if not kernel.skip:
+            own_kernel = stage_image_kernel(staging, source, fmt, kernel, epoch, progress)
     elif fmt == "dir" and kind == "tar":
         with converting_os_errors(f"moving {tree} to {image}"):
             os.rename(tree, image)
             if reproducible:
                 fix_mtimes(image, epoch)
             os.sync()
+        if not kernel.skip:
+            own_kernel = stage_kernel(staging, image, source, kernel, epoch, progress)
     elif fmt == "dir":
         with converting_os_errors(f"copying {source} to {image}"):
             copy_tree(source, image, mtime=epoch if reproducible else None, progress=progress)
             os.sync()
+        if not kernel.skip:
+            own_kernel = stage_kernel(staging, source, source, kernel, epoch, progress)
     else:
         build_image(tree, image, fmt, deployment_id, epoch if reproducible else None, progress)
+        if not kernel.skip:
+            own_kernel = stage_kernel(staging, tree, source, kernel, epoch, progress)
         if kind == "tar":
             with converting_os_errors(f"removing {tree}"):
                 shutil.rmtree(tree)
@@ -466,11 +508,104 @@ def stage(
         sha256=sha256,
         size=size,
         origin=str(source.resolve()),
+        kernel=own_kernel,
     )
     with converting_os_errors(f"writing {staging / layout.MANIFEST}"):
         write_file(staging / layout.MANIFEST, manifest.to_json().encode())
         files.fsync_dir(staging)
     return manifest
+
+
+def stage_kernel(staging: Path, root: Path, source: Path, choice: KernelChoice, epoch: int,
+                 progress: Progress) -> layout.Kernel | None:
+    """Copy the root's kernel (the one ``choice`` names, else the newest) and its initramfs
+    (built when the root has none) into the staging directory; its manifest entry, or None
+    for a root without a kernel."""
+    found = kernels.choose(kernels.find(root), choice.version, source)
+    if found is None:
+        if choice.kargs:
+            raise BootError(f"--karg: {source} has no kernel of its own (no"
+                            " /usr/lib/modules/<version>/vmlinuz nor /boot/vmlinuz-<version>) for"
+                            " the arguments to go with; drop --karg")
+        return None
+    kernels.check_image(found.vmlinuz, found.version)
+    kargs = kernels.check_kargs([*kernels.read_kargs_dir(root), *choice.kargs])
+    vmlinuz = staging / layout.KERNEL_FILE
+    initramfs = staging / layout.INITRAMFS_FILE
+    with converting_os_errors(f"copying the kernel {found.vmlinuz} to {vmlinuz}"):
+        copy_file(found.vmlinuz, vmlinuz, progress, mode=KERNEL_MODE)
+    if found.initramfs is not None:
+        with converting_os_errors(f"copying the initramfs {found.initramfs} to {initramfs}"):
+            copy_file(found.initramfs, initramfs, progress, mode=KERNEL_MODE)
+    else:
+        build_initramfs(found, initramfs, source, epoch, progress)
+    with converting_os_errors(f"hashing {vmlinuz} and {initramfs}"):
+        for path in (vmlinuz, initramfs):
+            fsync_file(path)
+        return layout.Kernel(version=found.version, vmlinuz_sha256=digest.file_sha256(vmlinuz),
+                             initramfs_sha256=digest.file_sha256(initramfs), kargs=kargs)
+
+
+def build_initramfs(found: kernels.Found, output: Path, source: Path, epoch: int,
+                    progress: Progress) -> None:
+    """An initramfs for a kernel the root carries without one, by our builder."""
+    import importlib
+
+    missing = (f"{source} has kernel {found.version} ({found.vmlinuz}) but no initramfs for it"
+               " (/usr/lib/modules/<version>/initramfs.img or /boot/initrd.img-<version>)")
+    advice = kernels.NO_INITRAMFS_HELP.format(version=found.version)
+    try:
+        build = importlib.import_module("initrd.build")
+    except ImportError as e:
+        raise BootError(f"{missing}, and the initramfs builder is not installed ({e}): {advice}"
+                        ) from None
+    if found.modules is None:
+        raise BootError(f"{missing}, nor its modules (/usr/lib/modules/{found.version}) to build"
+                        f" one from: {advice}")
+    config = build.BuildConfig(modules_dir=found.modules, output=output,
+                               source_date_epoch=epoch)
+    # The builder's own error type where it has one (initrd.errors.BuildError), else BootError.
+    failures = (BootError, getattr(build, "BuildError", BootError))
+    with progress.task(f"building an initramfs for {found.version}", None):
+        try:
+            build.build_initramfs(config)
+        except failures as e:
+            raise BootError(f"{missing}; building one failed: {e}") from None
+    with converting_os_errors(f"setting the mode of {output}"):
+        os.chmod(output, KERNEL_MODE)
+
+
+def stage_image_kernel(staging: Path, source: Path, fmt: str, choice: KernelChoice, epoch: int,
+                       progress: Progress) -> layout.Kernel | None:
+    """``stage_kernel`` for an image source: the parts of the image a kernel lives in are
+    extracted to a scratch directory in the staging directory first."""
+    scratch = staging / "kernel-scratch"
+    try:
+        extract_kernel_parts(source, fmt, scratch, progress)
+        return stage_kernel(staging, scratch, source, choice, epoch, progress)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def extract_kernel_parts(image: Path, fmt: str, scratch: Path, progress: Progress) -> None:
+    if fmt == "squashfs":
+        # Only what a kernel lives in; paths the image lacks are skipped.
+        command = ["unsquashfs", "-no-xattrs", "-quiet", "-no-progress", "-d", str(scratch),
+                   str(image), *kernels.MODULE_DIRS, kernels.BOOT_DIR, kernels.KARGS_DIR]
+    else:
+        # erofs-utils 1.5 extracts a whole image or nothing.
+        command = ["fsck.erofs", f"--extract={scratch}", "--no-preserve", str(image)]
+    tool, package = command[0], TOOLS[fmt][1]
+    if not shutil.which(tool):
+        raise BootError(f"{tool} not found: it looks for a kernel in {fmt} images; apt-get"
+                        f" install {package}, or give --no-kernel to deploy {image} without one")
+    with progress.task(f"looking for a kernel in {image.name}", None):
+        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                                text=True, errors="replace")
+    if result.returncode != 0:
+        raise BootError(f"{tool} cannot extract the kernel from {image} (exit"
+                        f" {result.returncode}): {last_lines(result.stderr + result.stdout)};"
+                        " give --no-kernel to deploy it without one")
 
 
 def build_image(
@@ -520,7 +655,7 @@ def build_image(
     os.chmod(image, IMAGE_MODE)
 
 
-def copy_file(source: Path, target: Path, progress: Progress) -> None:
+def copy_file(source: Path, target: Path, progress: Progress, mode: int = IMAGE_MODE) -> None:
     total = source.stat().st_size
     with (
         progress.task(f"copying {source.name}", total) as report,
@@ -532,7 +667,7 @@ def copy_file(source: Path, target: Path, progress: Progress) -> None:
             dst.write(chunk)
             done += len(chunk)
             report(done)
-    os.chmod(target, IMAGE_MODE)
+    os.chmod(target, mode)
 
 
 def copy_tree(source: Path, target: Path, *, mtime: int | None, progress: Progress) -> None:

@@ -26,7 +26,16 @@ if TYPE_CHECKING:
     class _Digest(Protocol):
         def update(self, data: bytes, /) -> None: ...
 
+    class Hasher(_Digest, Protocol):
+        def hexdigest(self) -> str: ...
+
 CHUNK = 1 << 20
+
+
+def hasher() -> Hasher:
+    """A new sha256 object (``update``, ``hexdigest``), for digests of data in passing."""
+    new: Hasher = sha256()
+    return new
 
 
 def file_sha256(path: str | os.PathLike[str],

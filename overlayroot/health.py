@@ -216,6 +216,14 @@ def run_bless(args: argparse.Namespace) -> int:
                 " again, now as known good"
             ) from None
         print("overlayroot: stopped the trial boot's watchdog")
+    from overlayroot import bootpair
+
+    try:
+        promoted = bootpair.after_bless(where, booted, getattr(args, "boot_dir", None))
+    except BootError as e:
+        raise BootError(f"blessed {booted}, but the boot pair was not updated: {e}") from None
+    if promoted is not None:
+        print(f"overlayroot: {promoted}")
     return 0
 
 

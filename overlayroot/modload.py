@@ -8,15 +8,27 @@ import os
 from overlayroot import syscalls
 
 MODULES_LIST = "/usr/lib/overlayroot/modules.list"
+# The same list for one kernel release, named by it: an initramfs that carries the modules of two
+# kernels (the boot pair's while it changes kernels, docs/kernels.md) has one list for each.
+RELEASE_LIST = "/usr/lib/overlayroot/modules.d/{release}.list"
 
 
-def load_listed(listing: str = MODULES_LIST) -> tuple[list[str], list[str]]:
-    """Load every module in ``listing`` (one path a line, dependencies first).
+def listing_for(release: str) -> str:
+    """The running kernel's own list when the initramfs has one, else the single list."""
+    own = RELEASE_LIST.format(release=release)
+    return own if os.path.exists(own) else MODULES_LIST
+
+
+def load_listed(listing: str | None = None) -> tuple[list[str], list[str]]:
+    """Load every module in ``listing`` (one path a line, dependencies first; default: the
+    running kernel's list).
 
     Returns the names loaded and warnings for the ones that failed: a module that does not load
     (say, a driver for hardware this machine lacks) must not stop the boot by itself; the step
     that needs it fails later with a message about what is missing.
     """
+    if listing is None:
+        listing = listing_for(os.uname().release)
     try:
         with open(listing) as f:
             paths = [line.strip() for line in f if line.strip()]

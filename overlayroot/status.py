@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
-from overlayroot import bootstate, statefile, target
+from overlayroot import bootpair, bootstate, statefile, target
 from overlayroot.bootstate import BootState
 from overlayroot.errors import BootError
+from overlayroot.layout import Manifest
 
 
 def describe(state: BootState, booted: str | None,
@@ -43,8 +45,15 @@ def describe(state: BootState, booted: str | None,
             "size": manifest.get("size"),
             "format": manifest.get("format"),
             "origin": manifest.get("origin"),
+            "kernel": _kernel_version(manifest),
         })
     return records
+
+
+def _kernel_version(manifest: dict[str, object]) -> str | None:
+    """The deployment's own kernel release; None when it boots under the running kernel."""
+    kernel = manifest.get("kernel")
+    return str(kernel.get("version")) if isinstance(kernel, dict) else None
 
 
 def bad_reason(entry: bootstate.Entry) -> str | None:
@@ -129,12 +138,21 @@ def run_status(args: argparse.Namespace) -> int:
     state, recovery = statefile.load(where.layout)
     notes = [f"the boot state on disk is damaged: {note}" for note in recovery]
     manifests: dict[str, dict[str, object]] = {}
+    read: dict[str, Manifest] = {}
     for k in state.entries:
         try:
-            manifests[k] = dict(where.layout.read_manifest(k).to_dict())
+            read[k] = where.layout.read_manifest(k)
+            manifests[k] = dict(read[k].to_dict())
         except BootError as e:
             notes.append(str(e))
     records = describe(state, where.booted_id, manifests)
+    pair_dir: Path | None = None
+    pair = None
+    try:
+        pair_dir = bootpair.boot_dir(where, getattr(args, "boot_dir", None))
+        pair = bootpair.describe(pair_dir, read)
+    except BootError as e:
+        notes.append(f"cannot tell what the boot pair holds: {e}")
     notes = [*booted_notes(where.booted, records, bool(recovery)), *notes]
     if args.json:
         print(json.dumps({
@@ -145,21 +163,28 @@ def run_status(args: argparse.Namespace) -> int:
             "rollback": bootstate.rollback_target(state, where.booted_id),
             "once": state.once,
             "deployments": records,
+            "boot_pair": pair,
             "notes": notes,
         }, indent=2))
         return 0
     if not records:
         print(f"no deployments on {where.where}")
     else:
-        rows = [["ID", "MARKS", "PRIO", "TRIES", "GOOD", "CREATED", "SIZE", "FORMAT", "ORIGIN"]]
+        rows = [["ID", "MARKS", "PRIO", "TRIES", "GOOD", "CREATED", "SIZE", "FORMAT", "KERNEL",
+                 "ORIGIN"]]
         for r in records:
+            kernel = str(r["kernel"]) if r["kernel"] else (
+                "running kernel" if r["id"] in read else "?")
             rows.append([str(r["id"]), marks(r), str(r["priority"]), tries(r),
                          "yes" if r["successful"] else "no", str(r["created"] or "?"),
-                         size(r["size"]), str(r["format"] or "?"), str(r["origin"] or "")])
+                         size(r["size"]), str(r["format"] or "?"), kernel,
+                         str(r["origin"] or "")])
         print(table(rows))
         for r in records:
             if r["bad"]:
                 print(f"{r['id']}: bad: {r['bad']}")
+        if pair_dir is not None and (pair is not None or any(r["kernel"] for r in records)):
+            print(bootpair.summary(pair, pair_dir))
     for note in notes:
         print(f"note: {note}")
     return 0

@@ -119,6 +119,9 @@ def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
         assert (payload / path.lstrip("/")).resolve().is_relative_to(payload)
         assert (payload / path.lstrip("/")).read_bytes()[:4] == b"\x7fELF"
     assert {"virtio_pci", "erofs", "softdog"} <= set(info["modules"])
+    # The same list named by the release: two kernels' images concatenated keep one each.
+    own = payload / f"usr/lib/overlayroot/modules.d/{info['kernel_version']}.list"
+    assert own.read_text().splitlines() == listed
 
 
 def _relative(listed: list[str], info: dict[str, object]) -> list[str]:

@@ -69,7 +69,8 @@ def test_status_marks_booted_default_rollback_and_an_unblessed_trial(system: Sys
     table = system.ok("status")
     lines = table.splitlines()
     assert lines[0].split() == ["ID", "MARKS", "PRIO", "TRIES", "GOOD", "CREATED", "SIZE",
-                                "FORMAT", "ORIGIN"]
+                                "FORMAT", "KERNEL", "ORIGIN"]
+    assert lines[1].split()[8:10] == ["running", "kernel"]  # no kernel of its own
     assert lines[1].split()[:5] == ["v2", "booted,default", "2", "1", "no"]
     assert lines[2].split()[:5] == ["v1", "rollback", "1", "-", "yes"]
     assert "note: the booted deployment v2 is on trial and NOT blessed: unless `overlayroot" \
