@@ -64,7 +64,7 @@ def kernel_from_env() -> Kernel | None:
 
 def second_kernel_from_env() -> Kernel | None:
     """`OVERLAYROOT_KERNEL_B=/path/vmlinuz` and `OVERLAYROOT_KERNEL_B_MODULES=/lib/modules/<kver>`:
-    the kernel a deployment carries, instead of bookworm-backports' cloud kernel."""
+    the kernel a deployment carries, instead of Debian's 6.12 cloud kernel."""
     vmlinuz = os.environ.get("OVERLAYROOT_KERNEL_B")
     if not vmlinuz:
         return None

@@ -20,9 +20,9 @@ from qemu.accel import choose_accel
 from qemu.kernel import (
     Kernel,
     KernelUnavailable,
-    second_cloud_kernel,
     debian_cloud_kernel,
     kernel_from_env,
+    second_cloud_kernel,
     second_kernel_from_env,
 )
 from qemu.machine import LoggedDisk, Machine
@@ -34,6 +34,9 @@ _failed = pytest.StashKey[bool]()
 
 class MachineFactory:
     """`machine(initrd=..., disks=[...], cmdline="...", name="boot1")`: a Machine not yet started.
+
+    `kernel=` boots another kernel than the session's (e.g. the pair a bootloader would load
+    from the disk); its `modules` and `version` are not used to boot.
 
     Start it with `with machine(...) as m:` or `m.start()`; whatever still runs is killed at the
     end of the test.
@@ -54,13 +57,14 @@ class MachineFactory:
         cmdline: str = "",
         name: str = "boot",
         memory_mb: int = 1024,
+        kernel: Kernel | None = None,
     ) -> Machine:
         log_path = self._log_dir / f"{_sanitise(name)}.log"
         if log_path in self._logs:
             raise ValueError(f"a machine named {name!r} already booted in this test")
         self._logs.append(log_path)
         machine = Machine(
-            self._kernel,
+            kernel or self._kernel,
             initrd,
             log_path=log_path,
             disks=disks,

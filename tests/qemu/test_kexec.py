@@ -12,19 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.layout import Kernel as DeploymentKernel
-from overlayroot.layout import StateLayout
+from overlayroot.bootpair import BOOT_DIR, INITRD, KERNEL, promote
+from overlayroot.deploy import KernelChoice, deploy
 from qemu.kernel import Kernel
 from qemu.machine import Machine
 from qemu.plugin import MachineFactory
 from qemu.rootfs import add_kernel, make_test_root
-from tests.qemu.stage import FS_LABEL, initramfs
+from tests.qemu.stage import CREATED, FS_LABEL, initramfs
 from tests.qemu.test_selfheal import (
     BOOT_TIMEOUT,
     BROKEN,
@@ -46,7 +45,14 @@ insmod /lib/modules/$(uname -r)/kernel/drivers/net/{MODULE}.ko
 echo "OVERLAYROOT-TEST insmod=$?"
 grep -q '^{MODULE} ' /proc/modules && echo "OVERLAYROOT-TEST module={MODULE}"
 """ + SCRIPTS["report"]
-KEXEC_SCRIPTS = {**SCRIPTS, "kexec-report": KEXEC_REPORT}
+KEXEC_SCRIPTS = {
+    **SCRIPTS,
+    "kexec-report": KEXEC_REPORT,
+    "rollback": KEXEC_REPORT + """\
+overlayroot rollback
+echo "OVERLAYROOT-TEST rollback=$?"
+""",
+}
 
 
 @pytest.fixture(scope="session")
@@ -74,34 +80,13 @@ class KernelDisk(Disk):
 
     def deploy_with_kernel(self, name: str, kernel: Kernel, initrd: Path,
                            fail: str | None = None, kargs: tuple[str, ...] = ()) -> None:
-        """Deploy a root that carries ``kernel``, and record the kernel in its manifest."""
-        root = self.kernel_root(name, kernel, initrd, fail)
-        from overlayroot.deploy import deploy
-
-        deploy(self.content, root, deployment_id=name, created=self.created())
-        attach_kernel(self.layout, name, root / "usr/lib/modules" / kernel.version,
-                      kernel.version, list(kargs))
-
-    def created(self) -> int:
-        from tests.qemu.stage import CREATED
-
+        """Deploy a root that carries ``kernel`` and ``initrd`` the bootc way: deploy finds
+        them and records them in the manifest."""
+        deploy(self.content, self.kernel_root(name, kernel, initrd, fail), deployment_id=name,
+               created=CREATED + self.count, kernel=KernelChoice(kargs=list(kargs)))
         self.count += 1
-        return CREATED + self.count - 1
-
-
-def attach_kernel(layout: StateLayout, deployment_id: str, source: Path, version: str,
-                  kargs: list[str]) -> None:
-    """What ``overlayroot deploy`` records of a root's kernel: its two files next to the
-    image, their digests and the arguments in the manifest."""
-    directory = layout.deployment_dir(deployment_id)
-    digests = []
-    for name in ("vmlinuz", "initramfs.img"):
-        shutil.copy2(source / name, directory / name)
-        digests.append(hashlib.sha256((directory / name).read_bytes()).hexdigest())
-    manifest = layout.read_manifest(deployment_id)
-    manifest.kernel = DeploymentKernel(version=version, vmlinuz_sha256=digests[0],
-                                       initramfs_sha256=digests[1], kargs=kargs)
-    (directory / "manifest.json").write_text(manifest.to_json())
+        manifest = self.layout.read_manifest(name)
+        assert manifest.kernel is not None and manifest.kernel.version == kernel.version
 
 
 def boot(machine: MachineFactory, initrd: Path, disk: Path, name: str,
@@ -232,3 +217,66 @@ def test_a_kernel_that_starts_and_then_fails_is_given_up_after_its_tries(
     events = [(e["event"], e["deployment"]) for e in history(last)]
     assert events == [("blessed", "v1"), ("kexec", "v2"), ("kexec", "v2"), ("failed", "v2"),
                       ("boot", "v1")]
+
+
+def pair_on(disk: KernelDisk, where: Path) -> tuple[Kernel, Path]:
+    """The boot pair on the state disk, copied out as a bootloader with one static entry
+    (``/overlayroot/boot/vmlinuz`` and ``initrd.img``) would load it."""
+    where.mkdir(parents=True, exist_ok=True)
+    vmlinuz, initrd = where / "vmlinuz", where / "initrd.img"
+    vmlinuz.write_bytes(disk.read(f"/overlayroot/{BOOT_DIR}/{KERNEL}"))
+    initrd.write_bytes(disk.read(f"/overlayroot/{BOOT_DIR}/{INITRD}"))
+    return Kernel(vmlinuz=vmlinuz, modules=where, version="(the boot pair)"), initrd
+
+
+def boot_pair(machine: MachineFactory, disk: KernelDisk, path: Path, name: str,
+              extra: str) -> Machine:
+    pair, initrd = pair_on(disk, disk.base / f"pair-{name}")
+    m = machine(initrd=initrd, disks=[path], cmdline=f"{CMDLINE} {extra}", name=name,
+                kernel=pair)
+    m.start()
+    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT * 2, failure=(
+        "Kernel panic - not syncing", "Attempted to kill init", "overlayroot: error: no",
+        *BROKEN))
+    m.wait_exit(60)
+    return m
+
+
+def test_bless_promotes_the_pair_so_the_next_boot_needs_no_kexec_and_rollback_boots_a_again(
+    machine: MachineFactory, initramfs: Path, second_initramfs: Path, command_payload: Path,
+    kernel: Kernel, second_kernel: Kernel, tmp_path: Path
+) -> None:
+    disk = KernelDisk(tmp_path, command_payload)
+    disk.deploy_with_kernel("v1", kernel, initramfs)
+    disk.bless("v1")
+    layout = disk.layout
+    promote(layout.top / BOOT_DIR, layout, layout.read_manifest("v1"))  # the factory's pair
+    disk.deploy_with_kernel("v2", second_kernel, second_initramfs)
+    path = disk.make()
+
+    first = boot_pair(machine, disk, path, "1-trial-by-kexec", "test.bless=1 test.run=kexec-report")
+    assert f"Linux version {kernel.version} " in first.console
+    assert "kexec_core: Starting new kernel" in first.console
+    assert booted(first) == "v2" and first.markers()["uname"] == second_kernel.version
+    assert first.markers()["bless"] == "0"
+    assert disk.read(f"/overlayroot/{BOOT_DIR}/{KERNEL}") == second_kernel.vmlinuz.read_bytes()
+
+    second = boot_pair(machine, disk, path, "2-promoted", "test.run=rollback")
+    m = second.markers()
+    assert "kexec_core: Starting new kernel" not in second.console
+    assert f"Linux version {second_kernel.version} " in second.console
+    assert booted(second) == "v2" and m["uname"] == second_kernel.version
+    assert booted_json(second)["kexec"] is None
+    assert m["module"] == MODULE and m["rollback"] == "0"
+
+    third = boot_pair(machine, disk, path, "3-rolled-back", "test.run=kexec-report")
+    m = third.markers()
+    assert booted(third) == "v1" and m["uname"] == kernel.version
+    assert f"switching to deployment v1's kernel {kernel.version}" in third.console
+    assert "trial boot" not in third.console  # known good: the kexec took no try
+    assert m["module"] == MODULE
+    boots = [e for e in history(third) if e["event"] in ("boot", "kexec")]
+    assert [(e["event"], e["deployment"], e.get("kernel")) for e in boots] == [
+        ("kexec", "v2", second_kernel.version), ("boot", "v2", second_kernel.version),
+        ("boot", "v2", second_kernel.version),
+        ("kexec", "v1", kernel.version), ("boot", "v1", kernel.version)]
