@@ -280,3 +280,49 @@ def test_bless_promotes_the_pair_so_the_next_boot_needs_no_kexec_and_rollback_bo
         ("kexec", "v2", second_kernel.version), ("boot", "v2", second_kernel.version),
         ("boot", "v2", second_kernel.version),
         ("kexec", "v1", kernel.version), ("boot", "v1", kernel.version)]
+
+
+def test_debian_with_systemd_boots_under_a_kernel_of_its_own(
+    machine: MachineFactory, initramfs: Path, second_initramfs: Path, kernel: Kernel,
+    second_kernel: Kernel, tmp_path: Path
+) -> None:
+    """The Debian image (qemu.debian) carrying kernel B, its modules and our initramfs for B:
+    the machine starts kernel A, the stage switches to B, Debian reaches multi-user.target
+    read-only under B, blesses the trial, and the next boot (A again: no promotion here)
+    switches to B again, known good, with /etc /var /home kept."""
+    from qemu import debian
+    from qemu.rootfs import build_command_payload
+    from tests.qemu.test_integrations import (
+        BASE,
+        ON_FAILURE,
+        boot_debian,
+        check_blessed,
+        check_read_only_system,
+        debian_disk,
+    )
+
+    command = build_command_payload(tmp_path / "overlayroot-command")
+    try:
+        root = debian.debian_image(second_kernel, tmp_path / "debian", command)
+    except debian.DebianUnavailable as e:
+        pytest.skip(str(e))
+    add_kernel(root, second_kernel.vmlinuz, second_initramfs, second_kernel.version)
+    disk = debian_disk(tmp_path, root)
+    cmdline = f"{BASE} {ON_FAILURE['standalone']}"
+
+    first = boot_debian(machine, initramfs, disk, f"{cmdline} test.write=token-1", "write")
+    check_read_only_system(first)
+    check_blessed(first)
+    info = json.loads(first["booted_json"])
+    assert (info["kernel"], info["kexec"], info["trial"]) == (
+        second_kernel.version, "bookworm", True)
+    assert (first["write_etc"], first["write_var"], first["write_home"]) == ("ok", "ok", "ok")
+
+    second = boot_debian(machine, initramfs, disk, f"{cmdline} test.read=1", "read")
+    check_read_only_system(second)
+    info = json.loads(second["booted_json"])
+    assert (info["kernel"], info["kexec"], info["trial"]) == (
+        second_kernel.version, "bookworm", False)
+    assert (second["etc_token"], second["var_token"], second["home_token"]) == (
+        "token-1", "token-1", "token-1")
+    assert kernel.version != second_kernel.version
