@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -215,7 +216,12 @@ def main() -> None:
     it)."""
     kernel = kernel_from_env() or debian_cloud_kernel()
     print(f"test kernel {kernel.version}: {kernel.vmlinuz}")
-    second = second_kernel_from_env() or second_cloud_kernel()
+    try:
+        second = second_kernel_from_env() or second_cloud_kernel()
+    except KernelUnavailable as e:
+        # Only the tests of deployments with their own kernel need it; they skip without it.
+        print(f"no second test kernel: {e}", file=sys.stderr)
+        return
     print(f"second test kernel (deployments' own) {second.version}: {second.vmlinuz}")
 
 
