@@ -8,7 +8,8 @@ console says why). The boot, step by step:
 1. **Read the boot state**, recovering a torn, missing or damaged ``boot.json`` (from
    ``boot.json.prev``, else rebuilt from the deployments and the history), marking deployments
    that used up their tries without a bless, and writing the repair at once.
-2. **Plan the candidates** (:func:`overlayroot.bootstate.plan`): the deployment
+2. **Plan the candidates** (:func:`overlayroot.bootstate.plan`): the deployment a kexec was
+   made for (``overlayroot.kexec=``, its try already taken), the deployment
    ``overlayroot.deployment=`` names, the one-shot choice, then the bootable ones by priority.
 3. **Try each candidate** until one is assembled:
 
