@@ -173,10 +173,10 @@ def kernel_root(base: Path, name: str, k: Kernel, initrd: bytes, payload: Path) 
 
 @contextlib.contextmanager
 def mounted_state(disk: Path, offset: int, where: Path) -> Iterator[Path]:
-    """The state filesystem of ``disk`` mounted read-only (its journal replayed, as the next
-    boot's mount would) in this process's private mount namespace."""
+    """The state filesystem of ``disk`` (a copy: mounting replays its journal, as the next
+    boot's mount would) mounted in this process's private mount namespace."""
     where.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "ext4", "-o", f"ro,loop,offset={offset}", str(disk),
+    subprocess.run(["mount", "-t", "ext4", "-o", f"loop,offset={offset}", str(disk),
                     str(where)], check=True)
     try:
         yield where
@@ -245,13 +245,14 @@ def test_a_promotion_cut_at_every_flush_leaves_a_pair_that_boots(
             initrd = (pair / "initrd.img").read_bytes()
             kind = ("IA" if initrd == images[kernel.version] else
                     "IB" if initrd == images[second.version] else "bridge")
-            if (release, kind) not in seen:
-                keep = tmp_path / f"pair-{len(seen)}"
-                keep.mkdir()
-                for name in ("vmlinuz", "initrd.img"):
-                    (keep / name).write_bytes((pair / name).read_bytes())
-                copy_sparse(snapshot, keep / "disk.img")
-                seen[(release, kind)] = keep
+            files = {name: (pair / name).read_bytes() for name in ("vmlinuz", "initrd.img")}
+        if (release, kind) not in seen:
+            keep = tmp_path / f"pair-{len(seen)}"
+            keep.mkdir()
+            for name, data in files.items():
+                (keep / name).write_bytes(data)
+            copy_sparse(snapshot, keep / "disk.img")
+            seen[(release, kind)] = keep
     assert (kernel.version, "IA") in seen and (second.version, "IB") in seen
     middles = [k for k in seen if k[1] == "bridge"]
     assert middles, f"no cut fell between the renames: {sorted(seen)}"
