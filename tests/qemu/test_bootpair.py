@@ -109,11 +109,15 @@ overlayroot status
 """
 
 
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The frozen ``overlayroot`` command for the test roots, built once for this module."""
+    return build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
+
+
 def test_a_kernel_deployed_and_promoted_from_inside(
-    machine: MachineFactory, initramfs: Path, tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    machine: MachineFactory, initramfs: Path, tmp_path: Path, payload: Path
 ) -> None:
-    payload = build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
     scripts = {"kernel-update": KERNEL_UPDATE}
     content = tmp_path / "state-content"
     content.mkdir()
@@ -185,8 +189,7 @@ def mounted_state(disk: Path, offset: int, where: Path) -> Iterator[Path]:
 
 
 def test_a_promotion_cut_at_every_flush_leaves_a_pair_that_boots(
-    kernel: Kernel, qemu_accel: str, tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    kernel: Kernel, qemu_accel: str, tmp_path: Path, payload: Path
 ) -> None:
     """The guest, booted from the pair (kernel A), promotes deployment v2's kernel B; its state
     disk's writes are logged, and the disk every flush point (and every torn half between two)
@@ -196,7 +199,6 @@ def test_a_promotion_cut_at_every_flush_leaves_a_pair_that_boots(
     if os.geteuid() != 0:
         pytest.skip("needs root: the cut disks are loop-mounted")
     enter_private_mount_namespace()
-    payload = build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
     images = {}
     for k in (kernel, second):
         out = tmp_path / f"initrd-{k.version}.img"
