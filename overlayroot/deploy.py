@@ -50,7 +50,18 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TextIO
 
-from overlayroot import bootstate, digest, files, kernels, layout, statefile, target, treecopy
+from overlayroot import (
+    bootstate,
+    digest,
+    files,
+    kernels,
+    layout,
+    loop,
+    statefile,
+    syscalls,
+    target,
+    treecopy,
+)
 from overlayroot.errors import BootError
 
 # The directories the read-only lower must provide as mount points (docs/design.md §5).
@@ -577,14 +588,46 @@ def build_initramfs(found: kernels.Found, output: Path, source: Path, epoch: int
 
 def stage_image_kernel(staging: Path, source: Path, fmt: str, choice: KernelChoice, epoch: int,
                        progress: Progress) -> layout.Kernel | None:
-    """``stage_kernel`` for an image source: the parts of the image a kernel lives in are
-    extracted to a scratch directory in the staging directory first."""
+    """``stage_kernel`` for an image source: the image is mounted read-only on a loop device
+    (as the boot stage mounts it), or where that is not possible (no loop device, a container),
+    the parts of it a kernel lives in are extracted with the format's tool."""
+    mounted = mount_image(source, fmt)
+    if mounted is not None:
+        try:
+            return stage_kernel(staging, mounted, source, choice, epoch, progress)
+        finally:
+            with contextlib.suppress(OSError):
+                syscalls.umount(str(mounted), syscalls.MNT_DETACH)
+                os.rmdir(mounted)
     scratch = staging / "kernel-scratch"
     try:
         extract_kernel_parts(source, fmt, scratch, progress)
         return stage_kernel(staging, scratch, source, choice, epoch, progress)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def mount_image(image: Path, fmt: str) -> Path | None:
+    """``image`` mounted read-only (nosuid, nodev) on a new directory in ``/run`` (or the
+    temporary directory), outside the state filesystem; None when it cannot be."""
+    import tempfile
+
+    for parent in ("/run", None):  # a booted overlayroot system may have no writable /tmp
+        try:
+            point = Path(tempfile.mkdtemp(prefix="overlayroot-kernel-", dir=parent))
+            break
+        except OSError:
+            continue
+    else:
+        return None
+    try:
+        with loop.attach(str(image)) as attached:
+            syscalls.mount(attached.path, str(point), fmt, syscalls.MS_RDONLY
+                           | syscalls.MS_NOSUID | syscalls.MS_NODEV)
+    except OSError:
+        os.rmdir(point)
+        return None
+    return point
 
 
 def extract_kernel_parts(image: Path, fmt: str, scratch: Path, progress: Progress) -> None:

@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import stat
 import subprocess
 from pathlib import Path
 
@@ -25,10 +24,10 @@ from overlayroot import bootpair, cli, digest
 from overlayroot.errors import BootError
 from overlayroot.layout import Kernel, Manifest, StateLayout
 from tests.host.conftest import require_tools
-from tests.kernelfakes import bzimage
+from tests.kernelfakes import LIST_DIR, archives, assert_bootable, bzimage
 
+FAKE_MODULE = b"module for {release}"
 A, B, C = "6.1.0-27-cloud-amd64", "6.12.9+bpo-cloud-amd64", "6.1.0-28-cloud-amd64"
-LIST_DIR = "usr/lib/overlayroot/modules.d"
 
 
 def initramfs(release: str, stage: str) -> bytes:
@@ -41,7 +40,8 @@ def initramfs(release: str, stage: str) -> bytes:
     members = [Member.file("init", f"#!/bin/sh\n# stage {stage}\n".encode(), 0o755),
                Member.file("usr/lib/overlayroot/modules.list", listing),
                Member.file(f"{LIST_DIR}/{release}.list", listing)]
-    members += [Member.file(m, f"module for {release}".encode()) for m in modules]
+    members += [Member.file(m, FAKE_MODULE.replace(b"{release}", release.encode()))
+                for m in modules]
     out = io.BytesIO()
     write_cpio(out, members)
     return out.getvalue()
@@ -60,57 +60,6 @@ def deployment(state: StateLayout, deployment_id: str, release: str, created: st
                                  kargs=["quiet"]))
     (directory / "manifest.json").write_text(manifest.to_json())
     return manifest
-
-
-# -- what the bootloader would find -------------------------------------------------------------
-
-
-def archives(data: bytes) -> dict[str, bytes]:
-    """The files of concatenated newc archives as the kernel unpacks them (a later one replaces
-    an earlier one; zero padding between archives skipped); AssertionError for bytes that are
-    not whole archives."""
-    found: dict[str, bytes] = {}
-    at = 0
-    while at < len(data):
-        if data[at] == 0:
-            at += 1
-            continue
-        while True:
-            header = data[at:at + 110]
-            assert len(header) == 110 and header[:6] == b"070701", f"no cpio header at {at}"
-            fields = [int(header[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
-            size, namesize = fields[6], fields[11]
-            name_end = at + 110 + namesize
-            name = data[at + 110:name_end - 1].decode()
-            start = name_end + (-name_end % 4)
-            end = start + size
-            assert end <= len(data), f"{name} is cut short"
-            at = end + (-end % 4)
-            if name == "TRAILER!!!":
-                break
-            if stat.S_ISREG(fields[1]):
-                found[name] = data[start:end]
-    return found
-
-
-def release_of(kernel: bytes) -> str:
-    pointer = int.from_bytes(kernel[0x20E:0x210], "little") + 0x200
-    return kernel[pointer:].split(b" ", 1)[0].decode()
-
-
-def assert_bootable(directory: Path, kernels: dict[str, bytes]) -> str:
-    """The pair in ``directory`` is a whole kernel of ``kernels`` and a whole initramfs whose
-    stage finds that kernel's own module list, and every module in it; returns the release."""
-    kernel = (directory / "vmlinuz").read_bytes()
-    assert kernel in kernels.values(), "vmlinuz is no whole kernel"
-    release = release_of(kernel)
-    image = archives((directory / "initrd.img").read_bytes())
-    assert "init" in image
-    listing = image.get(f"{LIST_DIR}/{release}.list")
-    assert listing is not None, f"the initramfs has no module list for {release}"
-    for path in listing.decode().split():
-        assert image.get(path.lstrip("/")) == f"module for {release}".encode(), path
-    return release
 
 
 # -- cutting the power --------------------------------------------------------------------------
@@ -233,7 +182,7 @@ def test_a_promotion_cut_after_any_write_leaves_a_bootable_pair(esp: Path,
     kernels = {k: state.kernel_path(m).read_bytes() for k, m in (("v1", v1), ("v2", v2))}
     pair = esp / "overlayroot"
     assert bootpair.promote(pair, state, v1)
-    assert assert_bootable(pair, kernels) == A
+    assert assert_bootable(pair, kernels, module=FAKE_MODULE) == A
     saved = esp.parent / "saved"
     shutil.copytree(pair, saved)
 
@@ -253,12 +202,12 @@ def test_a_promotion_cut_after_any_write_leaves_a_bootable_pair(esp: Path,
                 disk.lose()
             where = f"cut after {after} of {total} writes, {mode}"
             try:
-                releases.add(assert_bootable(pair, kernels))
+                releases.add(assert_bootable(pair, kernels, module=FAKE_MODULE))
             except AssertionError as e:
                 raise AssertionError(f"{where}: not bootable: {e}") from None
             # The next bless finishes the promotion.
             bootpair.promote(pair, state, v2)
-            assert assert_bootable(pair, kernels) == B, where
+            assert assert_bootable(pair, kernels, module=FAKE_MODULE) == B, where
             assert (pair / "initrd.img").read_bytes() == state.initramfs_path(v2).read_bytes()
             assert sorted(os.listdir(pair)) == ["initrd.img", "pair.json", "vmlinuz"], where
             assert json.loads((pair / "pair.json").read_text())["deployment"] == "v2", where
@@ -289,7 +238,8 @@ def test_the_bridge_boots_both_kernels(tmp_path: Path, state: StateLayout) -> No
         (bridge_done / "vmlinuz").write_bytes(state.kernel_path(v1 if release == A else v2)
                                               .read_bytes())
         assert assert_bootable(bridge_done, {"a": state.kernel_path(v1).read_bytes(),
-                                             "b": state.kernel_path(v2).read_bytes()}) == release
+                                             "b": state.kernel_path(v2).read_bytes()},
+                               module=FAKE_MODULE) == release
 
 
 def test_promote_refuses_a_damaged_kernel_and_keeps_the_pair(tmp_path: Path,
@@ -306,7 +256,8 @@ def test_promote_refuses_a_damaged_kernel_and_keeps_the_pair(tmp_path: Path,
                        r" its deployment's manifest: it is damaged; the boot pair was left as it"
                        r" was$"):
         bootpair.promote(pair, state, v2)
-    assert assert_bootable(pair, {"a": state.kernel_path(v1).read_bytes()}) == A
+    assert assert_bootable(pair, {"a": state.kernel_path(v1).read_bytes()},
+                           module=FAKE_MODULE) == A
     # The bridge was written before the kernel was found damaged: still a bootable pair, A's.
     assert (pair / "vmlinuz").read_bytes() == before["vmlinuz"]
     assert sorted(os.listdir(pair)) == ["initrd.img", "pair.json", "vmlinuz"]

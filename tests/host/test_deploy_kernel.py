@@ -8,6 +8,7 @@ import hashlib
 import os
 import shutil
 import subprocess
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -32,8 +33,9 @@ def sha(path: Path) -> str:
 
 
 @pytest.fixture
-def sysroot(tmp_path: Path) -> Path:
-    path = tmp_path / "state"
+def sysroot(mount_ns: Path) -> Path:
+    """A state directory; deploy loop-mounts image sources, in this private mount namespace."""
+    path = mount_ns / "state"
     path.mkdir()
     return path
 
@@ -58,8 +60,18 @@ def image_of(tree: Path, fmt: str, path: Path) -> Path:
     return path
 
 
+@pytest.mark.parametrize("how", ["mounted", "extracted"])
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
-def test_an_image_source_keeps_its_kernel(tmp_path: Path, sysroot: Path, fmt: str) -> None:
+def test_an_image_source_keeps_its_kernel(tmp_path: Path, sysroot: Path, fmt: str, how: str,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts = []
+    real_mount = deploy.mount_image
+
+    def mount_image(image: Path, fmt: str) -> Path | None:
+        mounts.append(image)
+        return real_mount(image, fmt) if how == "mounted" else None
+
+    monkeypatch.setattr(deploy, "mount_image", mount_image)
     tree = kernel_tree(tmp_path)
     image = image_of(tree, fmt, tmp_path / f"root.{fmt}")
     manifest, final = deploy.deploy(sysroot, image, deployment_id="v1", created=EPOCH,
@@ -73,6 +85,9 @@ def test_an_image_source_keeps_its_kernel(tmp_path: Path, sysroot: Path, fmt: st
     assert manifest.kernel.initramfs_sha256 == sha(final / "initramfs.img")
     assert sorted(os.listdir(final)) == ["initramfs.img", "manifest.json", f"root.{fmt}",
                                          "vmlinuz"]  # no scratch left
+    assert mounts == [image]
+    with open("/proc/self/mounts") as f:
+        assert "overlayroot-kernel-" not in f.read()  # unmounted again
 
 
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
@@ -88,6 +103,7 @@ def test_an_image_whose_tool_is_missing_is_refused_unless_no_kernel(
     tmp_path: Path, sysroot: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = image_of(kernel_tree(tmp_path), "squashfs", tmp_path / "root.squashfs")
+    monkeypatch.setattr(deploy, "mount_image", lambda image, fmt: None)  # no loop devices
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name: None if name == "unsquashfs"
                         else real_which(name))
@@ -142,3 +158,14 @@ def test_a_real_debian_kernel_without_initramfs_gets_one_from_our_builder(
     # /lib is a link to usr/lib in the image, as on the host.
     assert any(p.startswith(f"usr/lib/modules/{version}/") and p.endswith(".ko")
                for p in listing)
+
+
+def test_mount_image_gives_none_for_what_does_not_mount_and_leaves_nothing(
+    mount_ns: Path,
+) -> None:
+    bogus = mount_ns / "bogus.erofs"
+    bogus.write_bytes(b"\0" * 8192)
+    places = (Path("/run"), Path(tempfile.gettempdir()))
+    before = {p for place in places for p in place.glob("overlayroot-kernel-*")}
+    assert deploy.mount_image(bogus, "erofs") is None
+    assert {p for place in places for p in place.glob("overlayroot-kernel-*")} == before
