@@ -1,4 +1,5 @@
-"""pytest plugin: the `kernel`, `qemu_accel` and `machine` fixtures, console logs on failure.
+"""pytest plugin: the `kernel`, `second_kernel`, `qemu_accel` and `machine` fixtures, console logs
+on failure.
 
 Every console log of a test lands in `<cache>/test-logs/<test id>/<name>.log`; a failed test's
 report names them, a passing test's logs are deleted.
@@ -16,7 +17,14 @@ from typing import NoReturn
 import pytest
 
 from qemu.accel import choose_accel
-from qemu.kernel import Kernel, KernelUnavailable, debian_cloud_kernel, kernel_from_env
+from qemu.kernel import (
+    Kernel,
+    KernelUnavailable,
+    debian_cloud_kernel,
+    kernel_from_env,
+    second_cloud_kernel,
+    second_kernel_from_env,
+)
 from qemu.machine import LoggedDisk, Machine
 from qemu.paths import cache_dir
 
@@ -26,6 +34,9 @@ _failed = pytest.StashKey[bool]()
 
 class MachineFactory:
     """`machine(initrd=..., disks=[...], cmdline="...", name="boot1")`: a Machine not yet started.
+
+    `kernel=` boots another kernel than the session's (e.g. the pair a bootloader would load
+    from the disk); its `modules` and `version` are not used to boot.
 
     Start it with `with machine(...) as m:` or `m.start()`; whatever still runs is killed at the
     end of the test.
@@ -82,6 +93,20 @@ def kernel() -> Kernel:
         return debian_cloud_kernel(cache_dir())
     except KernelUnavailable as error:
         _skip_or_fail(f"no kernel to boot: {error}")
+
+
+@pytest.fixture(scope="session")
+def second_kernel(kernel: Kernel) -> Kernel:
+    """A kernel of another version and module ABI than `kernel`, for deployments that carry
+    their own: $OVERLAYROOT_KERNEL_B(_MODULES), else Debian's 6.12 cloud kernel."""
+    try:
+        second = second_kernel_from_env() or second_cloud_kernel(cache_dir())
+    except KernelUnavailable as error:
+        _skip_or_fail(f"no second kernel: {error}")
+    if second.version == kernel.version:
+        _skip_or_fail(f"the second kernel is the first one ({kernel.version}): set"
+                      " OVERLAYROOT_KERNEL_B to another")
+    return second
 
 
 @pytest.fixture(scope="session")

@@ -28,7 +28,7 @@ from qemu.initramfs import BUSYBOX
 
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev", "tmp", "root")
 APPLETS = ("sh", "mount", "cat", "tr", "rm", "sync", "poweroff", "reboot", "ls", "sleep", "echo",
-           "mkdir", "grep")
+           "mkdir", "grep", "uname", "insmod")
 FAILURES = ("exit", "panic", "hang")
 TEST_DIR = "usr/lib/overlayroot-test"
 # Payload paths the test root does not take: the initramfs's own /init and its empty mount
@@ -176,6 +176,35 @@ def make_test_root(
         init.write_text(INIT_SCRIPT)
         init.chmod(0o755)
     return dest
+
+
+def add_kernel(root: Path, vmlinuz: Path, initramfs: Path, version: str,
+               modules: Path | None = None, module_names: tuple[str, ...] = ()) -> Path:
+    """Give the root a kernel of its own, the bootc way: ``/usr/lib/modules/<version>/vmlinuz``
+    and ``initramfs.img``, plus the modules named (``dummy``: paths found in ``modules``'s
+    ``modules.dep``, stored decompressed, so busybox ``insmod`` loads them from
+    ``/lib/modules/<version>/<path>``). Returns the kernel's directory in the root."""
+    from initrd.kmod import decompress
+
+    directory = root / "usr" / "lib" / "modules" / version
+    directory.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(vmlinuz, directory / "vmlinuz")
+    shutil.copy2(initramfs, directory / "initramfs.img")
+    if module_names:
+        assert modules is not None
+        wanted = {name.replace("-", "_") for name in module_names}
+        for line in (modules / "modules.dep").read_text().splitlines():
+            relative = line.partition(":")[0]
+            name = Path(relative).name.split(".ko")[0].replace("-", "_")
+            if name in wanted:
+                target = root / "lib" / "modules" / version / relative.split(".ko")[0]
+                target = target.with_name(target.name + ".ko")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(decompress(modules / relative))
+                wanted.discard(name)
+        if wanted:
+            raise ValueError(f"modules {sorted(wanted)} are not in {modules}/modules.dep")
+    return directory
 
 
 def make_broken_root(dest: Path) -> Path:

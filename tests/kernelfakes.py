@@ -45,8 +45,8 @@ def add_kernel(root: Path, version: str, *, convention: str = "bootc",
 
 def archives(data: bytes) -> dict[str, bytes]:
     """The files of concatenated newc archives as the kernel unpacks them (a later one replaces
-    an earlier one; zero padding between archives skipped); AssertionError for bytes that are
-    not whole archives."""
+    an earlier one; zero padding between archives skipped), symlinks as ``b"->" + target``;
+    AssertionError for bytes that are not whole archives."""
     found: dict[str, bytes] = {}
     at = 0
     while at < len(data):
@@ -68,7 +68,24 @@ def archives(data: bytes) -> dict[str, bytes]:
                 break
             if stat.S_ISREG(fields[1]):
                 found[name] = data[start:end]
+            elif stat.S_ISLNK(fields[1]):
+                found[name] = b"->" + data[start:end]
     return found
+
+
+def lookup(image: dict[str, bytes], path: str) -> bytes | None:
+    """The file at absolute ``path`` in ``image`` (from :func:`archives`), through symlinks in
+    its directories (``/lib`` → ``usr/lib``)."""
+    parts = path.strip("/").split("/")
+    resolved: list[str] = []
+    for hops, part in enumerate(parts):
+        resolved.append(part)
+        entry = image.get("/".join(resolved))
+        if entry is not None and entry.startswith(b"->") and hops < len(parts) - 1:
+            target = entry[2:].decode()
+            resolved = target.strip("/").split("/") if target.startswith("/") else [
+                *resolved[:-1], *target.split("/")]
+    return image.get("/".join(resolved))
 
 
 def release_of(kernel: bytes) -> str:
@@ -96,7 +113,7 @@ def assert_bootable(directory: Path, kernels: dict[str, bytes], *, zstd: bool = 
     listing = image.get(f"{LIST_DIR}/{release}.list")
     assert listing is not None, f"the initramfs has no module list for {release}"
     for path in listing.decode().split():
-        content = image.get(path.lstrip("/"))
+        content = lookup(image, path)
         assert content is not None, f"{path} is listed but missing"
         if module is None:
             assert content[:4] == b"\x7fELF", path

@@ -19,7 +19,7 @@ MAX_TRIES = 100
 
 PREFIX = "overlayroot."
 KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries", "watchdog",
-              "break")
+              "break", "kexec")
 # Where ``overlayroot.break=`` can stop the standalone /init, in boot order, with what the
 # shell's first line says. A bare ``overlayroot.break`` is the last: the assembled root, before
 # the switch (dracut's ``rd.break``).
@@ -32,6 +32,10 @@ BREAK_STEPS = {
     "switch": "before switching root (the deployment is assembled on /sysroot)",
 }
 DEFAULT_BREAK = "switch"
+# What the stage leaves off the command line it hands a kernel it switches to: the choice of
+# deployment (the kexec option names it), and what a bootloader adds for its own kernel.
+NOT_CARRIED = ("overlayroot.deployment", "rd.overlayroot.deployment", "overlayroot.kexec",
+               "rd.overlayroot.kexec", "BOOT_IMAGE", "initrd")
 _WHITESPACE = " \t\n\v\f\r"
 
 
@@ -105,6 +109,7 @@ class Options:
         "etc",
         "init",
         "init_args",
+        "kexec",
         "onfail",
         "read_only",
         "rootflags",
@@ -126,6 +131,7 @@ class Options:
         self.onfail = "reboot"
         self.tries = DEFAULT_TRIES
         self.watchdog = DEFAULT_WATCHDOG  # seconds a trial boot has to be blessed; 0: off
+        self.kexec: str | None = None  # the deployment a stage kexec'd this kernel for
         self.init: str | None = None
         self.init_args: list[str] = []
         self.read_only: bool | None = None
@@ -176,6 +182,41 @@ def parse_options(cmdline: str) -> tuple[Options, list[str]]:
     return opts, warnings
 
 
+def kexec_cmdline(cmdline: str, kargs: list[str], deployment_id: str) -> str:
+    """The command line for the kernel the stage switches to for ``deployment_id``: this one
+    without :data:`NOT_CARRIED`, then the deployment's own arguments ``kargs`` (the last of a
+    key wins, so they override), then ``overlayroot.kexec=<id>``, which tells the stage there
+    that the try is taken and that it must not switch kernels again; the words after ``--``
+    (init's arguments) stay last. A parameter whose quotes the kernel's parser cannot give
+    back (a lone ``"`` in it) is left off: written again, it would swallow what follows."""
+    params, init_args = split(cmdline)
+    words = [word for key, value in params
+             if key and key not in NOT_CARRIED and (word := _carry(key, value)) is not None]
+    words += [karg for karg in kargs if karg.strip(_WHITESPACE)]
+    words.append(f"{PREFIX}kexec={check_id(deployment_id)}")
+    carried = [word for arg in init_args if (word := _carry_init_arg(arg)) is not None]
+    if carried:
+        words += ["--", *carried]
+    return " ".join(words)
+
+
+def _quote(text: str) -> str:
+    return f'"{text}"' if any(c in text for c in _WHITESPACE) else text
+
+
+def _carry(key: str, value: str | None) -> str | None:
+    """``key`` and ``value`` as one word that the kernel reads back as exactly them, whatever
+    follows it; None if there is no such word."""
+    word = _quote(key) if value is None else f"{key}={_quote(value)}"
+    return word if split(f"{word} x") == ([(key, value), ("x", None)], []) else None
+
+
+def _carry_init_arg(arg: str) -> str | None:
+    """One of init's arguments as a word the kernel gives init back as is; None if none."""
+    word = _quote(arg)
+    return word if split(f"-- {word} x") == ([], [arg, "x"]) else None
+
+
 def onfail_from(cmdline: str) -> str:
     """``overlayroot.onfail=`` alone, for when the rest of the command line does not parse:
     what to do about a malformed option is still what the user asked for."""
@@ -199,6 +240,12 @@ def _apply(opts: Options, name: str, key: str, value: str | None, warnings: list
                 opts.deployment = check_id(wanted)
             except BootError as e:
                 raise CmdlineError(f"{key}: {e}") from None
+    elif name == "kexec":
+        named = _required(key, value)
+        try:
+            opts.kexec = check_id(named)
+        except BootError as e:
+            raise CmdlineError(f"{key}: {e}") from None
     elif name == "timeout":
         opts.timeout = _number(key, value, 0.0, MAX_TIMEOUT)
     elif name == "tries":

@@ -114,7 +114,7 @@ def boot(console: Console, imported: float) -> None:
     mount_state(device, opts, read_only=False)
     console.step(f"mounted {device.path} on {SYSROOT}")
     stop(console, opts, "prepare")
-    booted = prepare_root(SYSROOT, RUN_DIR, opts, device.path, console)
+    booted = prepare_root(SYSROOT, RUN_DIR, opts, device.path, console, cmdline)
     console.step(f"assembled deployment {booted.deployment.id}")
     assert booted.init is not None
     stop(console, opts, "switch")

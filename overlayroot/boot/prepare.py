@@ -8,7 +8,8 @@ console says why). The boot, step by step:
 1. **Read the boot state**, recovering a torn, missing or damaged ``boot.json`` (from
    ``boot.json.prev``, else rebuilt from the deployments and the history), marking deployments
    that used up their tries without a bless, and writing the repair at once.
-2. **Plan the candidates** (:func:`overlayroot.core.bootstate.plan`): the deployment
+2. **Plan the candidates** (:func:`overlayroot.core.bootstate.plan`): the deployment a kexec was
+   made for (``overlayroot.kexec=``, its try already taken), the deployment
    ``overlayroot.deployment=`` names, the one-shot choice, then the bootable ones by priority.
 3. **Try each candidate** until one is assembled:
 
@@ -17,7 +18,11 @@ console says why). The boot, step by step:
       deployment);
    b. *verify* the image against its manifest's digest until a check has passed, and record
       that it passed;
-   c. *assemble* the root (:mod:`overlayroot.boot.assemble`).
+   c. *switch kernels* when the deployment carries a kernel other than the running one
+      (:mod:`overlayroot.boot.kexec`): check, load and start it with ``overlayroot.kexec=<id>`` on
+      its command line; the stage there boots that deployment without a second try and never
+      switches again (:func:`overlayroot.core.bootstate.kernel_step`);
+   d. *assemble* the root (:mod:`overlayroot.boot.assemble`).
 
    Whatever goes wrong with a candidate — a damaged image or manifest, no init, a bug of ours —
    marks it bad with the reason, and the next candidate is tried in this boot.
@@ -37,8 +42,9 @@ from __future__ import annotations
 import os
 import sys
 
+from overlayroot.boot import kexec
 from overlayroot.boot.assemble import Booted, assemble
-from overlayroot.boot.cmdline import Options, parse_options
+from overlayroot.boot.cmdline import Options, kexec_cmdline, parse_options
 from overlayroot.boot.console import Console, describe_bug
 from overlayroot.core import bootstate, digest, files, statefile, syscalls, watchdog
 from overlayroot.core.bootstate import BootState
@@ -55,8 +61,11 @@ class Boot:
     """One boot in progress: the state as last written, and what ``booted.json`` and the
     history will say of it."""
 
-    def __init__(self, layout: StateLayout, opts: Options, console: Console, where: str) -> None:
+    def __init__(self, layout: StateLayout, opts: Options, console: Console, where: str,
+                 cmdline: str = "") -> None:
         self.layout = layout
+        self.cmdline = cmdline  # this kernel's, the base of a switched kernel's
+        self.running = os.uname().release
         self.opts = opts
         self.console = console
         self.where = where  # the state device, for messages
@@ -97,14 +106,17 @@ class Boot:
 
 
 def prepare_root(
-    sysroot: str, run_dir: str, opts: Options, device: str | None, console: Console
+    sysroot: str, run_dir: str, opts: Options, device: str | None, console: Console,
+    cmdline: str = "",
 ) -> Booted:
-    """Make ``sysroot`` (the mounted state filesystem) the assembled root of a deployment."""
-    boot = Boot(StateLayout(sysroot), opts, console, device or sysroot)
+    """Make ``sysroot`` (the mounted state filesystem) the assembled root of a deployment.
+    ``cmdline``: this kernel's command line, the base of the one a deployment's own kernel is
+    started with (:func:`overlayroot.boot.cmdline.kexec_cmdline`)."""
+    boot = Boot(StateLayout(sysroot), opts, console, device or sysroot, cmdline)
     read_state(boot)
     for deployment_id in plan(boot):
         booted = attempt(boot, deployment_id, sysroot, run_dir, device,
-                         counted=bootstate.counts(deployment_id, opts.deployment))
+                         counted=bootstate.counts(deployment_id, opts.deployment, opts.kexec))
         if booted is not None:
             return hand_over(boot, booted, run_dir)
     for deployment_id in last_resort(boot):
@@ -132,7 +144,7 @@ def read_state(boot: Boot) -> None:
     for note in boot.recovery:
         boot.console.warn(note)
         boot.record(Event.RECOVERED, None, reason=note)
-    state, used_up = bootstate.mark_used_up(state)
+    state, used_up = bootstate.mark_used_up(state, boot.opts.kexec)
     for deployment_id in used_up:
         boot.console.say(f"deployment {deployment_id} {bootstate.USED_UP}")
         boot.record(Event.FAILED, deployment_id, reason=bootstate.USED_UP)
@@ -150,14 +162,15 @@ def read_state(boot: Boot) -> None:
 
 def plan(boot: Boot) -> list[str]:
     """Step 2: the candidates, in order."""
-    chosen = boot.opts.deployment
-    if chosen is not None and chosen not in boot.state.entries:
-        boot.console.warn(
-            f"deployment {chosen!r} (overlayroot.deployment=) is not on {boot.where}; booting"
-            f" the usual candidates instead (deployments there:"
-            f" {', '.join(sorted(boot.state.entries))})"
-        )
-    return bootstate.plan(boot.state, chosen)
+    for wanted, option in ((boot.opts.deployment, "overlayroot.deployment="),
+                           (boot.opts.kexec, "overlayroot.kexec=")):
+        if wanted is not None and wanted not in boot.state.entries:
+            boot.console.warn(
+                f"deployment {wanted!r} ({option}) is not on {boot.where}; booting the usual"
+                f" candidates instead (deployments there:"
+                f" {', '.join(sorted(boot.state.entries))})"
+            )
+    return bootstate.plan(boot.state, boot.opts.deployment, boot.opts.kexec)
 
 
 def attempt(boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: str | None,
@@ -166,15 +179,34 @@ def attempt(boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: 
     if boot.failed:
         boot.console.say(f"falling back to deployment {deployment_id}")
     boot.counted = boot.count_error = None
+    if boot.opts.kexec is not None and deployment_id != boot.opts.kexec:
+        reboot_for_kernel(boot, deployment_id, sysroot)
     if counted:
         take_try(boot, deployment_id)
+    elif deployment_id == boot.opts.kexec:
+        after = bootstate.after_kexec(boot.state.entries[deployment_id])
+        if after == bootstate.TRIAL:
+            boot.counted = True  # by the stage before the kexec
+        elif after == bootstate.DEGRADED:
+            boot.degraded = boot.degraded or (f"{deployment_id} is bad and was switched to as a"
+                                              " last resort")
     try:
         manifest = boot.layout.read_manifest(deployment_id)
+        wanted = manifest.kernel.version if manifest.kernel is not None else None
+        step = bootstate.kernel_step(deployment_id, wanted, boot.running, boot.opts.kexec)
+        if step == bootstate.WRONG_KERNEL:
+            raise BootError(
+                f"deployment {deployment_id!r}: this kernel was started for it with kexec, yet"
+                f" it is {boot.running}, not the {wanted} its manifest names: its kernel file"
+                " is another kernel than the manifest says; deploy it again"
+            )
         if bootstate.needs_verification(boot.state.entries[deployment_id]):
             verify(boot.layout, manifest)
             boot.save(bootstate.verified(boot.state, deployment_id),
                       f"cannot record that the image of {deployment_id} passed its check (it"
                       " is checked again next boot)")
+        if step == bootstate.KEXEC:
+            switch_kernel(boot, manifest, sysroot)
         return assemble(sysroot, run_dir, boot.opts, manifest, device=device,
                         repairs=boot.repairs)
     except Exception as e:
@@ -204,6 +236,53 @@ def take_try(boot: Boot, deployment_id: str) -> None:
     if trial:
         boot.counted = error is None
         boot.count_error = error
+
+
+def switch_kernel(boot: Boot, manifest: Manifest, sysroot: str) -> None:
+    """Step 3c: start the deployment's own kernel; returns only by raising a BootError."""
+    kernel = manifest.kernel
+    assert kernel is not None
+    if boot.count_error is not None:
+        raise BootError(
+            f"deployment {manifest.id!r} needs its kernel {kernel.version}, but its try could"
+            f" not be recorded ({boot.count_error}): a switch of kernels that is not counted"
+            " would repeat at every boot if that kernel fails, so it is not booted this time"
+        )
+    kexec.check(boot.layout, manifest)
+    cmdline = kexec_cmdline(boot.cmdline, kernel.kargs, manifest.id)
+    kexec.load(boot.layout, manifest, cmdline)
+    boot.console.say(f"switching to deployment {manifest.id}'s kernel {kernel.version} (this"
+                     f" is {boot.running}) with kexec")
+    boot.report_repairs()
+    boot.record("kexec", manifest.id, kernel=kernel.version, from_kernel=boot.running,
+                fallback_from=[f["deployment"] for f in boot.failed] or None)
+    kexec.restart(sysroot, syscalls.RB_KEXEC)
+
+
+def reboot_for_kernel(boot: Boot, deployment_id: str, sysroot: str) -> None:
+    """In a boot started by a kexec, a candidate that needs another kernel than this one is
+    left to a reboot through the firmware: a kexec'd boot never switches kernels again. What
+    made this boot fall back is on disk, so the next boot chooses as this one would have.
+    Returns when this kernel will do, or when the reboot fails (then the candidate is tried
+    here)."""
+    try:
+        manifest = boot.layout.read_manifest(deployment_id)
+    except BootError:
+        return  # the attempt says why
+    wanted = manifest.kernel.version if manifest.kernel is not None else None
+    if bootstate.kernel_step(deployment_id, wanted, boot.running,
+                             boot.opts.kexec) != bootstate.REBOOT:
+        return
+    boot.console.say(f"deployment {deployment_id} needs kernel {wanted}; this kernel"
+                     f" ({boot.running}) was started with kexec for {boot.opts.kexec}, and a"
+                     " kexec'd boot does not switch again: rebooting through the bootloader")
+    boot.report_repairs()
+    boot.record("reboot", deployment_id, reason=f"needs kernel {wanted}, not the kexec'd"
+                f" {boot.running}", fallback_from=[f["deployment"] for f in boot.failed] or None)
+    try:
+        kexec.restart(sysroot, syscalls.RB_AUTOBOOT)
+    except BootError as e:
+        boot.console.warn(f"{e}: trying {deployment_id} under this kernel")
 
 
 def verify(layout: StateLayout, manifest: Manifest) -> None:
@@ -266,7 +345,8 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
         except OSError as e:
             boot.console.warn(f"no watchdog armed ({e.strerror}: {e.filename}): a trial boot"
                               " that hangs will not fall back by itself")
-    boot.record(Event.BOOT, deployment_id, trial=trial, tries_left=entry.tries_left,
+    boot.record(Event.BOOT, deployment_id, kernel=boot.running, kexec=boot.opts.kexec is not None,
+                trial=trial, tries_left=entry.tries_left,
                 counted=boot.counted, count_error=boot.count_error,
                 fallback_from=[f["deployment"] for f in boot.failed] or None, watchdog=armed,
                 degraded=boot.degraded)
@@ -279,7 +359,8 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
     extra = {"trial": trial, "tries_left": entry.tries_left, "counted": boot.counted,
              "count_error": boot.count_error, "failed": boot.failed, "recovery": boot.recovery,
              "repairs": boot.repairs, "degraded": boot.degraded, "watchdog": armed,
-             "generation": boot.state.generation}
+             "generation": boot.state.generation, "kernel": boot.running,
+             "kexec": boot.opts.kexec}
     write_booted(run_dir, {**booted.to_dict(), **extra})
     return booted
 
@@ -300,7 +381,8 @@ def main(argv: list[str] | None = None) -> int:
     console = Console()
     try:
         with open("/proc/cmdline") as f:
-            opts, warnings = parse_options(f.read())
+            cmdline = f.read()
+        opts, warnings = parse_options(cmdline)
         console.debug = opts.debug
         for warning in warnings:
             console.warn(warning)
@@ -321,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
         except OSError as e:
             raise BootError(f"cannot remount the state filesystem on {sysroot} read-write:"
                             f" {e.strerror}") from None
-        booted = prepare_root(sysroot, RUN_DIR, opts, opts.state, console)
+        booted = prepare_root(sysroot, RUN_DIR, opts, opts.state, console, cmdline)
     except BootError as e:
         console.error(str(e))
         return 1

@@ -242,8 +242,16 @@ def history_line(event: dict[str, object]) -> str:
             details.append(f"watchdog {event.get('watchdog')} s")
         if event.get("degraded"):
             details.append(f"DEGRADED, a last resort: {event.get('degraded')}")
+        if event.get("kexec"):
+            details.append(f"under its own kernel {event.get('kernel')}, started by kexec")
         details.append(str(event["outcome"]))
         return f"{head}  " + "; ".join(details)
+    if kind == "kexec":
+        fallback = event.get("fallback_from")
+        after = (f", falling back from {', '.join(map(str, fallback))}"
+                 if isinstance(fallback, list) else "")
+        return (f"{head}  switched from kernel {event.get('from_kernel')} to its own kernel"
+                f" {event.get('kernel')}{after}")
     if event.get("reason"):
         return f"{head}  {event.get('reason')}"
     return head

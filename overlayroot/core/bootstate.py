@@ -18,6 +18,9 @@ The rules:
   next candidate boots in the same boot;
 - ``bless`` marks the booted deployment successful; a successful deployment boots without
   counting;
+- a deployment that carries a kernel other than the running one is switched to with kexec
+  once its try is taken (:func:`kernel_step`); the stage in that kernel boots exactly that
+  deployment without taking a second try, and never switches kernels again;
 - when nothing is bootable, the *last resort* boots the deployment that last reached its init
   (then the others), uncounted and in a degraded mode, rather than reboot forever.
 
@@ -183,21 +186,63 @@ def candidates(state: BootState) -> list[str]:
     return order
 
 
-def plan(state: BootState, chosen: str | None) -> list[str]:
-    """The candidates of this boot, in order: the deployment chosen on the kernel command line
-    (``overlayroot.deployment=``; when it is on disk, booted whatever its state), then
+def plan(state: BootState, chosen: str | None, kexec_for: str | None = None) -> list[str]:
+    """The candidates of this boot, in order: the deployment a kexec was made for
+    (``overlayroot.kexec=``, when it is on disk), the deployment chosen on the kernel command
+    line (``overlayroot.deployment=``; when it is on disk, booted whatever its state), then
     :func:`candidates`. (Not to be confused with ``Entry.pinned``: kept by gc.)"""
     order = candidates(state)
-    if chosen in state.entries:
-        order = [chosen, *(k for k in order if k != chosen)]
+    for first in (chosen, kexec_for):
+        if first in state.entries:
+            order = [first, *(k for k in order if k != first)]
     return order
 
 
-def counts(deployment_id: str, chosen: str | None) -> bool:
-    """Whether booting ``deployment_id`` takes a try: every boot but one of the deployment
-    chosen on the command line does (and a successful deployment's try is free, see
-    :func:`start_attempt`)."""
-    return deployment_id != chosen
+def counts(deployment_id: str, chosen: str | None, kexec_for: str | None = None) -> bool:
+    """Whether booting ``deployment_id`` takes a try: every boot does (a successful
+    deployment's try is free, see :func:`start_attempt`) but one of the deployment chosen on
+    the command line, and the boot of the deployment a kexec was made for, whose try the stage
+    took before the kexec."""
+    return deployment_id not in (chosen, kexec_for)
+
+
+TRIAL = "trial"
+KNOWN_GOOD = "known good"
+DEGRADED = "degraded"
+
+
+def after_kexec(entry: Entry) -> str:
+    """What the boot of the deployment a kexec was made for is: a :data:`TRIAL` whose try the
+    stage took before the kexec (:func:`start_attempt`); :data:`KNOWN_GOOD`, not counted; or
+    :data:`DEGRADED` when it is bad, which only the last resort boots (:func:`last_resort`)."""
+    if entry.successful:
+        return KNOWN_GOOD
+    return DEGRADED if entry.bad is not None else TRIAL
+
+
+BOOT = "boot"  # the running kernel is the deployment's, or it has none: boot it here
+KEXEC = "kexec"  # take the try, then load its kernel and switch to it
+WRONG_KERNEL = "wrong-kernel"  # kexec'd for it, and still not its kernel: it fails
+REBOOT = "reboot"  # after a kexec, a candidate that needs another kernel: through firmware
+
+
+def kernel_step(deployment_id: str, wanted: str | None, running: str,
+                kexec_for: str | None) -> str:
+    """What the kernel a candidate needs asks of this boot. ``wanted``: the version (uname -r)
+    of the deployment's kernel, None when it has none (it boots under any); ``running``: this
+    kernel's; ``kexec_for``: the deployment this kernel was kexec'd for, None when the
+    bootloader started it.
+
+    A boot started by a kexec never kexecs again, so no kernel can loop: the deployment it was
+    made for fails if the kernel still does not match (its manifest names a version its kernel
+    file is not), and any other candidate that needs another kernel is left to a reboot
+    through the firmware, whose kernel the stage then switches from as usual (the failures of
+    this boot being on disk, the next boot does not choose the same)."""
+    if wanted is None or wanted == running:
+        return BOOT
+    if kexec_for is None:
+        return KEXEC
+    return WRONG_KERNEL if deployment_id == kexec_for else REBOOT
 
 
 def needs_verification(entry: Entry) -> bool:
@@ -290,12 +335,14 @@ def mark_bad(state: BootState, deployment_id: str, reason: str) -> BootState:
 USED_UP = "used up its tries without being blessed (it crashed, hung or was reset)"
 
 
-def mark_used_up(state: BootState) -> tuple[BootState, list[str]]:
+def mark_used_up(state: BootState, kexec_for: str | None = None) -> tuple[BootState, list[str]]:
     """Mark bad, with the reason, the deployments whose tries ran out without a bless: they
     are no longer bootable either way, but now ``status`` and the history say why, and a
-    rebuild from the history does not give them fresh tries."""
+    rebuild from the history does not give them fresh tries. Not ``kexec_for``, the deployment
+    this kernel was kexec'd for: the stage before the kexec took its last try for this boot."""
     used_up = sorted(k for k, e in state.entries.items()
-                     if not e.successful and e.tries_left == 0 and e.bad is None)
+                     if not e.successful and e.tries_left == 0 and e.bad is None
+                     and k != kexec_for)
     for k in used_up:
         state = mark_bad(state, k, USED_UP)
     return state, used_up

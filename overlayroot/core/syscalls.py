@@ -22,6 +22,9 @@ MNT_DETACH = 2
 
 RB_AUTOBOOT = 0x01234567
 RB_POWER_OFF = 0x4321FEDC
+RB_KEXEC = 0x45584543  # LINUX_REBOOT_CMD_KEXEC: start the kernel kexec_file_load loaded
+KEXEC_FILE_UNLOAD = 1
+KEXEC_FILE_NO_INITRAMFS = 4
 
 LOOP_SET_FD = 0x4C00
 LOOP_CLR_FD = 0x4C01
@@ -34,6 +37,7 @@ LO_FLAGS_AUTOCLEAR = 4
 CLONE_NEWNS = 0x00020000
 
 _FINIT_MODULE = {"x86_64": 313, "aarch64": 273, "riscv64": 273, "armv7l": 379, "i686": 350}
+_KEXEC_FILE_LOAD = {"x86_64": 320, "aarch64": 294, "riscv64": 294}
 _UNSHARE = {"x86_64": 272, "aarch64": 97, "riscv64": 97, "armv7l": 337, "i686": 310}
 
 _lib = ffi.dlopen(None)
@@ -85,6 +89,21 @@ def finit_module(fd: int, name: str, params: str = "") -> None:
         raise OSError(38, f"finit_module: unknown syscall number on {os.uname().machine}", name)
     args = (ffi.cast("long", fd), ffi.new("char[]", params.encode()), ffi.cast("long", 0))
     _check(_lib.syscall(number, *args), name)
+
+
+def kexec_file_load(kernel_fd: int, initrd_fd: int, cmdline: str, flags: int = 0) -> None:
+    """kexec_file_load(2): load a kernel (and its initramfs, ``initrd_fd``; -1 with
+    ``KEXEC_FILE_NO_INITRAMFS``) to be started by ``reboot(RB_KEXEC)``. The kernel checks the
+    file is a kernel for this machine (ENOEXEC if not) and, under lockdown, its signature
+    (EPERM, EKEYREJECTED)."""
+    machine = os.uname().machine
+    number = _KEXEC_FILE_LOAD.get(machine)
+    if number is None:
+        raise OSError(38, f"kexec_file_load: no such system call on {machine}")
+    text = ffi.new("char[]", cmdline.encode())  # the length the kernel takes counts the NUL
+    _check(_lib.syscall(number, ffi.cast("long", kernel_fd), ffi.cast("long", initrd_fd),
+                        ffi.cast("unsigned long", len(text)), text,
+                        ffi.cast("unsigned long", flags)))
 
 
 def unshare(flags: int) -> None:

@@ -10,22 +10,30 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import re
+import subprocess
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
+from overlayroot.commands import bootpair
 from overlayroot.commands.deploy import Progress, build_image, deploy
+from overlayroot.core.layout import StateLayout
+from qemu.cutcheck import cut_points, enter_private_mount_namespace
 from qemu.disks import make_state_disk, partition_offset, read_file
 from qemu.kernel import Kernel
-from qemu.machine import Machine
+from qemu.logwrites import Replayer, copy_sparse, read_log
+from qemu.machine import LoggedDisk, Machine
 from qemu.paths import cache_dir
 from qemu.plugin import MachineFactory
 from qemu.rootfs import build_command_payload, make_test_root
-from tests.kernelfakes import add_kernel
+from tests.kernelfakes import add_kernel, assert_bootable
 from tests.qemu.stage import (
     BASE,
     CREATED,
@@ -101,11 +109,15 @@ overlayroot status
 """
 
 
+@pytest.fixture(scope="module")
+def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The frozen ``overlayroot`` command for the test roots, built once for this module."""
+    return build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
+
+
 def test_a_kernel_deployed_and_promoted_from_inside(
-    machine: MachineFactory, initramfs: Path, tmp_path: Path,
-    tmp_path_factory: pytest.TempPathFactory,
+    machine: MachineFactory, initramfs: Path, tmp_path: Path, payload: Path
 ) -> None:
-    payload = build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
     scripts = {"kernel-update": KERNEL_UPDATE}
     content = tmp_path / "state-content"
     content.mkdir()
@@ -144,3 +156,117 @@ def test_a_kernel_deployed_and_promoted_from_inside(
         assert read_file(disk, offset, path) == source, path
     initrd = read_file(disk, offset, "/overlayroot/boot/initrd.img")
     assert hashlib.sha256(initrd).hexdigest() == manifest["kernel"]["initramfs_sha256"]
+
+
+PROMOTE = """\
+overlayroot promote v2
+echo "OVERLAYROOT-TEST promote=$?"
+"""
+
+
+def kernel_root(base: Path, name: str, k: Kernel, initrd: bytes, payload: Path) -> Path:
+    """A busybox test root that carries kernel ``k`` and ``initrd`` the bootc way."""
+    root = make_test_root(base / f"root-{name}", image=name, command=payload,
+                          scripts={"promote": PROMOTE})
+    moddir = root / "usr/lib/modules" / k.version
+    moddir.mkdir(parents=True)
+    (moddir / "vmlinuz").write_bytes(k.vmlinuz.read_bytes())
+    (moddir / "initramfs.img").write_bytes(initrd)
+    return root
+
+
+@contextlib.contextmanager
+def mounted_state(disk: Path, offset: int, where: Path) -> Iterator[Path]:
+    """The state filesystem of ``disk`` (a copy: mounting replays its journal, as the next
+    boot's mount would) mounted in this process's private mount namespace."""
+    where.mkdir(exist_ok=True)
+    subprocess.run(["mount", "-t", "ext4", "-o", f"loop,offset={offset}", str(disk),
+                    str(where)], check=True)
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", str(where)], check=True)
+
+
+def test_a_promotion_cut_at_every_flush_leaves_a_pair_that_boots(
+    kernel: Kernel, qemu_accel: str, tmp_path: Path, payload: Path
+) -> None:
+    """The guest, booted from the pair (kernel A), promotes deployment v2's kernel B; its state
+    disk's writes are logged, and the disk every flush point (and every torn half between two)
+    leaves behind must hold a bootable pair. The pair in the middle of the promotion, kernel A
+    with the bridge, and kernel B with the bridge, each boots under QEMU from the cut disk."""
+    second = other_kernel(kernel)
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the cut disks are loop-mounted")
+    enter_private_mount_namespace()
+    images = {}
+    for k in (kernel, second):
+        out = tmp_path / f"initrd-{k.version}.img"
+        build_initramfs(BuildConfig(modules_dir=k.modules, output=out,
+                                    compress=Compression.ZSTD))
+        images[k.version] = out.read_bytes()
+    content = tmp_path / "state-content"
+    content.mkdir()
+    deploy(content, kernel_root(tmp_path, "v2", second, images[second.version], payload),
+           deployment_id="v2", created=CREATED, known_good=True)
+    deploy(content, kernel_root(tmp_path, "v1", kernel, images[kernel.version], payload),
+           deployment_id="v1", created=CREATED + 1, known_good=True)  # the default
+    state = StateLayout(content)
+    bootpair.promote(Path(state.top) / "boot", state, state.read_manifest("v1"))
+    disk = make_state_disk(tmp_path / "state.img", content, size_mb=256, fs_label=FS_LABEL,
+                           fs_uuid=FS_UUID, partlabel=PARTLABEL, partuuid=PARTUUID)
+    offset = partition_offset(disk)
+    pristine = tmp_path / "pristine.img"
+    copy_sparse(disk, pristine)
+
+    log = tmp_path / "promote.log"
+    m = Machine(kernel, tmp_path / f"initrd-{kernel.version}.img",
+                log_path=tmp_path / "promote-console.log", disks=[LoggedDisk(disk, log)],
+                cmdline=f"{BASE} test.run=promote", accel=qemu_accel)
+    with m:
+        m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
+            "Kernel panic - not syncing", "overlayroot: error:", "Traceback"))
+        m.wait_exit(60)
+    assert m.markers()["promote"] == "0"
+
+    kernels = {"A": kernel.vmlinuz.read_bytes(), "B": second.vmlinuz.read_bytes()}
+    writes = read_log(log)
+    replayer = Replayer(writes, pristine, tmp_path / "cut.img")
+    seen: dict[tuple[str, str], Path] = {}
+    for index, torn in cut_points(writes):
+        if index >= 0:
+            replayer.advance(index)
+        snapshot = replayer.snapshot(tmp_path / "snapshot.img")
+        where = f"cut at log entry {index}{' (torn)' if torn else ''}"
+        with mounted_state(snapshot, offset, tmp_path / "mnt") as top:
+            pair = top / "overlayroot/boot"
+            try:
+                release = assert_bootable(pair, kernels, zstd=True)
+            except AssertionError as e:
+                raise AssertionError(f"{where}: the pair is not bootable: {e}") from None
+            initrd = (pair / "initrd.img").read_bytes()
+            kind = ("IA" if initrd == images[kernel.version] else
+                    "IB" if initrd == images[second.version] else "bridge")
+            files = {name: (pair / name).read_bytes() for name in ("vmlinuz", "initrd.img")}
+        if (release, kind) not in seen:
+            keep = tmp_path / f"pair-{len(seen)}"
+            keep.mkdir()
+            for name, data in files.items():
+                (keep / name).write_bytes(data)
+            copy_sparse(snapshot, keep / "disk.img")
+            seen[(release, kind)] = keep
+    assert (kernel.version, "IA") in seen and (second.version, "IB") in seen
+    middles = [k for k in seen if k[1] == "bridge"]
+    assert middles, f"no cut fell between the renames: {sorted(seen)}"
+    for release, kind in middles:
+        keep = seen[(release, kind)]
+        booting = Kernel(vmlinuz=keep / "vmlinuz", modules=kernel.modules, version=release)
+        machine = Machine(booting, keep / "initrd.img", log_path=keep / "console.log",
+                          disks=[keep / "disk.img"], cmdline=f"{BASE} overlayroot.debug",
+                          accel=qemu_accel)
+        with machine:
+            machine.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
+                "Kernel panic - not syncing", "Attempted to kill init", "overlayroot: error:"))
+            machine.wait_exit(60)
+        assert f"Linux version {release} " in machine.console
+        assert "did not load" not in machine.console

@@ -9,7 +9,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from overlayroot.boot import cmdline
-from overlayroot.boot.cmdline import BREAK_STEPS, CmdlineError, onfail_from, parse_options, split
+from overlayroot.boot.cmdline import (
+    BREAK_STEPS,
+    NOT_CARRIED,
+    CmdlineError,
+    kexec_cmdline,
+    onfail_from,
+    parse_options,
+    split,
+)
+from overlayroot.core.errors import BootError
 
 
 def kernel_parse(cmdline: str) -> tuple[list[tuple[str, str | None]], list[str]]:
@@ -240,3 +249,67 @@ def test_a_break_that_names_no_step_is_a_warning_and_stops_nowhere(option: str, 
         f"ignoring {option}: {bad} the boot can stop before (steps: modules, device, mount,"
         " prepare, switch; several: overlayroot.break=mount,switch; a bare overlayroot.break"
         " stops before the switch)"]
+
+def test_the_kexec_option_names_a_deployment() -> None:
+    assert parse_options("overlayroot.kexec=v2")[0].kexec == "v2"
+    assert parse_options("rd.overlayroot.kexec=v3 quiet")[0].kexec == "v3"
+    assert parse_options("quiet")[0].kexec is None
+
+
+@pytest.mark.parametrize(
+    ("cmdline", "message"),
+    [
+        ("overlayroot.kexec=", "overlayroot.kexec needs a value, as in overlayroot.kexec=VALUE"),
+        ("overlayroot.kexec=../v2", "overlayroot.kexec: invalid deployment id '../v2'"),
+    ],
+)
+def test_a_malformed_kexec_option_is_a_clear_error(cmdline: str, message: str) -> None:
+    with pytest.raises(CmdlineError) as raised:
+        parse_options(cmdline)
+    assert str(raised.value).startswith(message)
+
+
+def test_a_switched_kernel_gets_this_command_line_less_ours_plus_its_arguments() -> None:
+    cmdline = ('BOOT_IMAGE=/boot/vmlinuz initrd=/initrd.img console=ttyS0 root=LABEL=state'
+               ' overlayroot.deployment=v1 rd.overlayroot.kexec=v0 overlayroot.tries=2'
+               ' note="two words" ro panic=10 -- single x=1\n')
+    out = kexec_cmdline(cmdline, ["quiet", "panic=30"], "v2")
+    assert out == ('console=ttyS0 root=LABEL=state overlayroot.tries=2 note="two words" ro'
+                   ' panic=10 quiet panic=30 overlayroot.kexec=v2 -- single x=1')
+    opts, warnings = parse_options(out)
+    assert (opts.kexec, opts.deployment, opts.tries, warnings) == ("v2", None, 2, [])
+    assert opts.init_args == ["single", "x=1"]
+
+
+def test_a_parameter_the_kernel_could_not_read_back_is_left_off() -> None:
+    # A lone quote would swallow everything written after it, our option included.
+    assert split('a=1 x"y')[0] == [("a", "1"), ('x"y', None)]
+    out = kexec_cmdline('a=1 x"y', [], "v2")
+    assert out == "a=1 overlayroot.kexec=v2"
+    # An unclosed quote at the very end is read to the end, and written back closed.
+    assert kexec_cmdline('b="x y', [], "v2") == 'b="x y" overlayroot.kexec=v2'
+    assert parse_options(out)[0].kexec == "v2"
+
+
+def test_the_switched_kernels_deployment_must_be_a_valid_id() -> None:
+    with pytest.raises(BootError, match=r"invalid deployment id '\.\./etc'"):
+        kexec_cmdline("quiet", [], "../etc")
+
+
+@settings(max_examples=2000)
+@given(words, st.lists(st.sampled_from(["quiet", "panic=5", "a=b"]), max_size=3))
+def test_a_switched_kernel_keeps_every_parameter_it_can_read_back(
+    cmdline: str, kargs: list[str]
+) -> None:
+    params, init_args = split(cmdline)
+    out_params, out_init = split(kexec_cmdline(cmdline, kargs, "v2"))
+    ours = [split(k)[0][0] for k in kargs] + [("overlayroot.kexec", "v2")]
+    assert out_params[len(out_params) - len(ours):] == ours
+    kept = out_params[: len(out_params) - len(ours)]
+    carried = [p for p in params if p[0] and p[0] not in NOT_CARRIED]
+    remaining = iter(carried)
+    assert all(any(k == c for c in remaining) for k in kept)  # a subsequence, in order
+    remaining_args = iter(init_args)
+    assert all(any(a == b for b in remaining_args) for a in out_init)
+    if '"' not in cmdline:  # nothing the kernel could not read back: everything is kept
+        assert (kept, out_init) == (carried, init_args)

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot.boot.cmdline import KNOWN_KEYS, CmdlineError, onfail_from, parse_options, split
+from overlayroot.boot.cmdline import (
+    KNOWN_KEYS,
+    CmdlineError,
+    kexec_cmdline,
+    onfail_from,
+    parse_options,
+    split,
+)
 from overlayroot.boot.devices import parse_spec
 from overlayroot.core.errors import BootError
 from tests import fuzzing
@@ -45,6 +52,9 @@ READERS = {
     "cmdline.split": fuzzing.Reader(CMDLINE, split, ()),
     "cmdline.parse_options": fuzzing.Reader(CMDLINE, parse_options, (CmdlineError,)),
     "cmdline.onfail_from": fuzzing.Reader(CMDLINE, onfail_from, ()),
+    # The switched kernel's command line is made from this one: never an error, whatever it is.
+    "cmdline.kexec_cmdline": fuzzing.Reader(
+        CMDLINE, lambda text: kexec_cmdline(text, ["quiet"], "v1"), ()),
     "devices.parse_spec": fuzzing.Reader(SPECS, parse_spec, (BootError,)),
 }
 

@@ -85,3 +85,22 @@ def test_history_outcomes() -> None:
     ]
     line = status.history_line(status.with_outcomes(events)[5])
     assert "fell back from v4" in line
+
+
+def test_history_lines_of_a_kernel_switch() -> None:
+    events: list[dict[str, object]] = [
+        {"time": "T1", "event": "kexec", "deployment": "v2", "kernel": "6.12.1",
+         "from_kernel": "6.1.0-57", "fallback_from": ["v3"]},
+        {"time": "T2", "event": "boot", "deployment": "v2", "trial": True, "tries_left": 1,
+         "kernel": "6.12.1", "kexec": True},
+        {"time": "T3", "event": "reboot", "deployment": "v1",
+         "reason": "needs kernel 6.1.0-57, not the kexec'd 6.12.1"},
+    ]
+    lines = [status.history_line(e) for e in status.with_outcomes(events)]
+    assert lines == [
+        "T1  kexec       v2  switched from kernel 6.1.0-57 to its own kernel 6.12.1, falling back"
+        " from v3",
+        "T2  boot        v2  trial, 1 tries left after it; under its own kernel 6.12.1, started"
+        " by kexec; the latest boot, not blessed yet",
+        "T3  reboot      v1  needs kernel 6.1.0-57, not the kexec'd 6.12.1",
+    ]
