@@ -67,7 +67,7 @@ from pathlib import Path
 from initrd.build import BuildConfig, BuildResult, Compression, build_initramfs
 from initrd.cpio import Member, write_cpio
 from initrd.kmod import decompress, resolve_modules
-from overlayroot.commands.deploy import deploy
+from overlayroot.commands.staging import deploy
 from overlayroot.core import treecopy
 from qemu.accel import choose_accel
 from qemu.disks import make_raw_fs_disk, make_state_disk

@@ -12,7 +12,7 @@ What it measures
     kernel, copied   the same root with the initramfs the builder made in the first run put at
                      ``/boot/initrd.img-<version>``: deploy copies it.
 
-    The figure is the wall time of ``overlayroot.commands.deploy.deploy`` (the median of the
+    The figure is the wall time of ``overlayroot.commands.staging.deploy`` (the median of the
     runs), and each configuration's ratio to the baseline's median of the same run. The trees
     are hardlinked copies of the cached root, made before the clock starts.
 
@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from overlayroot.commands.deploy import KernelChoice, deploy
+from overlayroot.commands.staging import KernelChoice, deploy
 from qemu import debian
 from qemu.kernel import debian_cloud_kernel, kernel_from_env
 from qemu.paths import cache_dir

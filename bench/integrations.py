@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.commands.deploy import deploy
+from overlayroot.commands.staging import deploy
 from qemu import debian, mkinitcpio, trixie
 from qemu.accel import choose_accel
 from qemu.disks import make_raw_fs_disk, make_state_disk

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.commands.deploy import Progress, build_image, deploy
+from overlayroot.commands.fsops import Progress
+from overlayroot.commands.images import build_image
+from overlayroot.commands.staging import deploy
 from qemu.accel import choose_accel
 from qemu.disks import make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env

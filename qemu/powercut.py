@@ -37,7 +37,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from initrd.elf import resolve_closure
-from overlayroot.commands.deploy import Progress, build_image, deploy
+from overlayroot.commands.fsops import Progress
+from overlayroot.commands.images import build_image
+from overlayroot.commands.staging import deploy
 from overlayroot.core import bootstate, statefile
 from overlayroot.core.layout import StateLayout
 from qemu.kernel import Kernel

@@ -23,7 +23,8 @@ FROZEN_MODULES = (
     "overlayroot.commands.manage",
     "overlayroot.commands.status",
     "overlayroot.commands.health",
-    "overlayroot.commands.etcdiff",    "overlayroot.commands.bootpair",
+    "overlayroot.commands.etcdiff",
+    "overlayroot.commands.bootpair",
     "tomllib",  # deploy reads a root's kargs.d
     "traceback",  # --debug
 )

@@ -25,7 +25,7 @@ from overlayroot.boot.cmdline import parse_options
 from overlayroot.boot.console import Console
 from overlayroot.boot.prepare import prepare_root
 from overlayroot.commands import cli, health, target
-from overlayroot.commands.deploy import deploy
+from overlayroot.commands.staging import deploy
 from overlayroot.core import bootstate, statefile, syscalls
 from overlayroot.core.layout import StateLayout
 from qemu.mounts import mounts_under

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot.commands.deploy import deploy
+from overlayroot.commands.staging import deploy
 from overlayroot.core import syscalls
 from overlayroot.core.errors import BootError
 from qemu.mounts import mounts_under

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot.commands import deploy
+from overlayroot.commands import images, staging
 from overlayroot.core import digest, layout
 from overlayroot.core.errors import BootError
 from tests import trees
@@ -111,7 +111,7 @@ def sha256_file(path: Path) -> str:
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
 def test_image_deployment_mounts_as_the_source_tree(tree: Path, tmp_path: Path, fmt: str) -> None:
     sysroot = new_sysroot(tmp_path)
-    manifest, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt=fmt)
+    manifest, where = staging.deploy(sysroot, tree, deployment_id="one", fmt=fmt)
     image = where / layout.FORMATS[fmt].image
     assert layout.StateLayout(sysroot).read_manifest("one") == manifest
     assert (manifest.id, manifest.format, manifest.image) == ("one", fmt, image.name)
@@ -124,17 +124,17 @@ def test_image_deployment_mounts_as_the_source_tree(tree: Path, tmp_path: Path, 
 
 
 def test_erofs_image_passes_fsck_and_carries_the_derived_uuid(tree: Path, tmp_path: Path) -> None:
-    _, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one")
+    _, where = staging.deploy(new_sysroot(tmp_path), tree, deployment_id="one")
     image = where / "root.erofs"
     subprocess.run(["fsck.erofs", image], check=True, capture_output=True)
     superblock = subprocess.run(
         ["dump.erofs", "-s", image], check=True, capture_output=True, text=True
     ).stdout
-    assert deploy.erofs_uuid("one") in superblock
+    assert images.erofs_uuid("one") in superblock
 
 
 def test_squashfs_image_lists_the_source(tree: Path, tmp_path: Path) -> None:
-    _, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt="squashfs")
+    _, where = staging.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt="squashfs")
     listing = subprocess.run(
         ["unsquashfs", "-lln", where / "root.squashfs"], check=True, capture_output=True, text=True
     ).stdout
@@ -148,7 +148,7 @@ def test_same_tree_created_and_id_give_identical_images(
 ) -> None:
     images = []
     for name in ("a", "b"):
-        _, where = deploy.deploy(
+        _, where = staging.deploy(
             new_sysroot(tmp_path, name), tree, deployment_id="one", fmt=fmt, created=EPOCH
         )
         images.append(where / layout.FORMATS[fmt].image)
@@ -161,12 +161,12 @@ def test_same_tree_created_and_id_give_identical_images(
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
 def test_without_created_file_mtimes_are_kept(tree: Path, tmp_path: Path, fmt: str) -> None:
     os.utime(tree / "etc" / "hostname", (EPOCH, EPOCH))
-    _, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt=fmt)
+    _, where = staging.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt=fmt)
     assert mounted_mtime(where / layout.FORMATS[fmt].image, "etc/hostname", tmp_path) == EPOCH
 
 
 def test_dir_deployment_keeps_the_capability(tree: Path, tmp_path: Path) -> None:
-    manifest, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt="dir")
+    manifest, where = staging.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt="dir")
     ping = where / "root" / "usr" / "bin" / "ping"
     assert os.getxattr(ping, "security.capability") == CAPABILITY
     assert manifest.sha256 == digest.tree_sha256(tree)
@@ -179,7 +179,7 @@ def test_image_source_is_detected_and_copied_as_is(tree: Path, tmp_path: Path, f
         subprocess.run(["mkfs.erofs", "--quiet", built, tree], check=True)
     else:
         subprocess.run(["mksquashfs", tree, built, "-quiet", "-no-progress"], check=True)
-    manifest, where = deploy.deploy(new_sysroot(tmp_path), built, deployment_id="one")
+    manifest, where = staging.deploy(new_sysroot(tmp_path), built, deployment_id="one")
     assert manifest.format == fmt
     assert filecmp.cmp(built, where / manifest.image, shallow=False)
     assert manifest.sha256 == sha256_file(built)
@@ -201,7 +201,7 @@ def test_image_without_mount_points_is_refused(tmp_path: Path, fmt: str) -> None
     with pytest.raises(
         BootError, match=f"{re.escape(str(built))} lacks the mount points .*: home, run, proc,"
     ):
-        deploy.deploy(sysroot, built)
+        staging.deploy(sysroot, built)
     assert not (sysroot / "overlayroot").exists()
 
 
@@ -209,7 +209,7 @@ def test_corrupt_image_with_a_valid_magic_is_refused(tmp_path: Path) -> None:
     image = tmp_path / "broken.erofs"
     image.write_bytes(bytes(1024) + (0xE0F5E1E2).to_bytes(4, "little") + os.urandom(8000))
     with pytest.raises(BootError, match=r"looks like erofs but dump\.erofs cannot read it"):
-        deploy.deploy(new_sysroot(tmp_path), image)
+        staging.deploy(new_sysroot(tmp_path), image)
 
 
 def run_cli_on_tiny_tmpfs(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

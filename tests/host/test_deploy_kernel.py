@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot.commands import deploy
+from overlayroot.commands import images, staging
 from overlayroot.core import layout
 from overlayroot.core.errors import BootError
 from tests.host.conftest import require_tools
@@ -66,17 +66,17 @@ def image_of(tree: Path, fmt: str, path: Path) -> Path:
 def test_an_image_source_keeps_its_kernel(tmp_path: Path, sysroot: Path, fmt: str, how: str,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     mounts = []
-    real_mount = deploy.mount_image
+    real_mount = images.mount_image
 
     def mount_image(image: Path, fmt: str) -> Path | None:
         mounts.append(image)
         return real_mount(image, fmt) if how == "mounted" else None
 
-    monkeypatch.setattr(deploy, "mount_image", mount_image)
+    monkeypatch.setattr(staging, "mount_image", mount_image)
     tree = kernel_tree(tmp_path)
     image = image_of(tree, fmt, tmp_path / f"root.{fmt}")
-    manifest, final = deploy.deploy(sysroot, image, deployment_id="v1", created=EPOCH,
-                                     kernel=deploy.KernelChoice(kargs=["quiet"]))
+    manifest, final = staging.deploy(sysroot, image, deployment_id="v1", created=EPOCH,
+                                     kernel=staging.KernelChoice(kargs=["quiet"]))
     assert manifest.kernel is not None
     assert (manifest.kernel.version, manifest.kernel.kargs) == (VERSION,
                                                                 ["console=ttyS0", "quiet"])
@@ -95,7 +95,7 @@ def test_an_image_source_keeps_its_kernel(tmp_path: Path, sysroot: Path, fmt: st
 def test_an_image_without_a_kernel_deploys_as_before(tmp_path: Path, sysroot: Path,
                                                      fmt: str) -> None:
     image = image_of(make_tree(tmp_path / "tree"), fmt, tmp_path / f"root.{fmt}")
-    manifest, final = deploy.deploy(sysroot, image, deployment_id="v1", created=EPOCH)
+    manifest, final = staging.deploy(sysroot, image, deployment_id="v1", created=EPOCH)
     assert manifest.kernel is None
     assert sorted(os.listdir(final)) == ["manifest.json", f"root.{fmt}"]
 
@@ -104,17 +104,17 @@ def test_an_image_whose_tool_is_missing_is_refused_unless_no_kernel(
     tmp_path: Path, sysroot: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = image_of(kernel_tree(tmp_path), "squashfs", tmp_path / "root.squashfs")
-    monkeypatch.setattr(deploy, "mount_image", lambda image, fmt: None)  # no loop devices
+    monkeypatch.setattr(staging, "mount_image", lambda image, fmt: None)  # no loop devices
     real_which = shutil.which
     monkeypatch.setattr(shutil, "which", lambda name: None if name == "unsquashfs"
                         else real_which(name))
     with pytest.raises(BootError, match=r"^unsquashfs not found: it looks for a kernel in"
                        rf" squashfs images; apt-get install squashfs-tools, or give --no-kernel"
                        rf" to deploy {image} without one$"):
-        deploy.deploy(sysroot, image, deployment_id="v1", created=EPOCH)
+        staging.deploy(sysroot, image, deployment_id="v1", created=EPOCH)
     assert os.listdir(sysroot / "overlayroot/deployments") == []
-    manifest, _ = deploy.deploy(sysroot, image, deployment_id="v1", created=EPOCH,
-                                kernel=deploy.KernelChoice(skip=True))
+    manifest, _ = staging.deploy(sysroot, image, deployment_id="v1", created=EPOCH,
+                                kernel=staging.KernelChoice(skip=True))
     assert manifest.kernel is None
 
 
@@ -125,7 +125,7 @@ def test_a_tar_source_keeps_its_kernel(tmp_path: Path, sysroot: Path) -> None:
     subprocess.run(["tar", "--create", f"--file={archive}", f"--directory={tree}", "."],
                    check=True)
     for fmt in ("erofs", "dir"):
-        manifest, final = deploy.deploy(sysroot, archive, deployment_id=f"v-{fmt}", fmt=fmt,
+        manifest, final = staging.deploy(sysroot, archive, deployment_id=f"v-{fmt}", fmt=fmt,
                                         created=EPOCH)
         assert manifest.kernel is not None and manifest.kernel.version == VERSION
         assert sha(final / "vmlinuz") == manifest.kernel.vmlinuz_sha256
@@ -148,7 +148,7 @@ def test_a_real_debian_kernel_without_initramfs_gets_one_from_our_builder(
     shutil.copy(packages[0] / "boot" / f"vmlinuz-{version}", tree / "boot")
     shutil.copytree(packages[0] / "lib/modules" / version, tree / "usr/lib/modules" / version,
                     symlinks=True)
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", created=EPOCH)
+    manifest, final = staging.deploy(sysroot, tree, deployment_id="v1", created=EPOCH)
     assert manifest.kernel is not None and manifest.kernel.version == version
     assert sha(final / "initramfs.img") == manifest.kernel.initramfs_sha256
     listing = subprocess.run(
@@ -168,5 +168,5 @@ def test_mount_image_gives_none_for_what_does_not_mount_and_leaves_nothing(
     bogus.write_bytes(b"\0" * 8192)
     places = (Path("/run"), Path(tempfile.gettempdir()))
     before = {p for place in places for p in place.glob("overlayroot-kernel-*")}
-    assert deploy.mount_image(bogus, "erofs") is None
+    assert images.mount_image(bogus, "erofs") is None
     assert {p for place in places for p in place.glob("overlayroot-kernel-*")} == before

@@ -19,7 +19,7 @@ from overlayroot.boot.cmdline import parse_options
 from overlayroot.boot.console import Console
 from overlayroot.boot.prepare import prepare_root
 from overlayroot.commands import cli, target
-from overlayroot.commands.deploy import deploy
+from overlayroot.commands.staging import deploy
 from overlayroot.core import statefile, syscalls
 from overlayroot.core.errors import BootError
 from overlayroot.core.layout import StateLayout

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot.commands.deploy import deploy
+from overlayroot.commands.staging import deploy
 from overlayroot.core import bootstate, statefile
 from overlayroot.core.layout import StateLayout
 from qemu.rootfs import build_command_payload, make_test_root

@@ -16,7 +16,7 @@ import pytest
 
 from overlayroot.boot import assemble, prepare
 from overlayroot.commands import target
-from overlayroot.commands.deploy import deploy
+from overlayroot.commands.staging import deploy
 from overlayroot.core import digest, files, statefile, treecopy
 from qemu.mounts import mounts_under
 from tests.host.conftest import System, add_check

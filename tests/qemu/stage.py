@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.commands.deploy import deploy
+from overlayroot.commands.staging import deploy
 from qemu.disks import make_state_disk
 from qemu.kernel import Kernel
 from qemu.rootfs import make_test_root

@@ -23,7 +23,9 @@ import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
 from overlayroot.commands import bootpair
-from overlayroot.commands.deploy import Progress, build_image, deploy
+from overlayroot.commands.fsops import Progress
+from overlayroot.commands.images import build_image
+from overlayroot.commands.staging import deploy
 from overlayroot.core.layout import StateLayout
 from qemu.cutcheck import cut_points, enter_private_mount_namespace
 from qemu.disks import make_state_disk, partition_offset, read_file

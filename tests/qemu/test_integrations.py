@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.commands.deploy import deploy
+from overlayroot.commands.staging import deploy
 from qemu import debian, mkinitcpio
 from qemu.disks import make_state_disk
 from qemu.kernel import Kernel

@@ -18,7 +18,7 @@ import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
 from overlayroot.commands.bootpair import BOOT_DIR, INITRD, KERNEL, promote
-from overlayroot.commands.deploy import KernelChoice, deploy
+from overlayroot.commands.staging import KernelChoice, deploy
 from qemu.kernel import Kernel
 from qemu.machine import Machine
 from qemu.plugin import MachineFactory

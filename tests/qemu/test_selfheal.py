@@ -16,7 +16,9 @@ from typing import Any
 
 import pytest
 
-from overlayroot.commands.deploy import Progress, build_image, deploy
+from overlayroot.commands.fsops import Progress
+from overlayroot.commands.images import build_image
+from overlayroot.commands.staging import deploy
 from overlayroot.core import bootstate, statefile
 from overlayroot.core.layout import StateLayout
 from qemu.disks import delete_file, make_state_disk, partition_offset, read_file, write_file

@@ -14,7 +14,9 @@ from typing import Any
 
 import pytest
 
-from overlayroot.commands.deploy import Progress, build_image, deploy
+from overlayroot.commands.fsops import Progress
+from overlayroot.commands.images import build_image
+from overlayroot.commands.staging import deploy
 from qemu import trixie
 from qemu.disks import make_state_disk
 from qemu.plugin import MachineFactory

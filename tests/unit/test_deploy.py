@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot.commands import deploy, target
+from overlayroot.commands import deploy, fsops, images, sources, staging, target
 from overlayroot.core import digest, layout, treecopy
 from overlayroot.core.errors import BootError
 from tests import trees
@@ -73,13 +73,13 @@ def test_bad_source_date_epoch_is_named() -> None:
 
 
 def test_default_id_is_the_utc_time_and_a_valid_id() -> None:
-    assert deploy.default_id(EPOCH) == "20231114.221320"
-    layout.check_id(deploy.default_id(EPOCH))
+    assert staging.default_id(EPOCH) == "20231114.221320"
+    layout.check_id(staging.default_id(EPOCH))
 
 
 def test_erofs_uuid_depends_only_on_the_id() -> None:
-    assert deploy.erofs_uuid("a") == deploy.erofs_uuid("a")
-    assert deploy.erofs_uuid("a") != deploy.erofs_uuid("b")
+    assert images.erofs_uuid("a") == images.erofs_uuid("a")
+    assert images.erofs_uuid("a") != images.erofs_uuid("b")
 
 
 def test_detect_image_reads_the_superblock_magic(tmp_path: Path) -> None:
@@ -87,8 +87,8 @@ def test_detect_image_reads_the_superblock_magic(tmp_path: Path) -> None:
     erofs.write_bytes(bytes(1024) + struct.pack("<I", 0xE0F5E1E2) + bytes(100))
     squashfs = tmp_path / "s"
     squashfs.write_bytes(b"hsqs" + bytes(100))
-    assert deploy.detect_image(erofs) == "erofs"
-    assert deploy.detect_image(squashfs) == "squashfs"
+    assert sources.detect_image(erofs) == "erofs"
+    assert sources.detect_image(squashfs) == "squashfs"
 
 
 @pytest.mark.parametrize("content", [b"", b"hsq", bytes(1030), b"\x7fELF" + bytes(2000)])
@@ -98,13 +98,13 @@ def test_detect_image_refuses_anything_else(tmp_path: Path, content: bytes) -> N
     with pytest.raises(
         BootError, match=f"{re.escape(str(path))} is not an erofs or squashfs image"
     ):
-        deploy.detect_image(path)
+        sources.detect_image(path)
 
 
 def test_dir_deployment_is_laid_out_with_manifest_and_persistent_dirs(
     tree: Path, sysroot: Path
 ) -> None:
-    manifest, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    manifest, where = staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     state = layout.StateLayout(sysroot)
     assert where == Path(state.deployment_dir("one"))
     assert state.read_manifest("one") == manifest
@@ -128,7 +128,7 @@ def test_dir_deployment_is_laid_out_with_manifest_and_persistent_dirs(
 
 
 def test_dir_copy_keeps_modes_links_hardlinks_and_special_files(tree: Path, sysroot: Path) -> None:
-    _, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    _, where = staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     root = where / "root"
     tool = root / "usr" / "bin" / "tool"
     assert stat.S_IMODE(tool.stat().st_mode) == 0o4755
@@ -139,7 +139,7 @@ def test_dir_copy_keeps_modes_links_hardlinks_and_special_files(tree: Path, sysr
 
 
 def test_created_fixes_the_manifest_time_and_every_mtime(tree: Path, sysroot: Path) -> None:
-    manifest, where = deploy.deploy(sysroot, tree, fmt="dir", created=EPOCH)
+    manifest, where = staging.deploy(sysroot, tree, fmt="dir", created=EPOCH)
     assert manifest.id == "20231114.221320"
     assert manifest.created == "2023-11-14T22:13:20Z"
     for directory, dirs, files in os.walk(where / "root"):
@@ -170,18 +170,18 @@ def test_missing_mount_points_are_named_with_the_source(tmp_path: Path, sysroot:
     with pytest.raises(
         BootError, match=f"{re.escape(str(tree))} lacks the mount points .*: home, run"
     ):
-        deploy.deploy(sysroot, tree, fmt="dir")
+        staging.deploy(sysroot, tree, fmt="dir")
     assert not (sysroot / "overlayroot").exists()
 
 
 def test_missing_source_is_refused(tmp_path: Path, sysroot: Path) -> None:
     with pytest.raises(BootError, match=f"source {tmp_path / 'nope'} does not exist"):
-        deploy.deploy(sysroot, tmp_path / "nope")
+        staging.deploy(sysroot, tmp_path / "nope")
 
 
 def test_source_that_is_neither_dir_nor_file_is_refused(sysroot: Path) -> None:
     with pytest.raises(BootError, match="/dev/null is neither a directory nor an image file"):
-        deploy.deploy(sysroot, Path("/dev/null"))
+        staging.deploy(sysroot, Path("/dev/null"))
 
 
 def test_sysroot_that_is_not_a_directory_is_refused(tree: Path, tmp_path: Path) -> None:
@@ -189,18 +189,18 @@ def test_sysroot_that_is_not_a_directory_is_refused(tree: Path, tmp_path: Path) 
     not_dir.write_text("")
     for sysroot in (not_dir, tmp_path / "missing"):
         with pytest.raises(BootError, match=f"sysroot {sysroot} is not a directory"):
-            deploy.deploy(sysroot, tree, fmt="dir")
+            staging.deploy(sysroot, tree, fmt="dir")
 
 
 def test_invalid_id_is_refused(tree: Path, sysroot: Path) -> None:
     with pytest.raises(BootError, match=re.escape("invalid deployment id '../x'")):
-        deploy.deploy(sysroot, tree, deployment_id="../x", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="../x", fmt="dir")
 
 
 def test_existing_id_is_refused_and_left_alone(tree: Path, sysroot: Path) -> None:
-    first, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    first, where = staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     with pytest.raises(BootError, match=f"deployment 'one' already exists at {where}"):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert layout.StateLayout(sysroot).read_manifest("one") == first
 
 
@@ -208,7 +208,7 @@ def test_image_format_mismatch_is_refused(tmp_path: Path, sysroot: Path) -> None
     image = tmp_path / "x.img"
     image.write_bytes(b"hsqs" + bytes(100))
     with pytest.raises(BootError, match="is a squashfs image, but --format erofs was given"):
-        deploy.deploy(sysroot, image, fmt="erofs")
+        staging.deploy(sysroot, image, fmt="erofs")
 
 
 def test_missing_mkfs_tool_says_what_to_install(
@@ -216,9 +216,9 @@ def test_missing_mkfs_tool_says_what_to_install(
 ) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(BootError, match=r"mkfs.erofs not found: .*apt-get install erofs-utils"):
-        deploy.deploy(sysroot, tree, deployment_id="one")
+        staging.deploy(sysroot, tree, deployment_id="one")
     with pytest.raises(BootError, match=r"mksquashfs not found: .*apt-get install squashfs-tools"):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="squashfs")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="squashfs")
     assert os.listdir(layout.StateLayout(sysroot).deployments) == []
 
 
@@ -238,7 +238,7 @@ def test_disk_full_leaves_nothing_staged(
 
     monkeypatch.setattr(treecopy, "copy_file", copy_file)
     with pytest.raises(BootError, match=r"No space left on device .*; free space"):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert os.listdir(layout.StateLayout(sysroot).deployments) == []
 
 
@@ -250,16 +250,16 @@ def test_interrupt_leaves_nothing_staged(
 
     monkeypatch.setattr(digest, "image_sha256", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert os.listdir(layout.StateLayout(sysroot).deployments) == []
 
 
 def test_leftover_staging_directory_is_replaced(tree: Path, sysroot: Path) -> None:
-    staging = sysroot / "overlayroot" / "deployments" / ".staging-one"
-    (staging / "root").mkdir(parents=True)
-    (staging / "root" / "junk").write_text("half")
-    _, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
-    assert not staging.exists()
+    leftover = sysroot / "overlayroot" / "deployments" / ".staging-one"
+    (leftover / "root").mkdir(parents=True)
+    (leftover / "root" / "junk").write_text("half")
+    _, where = staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    assert not leftover.exists()
     assert not (where / "root" / "junk").exists()
 
 
@@ -274,14 +274,14 @@ def test_a_concurrent_deploy_is_refused(
         pytest.raises(BootError, match=r"another overlayroot command \(pid \d+: .*\) is changing"
                       f" the state on {sysroot}: wait for it"),
     ):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
 
 
 def test_existing_etc_upper_is_kept(tree: Path, sysroot: Path) -> None:
     upper = Path(layout.StateLayout(sysroot).etc_upper("one"))
     upper.mkdir(parents=True)
     (upper / "hostname").write_text("kept\n")
-    deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert (upper / "hostname").read_text() == "kept\n"
 
 
@@ -292,12 +292,12 @@ class FakeTTY(io.StringIO):
 
 def test_progress_is_shown_on_a_terminal_only() -> None:
     tty = FakeTTY()
-    progress = deploy.Progress.for_stream(tty)
+    progress = fsops.Progress.for_stream(tty)
     with progress.task("hashing root.erofs", 2 << 20) as report:
         report(1 << 20)
     assert "hashing root.erofs" in tty.getvalue()
     assert tty.getvalue().endswith("s\n")
     pipe = io.StringIO()
-    with deploy.Progress.for_stream(pipe).task("hashing", 10) as report:
+    with fsops.Progress.for_stream(pipe).task("hashing", 10) as report:
         report(5)
     assert pipe.getvalue() == ""

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot.commands import cli, deploy
+from overlayroot.commands import cli, deploy, sources, staging
 from overlayroot.core import layout
 from overlayroot.core.errors import BootError
 from tests import fuzzing
@@ -35,7 +35,7 @@ SOURCE_DATE_EPOCH = st.one_of(st.none(), DIGITS, st.text(max_size=12))
 def feed_created(values: tuple[str | None, str | None]) -> None:
     epoch = deploy.parse_created(*values)
     if epoch is not None:  # what deploy does with it
-        layout.check_id(deploy.default_id(epoch))
+        layout.check_id(staging.default_id(epoch))
         layout.created_stamp(epoch)
 
 
@@ -47,14 +47,14 @@ def near_valid_image(data: bytes, magic: int) -> bytes:
     elif magic == 1:
         head[0:4] = b"hsqs"
     else:
-        offset, value = deploy.TAR_MAGICS[magic - 2]
+        offset, value = sources.TAR_MAGICS[magic - 2]
         head[offset:offset + len(value)] = value
     return bytes(head)
 
 
 HEADS = st.one_of(
     st.binary(max_size=2100),
-    st.tuples(st.binary(max_size=2100), st.integers(0, 1 + len(deploy.TAR_MAGICS))).map(
+    st.tuples(st.binary(max_size=2100), st.integers(0, 1 + len(sources.TAR_MAGICS))).map(
         lambda d: near_valid_image(*d)),
 )
 
@@ -63,8 +63,8 @@ def feed_head(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "source"
         path.write_bytes(data)
-        deploy.is_tar(path)
-        deploy.detect_image(path)
+        sources.is_tar(path)
+        sources.detect_image(path)
 
 
 def valid_tar() -> bytes:
@@ -105,7 +105,7 @@ def feed_tar(data: bytes) -> None:
         source.write_bytes(data)
         sysroot.mkdir()
         try:
-            deploy.deploy(sysroot, source, deployment_id="t", fmt="dir", created=0)
+            staging.deploy(sysroot, source, deployment_id="t", fmt="dir", created=0)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)  # what tar unpacked may be read-only
 
@@ -113,14 +113,14 @@ def feed_tar(data: bytes) -> None:
 READERS = {
     "deploy.parse_created": fuzzing.Reader(st.tuples(CREATED, SOURCE_DATE_EPOCH), feed_created,
                                            (BootError,)),
-    "deploy.detect_image/is_tar": fuzzing.Reader(HEADS, feed_head, (BootError,)),
-    "deploy.deploy(tar)": fuzzing.Reader(TARS, feed_tar, (BootError,), costly=True),
+    "sources.detect_image/is_tar": fuzzing.Reader(HEADS, feed_head, (BootError,)),
+    "staging.deploy(tar)": fuzzing.Reader(TARS, feed_tar, (BootError,), costly=True),
 }
 
 
 @pytest.mark.parametrize("name", READERS)
 def test_reading_what_deploy_is_given_raises_only_boot_errors(name: str) -> None:
-    if name == "deploy.deploy(tar)" and shutil.which("tar") is None:
+    if name == "staging.deploy(tar)" and shutil.which("tar") is None:
         pytest.skip("needs GNU tar")
     reader = READERS[name]
     fuzzing.check(reader, fuzzing.examples(reader))
@@ -150,7 +150,7 @@ def test_a_created_time_out_of_range_is_a_user_error(
 def test_the_last_second_of_9999_is_a_time() -> None:
     assert deploy.parse_created("@253402300799", None) == deploy.MAX_EPOCH
     assert deploy.parse_created("9999-12-31T23:59:59Z", None) == deploy.MAX_EPOCH
-    assert deploy.default_id(deploy.MAX_EPOCH) == "99991231.235959"
+    assert staging.default_id(deploy.MAX_EPOCH) == "99991231.235959"
     assert layout.created_stamp(deploy.MAX_EPOCH) == "9999-12-31T23:59:59Z"
 
 
@@ -174,4 +174,4 @@ def test_an_erofs_image_with_another_format_is_named_in_english(tmp_path: Path) 
     image = tmp_path / "root.erofs"
     image.write_bytes(near_valid_image(bytes(4096), 0))
     with pytest.raises(BootError, match=f"^{image} is an erofs image, but --format squashfs was"):
-        deploy.inspect_source(image, "squashfs")
+        sources.inspect_source(image, "squashfs")

@@ -146,7 +146,7 @@ def test_pre_pivot_hook_sends_a_failure_to_dracuts_emergency_path(tmp_path: Path
 def test_a_deployed_state_filesystem_passes_dracuts_root_check(tmp_path: Path) -> None:
     # dracut's shell init unmounts a root= without proc, sys and dev (usable_root in
     # dracut-lib.sh) before any pre-pivot hook runs; the state filesystem is that root=.
-    from overlayroot.commands.deploy import deploy
+    from overlayroot.commands.staging import deploy
 
     tree = tmp_path / "tree"
     for name in ("etc", "var", "home", "run", "proc", "sys", "dev"):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from overlayroot.boot import modload
-from overlayroot.commands import deploy, kernels
+from overlayroot.commands import kernels, staging
 from overlayroot.core import layout
 from overlayroot.core.errors import BootError
 from tests.kernelfakes import add_kernel, bzimage
@@ -189,8 +189,8 @@ def test_deploy_stores_the_newest_kernel_with_the_deployment(
     add_kernel(tree, OLD, convention=convention)
     source_kernel = add_kernel(tree, NEW, convention=convention)
     write_kargs(tree, "10-console.toml", 'kargs = ["console=ttyS0"]')
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
-                                    kernel=deploy.KernelChoice(kargs=["quiet"]))
+    manifest, final = staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
+                                    kernel=staging.KernelChoice(kargs=["quiet"]))
     assert manifest.kernel is not None
     assert manifest.kernel.version == NEW
     assert manifest.kernel.kargs == ["console=ttyS0", "quiet"]
@@ -209,36 +209,36 @@ def test_deploy_stores_the_newest_kernel_with_the_deployment(
 def test_deploy_kernel_chooses_the_named_version(tree: Path, sysroot: Path) -> None:
     add_kernel(tree, OLD)
     add_kernel(tree, NEW)
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
-                                    kernel=deploy.KernelChoice(OLD))
+    manifest, final = staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
+                                    kernel=staging.KernelChoice(OLD))
     assert manifest.kernel is not None and manifest.kernel.version == OLD
     assert (final / "initramfs.img").read_bytes().endswith(OLD.encode())
 
 
 def test_deploy_no_kernel_leaves_the_deployment_without_one(tree: Path, sysroot: Path) -> None:
     add_kernel(tree, OLD)
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
-                                    kernel=deploy.KernelChoice(skip=True))
+    manifest, final = staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
+                                    kernel=staging.KernelChoice(skip=True))
     assert manifest.kernel is None
     assert sorted(os.listdir(final)) == ["manifest.json", "root"]
     assert "kernel" not in json.loads((final / "manifest.json").read_text())
 
 
 def test_a_root_without_a_kernel_deploys_as_before(tree: Path, sysroot: Path) -> None:
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+    manifest, final = staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
     assert manifest.kernel is None
     assert sorted(os.listdir(final)) == ["manifest.json", "root"]
 
 
 @pytest.mark.parametrize(("choice", "message"), [
-    (lambda: deploy.KernelChoice(OLD, skip=True), r"^--no-kernel leaves the deployment without a"
+    (lambda: staging.KernelChoice(OLD, skip=True), r"^--no-kernel leaves the deployment without a"
      r" kernel of its own: drop --kernel and --karg, or --no-kernel$"),
-    (lambda: deploy.KernelChoice(skip=True, kargs=["quiet"]), r"^--no-kernel leaves"),
-    (lambda: deploy.KernelChoice("../x"), r"^--kernel '\.\./x' is not a kernel release \(what"
+    (lambda: staging.KernelChoice(skip=True, kargs=["quiet"]), r"^--no-kernel leaves"),
+    (lambda: staging.KernelChoice("../x"), r"^--kernel '\.\./x' is not a kernel release \(what"
      r" `uname -r` prints, e\.g\. 6\.1\.0-27-cloud-amd64\)$"),
-    (lambda: deploy.KernelChoice(kargs=["root=/dev/vda"]), r"^--karg 'root=/dev/vda': kernel"
+    (lambda: staging.KernelChoice(kargs=["root=/dev/vda"]), r"^--karg 'root=/dev/vda': kernel"
      r" argument 'root=/dev/vda' is the machine's, not a deployment's"),
-    (lambda: deploy.KernelChoice(kargs=["x" * 600, "y" * 600]), r"^the deployment's kernel"
+    (lambda: staging.KernelChoice(kargs=["x" * 600, "y" * 600]), r"^the deployment's kernel"
      r" arguments are longer than 1024 characters: x"),
 ])
 def test_kernel_options_that_contradict_are_refused(choice: object, message: str) -> None:
@@ -251,8 +251,8 @@ def test_deploy_karg_without_a_kernel_is_refused(tree: Path, sysroot: Path) -> N
     with pytest.raises(BootError, match=rf"^--karg: {tree} has no kernel of its own \(no"
                        r" /usr/lib/modules/<version>/vmlinuz nor /boot/vmlinuz-<version>\) for"
                        r" the arguments to go with; drop --karg$"):
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
-                      kernel=deploy.KernelChoice(kargs=["quiet"]))
+        staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
+                      kernel=staging.KernelChoice(kargs=["quiet"]))
     assert layout.StateLayout(sysroot).deployment_ids() == []
     assert os.listdir(sysroot / "overlayroot/deployments") == []
 
@@ -263,7 +263,7 @@ def test_deploy_refuses_a_kernel_that_is_not_one_and_stages_nothing(
     kernel = add_kernel(tree, OLD)
     kernel.write_bytes(b"garbage" * 300)
     with pytest.raises(BootError, match=rf"^{kernel} is not an x86 bzImage"):
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+        staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
     assert os.listdir(sysroot / "overlayroot/deployments") == []
 
 
@@ -273,7 +273,7 @@ def test_a_kernel_without_initramfs_and_no_builder_is_refused_saying_how_to_add_
     add_kernel(tree, OLD, initramfs=None)
     monkeypatch.setitem(__import__("sys").modules, "initrd.build", None)
     with pytest.raises(BootError) as error:
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+        staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
     assert str(error.value).startswith(
         f"{tree} has kernel {OLD} ({tree}/usr/lib/modules/{OLD}/vmlinuz) but no initramfs for it"
         " (/usr/lib/modules/<version>/initramfs.img or /boot/initrd.img-<version>), and the"
@@ -293,7 +293,7 @@ def test_a_debian_kernel_without_initramfs_nor_modules_is_refused(
     add_kernel(tree, OLD, convention="debian", initramfs=None, modules=False)
     with pytest.raises(BootError, match=rf"but no initramfs for it .*, nor its modules"
                        rf" \(/usr/lib/modules/{OLD}\) to build one from: build one inside"):
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+        staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
 
 
 # -- the stage's module list for the running kernel ---------------------------------------------
@@ -321,5 +321,5 @@ def test_an_initramfs_the_builder_cannot_build_is_refused_with_its_reason(
                        r" it \(.*\); building one failed: kernel module overlay \(requested\) is"
                        rf" neither a file in {tree}/usr/lib/modules/{OLD} nor listed in its"
                        r" modules\.builtin"):
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+        staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
     assert os.listdir(sysroot / "overlayroot/deployments") == []
