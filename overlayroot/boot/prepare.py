@@ -62,10 +62,10 @@ class Boot:
     history will say of it."""
 
     def __init__(self, layout: StateLayout, opts: Options, console: Console, where: str,
-                 cmdline: str = "") -> None:
+                 cmdline: str = "", running: str | None = None) -> None:
         self.layout = layout
         self.cmdline = cmdline  # this kernel's, the base of a switched kernel's
-        self.running = os.uname().release
+        self.running = running or os.uname().release  # this kernel's release
         self.opts = opts
         self.console = console
         self.where = where  # the state device, for messages
@@ -107,12 +107,13 @@ class Boot:
 
 def prepare_root(
     sysroot: str, run_dir: str, opts: Options, device: str | None, console: Console,
-    cmdline: str = "",
+    cmdline: str = "", running: str | None = None,
 ) -> Booted:
     """Make ``sysroot`` (the mounted state filesystem) the assembled root of a deployment.
     ``cmdline``: this kernel's command line, the base of the one a deployment's own kernel is
-    started with (:func:`overlayroot.boot.cmdline.kexec_cmdline`)."""
-    boot = Boot(StateLayout(sysroot), opts, console, device or sysroot, cmdline)
+    started with (:func:`overlayroot.boot.cmdline.kexec_cmdline`); ``running``: this kernel's
+    release (default ``uname -r``; a test machine names the kernel it pretends to run)."""
+    boot = Boot(StateLayout(sysroot), opts, console, device or sysroot, cmdline, running)
     read_state(boot)
     for deployment_id in plan(boot):
         booted = attempt(boot, deployment_id, sysroot, run_dir, device,
@@ -254,7 +255,7 @@ def switch_kernel(boot: Boot, manifest: Manifest, sysroot: str) -> None:
     boot.console.say(f"switching to deployment {manifest.id}'s kernel {kernel.version} (this"
                      f" is {boot.running}) with kexec")
     boot.report_repairs()
-    boot.record("kexec", manifest.id, kernel=kernel.version, from_kernel=boot.running,
+    boot.record(Event.KEXEC, manifest.id, kernel=kernel.version, from_kernel=boot.running,
                 fallback_from=[f["deployment"] for f in boot.failed] or None)
     kexec.restart(sysroot, syscalls.RB_KEXEC)
 
@@ -277,7 +278,7 @@ def reboot_for_kernel(boot: Boot, deployment_id: str, sysroot: str) -> None:
                      f" ({boot.running}) was started with kexec for {boot.opts.kexec}, and a"
                      " kexec'd boot does not switch again: rebooting through the bootloader")
     boot.report_repairs()
-    boot.record("reboot", deployment_id, reason=f"needs kernel {wanted}, not the kexec'd"
+    boot.record(Event.REBOOT, deployment_id, reason=f"needs kernel {wanted}, not the kexec'd"
                 f" {boot.running}", fallback_from=[f["deployment"] for f in boot.failed] or None)
     try:
         kexec.restart(sysroot, syscalls.RB_AUTOBOOT)

@@ -83,8 +83,8 @@ class Disk:
         os.unlink(path)
 
 
-def default_dir(state: layout.StateLayout) -> Path:
-    return Path(state.top) / BOOT_DIR
+def default_dir(paths: layout.StateLayout) -> Path:
+    return Path(paths.top) / BOOT_DIR
 
 
 def boot_dir(where: target.Target, option: str | None) -> Path:
@@ -176,7 +176,7 @@ def _write_record(disk: Disk, directory: Path, manifest: layout.Manifest) -> Non
     disk.fsync_dir(directory)
 
 
-def promote(directory: Path, state: layout.StateLayout, manifest: layout.Manifest,
+def promote(directory: Path, paths: layout.StateLayout, manifest: layout.Manifest,
             disk: Disk | None = None) -> bool:
     """Make the pair in ``directory`` hold ``manifest``'s kernel and initramfs, in an order
     that leaves a bootable pair at every step (this module's docstring). Returns whether
@@ -185,8 +185,8 @@ def promote(directory: Path, state: layout.StateLayout, manifest: layout.Manifes
     kernel = manifest.kernel
     if kernel is None:
         raise BootError(f"deployment {manifest.id!r} has no kernel of its own to promote")
-    new_kernel = (Path(state.kernel_path(manifest)), kernel.vmlinuz_sha256)
-    new_initrd = (Path(state.initramfs_path(manifest)), kernel.initramfs_sha256)
+    new_kernel = (Path(paths.kernel_path(manifest)), kernel.vmlinuz_sha256)
+    new_initrd = (Path(paths.initramfs_path(manifest)), kernel.initramfs_sha256)
     vmlinuz, initrd = directory / KERNEL, directory / INITRD
     try:
         os.makedirs(directory, 0o755, exist_ok=True)

@@ -134,20 +134,20 @@ def deploy(
     epoch = created if created is not None else int(time.time())
     deployment_id = layout.check_id(default_id(epoch) if deployment_id is None else deployment_id)
 
-    state = layout.StateLayout(sysroot)
-    with converting_os_errors(f"preparing {state.top}"):
-        for directory in (Path(state.deployments), Path(state.var), Path(state.home),
+    paths = layout.StateLayout(sysroot)
+    with converting_os_errors(f"preparing {paths.top}"):
+        for directory in (Path(paths.deployments), Path(paths.var), Path(paths.home),
                           *(sysroot / name for name in ROOT_LOOKALIKE)):
             make_dir(directory)
-    with target.locked(state):
-        final = Path(state.deployment_dir(deployment_id))
+    with target.locked(paths):
+        final = Path(paths.deployment_dir(deployment_id))
         if os.path.lexists(final):
             raise BootError(
                 f"deployment {deployment_id!r} already exists at {final}: choose another --id"
                 " or remove it first"
             )
-        staging = Path(state.deployments, f".staging-{deployment_id}")
-        etc_staging = Path(state.etc, f".staging-{deployment_id}")
+        staging = Path(paths.deployments, f".staging-{deployment_id}")
+        etc_staging = Path(paths.etc, f".staging-{deployment_id}")
         for leftover in (staging, etc_staging):
             if os.path.lexists(leftover):
                 progress.note(f"removing {leftover}, left over by an interrupted deploy")
@@ -167,35 +167,35 @@ def deploy(
                 kernel=kernel,
             )
             if etc_from is None:
-                make_etc(state, deployment_id)
+                make_etc(paths, deployment_id)
             else:
-                carry_etc(state, deployment_id, etc_from, etc_staging, progress)
-            registered = register(state, deployment_id, progress, known_good)
+                carry_etc(paths, deployment_id, etc_from, etc_staging, progress)
+            registered = register(paths, deployment_id, progress, known_good)
             with converting_os_errors(f"moving {staging} to {final}"):
                 os.chmod(staging, DIR_MODE)  # the image is 0600 now; the manifest is for all
                 os.rename(staging, final)
-                files.fsync_dir(state.deployments)
+                files.fsync_dir(paths.deployments)
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             shutil.rmtree(etc_staging, ignore_errors=True)
             if registered is not None and not os.path.lexists(final):
                 # Readers drop an entry without a directory anyway; this only tidies up.
                 with contextlib.suppress(OSError):
-                    statefile.save(state, registered.without(deployment_id))
+                    statefile.save(paths, registered.without(deployment_id))
             raise
     return manifest, final
 
 
-def make_etc(state: layout.StateLayout, deployment_id: str) -> None:
+def make_etc(paths: layout.StateLayout, deployment_id: str) -> None:
     with converting_os_errors(f"creating the /etc upper of {deployment_id}"):
-        for directory in (state.etc_upper(deployment_id), state.etc_work(deployment_id)):
+        for directory in (paths.etc_upper(deployment_id), paths.etc_work(deployment_id)):
             make_dir(Path(directory))
-        files.fsync_dir(state.etc_dir(deployment_id))
-        files.fsync_dir(state.etc)
+        files.fsync_dir(paths.etc_dir(deployment_id))
+        files.fsync_dir(paths.etc)
 
 
 def carry_etc(
-    state: layout.StateLayout,
+    paths: layout.StateLayout,
     deployment_id: str,
     upper: Path,
     staging: Path,
@@ -204,7 +204,7 @@ def carry_etc(
     """``etc/<id>/`` from a copy of ``upper``. Whiteouts (0:0 character devices) and opaque
     directories (the ``trusted.overlay.opaque`` xattr) are copied like any file, so what was
     deleted or replaced in /etc stays so."""
-    etc_dir = state.etc_dir(deployment_id)
+    etc_dir = paths.etc_dir(deployment_id)
     with converting_os_errors(f"copying the /etc upper {upper} for {deployment_id}"):
         make_dir(staging)
         copy_tree(upper, staging / "upper", mtime=None, progress=progress)
@@ -216,19 +216,19 @@ def carry_etc(
             progress.note(f"replacing {etc_dir}, left over by an interrupted deploy")
             shutil.rmtree(etc_dir)
         os.rename(staging, etc_dir)
-        files.fsync_dir(state.etc)
+        files.fsync_dir(paths.etc)
 
 
 def register(
-    state: layout.StateLayout, deployment_id: str, progress: Progress, known_good: bool = False
+    paths: layout.StateLayout, deployment_id: str, progress: Progress, known_good: bool = False
 ) -> bootstate.BootState:
     """Make ``deployment_id`` the default, on trial (or known good); returns the state
     written."""
-    current, notes = statefile.load(state)
+    current, notes = statefile.load(paths)
     for note in notes:
         progress.note(f"warning: {note}")
-    with converting_os_errors(f"registering {deployment_id} in {state.file(statefile.STATE)}"):
-        return statefile.save(state, bootstate.add(current, deployment_id,
+    with converting_os_errors(f"registering {deployment_id} in {paths.file(statefile.STATE)}"):
+        return statefile.save(paths, bootstate.add(current, deployment_id,
                                                    known_good=known_good))
 
 

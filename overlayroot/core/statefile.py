@@ -109,6 +109,8 @@ class Event:
     REPAIRED = "repaired"  # damaged shared state was set aside and made anew
     BLESSED = "blessed"  # overlayroot bless: known good
     MARKED_BAD = "marked-bad"  # overlayroot mark-bad, or a required health check failed
+    KEXEC = "kexec"  # the stage started a deployment's own kernel (its try taken before)
+    REBOOT = "reboot"  # the stage rebooted through the firmware for a candidate's kernel
 
 
 GONE_BAD = (Event.FAILED, Event.MARKED_BAD)

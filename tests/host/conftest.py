@@ -20,14 +20,15 @@ from typing import Any
 
 import pytest
 
+from overlayroot.boot import kexec
 from overlayroot.boot.assemble import Booted, assemble
 from overlayroot.boot.cmdline import parse_options
 from overlayroot.boot.console import Console
 from overlayroot.boot.prepare import prepare_root
-from overlayroot.commands import cli, health, target
+from overlayroot.commands import bootpair, cli, health, target
 from overlayroot.commands.staging import deploy
 from overlayroot.core import bootstate, statefile, syscalls
-from overlayroot.core.layout import StateLayout
+from overlayroot.core.layout import Manifest, StateLayout
 from qemu.mounts import mounts_under
 from tests.trees import make_tree
 
@@ -126,27 +127,60 @@ def env(mount_ns: Path) -> Env:
 NO_WATCHDOG = "overlayroot.watchdog=0"
 
 
+class Kexeced(BaseException):
+    """The stage asked to start a deployment's own kernel (the fake ``kexec.restart``); like
+    the real restart it never returns to the stage (which takes any Exception for a failed
+    candidate)."""
+
+
 class System:
     """A machine booted from ``env``'s state filesystem: ``/`` is ``env.sysroot``, the state
-    filesystem is at ``env.run/state`` and ``booted.json`` in ``env.run``."""
+    filesystem is at ``env.run/state`` and ``booted.json`` in ``env.run``.
+
+    Its kernel: the bootloader starts the boot pair's (``overlayroot/boot`` on the state, what
+    ``bless`` promotes), or the host's when there is none; a kexec the stage asks for is
+    simulated (``kexec.load`` records the command line, ``kexec.restart`` ends the boot) and the
+    machine boots again under the deployment's kernel with that command line."""
 
     def __init__(self, env: Env, capsys: pytest.CaptureFixture[str]) -> None:
         self.env = env
         self.capsys = capsys
         self.console = ""
         self.up = False
+        self.loaded: tuple[str, str, str] | None = None  # deployment, its kernel, command line
+        self.kernel = os.uname().release  # what the last boot ran
 
     @property
     def state(self) -> StateLayout:
         return StateLayout(self.env.state if self.up else self.env.sysroot)
 
+    def firmware_kernel(self) -> str:
+        record = bootpair.read_record(Path(self.env.sysroot, "overlayroot", bootpair.BOOT_DIR))
+        version = (record or {}).get("version")
+        return version if isinstance(version, str) else os.uname().release
+
     def boot(self, cmdline: str = NO_WATCHDOG) -> dict[str, object]:
         assert not self.up
-        opts, _ = parse_options(cmdline)
-        out = io.StringIO()
-        with redirect_stdout(out):
-            prepare_root(str(self.env.sysroot), str(self.env.run), opts, "/dev/test", Console())
-        self.console = out.getvalue()
+        running = self.firmware_kernel()
+        console = ""
+        for _ in range(2):  # the bootloader's kernel, then at most one kexec
+            opts, _ = parse_options(cmdline)
+            out = io.StringIO()
+            self.loaded = None
+            try:
+                with redirect_stdout(out):
+                    prepare_root(str(self.env.sysroot), str(self.env.run), opts, "/dev/test",
+                                 Console(), cmdline, running)
+            except Kexeced:
+                console += out.getvalue()
+                assert self.loaded is not None
+                self.up = str(self.env.state) in mounts_under(self.env.run)
+                self.shutdown()
+                _, running, cmdline = self.loaded
+                continue
+            break
+        self.console = console + out.getvalue()
+        self.kernel = running
         self.up = True
         return self.booted()
 
@@ -162,7 +196,8 @@ class System:
         for point in reversed(mounts_under(self.env.sysroot)):
             syscalls.umount(point, syscalls.MNT_DETACH)
         syscalls.mount(str(self.env.state), str(self.env.sysroot), None, syscalls.MS_MOVE)
-        (self.env.run / "booted.json").unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.env.run / "booted.json").unlink()
         self.up = False
 
     def reboot(self, cmdline: str = NO_WATCHDOG) -> dict[str, object]:
@@ -225,6 +260,16 @@ def system(env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
     reboot.chmod(0o755)
     monkeypatch.setattr(health, "REBOOT", (str(reboot),))
     s = System(env, capsys)
+
+    def load(layout: StateLayout, manifest: Manifest, cmdline: str) -> None:
+        assert manifest.kernel is not None
+        s.loaded = (manifest.id, manifest.kernel.version, cmdline)
+
+    def restart(sysroot: str, command: int) -> None:
+        raise Kexeced(sysroot)
+
+    monkeypatch.setattr(kexec, "load", load)
+    monkeypatch.setattr(kexec, "restart", restart)
     yield s
     s.shutdown()
 

@@ -33,7 +33,7 @@ CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 PYTHON_NAME = re.compile(r"python3\.(1[1-9]|[2-9][0-9])")
 # Run by the payload's own interpreter (-I -S, as the stage starts): the stage's digest of a
 # file of the payload, and which sha256 module served it.
-STAGE_DIGEST = ("import sys\nfrom overlayroot import digest\n"
+STAGE_DIGEST = ("import sys\nfrom overlayroot.core import digest\n"
                 "print(digest.sha256.__module__, digest.file_sha256(sys.argv[1]))")
 DIGESTED = "usr/lib/overlayroot/build.json"
 
