@@ -58,115 +58,13 @@ BLESS_UNIT = REPO_ROOT / "hooks" / "systemd" / "overlayroot-bless.service"
 # udev asks for drivers of the virtual hardware too; without them nothing fails.
 ROOT_MODULES = ("autofs4",)
 
-# Runs once multi-user.target is reached. Markers go straight to the console so they do not
-# depend on journald forwarding. The kernel command line drives it, like qemu/rootfs.py:
-# test.write=TOKEN writes TOKEN into /etc, /var, /home and /; test.read=1 reads them back;
-# test.deploy=ID deploys the update image the test left on the state filesystem.
-REPORT_SCRIPT = r"""#!/bin/sh
-exec >/dev/console 2>&1
-mark() { echo "OVERLAYROOT-TEST $1=$2"; }
-
-# try_write FILE CONTENT: "ok", or the error text (e.g. "Read-only file system")
-try_write() {
-    error=$( { echo "$2" > "$1"; } 2>&1 ) && { echo ok; return; }
-    echo "${error##*: }"
-}
-
-mark multi_user_us "$(systemctl show -P ActiveEnterTimestampMonotonic multi-user.target)"
-mark initrd_us "$(systemctl show -P InitRDTimestampMonotonic)"
-mark userspace_us "$(systemctl show -P UserspaceTimestampMonotonic)"
-read -r uptime _ < /proc/uptime
-mark uptime "$uptime"
-mark kernel "$(uname -r)"
-
-if [ "$(try_write /.overlayroot-test-probe x)" = ok ]; then
-    rm -f /.overlayroot-test-probe
-    mark root_ro no
-else
-    mark root_ro yes
-fi
-if [ "$(try_write /tmp/.overlayroot-test-probe x)" = ok ]; then
-    rm -f /tmp/.overlayroot-test-probe
-    mark tmp_writable yes
-else
-    mark tmp_writable no
-fi
-if [ "$(try_write /etc/.overlayroot-test-probe x)" = ok ]; then
-    rm -f /etc/.overlayroot-test-probe
-    mark etc_writable yes
-else
-    mark etc_writable no
-fi
-while read -r device mountpoint fstype options _; do
-    case $mountpoint in
-        /) mark mount_root "$device $fstype $options" ;;
-        /etc) mark mount_etc "$device $fstype $options" ;;
-        /var) mark mount_var "$device $fstype $options" ;;
-        /home) mark mount_home "$device $fstype $options" ;;
-    esac
-done < /proc/mounts
-
-failed=$(systemctl list-units --state=failed --plain --no-legend --no-pager |
-    while read -r unit _; do printf '%s ' "$unit"; done)
-mark failed "$failed"
-mark machine_id "$(cat /etc/machine-id)"
-mark hostname "$(cat /etc/hostname)"
-if [ -f /run/overlayroot/booted.json ]; then
-    mark booted_json "$(tr -d '\n' < /run/overlayroot/booted.json)"
-fi
-# The bless: this unit runs after it (After=), which runs after boot-complete.target.
-mark boot_complete "$(systemctl is-active boot-complete.target)"
-mark boot_complete_us "$(systemctl show -P ActiveEnterTimestampMonotonic boot-complete.target)"
-mark bless_active "$(systemctl is-active overlayroot-bless.service)"
-mark bless_result "$(systemctl show -P Result overlayroot-bless.service)"
-mark bless_start_us \
-    "$(systemctl show -P ExecMainStartTimestampMonotonic overlayroot-bless.service)"
-if command -v overlayroot > /dev/null && [ -f /run/overlayroot/booted.json ]; then
-    mark status "$(overlayroot status --json | tr -d '\n')"
-fi
-mark modules "$(while read -r name _; do printf '%s ' "$name"; done < /proc/modules)"
-
-for word in $(cat /proc/cmdline); do
-    case $word in
-        test.write=*) token=${word#test.write=} ;;
-        test.read=1) read_tokens=1 ;;
-        test.deploy=*) deploy_id=${word#test.deploy=} ;;
-    esac
-done
-if [ -n "$token" ]; then
-    mark write_etc "$(try_write /etc/test-token "$token")"
-    mark write_var "$(try_write /var/test-token "$token")"
-    mark write_home "$(try_write /home/test-token "$token")"
-    mark write_root "$(try_write /test-token "$token")"
-    sync
-fi
-# test.deploy=ID: deploy the update the test put on the state filesystem at updates/ID.erofs
-# (after the bless: the unit runs after it), as an update service would.
-if [ -n "$deploy_id" ]; then
-    overlayroot deploy --id "$deploy_id" "/run/overlayroot/state/updates/$deploy_id.erofs"
-    mark deploy "$?"
-fi
-if [ -n "$read_tokens" ]; then
-    mark etc_token "$(cat /etc/test-token 2>/dev/null)"
-    mark var_token "$(cat /var/test-token 2>/dev/null)"
-    mark home_token "$(cat /home/test-token 2>/dev/null)"
-fi
-
-echo "OVERLAYROOT-TEST done"
-systemctl --no-block poweroff
-"""
-
-REPORT_UNIT = """[Unit]
-Description=Report the boot to the overlayroot tests, then power off
-After=multi-user.target overlayroot-bless.service
-
-[Service]
-Type=oneshot
-ExecStart=/usr/lib/overlayroot-test/report
-
-[Install]
-WantedBy=multi-user.target
-"""
+# The guest side, in files shellcheck sees: the report that runs once multi-user.target is
+# reached (the kernel command line drives it, like qemu/rootfs.py's init: test.write=TOKEN
+# writes TOKEN into /etc, /var, /home and /; test.read=1 reads them back) and its unit.
+GUEST = Path(__file__).resolve().parent / "guest"
+REPORT_SCRIPT = GUEST / "debian-report.sh"
+REPORT_UNIT = GUEST / "report.service"
+COMMON_SCRIPT = GUEST / "common.sh"
 
 
 class DebianUnavailable(RuntimeError):
@@ -317,10 +215,11 @@ def add_test_unit(root: Path) -> None:
     (root / "etc" / "hostname").write_text(HOSTNAME + "\n")
     script = root / "usr" / "lib" / "overlayroot-test" / "report"
     script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(REPORT_SCRIPT)
+    shutil.copy2(REPORT_SCRIPT, script)
+    shutil.copy2(COMMON_SCRIPT, script.parent / COMMON_SCRIPT.name)
     script.chmod(0o755)
     unit = root / "usr" / "lib" / "systemd" / "system" / REPORT_UNIT_NAME
-    unit.write_text(REPORT_UNIT)
+    shutil.copy2(REPORT_UNIT, unit)
     wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     (wants / REPORT_UNIT_NAME).symlink_to(f"/usr/lib/systemd/system/{REPORT_UNIT_NAME}")
@@ -401,7 +300,7 @@ def initramfs_tools_initramfs(kernel: Kernel, output: Path, *, overlayroot: bool
 
     mkinitramfs reads the kernel's modules and configuration at ``/lib/modules/<version>`` and
     ``/boot/config-<version>`` only: it runs in a private mount namespace where the harness
-    kernel's appear there (_WITH_KERNEL).
+    kernel's appear there (guest/with-kernel.sh).
     """
     if shutil.which("mkinitramfs") is None:
         raise GeneratorFailed("mkinitramfs is not installed: apt-get install initramfs-tools-core")
@@ -421,9 +320,9 @@ def initramfs_tools_initramfs(kernel: Kernel, output: Path, *, overlayroot: bool
         scratch = work / "scratch"
         scratch.mkdir()
         _run_generator(
-            ["unshare", "--mount", "sh", "-c", _WITH_KERNEL, "sh", str(scratch), kernel.version,
+            ["unshare", "--mount", "sh", str(WITH_KERNEL), str(scratch), kernel.version,
              str(kernel.modules), str(kernel.vmlinuz.parent / f"config-{kernel.version}"),
-             "-d", str(conf), "-o", str(output), kernel.version],
+             "mkinitramfs", "-d", str(conf), "-o", str(output), kernel.version],
             env,
         )
     finally:
@@ -431,24 +330,7 @@ def initramfs_tools_initramfs(kernel: Kernel, output: Path, *, overlayroot: bool
     return output
 
 
-# sh -c SCRIPT sh SCRATCH KVER MODULES CONFIG COMMAND…: run COMMAND with MODULES at
-# /lib/modules/KVER and CONFIG at /boot/config-KVER, in the mount namespace of unshare --mount.
-# /lib (often a link to usr/lib) and /boot get tmpfs-backed overlays so nothing is written to
-# the host.
-_WITH_KERNEL = """set -e
-mount --make-rprivate /
-mount -t tmpfs tmpfs "$1"
-for dir in /lib /boot; do
-    real=$(readlink -f "$dir")
-    mkdir -p "$1/upper$real" "$1/work$real"
-    mount -t overlay overlay -o "lowerdir=$real,upperdir=$1/upper$real,workdir=$1/work$real" "$real"
-done
-mkdir -p "/lib/modules/$2"
-mount --bind "$3" "/lib/modules/$2"
-cp "$4" "/boot/config-$2"
-shift 4
-exec mkinitramfs "$@"
-"""
+WITH_KERNEL = GUEST / "with-kernel.sh"
 
 
 def _run_generator(command: list[str], env: dict[str, str]) -> None:

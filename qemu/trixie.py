@@ -182,18 +182,7 @@ def _build_wheel(out: Path) -> Path:
     return wheel
 
 
-# sh -c SCRIPT sh ROOT COMMAND…: COMMAND chrooted into ROOT with /proc, /sys and /dev mounted
-# there, in the mount namespace of unshare --mount, so nothing stays mounted afterwards.
-_CHROOT = """set -e
-mount --make-rprivate /
-root=$1
-shift
-mount -t proc proc "$root/proc"
-mount -t sysfs sysfs "$root/sys"
-mount --rbind /dev "$root/dev"
-mount -t tmpfs tmpfs "$root/run"
-exec chroot "$root" "$@"
-"""
+CHROOT = Path(__file__).resolve().parent / "guest" / "chroot.sh"
 # A clean environment, as a build system's chroot step has: nothing of the host's PATH,
 # virtualenv or Python settings leaks into the image's tools.
 _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
@@ -203,7 +192,7 @@ _ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
 def in_chroot(root: Path, *command: str) -> str:
     """Run ``command`` inside ``root``; its output, or TrixieUnavailable with the tail."""
     result = subprocess.run(
-        ["unshare", "--mount", "sh", "-c", _CHROOT, "sh", str(root), *command],
+        ["unshare", "--mount", "sh", str(CHROOT), str(root), *command],
         capture_output=True, text=True, env=_ENV, stdin=subprocess.DEVNULL,
     )
     if result.returncode != 0:

@@ -8,7 +8,7 @@ Each test boots twice on one disk: the first boot is the new deployment's trial,
 into /etc, /var, /home and /, and is blessed by overlayroot-bless.service after
 boot-complete.target; the second is an ordinary boot of a known-good deployment and reads the
 tokens back. Both report, from a unit that runs after multi-user.target and the bless
-(qemu.debian.REPORT_SCRIPT), what the booted system sees, `overlayroot status --json` included.
+(qemu/guest/debian-report.sh), what the booted system sees, `overlayroot status --json` included.
 """
 
 from __future__ import annotations
