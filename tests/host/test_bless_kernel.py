@@ -1,10 +1,16 @@
 """Deployments with kernels of their own in a booted system (issue 9): bless promotes the boot
 pair, status shows each deployment's kernel and the pair's, gc takes a deployment's kernel with
-it and never the pair's files."""
+it and never the pair's files.
+
+The stage switches to a deployment's kernel when it is not the running one (kexec, which the
+host cannot do for a fake kernel); so each boot here is made under the kernel the real machine
+would run by then: ``running`` sets the release the stage sees.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +20,13 @@ from tests.host.conftest import System
 from tests.kernelfakes import add_kernel
 
 A, B = "6.1.0-27-cloud-amd64", "6.12.9+bpo-cloud-amd64"
+
+
+def running(monkeypatch: pytest.MonkeyPatch, release: str) -> None:
+    """The stage's view of the running kernel: ``release``, on this machine."""
+    real = os.uname()
+    fake = os.uname_result((real.sysname, real.nodename, release, real.version, real.machine))
+    monkeypatch.setattr(os, "uname", lambda: fake)
 
 
 def sha(path: Path) -> str:
@@ -27,9 +40,12 @@ def kernel_tree(system: System, name: str, version: str | None) -> str:
     return str(tree)
 
 
-def test_bless_promotes_the_newest_good_kernel_and_gc_keeps_the_pair(system: System) -> None:
+def test_bless_promotes_the_newest_good_kernel_and_gc_keeps_the_pair(
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
     system.ok("deploy", "--sysroot", str(system.env.sysroot), "--id", "v1",
               "--karg", "quiet", kernel_tree(system, "v1", A))
+    running(monkeypatch, A)
     system.boot()
     out = system.ok("bless")
     pair = Path(system.state.top) / "boot"
@@ -44,6 +60,7 @@ def test_bless_promotes_the_newest_good_kernel_and_gc_keeps_the_pair(system: Sys
     assert f"v2 has its own kernel {B} (kernel arguments: none)" in out
     table = system.ok("status")
     assert f"boot pair in {pair}: the kernel {A} of v1" in table  # v2 is on trial: not yet
+    running(monkeypatch, B)  # the stage kexec'd into v2's kernel
     system.reboot()
     system.ok("bless")
     assert sha(pair / "vmlinuz") == sha(Path(system.state.deployment_dir("v2")) / "vmlinuz")
@@ -79,6 +96,7 @@ def test_bless_uses_the_configured_boot_dir(system: System, tmp_path: Path,
     monkeypatch.setattr(bootpair, "CONFIG", str(config))
     system.ok("deploy", "--sysroot", str(system.env.sysroot), "--id", "v1",
               kernel_tree(system, "v1", A))
+    running(monkeypatch, A)
     system.boot()
     assert f"the boot pair in {esp} promoted to the kernel {A} of v1" in system.ok("bless")
     assert (esp / "vmlinuz").exists() and not (Path(system.state.top) / "boot").exists()
@@ -100,10 +118,12 @@ def test_bless_uses_the_configured_boot_dir(system: System, tmp_path: Path,
             " v1") in system.ok("promote")
 
 
-def test_bless_that_cannot_write_the_pair_still_blesses_and_says_so(system: System,
-                                                                  tmp_path: Path) -> None:
+def test_bless_that_cannot_write_the_pair_still_blesses_and_says_so(
+    system: System, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     system.ok("deploy", "--sysroot", str(system.env.sysroot), "--id", "v1",
               kernel_tree(system, "v1", A))
+    running(monkeypatch, A)
     system.boot()
     blocker = tmp_path / "not-a-dir"
     blocker.write_text("")

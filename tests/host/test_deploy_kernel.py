@@ -130,7 +130,7 @@ def test_a_tar_source_keeps_its_kernel(tmp_path: Path, sysroot: Path) -> None:
         assert manifest.kernel is not None and manifest.kernel.version == VERSION
         assert sha(final / "vmlinuz") == manifest.kernel.vmlinuz_sha256
         assert sorted(os.listdir(final)) == ["initramfs.img", "manifest.json",
-                                             layout.FORMATS[fmt], "vmlinuz"]
+                                             layout.FORMATS[fmt].image, "vmlinuz"]
 
 
 def test_a_real_debian_kernel_without_initramfs_gets_one_from_our_builder(
