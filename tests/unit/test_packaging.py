@@ -49,3 +49,29 @@ def test_the_runtime_needs_only_cffi_and_the_builder_brings_its_own(wheel: Path)
     runtime = [r for r in requires if "extra ==" not in r]
     assert [r.split(">")[0].split("=")[0].strip() for r in runtime] == ["cffi"]
     assert any(r.startswith("construct") and "extra == \"build\"" in r for r in requires)
+
+
+def test_installing_next_to_qemus_own_library_leaves_it_working(
+    wheel: Path, tmp_path: Path
+) -> None:
+    """`pip install` of our wheel into an environment that has QEMU's Python library
+    (qemu-qmp, from PyPI): `import qemu.qmp` still works, and so does our command."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)],
+                   check=True)
+    pip = [str(venv / "bin/python"), "-m", "pip", "install", "--quiet",
+           "--disable-pip-version-check"]
+    got = subprocess.run([*pip, "qemu.qmp"], capture_output=True, text=True)
+    if got.returncode != 0 and "No matching distribution" not in got.stderr:
+        pytest.skip(f"PyPI is not reachable to install qemu.qmp: {got.stderr.strip()[-300:]}")
+    assert got.returncode == 0, got.stderr
+    installed = subprocess.run([*pip, "--no-deps", str(wheel)], capture_output=True, text=True)
+    assert installed.returncode == 0, installed.stderr
+    ran = subprocess.run(
+        [str(venv / "bin/python"), "-c",
+         "import qemu.qmp, overlayroot.commands.cli; print(qemu.qmp.QMPClient.__name__)"],
+        capture_output=True, text=True, cwd=tmp_path)
+    assert (ran.returncode, ran.stdout) == (0, "QMPClient\n"), ran.stderr
+    version = subprocess.run([str(venv / "bin/overlayroot"), "--version"],
+                             capture_output=True, text=True)
+    assert version.returncode == 0 and "overlayroot" in version.stdout, version.stderr
