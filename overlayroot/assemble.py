@@ -25,7 +25,7 @@ import errno
 import os
 import stat
 
-from overlayroot import files, loop, syscalls, treecopy
+from overlayroot import files, loop, modload, syscalls, treecopy
 from overlayroot.cmdline import Options
 from overlayroot.errors import BootError
 from overlayroot.layout import Manifest, StateLayout
@@ -169,6 +169,7 @@ def _mount_lower(manifest: Manifest, image: str, target: str) -> str | None:
         except OSError:
             pass
     fstype = IMAGE_FSTYPES[manifest.format]
+    modload.need(f"fs-{fstype}")
     try:
         attached = loop.attach(image)
     except OSError as e:
@@ -271,6 +272,7 @@ def _mount_etc(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
         for d in (upper, work):
             os.makedirs(d, mode=0o755, exist_ok=True)
     data = f"lowerdir={etc},upperdir={upper},workdir={work},{ETC_OVERLAY_OPTIONS}"
+    modload.need("fs-overlay")
     try:
         syscalls.mount("overlay", etc, "overlay", 0, data)
     except OSError as e:

@@ -1,4 +1,12 @@
-"""Load the kernel modules the builder listed, in its order, with finit_module(2)."""
+"""Load the kernel modules the builder listed, in its order, with finit_module(2).
+
+Each line of the listing is a module's path, then the needs it is loaded for, if any: a module
+without needs is loaded at the start of every boot (:func:`load_listed`); one with needs only
+when the boot comes to one of them (:func:`need`): ``fs-<type>`` before the stage mounts a
+filesystem of that type, ``watchdog`` before it arms a watchdog on a machine without one. A
+module's signature check and relocation cost the boot time in proportion to its size, so a
+normal boot of an erofs deployment does not pay for squashfs or softdog.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +14,82 @@ import errno
 import os
 
 from overlayroot import syscalls
+from overlayroot.console import Console
 
 MODULES_LIST = "/usr/lib/overlayroot/modules.list"
 
 
+class Listing:
+    """The modules of one listing, and which of them were tried already."""
+
+    __slots__ = ("done", "lines")
+
+    def __init__(self, path: str) -> None:
+        try:
+            with open(path) as f:
+                self.lines = [line.split() for line in f if line.strip()]
+        except FileNotFoundError:
+            self.lines = []
+        self.done: set[str] = set()
+
+    def load(self, wanted: str | None) -> tuple[list[str], list[str]]:
+        """Load the modules without needs (``wanted`` None) or those for ``wanted``, each once;
+        returns the names loaded and warnings for the ones that failed."""
+        loaded: list[str] = []
+        warnings: list[str] = []
+        for path, *needs in self.lines:
+            if path in self.done or (needs and wanted not in needs) or (wanted and not needs):
+                continue
+            self.done.add(path)
+            name = _load(path, warnings)
+            if name is not None:
+                loaded.append(name)
+        return loaded, warnings
+
+
+_listings: dict[str, Listing] = {}
+
+
+def _listing(path: str) -> Listing:
+    if path not in _listings:
+        _listings[path] = Listing(path)
+    return _listings[path]
+
+
 def load_listed(listing: str = MODULES_LIST) -> tuple[list[str], list[str]]:
-    """Load every module in ``listing`` (one path a line, dependencies first).
+    """Load every module of ``listing`` that has no needs, in order (dependencies first).
 
     Returns the names loaded and warnings for the ones that failed: a module that does not load
     (say, a driver for hardware this machine lacks) must not stop the boot by itself; the step
     that needs it fails later with a message about what is missing.
     """
+    return _listing(listing).load(None)
+
+
+def need(what: str, listing: str = MODULES_LIST) -> None:
+    """Load the modules listed for ``what`` (``fs-erofs``, ``watchdog``) that were not loaded
+    yet; a warning on the console for each that fails (the step that needed it then fails with
+    its own message). Nothing to do where the listing names none: under another initramfs
+    generator, the kernel asks modprobe by itself."""
+    for warning in _listing(listing).load(what)[1]:
+        Console().warn(warning)
+
+
+def _load(path: str, warnings: list[str]) -> str | None:
+    name = os.path.basename(path).split(".", 1)[0]
     try:
-        with open(listing) as f:
-            paths = [line.strip() for line in f if line.strip()]
-    except FileNotFoundError:
-        return [], []
-    loaded, warnings = [], []
-    for path in paths:
-        name = os.path.basename(path).split(".", 1)[0]
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as e:
-            warnings.append(f"cannot open kernel module {path}: {e.strerror}")
-            continue
-        try:
-            syscalls.finit_module(fd, name)
-            loaded.append(name)
-        except OSError as e:
-            # EEXIST: already loaded. ENODEV: a driver or an alternative implementation (e.g.
-            # crc32c-intel on a CPU without SSE 4.2) for hardware this machine does not have.
-            if e.errno not in (errno.EEXIST, errno.ENODEV):
-                warnings.append(f"kernel module {name} did not load: {e.strerror}")
-        finally:
-            os.close(fd)
-    return loaded, warnings
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        warnings.append(f"cannot open kernel module {path}: {e.strerror}")
+        return None
+    try:
+        syscalls.finit_module(fd, name)
+        return name
+    except OSError as e:
+        # EEXIST: already loaded. ENODEV: a driver or an alternative implementation (e.g.
+        # crc32c-intel on a CPU without SSE 4.2) for hardware this machine does not have.
+        if e.errno not in (errno.EEXIST, errno.ENODEV):
+            warnings.append(f"kernel module {name} did not load: {e.strerror}")
+        return None
+    finally:
+        os.close(fd)

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import os
 
-from overlayroot import syscalls
+from overlayroot import modload, syscalls
 
 DEVICE = "/dev/watchdog"
 WDIOC_SETTIMEOUT = 0xC0045706  # _IOWR('W', 6, int)
 
 
 def arm(timeout: int, device: str = DEVICE) -> int:
-    """Start the watchdog with ``timeout`` seconds; returns the timeout the driver accepted."""
+    """Start the watchdog with ``timeout`` seconds; returns the timeout the driver accepted.
+    Without one, the listed software watchdog (softdog) is loaded first."""
+    if not os.path.exists(device):
+        modload.need("watchdog")
     fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
     try:
         value = syscalls.new("int *")
