@@ -160,7 +160,8 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
             base = PurePosixPath("/lib/modules") / kernel.kernel_version
             for module in kernel.modules:
                 tree.add_file(base / module.relative, decompress(module.source))
-                module_paths.append(" ".join((str(base / module.relative), *module.needs)))
+                module_paths.append(
+                    " ".join((str(base / module.relative), *module.needs, *module.cpus)))
         tree.add_file(STAGE_DIR / "modules.list", "".join(f"{p}\n" for p in module_paths).encode())
         tree.add_file(STAGE_DIR / "build.json", build_info(frozen, kernel))
     except TreeError as e:

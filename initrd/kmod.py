@@ -54,6 +54,9 @@ class KernelModule:
     needs (docs/internals.md): ``fs-<type>`` (a filesystem module's own alias) before it mounts
     a filesystem of that type, ``watchdog`` before it arms a watchdog and the machine has
     none."""
+    cpus: tuple[str, ...] = ()
+    """Its ``cpu:`` modalias patterns (a module for a CPU feature, as crc32c-intel for SSE 4.2):
+    the boot stage skips it on a CPU that matches none, as udev would not load it there."""
 
 
 @dataclass(frozen=True)
@@ -333,7 +336,7 @@ def resolve_modules(modules_dir: Path, names: list[str] | tuple[str, ...]) -> Mo
     needs = _needs(kernel, names, order)
     modules = tuple(
         KernelModule(name, kernel.files[name], _image_path(kernel.path, kernel.files[name]),
-                     needs[name])
+                     needs[name], _cpu_aliases(kernel, name))
         for name in order
     )
     return ModuleSet(kernel.kernel_version, modules, tuple(dict.fromkeys(builtin)))
@@ -348,13 +351,25 @@ def _needs(
     for requested in names:
         for module in kernel.lookup(requested) or []:
             need = ON_DEMAND.get(module) or next(
-                (a for a in kernel.info(module).aliases if a.startswith("fs-")), None)
+                (a for a in _aliases_of(kernel, module) if a.startswith("fs-")), None)
             for member in _closure(kernel, module, set(order)):
                 if need is None:
                     at_start.add(member)
                 else:
                     wanted[member].add(need)
     return {name: () if name in at_start else tuple(sorted(wanted[name])) for name in order}
+
+
+def _cpu_aliases(kernel: ModulesDir, name: str) -> tuple[str, ...]:
+    return tuple(a for a in _aliases_of(kernel, name) if a.startswith("cpu:"))
+
+
+def _aliases_of(kernel: ModulesDir, name: str) -> list[str]:
+    """A module's aliases: from depmod's modules.alias when there is one (the modules are not
+    read then), else from its own .modinfo."""
+    if (kernel.path / "modules.alias").is_file():
+        return sorted(p for p, modules in kernel.aliases.items() if name in modules)
+    return list(kernel.info(name).aliases)
 
 
 def _closure(kernel: ModulesDir, module: str, present: set[str]) -> set[str]:

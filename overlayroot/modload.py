@@ -5,7 +5,9 @@ without needs is loaded at the start of every boot (:func:`load_listed`); one wi
 when the boot comes to one of them (:func:`need`): ``fs-<type>`` before the stage mounts a
 filesystem of that type, ``watchdog`` before it arms a watchdog on a machine without one. A
 module's signature check and relocation cost the boot time in proportion to its size, so a
-normal boot of an erofs deployment does not pay for squashfs or softdog.
+normal boot of an erofs deployment does not pay for squashfs or softdog. Last come the
+``cpu:`` modalias patterns of a module for a CPU feature (crc32c-intel: SSE 4.2): it is skipped
+on a CPU whose ``/sys/devices/system/cpu/modalias`` matches none, where it would refuse to load.
 """
 
 from __future__ import annotations
@@ -17,34 +19,67 @@ from overlayroot import syscalls
 from overlayroot.console import Console
 
 MODULES_LIST = "/usr/lib/overlayroot/modules.list"
+CPU_MODALIAS = "/sys/devices/system/cpu/modalias"
 
 
 class Listing:
     """The modules of one listing, and which of them were tried already."""
 
-    __slots__ = ("done", "lines")
+    __slots__ = ("cpu", "done", "lines")
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, cpu: str = CPU_MODALIAS) -> None:
         try:
             with open(path) as f:
                 self.lines = [line.split() for line in f if line.strip()]
         except FileNotFoundError:
             self.lines = []
         self.done: set[str] = set()
+        self.cpu = cpu
 
     def load(self, wanted: str | None) -> tuple[list[str], list[str]]:
         """Load the modules without needs (``wanted`` None) or those for ``wanted``, each once;
         returns the names loaded and warnings for the ones that failed."""
         loaded: list[str] = []
         warnings: list[str] = []
-        for path, *needs in self.lines:
+        for path, *tokens in self.lines:
+            needs = [t for t in tokens if not t.startswith("cpu:")]
             if path in self.done or (needs and wanted not in needs) or (wanted and not needs):
                 continue
             self.done.add(path)
+            cpus = [t for t in tokens if t.startswith("cpu:")]
+            if cpus and not self._for_this_cpu(cpus):
+                continue
             name = _load(path, warnings)
             if name is not None:
                 loaded.append(name)
         return loaded, warnings
+
+    def _for_this_cpu(self, patterns: list[str]) -> bool:
+        try:
+            with open(self.cpu) as f:
+                modalias = f.read().strip()
+        except OSError:
+            return True  # nothing to tell by: let the module decide
+        # A pattern with ? or [ ] (none of the kernel's cpu: aliases) is not judged here either.
+        return any("?" in p or "[" in p or glob_match(p, modalias) for p in patterns)
+
+
+def glob_match(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches ``pattern``, in which ``*`` stands for any characters (all a
+    modalias pattern of a CPU feature uses; ``fnmatch`` would import ``re``)."""
+    first, *middle_and_last = pattern.split("*")
+    if not middle_and_last:
+        return text == pattern
+    *middle, last = middle_and_last
+    if not text.startswith(first) or len(text) < len(first) + len(last):
+        return False
+    at, end = len(first), len(text) - len(last)
+    for part in middle:
+        found = text.find(part, at, end)
+        if found < 0:
+            return False
+        at = found + len(part)
+    return text.endswith(last)
 
 
 _listings: dict[str, Listing] = {}

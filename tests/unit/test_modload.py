@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import fnmatch
 import os
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from overlayroot import modload, syscalls
 
@@ -88,3 +91,29 @@ def test_modules_that_fail_are_warnings_and_the_boot_goes_on(
         " directory\n"
         f"overlayroot: warning: cannot open kernel module {tmp_path}/broken2.ko: No such file or"
         " directory\n")
+
+
+SSE42 = "cpu:type:x86,ven*fam*mod*:feature:*0094*"
+
+
+@pytest.mark.parametrize(("features", "expected"), [
+    (",0000,0001,0094,00E7", ["virtio", "crc32c_intel", "erofs"]),
+    (",0000,0001,0095,00E7", ["virtio", "erofs"]),  # no SSE 4.2: it would refuse (ENODEV)
+    (None, ["virtio", "crc32c_intel", "erofs"]),  # no modalias to tell by: try it
+])
+def test_a_module_for_a_cpu_feature_is_skipped_on_a_cpu_without_it(
+    tmp_path: Path, loaded: list[str], features: str | None, expected: list[str]
+) -> None:
+    path = listing(tmp_path, "virtio", f"crc32c_intel fs-erofs {SSE42}", "erofs fs-erofs")
+    cpu = tmp_path / "modalias"
+    if features is not None:
+        cpu.write_text(f"cpu:type:x86,ven0000fam0006mod0006:feature:{features}\n")
+    modload._listings[path] = modload.Listing(path, str(cpu))
+    modload.load_listed(path)
+    modload.need("fs-erofs", path)
+    assert loaded == expected
+
+
+@given(st.text(alphabet="ab*", max_size=8), st.text(alphabet="ab", max_size=8))
+def test_glob_match_is_fnmatch_for_stars(pattern: str, text: str) -> None:
+    assert modload.glob_match(pattern, text) == fnmatch.fnmatchcase(text, pattern)
