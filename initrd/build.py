@@ -211,7 +211,8 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None,
             base = PurePosixPath("/lib/modules") / kernel.kernel_version
             for module in kernel.modules:
                 tree.add_file(base / module.relative, decompress(module.source))
-                module_paths.append(str(base / module.relative))
+                module_paths.append(
+                    " ".join((str(base / module.relative), *module.needs, *module.cpus)))
         listing = "".join(f"{p}\n" for p in module_paths).encode()
         tree.add_file(STAGE_DIR / "modules.list", listing)
         if kernel is not None:

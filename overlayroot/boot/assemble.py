@@ -25,6 +25,7 @@ import errno
 import os
 import stat
 
+from overlayroot.boot import modload
 from overlayroot.boot.cmdline import Options
 from overlayroot.core import files, loop, syscalls, treecopy
 from overlayroot.core.errors import BootError
@@ -167,6 +168,7 @@ def _mount_lower(manifest: Manifest, image: str, target: str) -> str | None:
         except OSError:
             pass
     fstype = FORMATS[manifest.format].fstype
+    modload.need(f"fs-{fstype}")
     try:
         attached = loop.attach(image)
     except OSError as e:
@@ -269,6 +271,7 @@ def _mount_etc(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
         for d in (upper, work):
             os.makedirs(d, mode=0o755, exist_ok=True)
     data = f"lowerdir={etc},upperdir={upper},workdir={work},{ETC_OVERLAY_OPTIONS}"
+    modload.need("fs-overlay")
     try:
         syscalls.mount("overlay", etc, "overlay", 0, data)
     except OSError as e:

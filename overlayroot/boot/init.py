@@ -65,6 +65,7 @@ def mount_state(device: devices.BlockDevice, opts: Options, read_only: bool) -> 
             " its type with rootfstype="
         )
     os.makedirs(SYSROOT, exist_ok=True)
+    modload.need(f"fs-{fstype}")
     flags = syscalls.MS_RDONLY if read_only else 0
     try:
         syscalls.mount(device.path, SYSROOT, fstype, flags, opts.rootflags)

@@ -42,7 +42,7 @@ from __future__ import annotations
 import os
 import sys
 
-from overlayroot.boot import kexec
+from overlayroot.boot import kexec, modload
 from overlayroot.boot.assemble import Booted, assemble
 from overlayroot.boot.cmdline import Options, kexec_cmdline, parse_options
 from overlayroot.boot.console import Console, describe_bug
@@ -342,6 +342,8 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
     armed = None
     if trial and boot.opts.watchdog:
         try:
+            if not os.path.exists(watchdog.DEVICE):
+                modload.need("watchdog")  # softdog, when the image lists it
             armed = watchdog.arm(boot.opts.watchdog)
         except OSError as e:
             boot.console.warn(f"no watchdog armed ({e.strerror}: {e.filename}): a trial boot"

@@ -16,7 +16,8 @@ WDIOC_SETTIMEOUT = 0xC0045706  # _IOWR('W', 6, int)
 
 
 def arm(timeout: int, device: str = DEVICE) -> int:
-    """Start the watchdog with ``timeout`` seconds; returns the timeout the driver accepted."""
+    """Start the watchdog with ``timeout`` seconds; returns the timeout the driver accepted.
+    (The stage loads the listed software watchdog, softdog, first when there is none.)"""
     fd = os.open(device, os.O_WRONLY | os.O_CLOEXEC)
     try:
         value = syscalls.new("int *")
