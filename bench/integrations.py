@@ -60,8 +60,12 @@ from qemu.rootfs import build_command_payload
 
 STATE_LABEL = "or-bench"
 ROOT_LABEL = "bench-root"
-FAILURES = ("Kernel panic - not syncing", "overlayroot: error:", "Entering emergency mode",
-            "Traceback (most recent call last)")
+FAILURES = (
+    "Kernel panic - not syncing",
+    "overlayroot: error:",
+    "Entering emergency mode",
+    "Traceback (most recent call last)",
+)
 RUN_INIT = re.compile(r"\[\s*(\d+\.\d+)\] Run /init as init process")
 SUITES = ("bookworm", "trixie")
 BOOTS = ("first", "later")
@@ -92,21 +96,33 @@ def bookworm_setups(kernel: Kernel, root: Path, work: Path) -> list[Setup]:
     content = work / "state-content"
     content.mkdir()
     deploy(content, root, deployment_id="bookworm", fmt="erofs", created=1_700_000_000)
-    state = make_state_disk(work / "state.img", content, size_mb=640, fs_label=STATE_LABEL,
-                            fs_uuid="5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d1",
-                            partlabel="overlayroot state",
-                            partuuid="c0ffee00-1234-4abc-8def-0000000be7d1")
-    plain = make_raw_fs_disk(work / "root.img", root, 640, ROOT_LABEL,
-                             "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d2")
+    state = make_state_disk(
+        work / "state.img",
+        content,
+        size_mb=640,
+        fs_label=STATE_LABEL,
+        fs_uuid="5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d1",
+        partlabel="overlayroot state",
+        partuuid="c0ffee00-1234-4abc-8def-0000000be7d1",
+    )
+    plain = make_raw_fs_disk(
+        work / "root.img", root, 640, ROOT_LABEL, "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d2"
+    )
     images: list[tuple[str, Callable[[Path], Path]]] = [
         ("standalone", lambda out: _standalone(kernel, out)),
         ("dracut+overlayroot", lambda out: debian.dracut_initramfs(kernel, out, systemd=True)),
-        ("dracut", lambda out: debian.dracut_initramfs(kernel, out, systemd=True,
-                                                        overlayroot=False)),
-        ("mkinitcpio+overlayroot", lambda out: mkinitcpio.mkinitcpio_initramfs(
-            kernel, out, mkinitcpio.Variant.BUSYBOX)),
-        ("mkinitcpio-systemd+overlayroot", lambda out: mkinitcpio.mkinitcpio_initramfs(
-            kernel, out, mkinitcpio.Variant.SYSTEMD)),
+        (
+            "dracut",
+            lambda out: debian.dracut_initramfs(kernel, out, systemd=True, overlayroot=False),
+        ),
+        (
+            "mkinitcpio+overlayroot",
+            lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.BUSYBOX),
+        ),
+        (
+            "mkinitcpio-systemd+overlayroot",
+            lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.SYSTEMD),
+        ),
     ]
     result = []
     for name, build in images:
@@ -122,8 +138,9 @@ def bookworm_setups(kernel: Kernel, root: Path, work: Path) -> list[Setup]:
             cmdline = f"root=LABEL={STATE_LABEL} ro init=/lib/systemd/systemd"
         else:
             cmdline = f"root=LABEL={STATE_LABEL} ro"
-        result.append(Setup("bookworm", name, kernel, initrd, plain if name == "dracut" else state,
-                            cmdline))
+        result.append(
+            Setup("bookworm", name, kernel, initrd, plain if name == "dracut" else state, cmdline)
+        )
     return result
 
 
@@ -135,39 +152,61 @@ def trixie_setups(work: Path) -> list[Setup]:
     content = work / "trixie-state-content"
     content.mkdir()
     deploy(content, root, deployment_id="trixie", fmt="erofs", created=1_700_000_000)
-    state = make_state_disk(work / "trixie-state.img", content, size_mb=768,
-                            fs_label=STATE_LABEL, fs_uuid="5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d3",
-                            partlabel="overlayroot state",
-                            partuuid="c0ffee00-1234-4abc-8def-0000000be7d3")
-    plain = make_raw_fs_disk(work / "trixie-root.img", root, 768, ROOT_LABEL,
-                             "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d4")
+    state = make_state_disk(
+        work / "trixie-state.img",
+        content,
+        size_mb=768,
+        fs_label=STATE_LABEL,
+        fs_uuid="5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d3",
+        partlabel="overlayroot state",
+        partuuid="c0ffee00-1234-4abc-8def-0000000be7d3",
+    )
+    plain = make_raw_fs_disk(
+        work / "trixie-root.img", root, 768, ROOT_LABEL, "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d4"
+    )
     progress("trixie: building plain dracut for its kernel")
-    dracut = debian.dracut_initramfs(image.kernel, work / "trixie-dracut.img", systemd=True,
-                                     overlayroot=False)
+    dracut = debian.dracut_initramfs(
+        image.kernel, work / "trixie-dracut.img", systemd=True, overlayroot=False
+    )
     on_state = f"root=LABEL={STATE_LABEL} ro"
     return [
         Setup("trixie", "standalone", image.kernel, image.standalone, state, on_state),
-        Setup("trixie", "initramfs-tools+overlayroot", image.kernel, image.initramfs_tools,
-              state, f"{on_state} panic=-1"),
+        Setup(
+            "trixie",
+            "initramfs-tools+overlayroot",
+            image.kernel,
+            image.initramfs_tools,
+            state,
+            f"{on_state} panic=-1",
+        ),
         Setup("trixie", "dracut", image.kernel, dracut, plain, f"root=LABEL={ROOT_LABEL} rw"),
     ]
 
 
 def _standalone(kernel: Kernel, output: Path) -> Path:
-    build_initramfs(BuildConfig(modules_dir=kernel.modules, output=output,
-                                compress=Compression.ZSTD))
+    build_initramfs(
+        BuildConfig(modules_dir=kernel.modules, output=output, compress=Compression.ZSTD)
+    )
     return output
 
 
-def boot_once(accel: str, setup: Setup, source: Path, work: Path, name: str,
-              timeout: float, keep_disk: Path | None = None) -> dict[str, float]:
+def boot_once(
+    accel: str,
+    setup: Setup,
+    source: Path,
+    work: Path,
+    name: str,
+    timeout: float,
+    keep_disk: Path | None = None,
+) -> dict[str, float]:
     """One boot of a fresh copy of ``source``: its phases in guest seconds. ``keep_disk``: keep
     the disk as the boot left it there (the base of the later boots)."""
     disk = work / f"boot-{name}.img"
     shutil.copyfile(source, disk)
     log = work / "logs" / f"{name}.log"
-    machine = Machine(setup.kernel, setup.initrd, log_path=log, disks=[disk],
-                      cmdline=setup.cmdline, accel=accel)
+    machine = Machine(
+        setup.kernel, setup.initrd, log_path=log, disks=[disk], cmdline=setup.cmdline, accel=accel
+    )
     try:
         with machine:
             machine.wait_for("OVERLAYROOT-TEST done", timeout, failure=FAILURES)
@@ -192,8 +231,12 @@ def phases(markers: dict[str, str], console: str, log: Path) -> dict[str, float]
     kernel = float(run_init.group(1))
     userspace = int(markers["userspace_us"]) / 1e6
     multi_user = int(markers["multi_user_us"]) / 1e6
-    return {"kernel_s": kernel, "initramfs_s": userspace - kernel,
-            "userspace_s": multi_user - userspace, "multi_user_s": multi_user}
+    return {
+        "kernel_s": kernel,
+        "initramfs_s": userspace - kernel,
+        "userspace_s": multi_user - userspace,
+        "multi_user_s": multi_user,
+    }
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
@@ -212,20 +255,29 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
         if args.only:
             configs = [c for c in configs if c.name in args.only or c.label in args.only]
         times: dict[tuple[str, str], list[dict[str, float]]] = {
-            (s.label, boot): [] for s in configs for boot in args.boots}
+            (s.label, boot): [] for s in configs for boot in args.boots
+        }
         later_disks: dict[str, Path] = {}
         if "later" in args.boots:
             # One first boot each leaves the disk blessed (and its machine id and /var made).
             for setup in configs:
                 later = work / f"later-{setup.label.replace('/', '-')}.img"
-                split = boot_once(accel, setup, setup.disk, work,
-                                  f"{setup.label.replace('/', '-')}-prime", args.timeout,
-                                  keep_disk=later)
+                split = boot_once(
+                    accel,
+                    setup,
+                    setup.disk,
+                    work,
+                    f"{setup.label.replace('/', '-')}-prime",
+                    args.timeout,
+                    keep_disk=later,
+                )
                 later_disks[setup.label] = later
                 if "first" in args.boots:
                     times[(setup.label, "first")].append(split)
-                progress(f"{setup.label} first boot (kept for later boots):"
-                         f" {split['multi_user_s']:.1f} s")
+                progress(
+                    f"{setup.label} first boot (kept for later boots):"
+                    f" {split['multi_user_s']:.1f} s"
+                )
         for run in range(args.runs):
             for boot in args.boots:
                 for setup in configs:
@@ -233,22 +285,37 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
                     if len(done) >= args.runs:
                         continue
                     source = later_disks[setup.label] if boot == "later" else setup.disk
-                    split = boot_once(accel, setup, source, work,
-                                      f"{setup.label.replace('/', '-')}-{boot}-{run}",
-                                      args.timeout)
+                    split = boot_once(
+                        accel,
+                        setup,
+                        source,
+                        work,
+                        f"{setup.label.replace('/', '-')}-{boot}-{run}",
+                        args.timeout,
+                    )
                     done.append(split)
-                    progress(f"{setup.label} {boot} boot {len(done)}: " + ", ".join(
-                        f"{k.removesuffix('_s')} {v:.1f}" for k, v in split.items()))
+                    progress(
+                        f"{setup.label} {boot} boot {len(done)}: "
+                        + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in split.items())
+                    )
         return {
             "accel": accel,
             "runs": args.runs,
             "configurations": [
-                {"suite": s.suite, "name": s.name, "kernel": s.kernel.version, "boot": boot,
-                 "initramfs_bytes": s.initrd.stat().st_size,
-                 "boots": times[(s.label, boot)],
-                 "median": {phase: statistics.median(t[phase] for t in times[(s.label, boot)])
-                            for phase in PHASES}}
-                for s in configs for boot in args.boots
+                {
+                    "suite": s.suite,
+                    "name": s.name,
+                    "kernel": s.kernel.version,
+                    "boot": boot,
+                    "initramfs_bytes": s.initrd.stat().st_size,
+                    "boots": times[(s.label, boot)],
+                    "median": {
+                        phase: statistics.median(t[phase] for t in times[(s.label, boot)])
+                        for phase in PHASES
+                    },
+                }
+                for s in configs
+                for boot in args.boots
             ],
         }
     finally:
@@ -263,49 +330,79 @@ def table(report: dict[str, object]) -> str:
     suite and boot kind) and our hook's cost on its generator where both ran."""
     configurations = report["configurations"]
     assert isinstance(configurations, list)
-    lines = [f"{report['accel']}, {report['runs']} boots each; medians in guest seconds; x: ratio"
-             f" to plain {BASELINE} (same suite, same boot kind)",
-             f"{'suite/initramfs':<40} {'boot':<6} {'size':>8} {'kernel':>7} {'initrd':>7}"
-             f" {'user':>7} {'multi-user':>10} {'initrd x':>8} {'total x':>8}"]
-    base = {(c["suite"], c["boot"]): c["median"] for c in configurations
-            if c["name"] == BASELINE}
+    lines = [
+        f"{report['accel']}, {report['runs']} boots each; medians in guest seconds; x: ratio"
+        f" to plain {BASELINE} (same suite, same boot kind)",
+        f"{'suite/initramfs':<40} {'boot':<6} {'size':>8} {'kernel':>7} {'initrd':>7}"
+        f" {'user':>7} {'multi-user':>10} {'initrd x':>8} {'total x':>8}",
+    ]
+    base = {(c["suite"], c["boot"]): c["median"] for c in configurations if c["name"] == BASELINE}
     for c in configurations:
         m = c["median"]
         b = base.get((c["suite"], c["boot"]))
-        ratios = (f" {m['initramfs_s'] / b['initramfs_s']:>8.2f} "
-                  f"{m['multi_user_s'] / b['multi_user_s']:>8.2f}") if b else ""
-        lines.append(f"{c['suite'] + '/' + c['name']:<40} {c['boot']:<6}"
-                     f" {c['initramfs_bytes'] / 2**20:>4.1f} MiB {m['kernel_s']:>7.1f}"
-                     f" {m['initramfs_s']:>7.1f} {m['userspace_s']:>7.1f}"
-                     f" {m['multi_user_s']:>10.1f}{ratios}")
+        ratios = (
+            (
+                f" {m['initramfs_s'] / b['initramfs_s']:>8.2f} "
+                f"{m['multi_user_s'] / b['multi_user_s']:>8.2f}"
+            )
+            if b
+            else ""
+        )
+        lines.append(
+            f"{c['suite'] + '/' + c['name']:<40} {c['boot']:<6}"
+            f" {c['initramfs_bytes'] / 2**20:>4.1f} MiB {m['kernel_s']:>7.1f}"
+            f" {m['initramfs_s']:>7.1f} {m['userspace_s']:>7.1f}"
+            f" {m['multi_user_s']:>10.1f}{ratios}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.integrations", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3,
-                        help="boots per configuration and boot kind (3)")
-    parser.add_argument("--suites", type=_words(SUITES), default=list(SUITES),
-                        help=f"Debian releases to boot, comma-separated ({','.join(SUITES)})")
-    parser.add_argument("--boots", type=_words(BOOTS), default=list(BOOTS),
-                        help="first boots of a deployment, later (blessed) boots, or both"
-                        f" ({','.join(BOOTS)})")
-    parser.add_argument("--only", type=lambda v: v.split(","), default=[],
-                        help="only these configurations, by name or suite/name, comma-separated"
-                        " (e.g. standalone,dracut)")
+    parser = argparse.ArgumentParser(
+        prog="bench.integrations",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="boots per configuration and boot kind (3)"
+    )
+    parser.add_argument(
+        "--suites",
+        type=_words(SUITES),
+        default=list(SUITES),
+        help=f"Debian releases to boot, comma-separated ({','.join(SUITES)})",
+    )
+    parser.add_argument(
+        "--boots",
+        type=_words(BOOTS),
+        default=list(BOOTS),
+        help=f"first boots of a deployment, later (blessed) boots, or both ({','.join(BOOTS)})",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda v: v.split(","),
+        default=[],
+        help="only these configurations, by name or suite/name, comma-separated"
+        " (e.g. standalone,dracut)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per boot (600)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        print("bench.integrations: run as root (mmdebstrap, deploy and dracut need it)",
-              file=sys.stderr)
+        print(
+            "bench.integrations: run as root (mmdebstrap, deploy and dracut need it)",
+            file=sys.stderr,
+        )
         return 2
     try:
         report = run_benchmark(args)
-    except (BootFailure, debian.DebianUnavailable, debian.GeneratorFailed,
-            trixie.TrixieUnavailable) as e:
+    except (
+        BootFailure,
+        debian.DebianUnavailable,
+        debian.GeneratorFailed,
+        trixie.TrixieUnavailable,
+    ) as e:
         print(f"bench.integrations: {e}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else table(report))
@@ -317,9 +414,9 @@ def _words(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
         words = value.split(",")
         bad = [w for w in words if w not in allowed]
         if bad:
-            raise argparse.ArgumentTypeError(
-                f"{', '.join(bad)}: not one of {', '.join(allowed)}")
+            raise argparse.ArgumentTypeError(f"{', '.join(bad)}: not one of {', '.join(allowed)}")
         return [w for w in allowed if w in words]
+
     return parse
 
 

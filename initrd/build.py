@@ -160,8 +160,9 @@ def find_busybox(config: BuildConfig) -> Path | None:
     return path
 
 
-def make_tree(frozen: Frozen, kernel: ModuleSet | None,
-              busybox: Path | None = None) -> tuple[Tree, int]:
+def make_tree(
+    frozen: Frozen, kernel: ModuleSet | None, busybox: Path | None = None
+) -> tuple[Tree, int]:
     """The image tree, and how many shared libraries it holds."""
     tree = Tree()
     for directory in EMPTY_DIRS:
@@ -186,8 +187,10 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None,
         try:
             busybox_closure = resolve_closure([busybox])
         except ElfClosureError as e:
-            raise BuildError(f"--busybox {busybox}: not a usable program for the image: {e}"
-                            " (give a busybox binary, or none)") from e
+            raise BuildError(
+                f"--busybox {busybox}: not a usable program for the image: {e}"
+                " (give a busybox binary, or none)"
+            ) from e
         own.add(PurePosixPath(os.path.realpath(busybox)))
     try:
         # Links first: /lib → usr/lib must exist before anything is added under /lib.
@@ -212,7 +215,8 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None,
             for module in kernel.modules:
                 tree.add_file(base / module.relative, decompress(module.source))
                 module_paths.append(
-                    " ".join((str(base / module.relative), *module.needs, *module.cpus)))
+                    " ".join((str(base / module.relative), *module.needs, *module.cpus))
+                )
         listing = "".join(f"{p}\n" for p in module_paths).encode()
         tree.add_file(STAGE_DIR / "modules.list", listing)
         if kernel is not None:

@@ -35,10 +35,15 @@ def build_command(dest: Path, python: Path = Path("/usr/bin/python3")) -> Path:
     any number of roots with :func:`install_command`."""
     from overlayroot.commands.cli import FROZEN_MODULES
 
-    result = build_initramfs(BuildConfig(
-        modules_dir=None, output=dest, payload=True, python=python,
-        entries=(ENTRY, *FROZEN_MODULES),
-    ))
+    result = build_initramfs(
+        BuildConfig(
+            modules_dir=None,
+            output=dest,
+            payload=True,
+            python=python,
+            entries=(ENTRY, *FROZEN_MODULES),
+        )
+    )
     for name in NOT_FOR_A_ROOT:
         path = dest / name
         if path.is_dir() and not path.is_symlink():
@@ -57,8 +62,9 @@ def install_command(payload: Path, root: Path, *, replace: bool = False) -> list
     image's own libc is as new as the builder's or newer, and replacing it could break the
     image's other programs. The launcher is always written."""
     if not root.is_dir():
-        raise BuildError(f"{root} is not a directory: give the root of the image to install"
-                         " the command into")
+        raise BuildError(
+            f"{root} is not a directory: give the root of the image to install the command into"
+        )
     kept: list[str] = []
     for entry in sorted(os.listdir(payload)):
         _merge(payload / entry, root / entry, Path(entry), replace, kept)
@@ -94,15 +100,23 @@ def _merge(source: Path, target: Path, relative: Path, replace: bool, kept: list
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("root", metavar="ROOT", type=Path,
-                        help="the root directory of the image to install the command into")
     parser.add_argument(
-        "--python", metavar="PATH", type=Path, default=Path("/usr/bin/python3"),
+        "root",
+        metavar="ROOT",
+        type=Path,
+        help="the root directory of the image to install the command into",
+    )
+    parser.add_argument(
+        "--python",
+        metavar="PATH",
+        type=Path,
+        default=Path("/usr/bin/python3"),
         help="the interpreter to freeze the command for; it is copied into ROOT at the same"
         " path (default: /usr/bin/python3)",
     )
     parser.add_argument(
-        "--replace", action="store_true",
+        "--replace",
+        action="store_true",
         help="replace files ROOT has already (libraries, the interpreter); by default the"
         " image's own are kept",
     )
@@ -112,8 +126,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     root: Path = args.root
     if not root.is_dir():
-        raise BuildError(f"{root} is not a directory: give the root of the image to install"
-                         " the command into")
+        raise BuildError(
+            f"{root} is not a directory: give the root of the image to install the command into"
+        )
     with tempfile.TemporaryDirectory(prefix="overlayroot-command.") as work:
         payload = build_command(Path(work) / "payload", args.python)
         kept = install_command(payload, root, replace=args.replace)
@@ -121,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(f"installed /{LAUNCHER} into {root}"
-              + (f"; kept {len(kept)} files the image had (--replace replaces them)"
-                 if kept else ""))
+        print(
+            f"installed /{LAUNCHER} into {root}"
+            + (f"; kept {len(kept)} files the image had (--replace replaces them)" if kept else "")
+        )
     return 0

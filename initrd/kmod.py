@@ -81,17 +81,20 @@ def decompress(path: Path) -> bytes:
         if path.name.endswith(".gz"):
             return gzip.decompress(data)
     except (lzma.LZMAError, OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile: OSError
-        raise ModuleError(f"{path}: cannot decompress it ({e}); reinstall the kernel's"
-                          " modules") from None
+        raise ModuleError(
+            f"{path}: cannot decompress it ({e}); reinstall the kernel's modules"
+        ) from None
     if path.name.endswith(".zst"):
         zstd = shutil.which("zstd")
         if zstd is None:
             raise ModuleError(f"{path}: is zstd-compressed; install the zstd command")
         result = subprocess.run([zstd, "-dcq"], input=data, capture_output=True)
         if result.returncode != 0:
-            raise ModuleError(f"{path}: cannot decompress it (zstd:"
-                              f" {result.stderr.decode(errors='replace').strip()}); reinstall"
-                              " the kernel's modules")
+            raise ModuleError(
+                f"{path}: cannot decompress it (zstd:"
+                f" {result.stderr.decode(errors='replace').strip()}); reinstall"
+                " the kernel's modules"
+            )
         return result.stdout
     return data
 
@@ -335,8 +338,13 @@ def resolve_modules(modules_dir: Path, names: list[str] | tuple[str, ...]) -> Mo
         visit(name, None, soft=False)
     needs = _needs(kernel, names, order)
     modules = tuple(
-        KernelModule(name, kernel.files[name], _image_path(kernel.path, kernel.files[name]),
-                     needs[name], _cpu_aliases(kernel, name))
+        KernelModule(
+            name,
+            kernel.files[name],
+            _image_path(kernel.path, kernel.files[name]),
+            needs[name],
+            _cpu_aliases(kernel, name),
+        )
         for name in order
     )
     return ModuleSet(kernel.kernel_version, modules, tuple(dict.fromkeys(builtin)))
@@ -351,7 +359,8 @@ def _needs(
     for requested in names:
         for module in kernel.lookup(requested) or []:
             need = ON_DEMAND.get(module) or next(
-                (a for a in _aliases_of(kernel, module) if a.startswith("fs-")), None)
+                (a for a in _aliases_of(kernel, module) if a.startswith("fs-")), None
+            )
             for member in _closure(kernel, module, set(order)):
                 if need is None:
                     at_start.add(member)

@@ -86,8 +86,9 @@ def recipe_key(suite: str = SUITE, packages: tuple[str, ...] = PACKAGES) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def debian_base(cache: Path | None = None, suite: str = SUITE,
-                packages: tuple[str, ...] = PACKAGES) -> Path:
+def debian_base(
+    cache: Path | None = None, suite: str = SUITE, packages: tuple[str, ...] = PACKAGES
+) -> Path:
     """The mmdebstrap tree of ``suite`` with ``packages``, built on first use and cached. Do
     not modify it: ``debian_image`` (and ``qemu.trixie``) make a copy to change."""
     base = (cache or cache_dir()) / "debian" / recipe_key(suite, packages)
@@ -97,8 +98,9 @@ def debian_base(cache: Path | None = None, suite: str = SUITE,
     return root
 
 
-def debian_image(kernel: Kernel, dest: Path, command: Path | None = None,
-                 cache: Path | None = None) -> Path:
+def debian_image(
+    kernel: Kernel, dest: Path, command: Path | None = None, cache: Path | None = None
+) -> Path:
     """The Debian root at ``dest`` (which must not exist): a copy of ``debian_base`` with
     ``kernel``'s ROOT_MODULES, a tmpfs on /tmp, the hostname, the test report unit and, given
     ``command`` (a payload of ``qemu.rootfs.build_command_payload``), the ``overlayroot``
@@ -134,8 +136,7 @@ def _build(base: Path, suite: str, packages: tuple[str, ...]) -> None:
             # stdin that is not a terminal, and the host's sources name the host's suite only.
             MIRROR,
         ]
-        result = subprocess.run(command, capture_output=True, text=True,
-                                stdin=subprocess.DEVNULL)
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-15:])
             raise DebianUnavailable(
@@ -143,7 +144,8 @@ def _build(base: Path, suite: str, packages: tuple[str, ...]) -> None:
                 f"\n{tail}"
             )
         (staging / "recipe.json").write_text(
-            json.dumps(recipe(suite, packages), indent=2, sort_keys=True))
+            json.dumps(recipe(suite, packages), indent=2, sort_keys=True)
+        )
 
 
 def _add_modules(root: Path, kernel: Kernel) -> None:
@@ -155,9 +157,18 @@ def _add_modules(root: Path, kernel: Kernel) -> None:
         if (kernel.modules / name).exists():
             shutil.copy2(kernel.modules / name, target / name)
     result = subprocess.run(
-        ["modprobe", "--dirname", str(kernel.modules.parents[2]), "--set-version",
-         kernel.version, "--show-depends", *ROOT_MODULES],
-        capture_output=True, text=True, check=True,
+        [
+            "modprobe",
+            "--dirname",
+            str(kernel.modules.parents[2]),
+            "--set-version",
+            kernel.version,
+            "--show-depends",
+            *ROOT_MODULES,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for line in result.stdout.splitlines():
         words = line.split()
@@ -173,8 +184,9 @@ def _add_modules(root: Path, kernel: Kernel) -> None:
 def enable_tmp_mount(root: Path) -> None:
     """What docs/integrations.md tells users: Debian 12 leaves /tmp on the root, read-only here.
     Debian 13's systemd mounts a tmpfs there itself (tmp.mount enabled in /usr): nothing to do."""
-    if (root / "usr" / "lib" / "systemd" / "system" / "local-fs.target.wants" /
-            "tmp.mount").exists():
+    if (
+        root / "usr" / "lib" / "systemd" / "system" / "local-fs.target.wants" / "tmp.mount"
+    ).exists():
         return
     unit = root / "etc" / "systemd" / "system" / "tmp.mount"
     shutil.copy2(root / "usr" / "share" / "systemd" / "tmp.mount", unit)
@@ -320,9 +332,22 @@ def initramfs_tools_initramfs(kernel: Kernel, output: Path, *, overlayroot: bool
         scratch = work / "scratch"
         scratch.mkdir()
         _run_generator(
-            ["unshare", "--mount", "sh", str(WITH_KERNEL), str(scratch), kernel.version,
-             str(kernel.modules), str(kernel.vmlinuz.parent / f"config-{kernel.version}"),
-             "mkinitramfs", "-d", str(conf), "-o", str(output), kernel.version],
+            [
+                "unshare",
+                "--mount",
+                "sh",
+                str(WITH_KERNEL),
+                str(scratch),
+                kernel.version,
+                str(kernel.modules),
+                str(kernel.vmlinuz.parent / f"config-{kernel.version}"),
+                "mkinitramfs",
+                "-d",
+                str(conf),
+                "-o",
+                str(output),
+                kernel.version,
+            ],
             env,
         )
     finally:

@@ -27,8 +27,23 @@ from pathlib import Path
 from qemu.initramfs import BUSYBOX
 
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev", "tmp", "root")
-APPLETS = ("sh", "mount", "cat", "tr", "rm", "sync", "poweroff", "reboot", "ls", "sleep", "echo",
-           "mkdir", "grep", "uname", "insmod")
+APPLETS = (
+    "sh",
+    "mount",
+    "cat",
+    "tr",
+    "rm",
+    "sync",
+    "poweroff",
+    "reboot",
+    "ls",
+    "sleep",
+    "echo",
+    "mkdir",
+    "grep",
+    "uname",
+    "insmod",
+)
 FAILURES = ("exit", "panic", "hang")
 TEST_DIR = "usr/lib/overlayroot-test"
 # Payload paths the test root does not take: the initramfs's own /init and its empty mount
@@ -82,8 +97,14 @@ def make_test_root(
     return dest
 
 
-def add_kernel(root: Path, vmlinuz: Path, initramfs: Path, version: str,
-               modules: Path | None = None, module_names: tuple[str, ...] = ()) -> Path:
+def add_kernel(
+    root: Path,
+    vmlinuz: Path,
+    initramfs: Path,
+    version: str,
+    modules: Path | None = None,
+    module_names: tuple[str, ...] = (),
+) -> Path:
     """Give the root a kernel of its own, the bootc way: ``/usr/lib/modules/<version>/vmlinuz``
     and ``initramfs.img``, plus the modules named (``dummy``: paths found in ``modules``'s
     ``modules.dep``, stored decompressed, so busybox ``insmod`` loads them from

@@ -44,8 +44,16 @@ SUITE = "trixie"
 # On top of bookworm's list: the kernel (which depends on initramfs-tools), zstd (initramfs-tools
 # and our builder compress with it), Python with pip, and the builder's dependencies as the
 # distribution packages them.
-PACKAGES = (*debian.PACKAGES, "linux-image-cloud-amd64", "zstd", "python3", "python3-pip",
-            "python3-cffi", "python3-pyelftools", "python3-construct")
+PACKAGES = (
+    *debian.PACKAGES,
+    "linux-image-cloud-amd64",
+    "zstd",
+    "python3",
+    "python3-pip",
+    "python3-cffi",
+    "python3-pyelftools",
+    "python3-construct",
+)
 # What goes from this checkout into the image; any byte changed rebuilds it.
 SOURCES = ("overlayroot", "initrd", "hooks", "pyproject.toml", "README.md")
 STANDALONE_NAME = "initrd.img-overlayroot"
@@ -76,8 +84,11 @@ def source_key() -> str:
     digest = hashlib.sha256(debian.recipe_key(SUITE, PACKAGES).encode())
     for name in SOURCES:
         top = REPO_ROOT / name
-        paths = [top] if top.is_file() else sorted(
-            p for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        paths = (
+            [top]
+            if top.is_file()
+            else sorted(p for p in top.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+        )
         for path in paths:
             digest.update(str(path.relative_to(REPO_ROOT)).encode() + b"\0")
             digest.update(hashlib.sha256(path.read_bytes()).digest())
@@ -128,9 +139,19 @@ def _build(base: Path, staging: Path) -> None:
     # 2. The wheel, installed by the image's pip from a file, its dependencies already there.
     wheel = _build_wheel(staging / "wheel")
     shutil.copy2(wheel, root / "tmp" / wheel.name)
-    in_chroot(root, PYTHON, "-m", "pip", "install", "--no-index", "--no-cache-dir",
-              "--break-system-packages", "--root-user-action=ignore", "--quiet",
-              f"overlayroot[build] @ file:///tmp/{wheel.name}")
+    in_chroot(
+        root,
+        PYTHON,
+        "-m",
+        "pip",
+        "install",
+        "--no-index",
+        "--no-cache-dir",
+        "--break-system-packages",
+        "--root-user-action=ignore",
+        "--quiet",
+        f"overlayroot[build] @ file:///tmp/{wheel.name}",
+    )
     (root / "tmp" / wheel.name).unlink()
 
     # 3. Our initramfs-tools hooks where docs/integrations.md puts them, then update-initramfs.
@@ -141,8 +162,16 @@ def _build(base: Path, staging: Path) -> None:
     in_chroot(root, "update-initramfs", "-u", "-k", version)
 
     # 4. The standalone image, by the command pip installed.
-    in_chroot(root, "/usr/local/bin/overlayroot", "initrd", "build", "--modules",
-              f"/usr/lib/modules/{version}", "-o", f"/boot/{STANDALONE_NAME}")
+    in_chroot(
+        root,
+        "/usr/local/bin/overlayroot",
+        "initrd",
+        "build",
+        "--modules",
+        f"/usr/lib/modules/{version}",
+        "-o",
+        f"/boot/{STANDALONE_NAME}",
+    )
 
     boot = staging / "boot"
     boot.mkdir()
@@ -155,8 +184,9 @@ def _build(base: Path, staging: Path) -> None:
     for name in ("vmlinuz", "vmlinuz.old", "initrd.img", "initrd.img.old"):
         if (root / name).is_symlink():
             (root / name).unlink()
-    python = in_chroot(root, PYTHON, "-c",
-                       "import sys; print('%d.%d' % sys.version_info[:2])").strip()
+    python = in_chroot(
+        root, PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"
+    ).strip()
     (staging / "python-version").write_text(python + "\n")
 
 
@@ -169,12 +199,25 @@ def _build_wheel(out: Path) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(REPO_ROOT / name, source / name)
     for package in ("overlayroot", "initrd"):
-        shutil.copytree(REPO_ROOT / package, source / package,
-                        ignore=shutil.ignore_patterns("__pycache__"))
+        shutil.copytree(
+            REPO_ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
+        )
     result = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-         "--wheel-dir", str(out), str(source)],
-        capture_output=True, text=True, cwd=out,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--quiet",
+            "--wheel-dir",
+            str(out),
+            str(source),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=out,
     )
     if result.returncode != 0:
         raise TrixieUnavailable(f"pip wheel failed:\n{result.stderr[-2000:]}")
@@ -185,20 +228,27 @@ def _build_wheel(out: Path) -> Path:
 CHROOT = Path(__file__).resolve().parent / "guest" / "chroot.sh"
 # A clean environment, as a build system's chroot step has: nothing of the host's PATH,
 # virtualenv or Python settings leaks into the image's tools.
-_ENV = {"PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-        "LANG": "C.UTF-8", "HOME": "/root"}
+_ENV = {
+    "PATH": "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+    "LANG": "C.UTF-8",
+    "HOME": "/root",
+}
 
 
 def in_chroot(root: Path, *command: str) -> str:
     """Run ``command`` inside ``root``; its output, or TrixieUnavailable with the tail."""
     result = subprocess.run(
         ["unshare", "--mount", "sh", str(CHROOT), str(root), *command],
-        capture_output=True, text=True, env=_ENV, stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=_ENV,
+        stdin=subprocess.DEVNULL,
     )
     if result.returncode != 0:
         tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-20:])
         raise TrixieUnavailable(
-            f"in the trixie image, {' '.join(command)} exited with {result.returncode}:\n{tail}")
+            f"in the trixie image, {' '.join(command)} exited with {result.returncode}:\n{tail}"
+        )
     return result.stdout
 
 
@@ -218,8 +268,9 @@ def initrd_member(initrd: Path, member: str) -> bytes:
     """One file of an initramfs image, early microcode segment or not: unpacked by Debian's
     ``unmkinitramfs`` (into ``early/`` and ``main/`` when there are segments, else flat)."""
     with tempfile.TemporaryDirectory(prefix="unmkinitramfs.") as work:
-        result = subprocess.run(["unmkinitramfs", str(initrd), work],
-                                capture_output=True, text=True)
+        result = subprocess.run(
+            ["unmkinitramfs", str(initrd), work], capture_output=True, text=True
+        )
         if result.returncode != 0:
             raise TrixieUnavailable(f"unmkinitramfs {initrd} failed: {result.stderr.strip()}")
         for top in (Path(work), Path(work) / "main"):
@@ -231,10 +282,12 @@ def initrd_member(initrd: Path, member: str) -> bytes:
 def main() -> None:
     """``python -m qemu.trixie``: build (or find) the image and say where its parts are."""
     image = trixie_image()
-    print(f"trixie root {image.root}\n  kernel {image.kernel.version}: {image.kernel.vmlinuz}\n"
-          f"  python {image.python_version}\n  standalone {image.standalone}"
-          f" ({os.path.getsize(image.standalone)} bytes)\n  initramfs-tools"
-          f" {image.initramfs_tools} ({os.path.getsize(image.initramfs_tools)} bytes)")
+    print(
+        f"trixie root {image.root}\n  kernel {image.kernel.version}: {image.kernel.vmlinuz}\n"
+        f"  python {image.python_version}\n  standalone {image.standalone}"
+        f" ({os.path.getsize(image.standalone)} bytes)\n  initramfs-tools"
+        f" {image.initramfs_tools} ({os.path.getsize(image.initramfs_tools)} bytes)"
+    )
 
 
 if __name__ == "__main__":

@@ -97,16 +97,19 @@ def assemble(
     try:
         syscalls.mount(sysroot, state, None, syscalls.MS_MOVE)
         undo.append(("move", sysroot))
-        syscalls.mount(None, state, None, syscalls.MS_REMOUNT | syscalls.MS_BIND
-                       | syscalls.MS_NOSUID | syscalls.MS_NODEV)
+        syscalls.mount(
+            None,
+            state,
+            None,
+            syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_NOSUID | syscalls.MS_NODEV,
+        )
         layout = StateLayout(state)
         image = layout.image_path(manifest)
         loop_path = _mount_lower(manifest, image, sysroot)
         undo.append(("umount", sysroot))
         _check_lower(sysroot, manifest)
         init = _check_init(sysroot, options, manifest)
-        etc_mounts, etc_mode = _mount_etc(sysroot, run_dir, layout, manifest, options.etc,
-                                          repairs)
+        etc_mounts, etc_mode = _mount_etc(sysroot, run_dir, layout, manifest, options.etc, repairs)
         undo.extend(("umount", mounted) for mounted in etc_mounts)
         for name in ("var", "home"):
             target = os.path.join(sysroot, name)
@@ -146,20 +149,23 @@ def _mount_lower(manifest: Manifest, image: str, target: str) -> str | None:
         raise BootError(f"{what}: its {_noun(manifest)} {image} is missing") from None
     if manifest.format == "dir":
         if not stat.S_ISDIR(st.st_mode):
-            raise BootError(f"{what}: its tree {image} is {files.kind(st.st_mode)}, not a"
-                            " directory")
+            raise BootError(
+                f"{what}: its tree {image} is {files.kind(st.st_mode)}, not a directory"
+            )
         try:
             syscalls.mount(image, target, None, syscalls.MS_BIND)
             # Explicit flags: the bind would inherit the state filesystem's nosuid and nodev,
             # which the booted root must not have.
-            syscalls.mount(None, target, None, syscalls.MS_REMOUNT | syscalls.MS_BIND
-                           | syscalls.MS_RDONLY)
+            syscalls.mount(
+                None, target, None, syscalls.MS_REMOUNT | syscalls.MS_BIND | syscalls.MS_RDONLY
+            )
         except OSError as e:
             raise BootError(f"{what}: cannot bind-mount its tree read-only: {e}") from None
         return None
     if not stat.S_ISREG(st.st_mode):
-        raise BootError(f"{what}: its image {image} is {files.kind(st.st_mode)}, not a regular"
-                        " file")
+        raise BootError(
+            f"{what}: its image {image} is {files.kind(st.st_mode)}, not a regular file"
+        )
     if st.st_mode & 0o077:
         # An image holds the root's secrets (/etc/shadow, keys): root alone may read it.
         # Images deployed before this rule get it at their boot (when the state is writable).
@@ -241,8 +247,9 @@ def _check_init(root: str, options: Options, manifest: Manifest) -> str:
     return init
 
 
-def _mount_etc(root: str, run_dir: str, layout: StateLayout, manifest: Manifest, mode: str,
-               repairs: list[str]) -> tuple[list[str], str]:
+def _mount_etc(
+    root: str, run_dir: str, layout: StateLayout, manifest: Manifest, mode: str, repairs: list[str]
+) -> tuple[list[str], str]:
     """Mounts the /etc overlay; returns what it mounted, in order, and the mode it got."""
     if mode == "readonly":
         return [], mode
@@ -251,21 +258,24 @@ def _mount_etc(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
     if mode == "persistent":
         upper, work = layout.etc_upper(manifest.id), layout.etc_work(manifest.id)
         if os.statvfs(layout.top).f_flag & os.ST_RDONLY:
-            return _transient_instead(root, run_dir, layout, manifest, upper,
-                                      os.strerror(errno.EROFS), repairs)
+            return _transient_instead(
+                root, run_dir, layout, manifest, upper, os.strerror(errno.EROFS), repairs
+            )
         try:
             for directory in (layout.etc, os.path.dirname(upper), upper, work):
                 _ensure_dir(directory, repairs)
         except OSError as e:
             if e.errno != errno.EROFS:
                 raise BootError(f"cannot make {e.filename} a directory: {e.strerror}") from None
-            return _transient_instead(root, run_dir, layout, manifest, upper, str(e.strerror),
-                                      repairs)
+            return _transient_instead(
+                root, run_dir, layout, manifest, upper, str(e.strerror), repairs
+            )
     else:
         scratch = os.path.join(run_dir, "etc-transient")
         os.makedirs(scratch, mode=0o755, exist_ok=True)
-        syscalls.mount("tmpfs", scratch, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV,
-                       "mode=0755")
+        syscalls.mount(
+            "tmpfs", scratch, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755"
+        )
         mounted.append(scratch)
         upper, work = os.path.join(scratch, "upper"), os.path.join(scratch, "work")
         for d in (upper, work):
@@ -284,12 +294,21 @@ def _mount_etc(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
     return [*mounted, etc], mode
 
 
-def _transient_instead(root: str, run_dir: str, layout: StateLayout, manifest: Manifest,
-                       upper: str, why: str, repairs: list[str]) -> tuple[list[str], str]:
+def _transient_instead(
+    root: str,
+    run_dir: str,
+    layout: StateLayout,
+    manifest: Manifest,
+    upper: str,
+    why: str,
+    repairs: list[str],
+) -> tuple[list[str], str]:
     """A state filesystem the kernel made read-only (after an I/O error, say): boot with the
     image's /etc made writable in RAM rather than not at all."""
-    repairs.append(f"the /etc upper cannot be mounted ({upper}: {why}): /etc is"
-                   " transient for this boot, its changes are lost at shutdown")
+    repairs.append(
+        f"the /etc upper cannot be mounted ({upper}: {why}): /etc is"
+        " transient for this boot, its changes are lost at shutdown"
+    )
     return _mount_etc(root, run_dir, layout, manifest, "transient", repairs)
 
 
@@ -343,6 +362,8 @@ def _seed(image_dir: str, persistent: str, repairs: list[str]) -> None:
             files.remove_tree(seeding)
         except OSError:
             pass
-        repairs.append(f"cannot seed the empty {persistent} from the image's"
-                       f" {os.path.basename(image_dir)} ({e.strerror}): it stays empty for this"
-                       " boot, and the next boot tries again")
+        repairs.append(
+            f"cannot seed the empty {persistent} from the image's"
+            f" {os.path.basename(image_dir)} ({e.strerror}): it stays empty for this"
+            " boot, and the next boot tries again"
+        )

@@ -18,8 +18,18 @@ MAX_TIMEOUT = 3600.0
 MAX_TRIES = 100
 
 PREFIX = "overlayroot."
-KNOWN_KEYS = ("state", "deployment", "timeout", "etc", "debug", "onfail", "tries", "watchdog",
-              "break", "kexec")
+KNOWN_KEYS = (
+    "state",
+    "deployment",
+    "timeout",
+    "etc",
+    "debug",
+    "onfail",
+    "tries",
+    "watchdog",
+    "break",
+    "kexec",
+)
 # Where ``overlayroot.break=`` can stop the standalone /init, in boot order, with what the
 # shell's first line says. A bare ``overlayroot.break`` is the last: the assembled root, before
 # the switch (dracut's ``rd.break``).
@@ -28,14 +38,20 @@ BREAK_STEPS = {
     "device": "before waiting for the state device",
     "mount": "before mounting the state filesystem on /sysroot",
     "prepare": "before choosing, counting and assembling a deployment (the state filesystem is"
-               " mounted read-write on /sysroot)",
+    " mounted read-write on /sysroot)",
     "switch": "before switching root (the deployment is assembled on /sysroot)",
 }
 DEFAULT_BREAK = "switch"
 # What the stage leaves off the command line it hands a kernel it switches to: the choice of
 # deployment (the kexec option names it), and what a bootloader adds for its own kernel.
-NOT_CARRIED = ("overlayroot.deployment", "rd.overlayroot.deployment", "overlayroot.kexec",
-               "rd.overlayroot.kexec", "BOOT_IMAGE", "initrd")
+NOT_CARRIED = (
+    "overlayroot.deployment",
+    "rd.overlayroot.deployment",
+    "overlayroot.kexec",
+    "rd.overlayroot.kexec",
+    "BOOT_IMAGE",
+    "initrd",
+)
 _WHITESPACE = " \t\n\v\f\r"
 
 
@@ -190,8 +206,11 @@ def kexec_cmdline(cmdline: str, kargs: list[str], deployment_id: str) -> str:
     (init's arguments) stay last. A parameter whose quotes the kernel's parser cannot give
     back (a lone ``"`` in it) is left off: written again, it would swallow what follows."""
     params, init_args = split(cmdline)
-    words = [word for key, value in params
-             if key and key not in NOT_CARRIED and (word := _carry(key, value)) is not None]
+    words = [
+        word
+        for key, value in params
+        if key and key not in NOT_CARRIED and (word := _carry(key, value)) is not None
+    ]
     words += [karg for karg in kargs if karg.strip(_WHITESPACE)]
     words.append(f"{PREFIX}kexec={check_id(deployment_id)}")
     carried = [word for arg in init_args if (word := _carry_init_arg(arg)) is not None]
@@ -266,7 +285,8 @@ def _apply(opts: Options, name: str, key: str, value: str | None, warnings: list
                 f"ignoring {key}={value}: {', '.join(repr(b) for b in bad)}"
                 f" {'is not a step' if len(bad) == 1 else 'are not steps'} the boot can stop"
                 f" before (steps: {', '.join(BREAK_STEPS)}; several: {key}=mount,switch;"
-                f" a bare {key} stops before the switch)")
+                f" a bare {key} stops before the switch)"
+            )
     else:
         known = ", ".join(PREFIX + k for k in KNOWN_KEYS)
         warnings.append(f"ignoring unknown option {key!r} (known: {known})")
@@ -300,8 +320,11 @@ def _number(
 ) -> float:
     text = _required(key, value)
     if not (_digits(text) if integer else _decimal(text)):
-        kind = ("a whole number (ASCII digits only)" if integer
-                else "a number of seconds (ASCII digits, with one '.' at most, as in 2.5)")
+        kind = (
+            "a whole number (ASCII digits only)"
+            if integer
+            else "a number of seconds (ASCII digits, with one '.' at most, as in 2.5)"
+        )
         raise CmdlineError(f"{key}={text} is not {kind}")
     try:
         number = int(text) if integer else float(text)

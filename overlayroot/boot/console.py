@@ -41,8 +41,8 @@ def describe_bug(e: BaseException) -> str:
     frames = []
     tb = e.__traceback__
     while tb is not None:
-        frames.append(f"  {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in"
-                      f" {tb.tb_frame.f_code.co_name}")
+        frames.append(
+            f"  {tb.tb_frame.f_code.co_filename}:{tb.tb_lineno} in {tb.tb_frame.f_code.co_name}"
+        )
         tb = tb.tb_next
-    return "\n".join([f"internal error (a bug in overlayroot): {type(e).__name__}: {e}",
-                      *frames])
+    return "\n".join([f"internal error (a bug in overlayroot): {type(e).__name__}: {e}", *frames])

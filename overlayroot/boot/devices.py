@@ -11,8 +11,12 @@ from overlayroot.core.errors import BootError
 
 SPEC_KINDS = ("LABEL", "UUID", "PARTUUID", "PARTLABEL")
 # udev's symlinks do not exist without udev; read them as the spec they stand for.
-_BY_DIRS = {"by-label": "LABEL", "by-uuid": "UUID", "by-partuuid": "PARTUUID",
-            "by-partlabel": "PARTLABEL"}
+_BY_DIRS = {
+    "by-label": "LABEL",
+    "by-uuid": "UUID",
+    "by-partuuid": "PARTUUID",
+    "by-partlabel": "PARTLABEL",
+}
 POLL_INTERVAL = 0.05
 
 

@@ -40,10 +40,20 @@ REBOOT_DELAY = 10.0  # seconds to read the message before the screen is gone
 
 def mount_api_filesystems() -> None:
     for source, target, fstype, flags, data in (
-        ("proc", "/proc", "proc", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
-         None),
-        ("sysfs", "/sys", "sysfs", syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
-         None),
+        (
+            "proc",
+            "/proc",
+            "proc",
+            syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+            None,
+        ),
+        (
+            "sysfs",
+            "/sys",
+            "sysfs",
+            syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC,
+            None,
+        ),
         ("devtmpfs", "/dev", "devtmpfs", syscalls.MS_NOSUID, "mode=0755"),
         ("tmpfs", "/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=0755"),
     ):
@@ -71,8 +81,7 @@ def mount_state(device: devices.BlockDevice, opts: Options, read_only: bool) -> 
         syscalls.mount(device.path, SYSROOT, fstype, flags, opts.rootflags)
     except OSError as e:
         raise BootError(
-            f"cannot mount the state filesystem {device.path} ({fstype}) on {SYSROOT}:"
-            f" {e.strerror}"
+            f"cannot mount the state filesystem {device.path} ({fstype}) on {SYSROOT}: {e.strerror}"
         ) from None
 
 
@@ -96,8 +105,10 @@ def boot(console: Console, imported: float) -> None:
     for warning in warnings:
         console.warn(warning)
     if not opts.state:
-        raise BootError("no state device given: set overlayroot.state= or root= on the kernel"
-                        " command line, e.g. overlayroot.state=LABEL=state")
+        raise BootError(
+            "no state device given: set overlayroot.state= or root= on the kernel"
+            " command line, e.g. overlayroot.state=LABEL=state"
+        )
     stop(console, opts, "device")
     device = devices.find(opts.state, opts.timeout)
     console.step(f"found {device.describe()}")
@@ -134,8 +145,10 @@ def stop(console: Console, opts: Options, step: str) -> None:
         return
     why = f"overlayroot.break={step}: stopped {BREAK_STEPS[step]}"
     if step == "switch":
-        why += ("; on a trial boot the watchdog is already running (overlayroot.watchdog=):"
-                " a long stop resets the machine")
+        why += (
+            "; on a trial boot the watchdog is already running (overlayroot.watchdog=):"
+            " a long stop resets the machine"
+        )
     rescue_shell(console, why, "to go on with the boot")
 
 
@@ -144,8 +157,7 @@ def fail(console: Console, onfail: str, why: str = "") -> None:
     first line, for the rescue shell's greeting. Never returns."""
     syscalls.sync()
     if onfail == "shell":
-        rescue_shell(console, f"the boot failed: {why}" if why else "the boot failed",
-                     "to reboot")
+        rescue_shell(console, f"the boot failed: {why}" if why else "the boot failed", "to reboot")
         onfail = "reboot"
     if onfail == "reboot":
         console.say(f"rebooting in {REBOOT_DELAY:g} s")

@@ -29,17 +29,16 @@ from overlayroot.core.layout import Manifest, StateLayout
 # What the kernel's refusal means, for a user who has never loaded a kernel by hand.
 ADVICE = {
     errno.ENOEXEC: "it is not a kernel this machine can start (another architecture, or not a"
-                   " kernel image at all)",
+    " kernel image at all)",
     errno.EPERM: "the running kernel refuses to load another kernel (lockdown or Secure Boot"
-                 " without a signature it trusts, or kernel.kexec_load_disabled=1)",
+    " without a signature it trusts, or kernel.kexec_load_disabled=1)",
     errno.EKEYREJECTED: "its signature was rejected (lockdown or Secure Boot accepts only"
-                        " kernels signed by a key the running kernel trusts)",
+    " kernels signed by a key the running kernel trusts)",
     errno.EBADMSG: "its signature could not be checked (lockdown or Secure Boot accepts only"
-                   " signed kernels)",
-    errno.ENOSYS: "the running kernel cannot load another kernel (built without"
-                  " CONFIG_KEXEC_FILE)",
+    " signed kernels)",
+    errno.ENOSYS: "the running kernel cannot load another kernel (built without CONFIG_KEXEC_FILE)",
     errno.EINVAL: "the running kernel refused the load (a command line longer than it accepts,"
-                  " or an initramfs it cannot use)",
+    " or an initramfs it cannot use)",
     errno.ENOMEM: "there is not enough memory to hold the kernel and its initramfs",
     errno.EBUSY: "another kernel load is in progress",
 }
@@ -56,8 +55,9 @@ def check(layout: StateLayout, manifest: Manifest) -> None:
         try:
             actual = digest.file_sha256(str(path))
         except OSError as e:
-            raise BootError(f"deployment {manifest.id!r}: cannot read its {what} {path}:"
-                            f" {e.strerror}") from None
+            raise BootError(
+                f"deployment {manifest.id!r}: cannot read its {what} {path}: {e.strerror}"
+            ) from None
         if actual != expected:
             raise BootError(
                 f"deployment {manifest.id!r}: its {what} {path} fails its digest check (sha256"
@@ -78,8 +78,9 @@ def load(layout: StateLayout, manifest: Manifest, cmdline: str) -> None:
             try:
                 fds.append(os.open(name, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW))
             except OSError as e:
-                raise BootError(f"deployment {manifest.id!r}: cannot open {name}:"
-                                f" {e.strerror}") from None
+                raise BootError(
+                    f"deployment {manifest.id!r}: cannot open {name}: {e.strerror}"
+                ) from None
         try:
             syscalls.kexec_file_load(fds[0], fds[1], cmdline)
         except OSError as e:

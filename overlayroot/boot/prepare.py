@@ -61,8 +61,15 @@ class Boot:
     """One boot in progress: the state as last written, and what ``booted.json`` and the
     history will say of it."""
 
-    def __init__(self, layout: StateLayout, opts: Options, console: Console, where: str,
-                 cmdline: str = "", running: str | None = None) -> None:
+    def __init__(
+        self,
+        layout: StateLayout,
+        opts: Options,
+        console: Console,
+        where: str,
+        cmdline: str = "",
+        running: str | None = None,
+    ) -> None:
         self.layout = layout
         self.cmdline = cmdline  # this kernel's, the base of a switched kernel's
         self.running = running or os.uname().release  # this kernel's release
@@ -93,21 +100,28 @@ class Boot:
         try:
             statefile.append_history(self.layout, event, deployment, **fields)
         except OSError as e:
-            self.console.warn(f"cannot add to the boot history"
-                              f" {self.layout.file(statefile.HISTORY)}: {e.strerror}")
+            self.console.warn(
+                f"cannot add to the boot history"
+                f" {self.layout.file(statefile.HISTORY)}: {e.strerror}"
+            )
 
     def report_repairs(self) -> None:
         """Say the repairs made since the last call: a set-aside is news even when the boot
         goes on to fail."""
-        for repair in self.repairs[self.reported:]:
+        for repair in self.repairs[self.reported :]:
             self.console.warn(repair)
             self.record(Event.REPAIRED, None, reason=repair)
         self.reported = len(self.repairs)
 
 
 def prepare_root(
-    sysroot: str, run_dir: str, opts: Options, device: str | None, console: Console,
-    cmdline: str = "", running: str | None = None,
+    sysroot: str,
+    run_dir: str,
+    opts: Options,
+    device: str | None,
+    console: Console,
+    cmdline: str = "",
+    running: str | None = None,
 ) -> Booted:
     """Make ``sysroot`` (the mounted state filesystem) the assembled root of a deployment.
     ``cmdline``: this kernel's command line, the base of the one a deployment's own kernel is
@@ -116,8 +130,14 @@ def prepare_root(
     boot = Boot(StateLayout(sysroot), opts, console, device or sysroot, cmdline, running)
     read_state(boot)
     for deployment_id in plan(boot):
-        booted = attempt(boot, deployment_id, sysroot, run_dir, device,
-                         counted=bootstate.counts(deployment_id, opts.deployment, opts.kexec))
+        booted = attempt(
+            boot,
+            deployment_id,
+            sysroot,
+            run_dir,
+            device,
+            counted=bootstate.counts(deployment_id, opts.deployment, opts.kexec),
+        )
         if booted is not None:
             return hand_over(boot, booted, run_dir)
     for deployment_id in last_resort(boot):
@@ -163,8 +183,10 @@ def read_state(boot: Boot) -> None:
 
 def plan(boot: Boot) -> list[str]:
     """Step 2: the candidates, in order."""
-    for wanted, option in ((boot.opts.deployment, "overlayroot.deployment="),
-                           (boot.opts.kexec, "overlayroot.kexec=")):
+    for wanted, option in (
+        (boot.opts.deployment, "overlayroot.deployment="),
+        (boot.opts.kexec, "overlayroot.kexec="),
+    ):
         if wanted is not None and wanted not in boot.state.entries:
             boot.console.warn(
                 f"deployment {wanted!r} ({option}) is not on {boot.where}; booting the usual"
@@ -174,8 +196,9 @@ def plan(boot: Boot) -> list[str]:
     return bootstate.plan(boot.state, boot.opts.deployment, boot.opts.kexec)
 
 
-def attempt(boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: str | None,
-            *, counted: bool) -> Booted | None:
+def attempt(
+    boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: str | None, *, counted: bool
+) -> Booted | None:
     """Step 3 for one candidate: the assembled root, or None when it failed (marked bad)."""
     if boot.failed:
         boot.console.say(f"falling back to deployment {deployment_id}")
@@ -189,8 +212,9 @@ def attempt(boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: 
         if after == bootstate.TRIAL:
             boot.counted = True  # by the stage before the kexec
         elif after == bootstate.DEGRADED:
-            boot.degraded = boot.degraded or (f"{deployment_id} is bad and was switched to as a"
-                                              " last resort")
+            boot.degraded = boot.degraded or (
+                f"{deployment_id} is bad and was switched to as a last resort"
+            )
     try:
         manifest = boot.layout.read_manifest(deployment_id)
         wanted = manifest.kernel.version if manifest.kernel is not None else None
@@ -203,25 +227,30 @@ def attempt(boot: Boot, deployment_id: str, sysroot: str, run_dir: str, device: 
             )
         if bootstate.needs_verification(boot.state.entries[deployment_id]):
             verify(boot.layout, manifest)
-            boot.save(bootstate.verified(boot.state, deployment_id),
-                      f"cannot record that the image of {deployment_id} passed its check (it"
-                      " is checked again next boot)")
+            boot.save(
+                bootstate.verified(boot.state, deployment_id),
+                f"cannot record that the image of {deployment_id} passed its check (it"
+                " is checked again next boot)",
+            )
         if step == bootstate.KEXEC:
             switch_kernel(boot, manifest, sysroot)
-        return assemble(sysroot, run_dir, boot.opts, manifest, device=device,
-                        repairs=boot.repairs)
+        return assemble(sysroot, run_dir, boot.opts, manifest, device=device, repairs=boot.repairs)
     except Exception as e:
         if isinstance(e, BootError):
             reason = str(e)
             boot.console.error(reason)
         else:
             boot.console.error(describe_bug(e))
-            reason = (f"internal error (a bug in overlayroot) while booting {deployment_id}:"
-                      f" {type(e).__name__}: {e}")
+            reason = (
+                f"internal error (a bug in overlayroot) while booting {deployment_id}:"
+                f" {type(e).__name__}: {e}"
+            )
         boot.failed.append({"deployment": deployment_id, "reason": reason})
         boot.report_repairs()
-        boot.save(bootstate.mark_bad(boot.state, deployment_id, reason),
-                  f"cannot record that {deployment_id} is bad")
+        boot.save(
+            bootstate.mark_bad(boot.state, deployment_id, reason),
+            f"cannot record that {deployment_id} is bad",
+        )
         boot.record(Event.FAILED, deployment_id, reason=reason)
         return None
 
@@ -232,8 +261,11 @@ def take_try(boot: Boot, deployment_id: str) -> None:
     new, trial = bootstate.start_attempt(boot.state, deployment_id, boot.opts.tries)
     if new == boot.state:
         return
-    error = boot.save(new, f"this boot of {deployment_id} is NOT counted, and will not fall"
-                      " back by itself if it fails")
+    error = boot.save(
+        new,
+        f"this boot of {deployment_id} is NOT counted, and will not fall"
+        " back by itself if it fails",
+    )
     if trial:
         boot.counted = error is None
         boot.count_error = error
@@ -252,11 +284,18 @@ def switch_kernel(boot: Boot, manifest: Manifest, sysroot: str) -> None:
     kexec.check(boot.layout, manifest)
     cmdline = kexec_cmdline(boot.cmdline, kernel.kargs, manifest.id)
     kexec.load(boot.layout, manifest, cmdline)
-    boot.console.say(f"switching to deployment {manifest.id}'s kernel {kernel.version} (this"
-                     f" is {boot.running}) with kexec")
+    boot.console.say(
+        f"switching to deployment {manifest.id}'s kernel {kernel.version} (this"
+        f" is {boot.running}) with kexec"
+    )
     boot.report_repairs()
-    boot.record(Event.KEXEC, manifest.id, kernel=kernel.version, from_kernel=boot.running,
-                fallback_from=[f["deployment"] for f in boot.failed] or None)
+    boot.record(
+        Event.KEXEC,
+        manifest.id,
+        kernel=kernel.version,
+        from_kernel=boot.running,
+        fallback_from=[f["deployment"] for f in boot.failed] or None,
+    )
     kexec.restart(sysroot, syscalls.RB_KEXEC)
 
 
@@ -271,15 +310,23 @@ def reboot_for_kernel(boot: Boot, deployment_id: str, sysroot: str) -> None:
     except BootError:
         return  # the attempt says why
     wanted = manifest.kernel.version if manifest.kernel is not None else None
-    if bootstate.kernel_step(deployment_id, wanted, boot.running,
-                             boot.opts.kexec) != bootstate.REBOOT:
+    if (
+        bootstate.kernel_step(deployment_id, wanted, boot.running, boot.opts.kexec)
+        != bootstate.REBOOT
+    ):
         return
-    boot.console.say(f"deployment {deployment_id} needs kernel {wanted}; this kernel"
-                     f" ({boot.running}) was started with kexec for {boot.opts.kexec}, and a"
-                     " kexec'd boot does not switch again: rebooting through the bootloader")
+    boot.console.say(
+        f"deployment {deployment_id} needs kernel {wanted}; this kernel"
+        f" ({boot.running}) was started with kexec for {boot.opts.kexec}, and a"
+        " kexec'd boot does not switch again: rebooting through the bootloader"
+    )
     boot.report_repairs()
-    boot.record(Event.REBOOT, deployment_id, reason=f"needs kernel {wanted}, not the kexec'd"
-                f" {boot.running}", fallback_from=[f["deployment"] for f in boot.failed] or None)
+    boot.record(
+        Event.REBOOT,
+        deployment_id,
+        reason=f"needs kernel {wanted}, not the kexec'd {boot.running}",
+        fallback_from=[f["deployment"] for f in boot.failed] or None,
+    )
     try:
         kexec.restart(sysroot, syscalls.RB_AUTOBOOT)
     except BootError as e:
@@ -294,8 +341,9 @@ def verify(layout: StateLayout, manifest: Manifest) -> None:
     try:
         actual = digest.file_sha256(image)
     except OSError as e:
-        raise BootError(f"deployment {manifest.id!r}: cannot read its image {image}:"
-                        f" {e.strerror}") from None
+        raise BootError(
+            f"deployment {manifest.id!r}: cannot read its image {image}: {e.strerror}"
+        ) from None
     if actual != manifest.sha256:
         raise BootError(
             f"deployment {manifest.id!r}: its image {image} fails its digest check (sha256"
@@ -314,12 +362,15 @@ def last_resort(boot: Boot) -> list[str]:
             break
     order = bootstate.last_resort(boot.state, last_started, tried)
     if order:
-        boot.degraded = ("nothing was bootable: every deployment failed or used up its tries"
-                         " without a bless")
-        boot.console.error(f"no bootable deployment on {boot.where}:\n"
-                           f"{describe_state(boot.state)}\nDEGRADED boot as a last resort: the"
-                           f" deployment that last reached its init first ({', '.join(order)});"
-                           " fix it and run `overlayroot bless`, or deploy a working image")
+        boot.degraded = (
+            "nothing was bootable: every deployment failed or used up its tries without a bless"
+        )
+        boot.console.error(
+            f"no bootable deployment on {boot.where}:\n"
+            f"{describe_state(boot.state)}\nDEGRADED boot as a last resort: the"
+            f" deployment that last reached its init first ({', '.join(order)});"
+            " fix it and run `overlayroot bless`, or deploy a working image"
+        )
     return order
 
 
@@ -346,24 +397,47 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
                 modload.need("watchdog")  # softdog, when the image lists it
             armed = watchdog.arm(boot.opts.watchdog)
         except OSError as e:
-            boot.console.warn(f"no watchdog armed ({e.strerror}: {e.filename}): a trial boot"
-                              " that hangs will not fall back by itself")
-    boot.record(Event.BOOT, deployment_id, kernel=boot.running, kexec=boot.opts.kexec is not None,
-                trial=trial, tries_left=entry.tries_left,
-                counted=boot.counted, count_error=boot.count_error,
-                fallback_from=[f["deployment"] for f in boot.failed] or None, watchdog=armed,
-                degraded=boot.degraded)
+            boot.console.warn(
+                f"no watchdog armed ({e.strerror}: {e.filename}): a trial boot"
+                " that hangs will not fall back by itself"
+            )
+    boot.record(
+        Event.BOOT,
+        deployment_id,
+        kernel=boot.running,
+        kexec=boot.opts.kexec is not None,
+        trial=trial,
+        tries_left=entry.tries_left,
+        counted=boot.counted,
+        count_error=boot.count_error,
+        fallback_from=[f["deployment"] for f in boot.failed] or None,
+        watchdog=armed,
+        degraded=boot.degraded,
+    )
     if boot.degraded:
-        boot.console.say(f"DEGRADED boot of {deployment_id}, a last resort, not counted and"
-                         f" without a watchdog: {boot.degraded}")
+        boot.console.say(
+            f"DEGRADED boot of {deployment_id}, a last resort, not counted and"
+            f" without a watchdog: {boot.degraded}"
+        )
     elif trial:
-        boot.console.say(f"trial boot of {deployment_id}: {entry.tries_left} tries left after"
-                         " this one" + (f"; watchdog {armed} s" if armed else ""))
-    extra = {"trial": trial, "tries_left": entry.tries_left, "counted": boot.counted,
-             "count_error": boot.count_error, "failed": boot.failed, "recovery": boot.recovery,
-             "repairs": boot.repairs, "degraded": boot.degraded, "watchdog": armed,
-             "generation": boot.state.generation, "kernel": boot.running,
-             "kexec": boot.opts.kexec}
+        boot.console.say(
+            f"trial boot of {deployment_id}: {entry.tries_left} tries left after"
+            " this one" + (f"; watchdog {armed} s" if armed else "")
+        )
+    extra = {
+        "trial": trial,
+        "tries_left": entry.tries_left,
+        "counted": boot.counted,
+        "count_error": boot.count_error,
+        "failed": boot.failed,
+        "recovery": boot.recovery,
+        "repairs": boot.repairs,
+        "degraded": boot.degraded,
+        "watchdog": armed,
+        "generation": boot.state.generation,
+        "kernel": boot.running,
+        "kexec": boot.opts.kexec,
+    }
     write_booted(run_dir, {**booted.to_dict(), **extra})
     return booted
 
@@ -377,9 +451,11 @@ def write_booted(run_dir: str, data: dict[str, object]) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m overlayroot.boot.prepare SYSROOT\n"
-              "Turn the state filesystem mounted at SYSROOT into the assembled root.",
-              file=sys.stderr)
+        print(
+            "usage: python -m overlayroot.boot.prepare SYSROOT\n"
+            "Turn the state filesystem mounted at SYSROOT into the assembled root.",
+            file=sys.stderr,
+        )
         return 2
     console = Console()
     try:
@@ -404,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             syscalls.mount(None, sysroot, None, syscalls.MS_REMOUNT)
         except OSError as e:
-            raise BootError(f"cannot remount the state filesystem on {sysroot} read-write:"
-                            f" {e.strerror}") from None
+            raise BootError(
+                f"cannot remount the state filesystem on {sysroot} read-write: {e.strerror}"
+            ) from None
         booted = prepare_root(sysroot, RUN_DIR, opts, opts.state, console, cmdline)
     except BootError as e:
         console.error(str(e))

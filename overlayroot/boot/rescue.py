@@ -34,8 +34,7 @@ def rescue_shell(console: Console, why: str, leaving: str) -> None:
             return
         console.warn("busybox sh could not be started; falling back to a Python prompt")
     else:
-        console.say(f"rescue Python prompt (this image has no busybox); {leaving}: exit or"
-                    " Ctrl-D")
+        console.say(f"rescue Python prompt (this image has no busybox); {leaving}: exit or Ctrl-D")
     python_shell(console)
 
 

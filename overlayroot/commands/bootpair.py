@@ -59,13 +59,14 @@ class Disk:
     any two of them (tests/host/test_bootpair.py)."""
 
     def create(self, path: Path) -> int:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       0o644)
+        return os.open(
+            path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+        )
 
     def write(self, fd: int, data: bytes) -> None:
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
@@ -98,25 +99,38 @@ def boot_dir(where: target.Target, option: str | None) -> Path:
         except FileNotFoundError:
             text = ""
         except OSError as e:
-            raise BootError(f"cannot read {CONFIG}: {e.strerror}: it names the boot pair's"
-                            " directory in one line, e.g. /boot/efi/overlayroot") from None
+            raise BootError(
+                f"cannot read {CONFIG}: {e.strerror}: it names the boot pair's"
+                " directory in one line, e.g. /boot/efi/overlayroot"
+            ) from None
         except UnicodeDecodeError:
-            raise BootError(f"{CONFIG} is not UTF-8 text: write one absolute directory there,"
-                            " e.g. /boot/efi/overlayroot") from None
+            raise BootError(
+                f"{CONFIG} is not UTF-8 text: write one absolute directory there,"
+                " e.g. /boot/efi/overlayroot"
+            ) from None
         if text:
             if not text.startswith("/") or "\n" in text:
-                raise BootError(f"{CONFIG} holds {text!r}: write one absolute directory there,"
-                                " e.g. /boot/efi/overlayroot")
+                raise BootError(
+                    f"{CONFIG} holds {text!r}: write one absolute directory there,"
+                    " e.g. /boot/efi/overlayroot"
+                )
             return Path(text)
     return default_dir(where.layout)
 
 
-def choose(state: bootstate.BootState, manifests: dict[str, layout.Manifest],
-           prefer: str | None) -> layout.Manifest | None:
+def choose(
+    state: bootstate.BootState, manifests: dict[str, layout.Manifest], prefer: str | None
+) -> layout.Manifest | None:
     """The deployment whose kernel the pair should hold: ``prefer`` if it is good and has a
     kernel, else the newest good deployment with one; None when no good one has a kernel."""
-    good = [m for k, m in manifests.items() if m.kernel is not None and k in state.entries
-            and state.entries[k].successful and not state.entries[k].bad]
+    good = [
+        m
+        for k, m in manifests.items()
+        if m.kernel is not None
+        and k in state.entries
+        and state.entries[k].successful
+        and not state.entries[k].bad
+    ]
     for manifest in good:
         if manifest.id == prefer:
             return manifest
@@ -145,8 +159,10 @@ def _install(disk: Disk, path: Path, parts: list[tuple[Path, str | None]]) -> No
                     hashed.update(chunk)
                     disk.write(fd, chunk)
             if expected is not None and hashed.hexdigest() != expected:
-                raise BootError(f"{source} does not match the digest in its deployment's"
-                                " manifest: it is damaged; the boot pair was left as it was")
+                raise BootError(
+                    f"{source} does not match the digest in its deployment's"
+                    " manifest: it is damaged; the boot pair was left as it was"
+                )
         disk.fsync(fd)
     except BaseException:
         disk.close(fd)
@@ -161,10 +177,13 @@ def _write_record(disk: Disk, directory: Path, manifest: layout.Manifest) -> Non
     import json
 
     assert manifest.kernel is not None
-    record = {"deployment": manifest.id, "version": manifest.kernel.version,
-              "vmlinuz_sha256": manifest.kernel.vmlinuz_sha256,
-              "initramfs_sha256": manifest.kernel.initramfs_sha256,
-              "kargs": manifest.kernel.kargs}
+    record = {
+        "deployment": manifest.id,
+        "version": manifest.kernel.version,
+        "vmlinuz_sha256": manifest.kernel.vmlinuz_sha256,
+        "initramfs_sha256": manifest.kernel.initramfs_sha256,
+        "kargs": manifest.kernel.kargs,
+    }
     tmp = directory / TEMPORARY[RECORD]
     fd = disk.create(tmp)
     try:
@@ -176,8 +195,9 @@ def _write_record(disk: Disk, directory: Path, manifest: layout.Manifest) -> Non
     disk.fsync_dir(directory)
 
 
-def promote(directory: Path, paths: layout.StateLayout, manifest: layout.Manifest,
-            disk: Disk | None = None) -> bool:
+def promote(
+    directory: Path, paths: layout.StateLayout, manifest: layout.Manifest, disk: Disk | None = None
+) -> bool:
     """Make the pair in ``directory`` hold ``manifest``'s kernel and initramfs, in an order
     that leaves a bootable pair at every step (this module's docstring). Returns whether
     anything changed. Raises BootError."""
@@ -206,8 +226,10 @@ def promote(directory: Path, paths: layout.StateLayout, manifest: layout.Manifes
         _install(disk, initrd, [new_initrd])  # 3.
         _write_record(disk, directory, manifest)  # 4.
     except OSError as e:
-        raise BootError(f"cannot promote {manifest.id}'s kernel to the boot pair in {directory}:"
-                        f" {e.strerror} ({e.filename}){target.advice(e.errno)}") from None
+        raise BootError(
+            f"cannot promote {manifest.id}'s kernel to the boot pair in {directory}:"
+            f" {e.strerror} ({e.filename}){target.advice(e.errno)}"
+        ) from None
     return True
 
 
@@ -229,10 +251,18 @@ def describe(directory: Path, manifests: dict[str, layout.Manifest]) -> dict[str
         return None
     initrd_sha = _sha(directory / INITRD)
     record = read_record(directory) or {}
-    owners = [m for m in manifests.values()
-              if m.kernel is not None and m.kernel.vmlinuz_sha256 == kernel_sha]
-    owners.sort(key=lambda m: (m.kernel is not None and m.kernel.initramfs_sha256 == initrd_sha,
-                               m.id == record.get("deployment")), reverse=True)
+    owners = [
+        m
+        for m in manifests.values()
+        if m.kernel is not None and m.kernel.vmlinuz_sha256 == kernel_sha
+    ]
+    owners.sort(
+        key=lambda m: (
+            m.kernel is not None and m.kernel.initramfs_sha256 == initrd_sha,
+            m.id == record.get("deployment"),
+        ),
+        reverse=True,
+    )
     if owners and owners[0].kernel is not None:
         owner: str | None = owners[0].id
         version: object = owners[0].kernel.version
@@ -242,23 +272,37 @@ def describe(directory: Path, manifests: dict[str, layout.Manifest]) -> dict[str
         complete = record.get("initramfs_sha256") == initrd_sha
     else:
         owner, version, complete = None, None, False
-    return {"dir": str(directory), "deployment": owner, "version": version,
-            "complete": complete, "recorded": record.get("deployment")}
+    return {
+        "dir": str(directory),
+        "deployment": owner,
+        "version": version,
+        "complete": complete,
+        "recorded": record.get("deployment"),
+    }
 
 
 def summary(pair: dict[str, object] | None, directory: Path) -> str:
     if pair is None:
-        return (f"boot pair: none yet in {directory} (bless or `overlayroot promote` a"
-                " deployment with a kernel of its own)")
+        return (
+            f"boot pair: none yet in {directory} (bless or `overlayroot promote` a"
+            " deployment with a kernel of its own)"
+        )
     if pair["deployment"] is not None:
         held = f"the kernel {pair['version']} of {pair['deployment']}"
     elif pair["version"] is not None:
-        held = (f"the kernel {pair['version']} of {pair['recorded']}, a deployment no longer on"
-                " the state filesystem")
+        held = (
+            f"the kernel {pair['version']} of {pair['recorded']}, a deployment no longer on"
+            " the state filesystem"
+        )
     else:
         held = "a kernel of no deployment here"
-    state = "" if pair["complete"] else (" (a promotion was cut short: its initramfs is the"
-                                        " bridge; the next bless finishes it)")
+    state = (
+        ""
+        if pair["complete"]
+        else (
+            " (a promotion was cut short: its initramfs is the bridge; the next bless finishes it)"
+        )
+    )
     return f"boot pair in {directory}: {held}{state}"
 
 
@@ -273,19 +317,25 @@ def run_promote(args: argparse.Namespace) -> int:
             where.check_known(state, args.id)
             manifest = where.layout.read_manifest(args.id)
             if manifest.kernel is None:
-                raise BootError(f"{args.id} has no kernel of its own (it boots under the running"
-                                " kernel): there is nothing to promote")
+                raise BootError(
+                    f"{args.id} has no kernel of its own (it boots under the running"
+                    " kernel): there is nothing to promote"
+                )
         else:
             found = choose(state, _manifests(where, state), None)
             if found is None:
-                raise BootError(f"no known-good deployment on {where.where} has a kernel of its"
-                                " own: deploy one with its kernel and bless it, or name one")
+                raise BootError(
+                    f"no known-good deployment on {where.where} has a kernel of its"
+                    " own: deploy one with its kernel and bless it, or name one"
+                )
             manifest = found
         changed = promote(directory, where.layout, manifest)
     assert manifest.kernel is not None
     verb = "promoted" if changed else "already held"
-    print(f"{verb}: the boot pair in {directory} holds the kernel {manifest.kernel.version} of"
-          f" {manifest.id}")
+    print(
+        f"{verb}: the boot pair in {directory} holds the kernel {manifest.kernel.version} of"
+        f" {manifest.id}"
+    )
     return 0
 
 
@@ -300,8 +350,9 @@ def after_bless(where: target.Target, blessed: str, option: str | None) -> str |
             return None
         changed = promote(directory, where.layout, manifest)
     verb = "promoted to" if changed else "already holds"
-    return (f"the boot pair in {directory} {verb} the kernel {manifest.kernel.version} of"
-            f" {manifest.id}")
+    return (
+        f"the boot pair in {directory} {verb} the kernel {manifest.kernel.version} of {manifest.id}"
+    )
 
 
 def _manifests(where: target.Target, state: bootstate.BootState) -> dict[str, layout.Manifest]:

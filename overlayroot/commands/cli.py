@@ -58,7 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
         return sub
 
     status = command(
-        "status", "status:run_status", "show the deployments and their boot state",
+        "status",
+        "status:run_status",
+        "show the deployments and their boot state",
         "A table of the deployments: which one is booted, the default, the rollback and the"
         " one-shot choice; priority, tries left, whether each is known good (blessed), why one"
         " was marked bad; created, size and origin.",
@@ -67,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--boot-dir", metavar="DIR", help=BOOT_DIR_HELP)
 
     deploy = command(
-        "deploy", "deploy:run", "stage a deployment and make it the default, on trial",
+        "deploy",
+        "deploy:run",
+        "stage a deployment and make it the default, on trial",
         "Write a deployment (erofs, squashfs or a tree) with its manifest into the state"
         " filesystem and make it the default, on trial. In a booted system, it starts with a"
         " copy of the booted deployment's /etc changes.",
@@ -75,29 +79,40 @@ def build_parser() -> argparse.ArgumentParser:
     add_deploy_arguments(deploy)
 
     command(
-        "rollback", "manage:run_rollback", "boot the previous good deployment next",
+        "rollback",
+        "manage:run_rollback",
+        "boot the previous good deployment next",
         "Make the best known-good deployment other than the booted one the default.",
     )
     bless = command(
-        "bless", "health:run_bless", "run the health checks, then mark the booted"
-        " deployment good",
+        "bless",
+        "health:run_bless",
+        "run the health checks, then mark the booted deployment good",
         "Run the health checks in /etc/overlayroot/check.d/required/ and wanted/; if every"
         " required one passes, mark the booted deployment successful and stop the trial boot's"
         " watchdog. A required check that fails on a trial boot marks the deployment bad and"
         " reboots into the fallback.",
     )
-    bless.add_argument("--no-reboot", action="store_true",
-                       help="when a required check fails, mark the deployment bad but do not"
-                       " reboot")
+    bless.add_argument(
+        "--no-reboot",
+        action="store_true",
+        help="when a required check fails, mark the deployment bad but do not reboot",
+    )
     bless.add_argument("--boot-dir", metavar="DIR", help=BOOT_DIR_HELP)
-    bless.add_argument("--check-timeout", type=seconds, default=60.0, metavar="S",
-                       help="seconds a check may run before it is killed and fails, unless it"
-                       " names its own with overlayroot-timeout=S in its first lines"
-                       " (default 60)")
+    bless.add_argument(
+        "--check-timeout",
+        type=seconds,
+        default=60.0,
+        metavar="S",
+        help="seconds a check may run before it is killed and fails, unless it"
+        " names its own with overlayroot-timeout=S in its first lines"
+        " (default 60)",
+    )
 
     promote = command(
-        "promote", "bootpair:run_promote", "put a deployment's kernel in the boot"
-        " pair",
+        "promote",
+        "bootpair:run_promote",
+        "put a deployment's kernel in the boot pair",
         "Make the boot pair (the vmlinuz and initrd.img one static bootloader entry loads) hold"
         " the kernel and initramfs of a deployment: ID, or by default the newest known-good"
         " deployment that has a kernel of its own. bless does this by itself; this command is"
@@ -107,42 +122,62 @@ def build_parser() -> argparse.ArgumentParser:
     promote.add_argument("--boot-dir", metavar="DIR", help=BOOT_DIR_HELP)
 
     mark_bad = command(
-        "mark-bad", "manage:run_mark_bad", "never boot a deployment again by itself",
+        "mark-bad",
+        "manage:run_mark_bad",
+        "never boot a deployment again by itself",
         "Mark a deployment bad: it is not booted again unless chosen by hand.",
     )
     mark_bad.add_argument("id", metavar="ID")
-    mark_bad.add_argument("--reason", default="marked bad by hand (overlayroot mark-bad)",
-                          help="why, for status and history")
+    mark_bad.add_argument(
+        "--reason",
+        default="marked bad by hand (overlayroot mark-bad)",
+        help="why, for status and history",
+    )
 
     set_default = command(
-        "set-default", "manage:run_set_default", "choose the deployment to boot",
+        "set-default",
+        "manage:run_set_default",
+        "choose the deployment to boot",
         "Make a deployment the default; one not known good gets a fresh set of tries.",
     )
     set_default.add_argument("id", metavar="ID")
-    set_default.add_argument("--once", action="store_true",
-                             help="boot it next time only, then the default again")
+    set_default.add_argument(
+        "--once", action="store_true", help="boot it next time only, then the default again"
+    )
 
     for name, verb in (("pin", "keep"), ("unpin", "stop keeping")):
         pin = command(
-            name, f"manage:run_{name}", f"{verb} a deployment through gc",
+            name,
+            f"manage:run_{name}",
+            f"{verb} a deployment through gc",
             f"{verb.capitalize()} a deployment through `overlayroot gc`.",
         )
         pin.add_argument("id", metavar="ID")
 
     gc = command(
-        "gc", "manage:run_gc", "remove old deployments",
+        "gc",
+        "manage:run_gc",
+        "remove old deployments",
         "Remove the deployments beyond the newest N, with their /etc; never the booted, the"
         " default, the rollback, the one-shot or a pinned one.",
     )
-    gc.add_argument("--keep", type=int, required=True, metavar="N",
-                    help="how many of the newest deployments to keep")
+    gc.add_argument(
+        "--keep",
+        type=int,
+        required=True,
+        metavar="N",
+        help="how many of the newest deployments to keep",
+    )
     gc.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
 
-    etc = commands.add_parser("etc", help="the /etc of deployments",
-                              description="The /etc of deployments.")
+    etc = commands.add_parser(
+        "etc", help="the /etc of deployments", description="The /etc of deployments."
+    )
     etc_commands = etc.add_subparsers(dest="etc_command", metavar="COMMAND", required=True)
     diff = etc_commands.add_parser(
-        "diff", parents=[common], help="local changes to /etc",
+        "diff",
+        parents=[common],
+        help="local changes to /etc",
         description="What was added, modified and deleted in a deployment's /etc, against its"
         " image's /etc (default: the booted deployment, else the default).",
     )
@@ -151,11 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     diff.add_argument("--json", action="store_true", help="print it as JSON")
 
     history = command(
-        "history", "status:run_history", "show the boot history",
+        "history",
+        "status:run_history",
+        "show the boot history",
         "Every boot attempt with its outcome, and the fallbacks, blessings and recoveries.",
     )
-    history.add_argument("-n", type=int, metavar="N", dest="count",
-                         help="only the last N entries")
+    history.add_argument("-n", type=int, metavar="N", dest="count", help="only the last N entries")
     history.add_argument("--json", action="store_true", help="print it as JSON")
 
     initrd = commands.add_parser(
@@ -169,8 +205,12 @@ def build_parser() -> argparse.ArgumentParser:
         prefix_chars="\0",
     )
     build.add_argument("arguments", nargs=argparse.REMAINDER)
-    build.set_defaults(handler=run_builder, builder="initrd.cli", prog="overlayroot initrd build",
-                       description="Freeze the overlayroot boot stage into an initramfs.")
+    build.set_defaults(
+        handler=run_builder,
+        builder="initrd.cli",
+        prog="overlayroot initrd build",
+        description="Freeze the overlayroot boot stage into an initramfs.",
+    )
 
     install = commands.add_parser(
         "install-command",
@@ -181,7 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("arguments", nargs=argparse.REMAINDER)
     install.set_defaults(
-        handler=run_builder, builder="initrd.command", prog="overlayroot install-command",
+        handler=run_builder,
+        builder="initrd.command",
+        prog="overlayroot install-command",
         description="Put the overlayroot command into the root of an image that has no Python"
         " (or another one): the interpreter, its libraries, the frozen modules and"
         " /usr/bin/overlayroot. Files the root has already are kept unless --replace.",
@@ -226,23 +268,29 @@ def add_deploy_arguments(parser: argparse.ArgumentParser) -> None:
         " $SOURCE_DATE_EPOCH, else now with mtimes kept)",
     )
     parser.add_argument(
-        "--known-good", action="store_true",
+        "--known-good",
+        action="store_true",
         help="register the deployment as known good (blessed) instead of on trial: for a"
         " factory image whose first deployment was tested before it shipped, so that a missing"
         " or failing bless can never use up its tries",
     )
     parser.add_argument(
-        "--kernel", metavar="VERSION",
+        "--kernel",
+        metavar="VERSION",
         help="the root's kernel to deploy with it, when it has several (default: the newest);"
         " kernels are found at /usr/lib/modules/VERSION/vmlinuz (initramfs.img next to it) and"
         " /boot/vmlinuz-VERSION (/boot/initrd.img-VERSION)",
     )
     parser.add_argument(
-        "--no-kernel", action="store_true",
+        "--no-kernel",
+        action="store_true",
         help="deploy without the root's kernel: the deployment boots under the running kernel",
     )
     parser.add_argument(
-        "--karg", metavar="ARG", action="append", default=[],
+        "--karg",
+        metavar="ARG",
+        action="append",
+        default=[],
         help="a kernel argument the deployment's kernel boots with (repeatable), after those of"
         " the root's /usr/lib/bootc/kargs.d/*.toml",
     )

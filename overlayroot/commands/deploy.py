@@ -28,8 +28,11 @@ def run(args: argparse.Namespace) -> int:
     if where.booted_id is not None:
         etc_from = Path(where.layout.etc_upper(where.booted_id))
         if not etc_from.is_dir():
-            print(f"overlayroot: warning: the booted deployment has no /etc upper at {etc_from}:"
-                  " the new deployment starts with the image's /etc", file=sys.stderr)
+            print(
+                f"overlayroot: warning: the booted deployment has no /etc upper at {etc_from}:"
+                " the new deployment starts with the image's /etc",
+                file=sys.stderr,
+            )
             etc_from = None
     manifest, final = deploy(
         Path(where.layout.root),
@@ -51,16 +54,20 @@ def run(args: argparse.Namespace) -> int:
         )
         if manifest.kernel is not None:
             kargs = " ".join(manifest.kernel.kargs) or "none"
-            print(f"{manifest.id} has its own kernel {manifest.kernel.version} (kernel arguments:"
-                  f" {kargs})")
+            print(
+                f"{manifest.id} has its own kernel {manifest.kernel.version} (kernel arguments:"
+                f" {kargs})"
+            )
         else:
             print(f"{manifest.id} has no kernel of its own: it boots under the running kernel")
         carried = f"; /etc carried forward from {where.booted_id}" if etc_from else ""
         if args.known_good:
             print(f"{manifest.id} is the default now, known good: it boots next{carried}")
         else:
-            print(f"{manifest.id} is the default now, on trial: it boots next{carried}; once it"
-                  " works, `overlayroot bless` keeps it")
+            print(
+                f"{manifest.id} is the default now, on trial: it boots next{carried}; once it"
+                " works, `overlayroot bless` keeps it"
+            )
     return 0
 
 
@@ -91,4 +98,3 @@ def parse_created(option: str | None, source_date_epoch: str | None) -> int | No
             f" ('2024-05-01T12:00:00Z') or '@<unix seconds>' (0 to {MAX_EPOCH})"
         )
     return epoch
-

@@ -59,7 +59,10 @@ def same(upper: str, ust: os.stat_result, lower: str, lst: os.stat_result) -> bo
     if stat.S_IFMT(ust.st_mode) != stat.S_IFMT(lst.st_mode):
         return False
     if (stat.S_IMODE(ust.st_mode), ust.st_uid, ust.st_gid) != (
-            stat.S_IMODE(lst.st_mode), lst.st_uid, lst.st_gid):
+        stat.S_IMODE(lst.st_mode),
+        lst.st_uid,
+        lst.st_gid,
+    ):
         return False
     if stat.S_ISLNK(ust.st_mode):
         return os.readlink(upper) == os.readlink(lower)
@@ -142,18 +145,23 @@ def image_etc(layout: StateLayout, manifest: Manifest) -> Iterator[str]:
         enter_private_mount_namespace()
     except OSError as e:
         hint = "; run as root" if e.errno == errno.EPERM else ""
-        raise BootError(f"cannot read the image of {manifest.id}: a private mount namespace"
-                        f" for it: {e.strerror}{hint}") from None
-    scratch = tempfile.mkdtemp(prefix="overlayroot-etc-diff-",
-                               dir="/run" if os.path.isdir("/run") else None)
+        raise BootError(
+            f"cannot read the image of {manifest.id}: a private mount namespace"
+            f" for it: {e.strerror}{hint}"
+        ) from None
+    scratch = tempfile.mkdtemp(
+        prefix="overlayroot-etc-diff-", dir="/run" if os.path.isdir("/run") else None
+    )
     try:
         try:
             with loop.attach(image) as device:
-                syscalls.mount(device.path, scratch, FORMATS[manifest.format].fstype,
-                               syscalls.MS_RDONLY)
+                syscalls.mount(
+                    device.path, scratch, FORMATS[manifest.format].fstype, syscalls.MS_RDONLY
+                )
         except OSError as e:
-            raise BootError(f"cannot mount the image {image} of {manifest.id} read-only:"
-                            f" {e.strerror}") from None
+            raise BootError(
+                f"cannot mount the image {image} of {manifest.id} read-only: {e.strerror}"
+            ) from None
         try:
             yield os.path.join(scratch, "etc")
         finally:
@@ -181,11 +189,21 @@ def run(args: argparse.Namespace) -> int:
                 changes = diff(str(upper), lower)
     except OSError as e:
         hint = ": run it as root" if e.errno in (errno.EACCES, errno.EPERM) else ""
-        raise BootError(f"cannot read {e.filename or upper}: {e.strerror}; etc diff reads every"
-                        f" file of the /etc upper and of the image's /etc{hint}") from None
+        raise BootError(
+            f"cannot read {e.filename or upper}: {e.strerror}; etc diff reads every"
+            f" file of the /etc upper and of the image's /etc{hint}"
+        ) from None
     if args.json:
-        print(json.dumps({"deployment": deployment_id, "upper": str(upper), **{
-            kind: [f"/etc{p}" for p in paths] for kind, paths in changes.items()}}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "deployment": deployment_id,
+                    "upper": str(upper),
+                    **{kind: [f"/etc{p}" for p in paths] for kind, paths in changes.items()},
+                },
+                indent=2,
+            )
+        )
         return 0
     letters = {"added": "A", "modified": "M", "deleted": "D"}
     lines = sorted((path, letters[kind]) for kind, paths in changes.items() for path in paths)
@@ -194,4 +212,3 @@ def run(args: argparse.Namespace) -> int:
     if not lines:
         print(f"no changes to /etc in {deployment_id}")
     return 0
-

@@ -107,9 +107,12 @@ def converting_os_errors(doing: str) -> Iterator[None]:
         yield
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
-        advice = target.advice(e.errno, again="deploy again",
-                               root="run as root (owners and device nodes must be kept)",
-                               otherwise="check the path and try again")
+        advice = target.advice(
+            e.errno,
+            again="deploy again",
+            root="run as root (owners and device nodes must be kept)",
+            otherwise="check the path and try again",
+        )
         raise BootError(f"{doing}: {e.strerror}{where}{advice}") from None
 
 

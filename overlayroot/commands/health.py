@@ -69,7 +69,8 @@ class Result:
         why = f"exit {self.status}" if isinstance(self.status, int) else self.status
         tail = tail_of(self.output)
         return f"health check {self.kind}/{self.name} failed ({why})" + (
-            f": {tail}" if tail else "")
+            f": {tail}" if tail else ""
+        )
 
 
 class Check:
@@ -124,12 +125,13 @@ def time_limit(path: str, default: float) -> float:
     at = head.find(TIMEOUT_KEY)
     if at < 0:
         return default
-    word = head[at + len(TIMEOUT_KEY):].split(None, 1)[0:1]
+    word = head[at + len(TIMEOUT_KEY) :].split(None, 1)[0:1]
     text = word[0].decode("ascii", "replace") if word else ""
     if text.isascii() and text.replace(".", "", 1).isdigit() and 0 < float(text) <= MAX_TIMEOUT:
         return float(text)
-    raise BootError(f"{path}: overlayroot-timeout={text!r} is not a number of seconds (0 to"
-                    f" {MAX_TIMEOUT:g}]")
+    raise BootError(
+        f"{path}: overlayroot-timeout={text!r} is not a number of seconds (0 to {MAX_TIMEOUT:g}]"
+    )
 
 
 def checks(directory: str, default_timeout: float = DEFAULT_TIMEOUT) -> list[Check]:
@@ -150,8 +152,7 @@ def checks(directory: str, default_timeout: float = DEFAULT_TIMEOUT) -> list[Che
                 continue
             refused = untrusted_path(path)
             if refused is None and not os.access(path, os.X_OK):
-                print(f"overlayroot: warning: {path} is not executable: not run",
-                      file=sys.stderr)
+                print(f"overlayroot: warning: {path} is not executable: not run", file=sys.stderr)
                 continue
             timeout = default_timeout if refused else time_limit(path, default_timeout)
             found.append(Check(kind, path, timeout, refused))
@@ -163,9 +164,13 @@ def run_check(check: Check) -> Result:
     if check.refused:
         return Result(check.kind, name, f"refused, not run: {check.refused}", "")
     try:
-        process = subprocess.Popen([check.path], stdin=subprocess.DEVNULL,
-                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            [check.path],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     except OSError as e:
         return Result(check.kind, name, f"cannot run it: {e.strerror}", "")
     try:
@@ -174,8 +179,12 @@ def run_check(check: Check) -> Result:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(process.pid, signal.SIGKILL)  # the check and all it started
         output, _ = process.communicate()
-        return Result(check.kind, name, f"timed out after {check.timeout:g} s: killed",
-                      output.decode(errors="replace"))
+        return Result(
+            check.kind,
+            name,
+            f"timed out after {check.timeout:g} s: killed",
+            output.decode(errors="replace"),
+        )
     return Result(check.kind, name, process.returncode, output.decode(errors="replace"))
 
 
@@ -219,6 +228,7 @@ def run_bless(args: argparse.Namespace) -> int:
             ) from None
         print("overlayroot: stopped the trial boot's watchdog")
     from overlayroot.commands import bootpair
+
     try:
         promoted = bootpair.after_bless(where, booted, getattr(args, "boot_dir", None))
     except BootError as e:

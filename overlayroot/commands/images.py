@@ -42,8 +42,12 @@ def mount_image(image: Path, fmt: str) -> Path | None:
         return None
     try:
         with loop.attach(str(image)) as attached:
-            syscalls.mount(attached.path, str(point), fmt, syscalls.MS_RDONLY
-                           | syscalls.MS_NOSUID | syscalls.MS_NODEV)
+            syscalls.mount(
+                attached.path,
+                str(point),
+                fmt,
+                syscalls.MS_RDONLY | syscalls.MS_NOSUID | syscalls.MS_NODEV,
+            )
     except OSError:
         os.rmdir(point)
         return None
@@ -53,22 +57,37 @@ def mount_image(image: Path, fmt: str) -> Path | None:
 def extract_kernel_parts(image: Path, fmt: str, scratch: Path, progress: Progress) -> None:
     if fmt == "squashfs":
         # Only what a kernel lives in; paths the image lacks are skipped.
-        command = ["unsquashfs", "-no-xattrs", "-quiet", "-no-progress", "-d", str(scratch),
-                   str(image), *kernels.MODULE_DIRS, kernels.BOOT_DIR, kernels.KARGS_DIR]
+        command = [
+            "unsquashfs",
+            "-no-xattrs",
+            "-quiet",
+            "-no-progress",
+            "-d",
+            str(scratch),
+            str(image),
+            *kernels.MODULE_DIRS,
+            kernels.BOOT_DIR,
+            kernels.KARGS_DIR,
+        ]
     else:
         # erofs-utils 1.5 extracts a whole image or nothing.
         command = ["fsck.erofs", f"--extract={scratch}", "--no-preserve", str(image)]
     tool, package = command[0], layout.FORMATS[fmt].package
     if not shutil.which(tool):
-        raise BootError(f"{tool} not found: it looks for a kernel in {fmt} images; apt-get"
-                        f" install {package}, or give --no-kernel to deploy {image} without one")
+        raise BootError(
+            f"{tool} not found: it looks for a kernel in {fmt} images; apt-get"
+            f" install {package}, or give --no-kernel to deploy {image} without one"
+        )
     with progress.task(f"looking for a kernel in {image.name}", None):
-        result = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
-                                text=True, errors="replace")
+        result = subprocess.run(
+            command, stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace"
+        )
     if result.returncode != 0:
-        raise BootError(f"{tool} cannot extract the kernel from {image} (exit"
-                        f" {result.returncode}): {last_lines(result.stderr + result.stdout)};"
-                        " give --no-kernel to deploy it without one")
+        raise BootError(
+            f"{tool} cannot extract the kernel from {image} (exit"
+            f" {result.returncode}): {last_lines(result.stderr + result.stdout)};"
+            " give --no-kernel to deploy it without one"
+        )
 
 
 def build_image(

@@ -50,16 +50,19 @@ class Found:
 
     __slots__ = ("initramfs", "modules", "version", "vmlinuz")
 
-    def __init__(self, version: str, vmlinuz: Path, initramfs: Path | None,
-                 modules: Path | None) -> None:
+    def __init__(
+        self, version: str, vmlinuz: Path, initramfs: Path | None, modules: Path | None
+    ) -> None:
         self.version = version
         self.vmlinuz = vmlinuz
         self.initramfs = initramfs
         self.modules = modules
 
     def __repr__(self) -> str:
-        return (f"Found({self.version!r}, {self.vmlinuz}, initramfs={self.initramfs},"
-                f" modules={self.modules})")
+        return (
+            f"Found({self.version!r}, {self.vmlinuz}, initramfs={self.initramfs},"
+            f" modules={self.modules})"
+        )
 
 
 def _real_dir(root: Path, relative: str) -> Path | None:
@@ -113,21 +116,29 @@ def find(root: Path) -> list[Found]:
     if boot is not None:
         for name in _listdir(boot):
             version = name.removeprefix("vmlinuz-")
-            if (version == name or not layout.is_kernel_version(version)
-                    or version in vmlinuz or not _regular(boot / name)):
+            if (
+                version == name
+                or not layout.is_kernel_version(version)
+                or version in vmlinuz
+                or not _regular(boot / name)
+            ):
                 continue
             vmlinuz[version] = boot / name
             if _regular(boot / f"initrd.img-{version}"):
                 initramfs[version] = boot / f"initrd.img-{version}"
-    return [Found(v, vmlinuz[v], initramfs.get(v), modules.get(v))
-            for v in sorted(vmlinuz, key=version_key)]
+    return [
+        Found(v, vmlinuz[v], initramfs.get(v), modules.get(v))
+        for v in sorted(vmlinuz, key=version_key)
+    ]
 
 
 def version_key(version: str) -> tuple[tuple[int, int | str], ...]:
     """Sort key of a kernel release: runs of digits compare as numbers ("6.12" after "6.9"),
     other runs as text, a number after text (as ``sort -V`` does)."""
-    return tuple((1, int(part)) if part.isdigit() else (0, part)
-                 for part in re.findall(r"[0-9]+|[^0-9]+", version))
+    return tuple(
+        (1, int(part)) if part.isdigit() else (0, part)
+        for part in re.findall(r"[0-9]+|[^0-9]+", version)
+    )
 
 
 def choose(found: list[Found], version: str | None, source: Path) -> Found | None:
@@ -138,8 +149,10 @@ def choose(found: list[Found], version: str | None, source: Path) -> Found | Non
         if kernel.version == version:
             return kernel
     have = ", ".join(k.version for k in found) or "none"
-    raise BootError(f"--kernel {version}: {source} has no such kernel (kernels there: {have};"
-                    " looked for /usr/lib/modules/<version>/vmlinuz and /boot/vmlinuz-<version>)")
+    raise BootError(
+        f"--kernel {version}: {source} has no such kernel (kernels there: {have};"
+        " looked for /usr/lib/modules/<version>/vmlinuz and /boot/vmlinuz-<version>)"
+    )
 
 
 def check_image(path: Path, version: str, machine: str | None = None) -> None:
@@ -152,11 +165,12 @@ def check_image(path: Path, version: str, machine: str | None = None) -> None:
             if machine not in FORMATS:
                 return  # an architecture we know no magic of: the stage's kexec will tell
             magics, what = FORMATS[machine]
-            if not any(head[at:at + len(magic)] == magic for at, magic in magics):
+            if not any(head[at : at + len(magic)] == magic for at, magic in magics):
                 raise BootError(
                     f"{path} is not {what}, the kernel format of this machine ({machine}):"
                     " deploy a root built for it, or give --no-kernel to boot it under the"
-                    " running kernel")
+                    " running kernel"
+                )
             if magics[0] != X86_MAGIC or len(head) < X86_VERSION_POINTER + 2:
                 return
             (pointer,) = struct.unpack_from("<H", head, X86_VERSION_POINTER)
@@ -167,8 +181,10 @@ def check_image(path: Path, version: str, machine: str | None = None) -> None:
     except OSError as e:
         raise BootError(f"cannot read the kernel {path}: {e.strerror}") from None
     if text and text != version:
-        raise BootError(f"{path} is kernel {text}, not {version} as its name says: the root's"
-                        " kernel files are mixed up; rebuild the image")
+        raise BootError(
+            f"{path} is kernel {text}, not {version} as its name says: the root's"
+            " kernel files are mixed up; rebuild the image"
+        )
 
 
 def read_kargs_dir(root: Path, machine: str | None = None) -> list[str]:
@@ -191,24 +207,34 @@ def read_kargs_dir(root: Path, machine: str | None = None) -> list[str]:
         except OSError as e:
             raise BootError(f"cannot read {where}: {e.strerror}") from None
         except (UnicodeDecodeError, tomllib.TOMLDecodeError) as e:
-            raise BootError(f"{where} is not TOML ({e}): write it as kargs = [\"arg\", ...]"
-                            ) from None
+            raise BootError(
+                f'{where} is not TOML ({e}): write it as kargs = ["arg", ...]'
+            ) from None
         except RecursionError:  # tomllib recurses once per level of nesting
-            raise BootError(f"{where} nests arrays or tables too deep for a kargs file: write"
-                            " it as kargs = [\"arg\", ...]") from None
+            raise BootError(
+                f"{where} nests arrays or tables too deep for a kargs file: write"
+                ' it as kargs = ["arg", ...]'
+            ) from None
         unknown = sorted(set(data) - set(KARGS_KEYS))
         if unknown:
-            raise BootError(f"{where}: unknown key(s) {', '.join(unknown)}: a kargs.d file holds"
-                            " kargs = [...] and, optionally, match-architectures = [...]")
+            raise BootError(
+                f"{where}: unknown key(s) {', '.join(unknown)}: a kargs.d file holds"
+                " kargs = [...] and, optionally, match-architectures = [...]"
+            )
         file_kargs = data.get("kargs")
         if not isinstance(file_kargs, list) or not all(isinstance(a, str) for a in file_kargs):
-            raise BootError(f"{where}: kargs is missing or not a list of strings: write it as"
-                            " kargs = [\"arg\", ...]")
+            raise BootError(
+                f"{where}: kargs is missing or not a list of strings: write it as"
+                ' kargs = ["arg", ...]'
+            )
         arches = data.get("match-architectures")
-        if arches is not None and (not isinstance(arches, list)
-                                   or not all(isinstance(a, str) for a in arches)):
-            raise BootError(f"{where}: match-architectures is not a list of strings: write it"
-                            " as match-architectures = [\"x86_64\", \"aarch64\"]")
+        if arches is not None and (
+            not isinstance(arches, list) or not all(isinstance(a, str) for a in arches)
+        ):
+            raise BootError(
+                f"{where}: match-architectures is not a list of strings: write it"
+                ' as match-architectures = ["x86_64", "aarch64"]'
+            )
         if arches is not None and machine not in arches:
             continue
         for arg in file_kargs:
@@ -227,8 +253,10 @@ def check_kargs(kargs: list[str]) -> list[str]:
         except ValueError as e:
             raise BootError(f"--karg {arg!r}: {e}") from None
     if len(" ".join(kargs)) > layout.MAX_KARGS_LENGTH:
-        raise BootError(f"the deployment's kernel arguments are longer than"
-                        f" {layout.MAX_KARGS_LENGTH} characters: {' '.join(kargs)[:60]}…")
+        raise BootError(
+            f"the deployment's kernel arguments are longer than"
+            f" {layout.MAX_KARGS_LENGTH} characters: {' '.join(kargs)[:60]}…"
+        )
     return kargs
 
 

@@ -26,7 +26,9 @@ Change = Callable[[target.Target, BootState], BootState]
 
 
 def change(
-    args: argparse.Namespace, command: str, apply: Change,
+    args: argparse.Namespace,
+    command: str,
+    apply: Change,
     event: tuple[str, str, dict[str, object]] | None = None,
 ) -> tuple[target.Target, BootState]:
     """Run ``apply`` on the boot state under the lock, save what it returns and add ``event``
@@ -54,11 +56,14 @@ def run_rollback(args: argparse.Namespace) -> int:
                 f"no deployment to roll back to on {where.where}: none"
                 + (f" besides the booted {booted}" if booted else "")
                 + " is known good (blessed)"
-                + (f"; the others ({', '.join(sorted(others))}) were never blessed: boot one"
-                   " with `overlayroot set-default ID`" if others else "")
+                + (
+                    f"; the others ({', '.join(sorted(others))}) were never blessed: boot one"
+                    " with `overlayroot set-default ID`"
+                    if others
+                    else ""
+                )
             )
-        said.append(f"rolled back: {goal} boots next (the default was"
-                     f" {bootstate.default(state)})")
+        said.append(f"rolled back: {goal} boots next (the default was {bootstate.default(state)})")
         return bootstate.set_default(state, goal)
 
     change(args, "rollback", apply)
@@ -79,8 +84,9 @@ def run_mark_bad(args: argparse.Namespace) -> int:
             )
         return marked[0]
 
-    _, state = change(args, "mark-bad", apply,
-                      (Event.MARKED_BAD, deployment_id, {"reason": reason}))
+    _, state = change(
+        args, "mark-bad", apply, (Event.MARKED_BAD, deployment_id, {"reason": reason})
+    )
     print(f"marked {deployment_id} bad: {reason}; the default is {bootstate.default(state)}")
     return 0
 
@@ -144,9 +150,7 @@ def protected(state: BootState, booted: str | None) -> dict[str, str]:
     return keep
 
 
-def doomed(
-    state: BootState, created: dict[str, str], booted: str | None, keep: int
-) -> list[str]:
+def doomed(state: BootState, created: dict[str, str], booted: str | None, keep: int) -> list[str]:
     """What ``gc --keep N`` removes: beyond the newest ``keep``, none of the protected ones."""
     newest_first = sorted(state.entries, key=lambda k: (created.get(k, ""), k), reverse=True)
     safe = protected(state, booted)
@@ -183,8 +187,10 @@ def run_gc(args: argparse.Namespace) -> int:
             try:
                 os.rename(layout.deployment_dir(k), away)
             except OSError as e:
-                raise BootError(f"cannot remove {layout.deployment_dir(k)}: {e.strerror}"
-                                f"{target.advice(e.errno)}") from None
+                raise BootError(
+                    f"cannot remove {layout.deployment_dir(k)}: {e.strerror}"
+                    f"{target.advice(e.errno)}"
+                ) from None
             hidden.append(away)
         if going:
             files.fsync_dir(layout.deployments)
@@ -224,6 +230,9 @@ def _leftovers(where: target.Target) -> list[str]:
             names = os.listdir(parent)
         except FileNotFoundError:
             continue
-        found += [os.path.join(parent, name) for name in sorted(names)
-                  if name.startswith((".staging-", ".removing-"))]
+        found += [
+            os.path.join(parent, name)
+            for name in sorted(names)
+            if name.startswith((".staging-", ".removing-"))
+        ]
     return found

@@ -25,8 +25,13 @@ from overlayroot.core.errors import BootError
 ROOT_LOOKALIKE = ("proc", "sys", "dev")
 # Tar archives: "ustar" in the header of the first member, or a compressed stream (that tar
 # cannot read if it is not an archive: it says so).
-TAR_MAGICS = ((257, b"ustar"), (0, b"\x1f\x8b"), (0, b"\xfd7zXZ\x00"), (0, b"\x28\xb5\x2f\xfd"),
-              (0, b"BZh"))
+TAR_MAGICS = (
+    (257, b"ustar"),
+    (0, b"\x1f\x8b"),
+    (0, b"\xfd7zXZ\x00"),
+    (0, b"\x28\xb5\x2f\xfd"),
+    (0, b"BZh"),
+)
 
 
 def detect_image(path: Path) -> str:
@@ -49,7 +54,7 @@ def is_tar(path: Path) -> bool:
             head = f.read(512)
     except OSError as e:
         raise BootError(f"cannot read {path}: {e.strerror}") from None
-    return any(head[offset:offset + len(magic)] == magic for offset, magic in TAR_MAGICS)
+    return any(head[offset : offset + len(magic)] == magic for offset, magic in TAR_MAGICS)
 
 
 def extract_tar(archive: Path, tree: Path, progress: Progress) -> None:
@@ -61,16 +66,33 @@ def extract_tar(archive: Path, tree: Path, progress: Progress) -> None:
         os.mkdir(tree, 0o755)
     with progress.task(f"unpacking {archive.name}", None):
         result = subprocess.run(
-            ["tar", "--extract", f"--file={archive}", f"--directory={tree}", "--numeric-owner",
-             "--same-owner", "--same-permissions", "--xattrs", "--xattrs-include=*"],
-            stdin=subprocess.DEVNULL, capture_output=True, text=True, errors="replace",
+            [
+                "tar",
+                "--extract",
+                f"--file={archive}",
+                f"--directory={tree}",
+                "--numeric-owner",
+                "--same-owner",
+                "--same-permissions",
+                "--xattrs",
+                "--xattrs-include=*",
+            ],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            errors="replace",
         )
     if result.returncode != 0:
         output = result.stderr + result.stdout
-        hint = ("free space on the state filesystem" if "space" in output.lower()
-                else "check that it is a tar archive, and GNU tar")
-        raise BootError(f"tar failed to unpack {archive} (exit {result.returncode}):"
-                        f" {last_lines(output)}; {hint}")
+        hint = (
+            "free space on the state filesystem"
+            if "space" in output.lower()
+            else "check that it is a tar archive, and GNU tar"
+        )
+        raise BootError(
+            f"tar failed to unpack {archive} (exit {result.returncode}):"
+            f" {last_lines(output)}; {hint}"
+        )
 
 
 def check_mount_points(source: Path, present: Callable[[str], bool]) -> None:

@@ -88,14 +88,19 @@ class KernelChoice:
 
     __slots__ = ("kargs", "skip", "version")
 
-    def __init__(self, version: str | None = None, skip: bool = False,
-                 kargs: list[str] | None = None) -> None:
+    def __init__(
+        self, version: str | None = None, skip: bool = False, kargs: list[str] | None = None
+    ) -> None:
         if skip and (version is not None or kargs):
-            raise BootError("--no-kernel leaves the deployment without a kernel of its own:"
-                            " drop --kernel and --karg, or --no-kernel")
+            raise BootError(
+                "--no-kernel leaves the deployment without a kernel of its own:"
+                " drop --kernel and --karg, or --no-kernel"
+            )
         if version is not None and not layout.is_kernel_version(version):
-            raise BootError(f"--kernel {version!r} is not a kernel release (what `uname -r`"
-                            " prints, e.g. 6.1.0-27-cloud-amd64)")
+            raise BootError(
+                f"--kernel {version!r} is not a kernel release (what `uname -r`"
+                " prints, e.g. 6.1.0-27-cloud-amd64)"
+            )
         self.version = version
         self.skip = skip
         self.kargs = kernels.check_kargs(list(kargs or []))
@@ -136,8 +141,12 @@ def deploy(
 
     paths = layout.StateLayout(sysroot)
     with converting_os_errors(f"preparing {paths.top}"):
-        for directory in (Path(paths.deployments), Path(paths.var), Path(paths.home),
-                          *(sysroot / name for name in ROOT_LOOKALIKE)):
+        for directory in (
+            Path(paths.deployments),
+            Path(paths.var),
+            Path(paths.home),
+            *(sysroot / name for name in ROOT_LOOKALIKE),
+        ):
             make_dir(directory)
     with target.locked(paths):
         final = Path(paths.deployment_dir(deployment_id))
@@ -228,8 +237,7 @@ def register(
     for note in notes:
         progress.note(f"warning: {note}")
     with converting_os_errors(f"registering {deployment_id} in {paths.file(statefile.STATE)}"):
-        return statefile.save(paths, bootstate.add(current, deployment_id,
-                                                   known_good=known_good))
+        return statefile.save(paths, bootstate.add(current, deployment_id, known_good=known_good))
 
 
 def stage(
@@ -307,17 +315,20 @@ def stage(
     return manifest
 
 
-def stage_kernel(staging: Path, root: Path, source: Path, choice: KernelChoice, epoch: int,
-                 progress: Progress) -> layout.Kernel | None:
+def stage_kernel(
+    staging: Path, root: Path, source: Path, choice: KernelChoice, epoch: int, progress: Progress
+) -> layout.Kernel | None:
     """Copy the root's kernel (the one ``choice`` names, else the newest) and its initramfs
     (built when the root has none) into the staging directory; its manifest entry, or None
     for a root without a kernel."""
     found = kernels.choose(kernels.find(root), choice.version, source)
     if found is None:
         if choice.kargs:
-            raise BootError(f"--karg: {source} has no kernel of its own (no"
-                            " /usr/lib/modules/<version>/vmlinuz nor /boot/vmlinuz-<version>) for"
-                            " the arguments to go with; drop --karg")
+            raise BootError(
+                f"--karg: {source} has no kernel of its own (no"
+                " /usr/lib/modules/<version>/vmlinuz nor /boot/vmlinuz-<version>) for"
+                " the arguments to go with; drop --karg"
+            )
         return None
     kernels.check_image(found.vmlinuz, found.version)
     kargs = kernels.check_kargs([*kernels.read_kargs_dir(root), *choice.kargs])
@@ -333,28 +344,37 @@ def stage_kernel(staging: Path, root: Path, source: Path, choice: KernelChoice, 
     with converting_os_errors(f"hashing {vmlinuz} and {initramfs}"):
         for path in (vmlinuz, initramfs):
             fsync_file(path)
-        return layout.Kernel(version=found.version, vmlinuz_sha256=digest.file_sha256(vmlinuz),
-                             initramfs_sha256=digest.file_sha256(initramfs), kargs=kargs)
+        return layout.Kernel(
+            version=found.version,
+            vmlinuz_sha256=digest.file_sha256(vmlinuz),
+            initramfs_sha256=digest.file_sha256(initramfs),
+            kargs=kargs,
+        )
 
 
-def build_initramfs(found: kernels.Found, output: Path, source: Path, epoch: int,
-                    progress: Progress) -> None:
+def build_initramfs(
+    found: kernels.Found, output: Path, source: Path, epoch: int, progress: Progress
+) -> None:
     """An initramfs for a kernel the root carries without one, by our builder."""
     import importlib
 
-    missing = (f"{source} has kernel {found.version} ({found.vmlinuz}) but no initramfs for it"
-               " (/usr/lib/modules/<version>/initramfs.img or /boot/initrd.img-<version>)")
+    missing = (
+        f"{source} has kernel {found.version} ({found.vmlinuz}) but no initramfs for it"
+        " (/usr/lib/modules/<version>/initramfs.img or /boot/initrd.img-<version>)"
+    )
     advice = kernels.NO_INITRAMFS_HELP.format(version=found.version)
     try:
         build = importlib.import_module("initrd.build")
     except ImportError as e:
-        raise BootError(f"{missing}, and the initramfs builder is not installed ({e}): {advice}"
-                        ) from None
+        raise BootError(
+            f"{missing}, and the initramfs builder is not installed ({e}): {advice}"
+        ) from None
     if found.modules is None:
-        raise BootError(f"{missing}, nor its modules (/usr/lib/modules/{found.version}) to build"
-                        f" one from: {advice}")
-    config = build.BuildConfig(modules_dir=found.modules, output=output,
-                               source_date_epoch=epoch)
+        raise BootError(
+            f"{missing}, nor its modules (/usr/lib/modules/{found.version}) to build"
+            f" one from: {advice}"
+        )
+    config = build.BuildConfig(modules_dir=found.modules, output=output, source_date_epoch=epoch)
     # The builder's own error type where it has one (initrd.errors.BuildError), else BootError.
     failures = (BootError, getattr(build, "BuildError", BootError))
     with progress.task(f"building an initramfs for {found.version}", None):
@@ -366,8 +386,9 @@ def build_initramfs(found: kernels.Found, output: Path, source: Path, epoch: int
         os.chmod(output, KERNEL_MODE)
 
 
-def stage_image_kernel(staging: Path, source: Path, fmt: str, choice: KernelChoice, epoch: int,
-                       progress: Progress) -> layout.Kernel | None:
+def stage_image_kernel(
+    staging: Path, source: Path, fmt: str, choice: KernelChoice, epoch: int, progress: Progress
+) -> layout.Kernel | None:
     """``stage_kernel`` for an image source: the image is mounted read-only on a loop device
     (as the boot stage mounts it), or where that is not possible (no loop device, a container),
     the parts of it a kernel lives in are extracted with the format's tool."""

@@ -19,36 +19,40 @@ from overlayroot.core.layout import Manifest
 from overlayroot.core.statefile import GONE_BAD, Event
 
 
-def describe(state: BootState, booted: str | None,
-             manifests: dict[str, dict[str, object]]) -> list[dict[str, object]]:
+def describe(
+    state: BootState, booted: str | None, manifests: dict[str, dict[str, object]]
+) -> list[dict[str, object]]:
     """One record per deployment, default first."""
     default = bootstate.default(state)
     rollback = bootstate.rollback_target(state, booted)
     ranked = bootstate.ranked(state)
-    order = ranked + sorted((k for k in state.entries if k not in ranked),
-                            key=lambda k: -state.entries[k].priority)
+    order = ranked + sorted(
+        (k for k in state.entries if k not in ranked), key=lambda k: -state.entries[k].priority
+    )
     records = []
     for k in order:
         e = state.entries[k]
         manifest = manifests.get(k, {})
-        records.append({
-            "id": k,
-            "booted": k == booted,
-            "default": k == default,
-            "rollback": k == rollback,
-            "once": k == state.once,
-            "pinned": e.pinned,
-            "bootable": e.bootable,
-            "priority": e.priority,
-            "tries_left": e.tries_left,
-            "successful": e.successful,
-            "bad": bad_reason(e),
-            "created": manifest.get("created"),
-            "size": manifest.get("size"),
-            "format": manifest.get("format"),
-            "origin": manifest.get("origin"),
-            "kernel": _kernel_version(manifest),
-        })
+        records.append(
+            {
+                "id": k,
+                "booted": k == booted,
+                "default": k == default,
+                "rollback": k == rollback,
+                "once": k == state.once,
+                "pinned": e.pinned,
+                "bootable": e.bootable,
+                "priority": e.priority,
+                "tries_left": e.tries_left,
+                "successful": e.successful,
+                "bad": bad_reason(e),
+                "created": manifest.get("created"),
+                "size": manifest.get("size"),
+                "format": manifest.get("format"),
+                "origin": manifest.get("origin"),
+                "kernel": _kernel_version(manifest),
+            }
+        )
     return records
 
 
@@ -90,8 +94,9 @@ def table(rows: list[list[str]]) -> str:
     )
 
 
-def booted_notes(booted: dict[str, object] | None, records: list[dict[str, object]],
-                 damaged: bool) -> list[str]:
+def booted_notes(
+    booted: dict[str, object] | None, records: list[dict[str, object]], damaged: bool
+) -> list[str]:
     """What this boot needs the reader to know: an unblessed trial, an uncounted boot, a
     fallback, a recovered state (unless the state is still ``damaged``: that is said anyway)."""
     if booted is None:
@@ -101,9 +106,11 @@ def booted_notes(booted: dict[str, object] | None, records: list[dict[str, objec
     record = next((r for r in records if r["id"] == deployment), None)
     degraded = booted.get("degraded")
     if degraded and record is not None and not record["successful"]:
-        notes.append(f"DEGRADED BOOT: {deployment} was booted as a last resort, not counted and"
-                     f" without a watchdog: {degraded}. Fix what fails and run `overlayroot"
-                     " bless`, or deploy a working image")
+        notes.append(
+            f"DEGRADED BOOT: {deployment} was booted as a last resort, not counted and"
+            f" without a watchdog: {degraded}. Fix what fails and run `overlayroot"
+            " bless`, or deploy a working image"
+        )
     elif record is not None and not record["successful"]:
         if booted.get("trial"):
             left = record["tries_left"]
@@ -113,16 +120,20 @@ def booted_notes(booted: dict[str, object] | None, records: list[dict[str, objec
                 f" boot-complete.target), it falls back after {left} more boot(s)"
             )
         else:
-            notes.append(f"the booted deployment {deployment} is not known good (never"
-                         " blessed), and this boot was not counted")
+            notes.append(
+                f"the booted deployment {deployment} is not known good (never"
+                " blessed), and this boot was not counted"
+            )
     if booted.get("counted") is False:
         notes.append(f"this trial boot was NOT counted: {booted.get('count_error')}")
     failed = booted.get("failed")
     if isinstance(failed, list):
         for failure in failed:
             if isinstance(failure, dict):
-                notes.append(f"this boot fell back from {failure.get('deployment')}:"
-                             f" {failure.get('reason', 'no reason recorded')}")
+                notes.append(
+                    f"this boot fell back from {failure.get('deployment')}:"
+                    f" {failure.get('reason', 'no reason recorded')}"
+                )
     recovery = booted.get("recovery")
     if isinstance(recovery, list) and not damaged:
         for note in recovery:
@@ -157,30 +168,58 @@ def run_status(args: argparse.Namespace) -> int:
         notes.append(f"cannot tell what the boot pair holds: {e}")
     notes = [*booted_notes(where.booted, records, bool(recovery)), *notes]
     if args.json:
-        print(json.dumps({
-            "state": where.where,
-            "generation": state.generation,
-            "booted": where.booted_id,
-            "default": bootstate.default(state),
-            "rollback": bootstate.rollback_target(state, where.booted_id),
-            "once": state.once,
-            "deployments": records,
-            "boot_pair": pair,
-            "notes": notes,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "state": where.where,
+                    "generation": state.generation,
+                    "booted": where.booted_id,
+                    "default": bootstate.default(state),
+                    "rollback": bootstate.rollback_target(state, where.booted_id),
+                    "once": state.once,
+                    "deployments": records,
+                    "boot_pair": pair,
+                    "notes": notes,
+                },
+                indent=2,
+            )
+        )
         return 0
     if not records:
         print(f"no deployments on {where.where}")
     else:
-        rows = [["ID", "MARKS", "PRIO", "TRIES", "GOOD", "CREATED", "SIZE", "FORMAT", "KERNEL",
-                 "ORIGIN"]]
+        rows = [
+            [
+                "ID",
+                "MARKS",
+                "PRIO",
+                "TRIES",
+                "GOOD",
+                "CREATED",
+                "SIZE",
+                "FORMAT",
+                "KERNEL",
+                "ORIGIN",
+            ]
+        ]
         for r in records:
-            kernel = str(r["kernel"]) if r["kernel"] else (
-                "running kernel" if r["id"] in read else "?")
-            rows.append([str(r["id"]), marks(r), str(r["priority"]), tries(r),
-                         "yes" if r["successful"] else "no", str(r["created"] or "?"),
-                         size(r["size"]), str(r["format"] or "?"), kernel,
-                         str(r["origin"] or "")])
+            kernel = (
+                str(r["kernel"]) if r["kernel"] else ("running kernel" if r["id"] in read else "?")
+            )
+            rows.append(
+                [
+                    str(r["id"]),
+                    marks(r),
+                    str(r["priority"]),
+                    tries(r),
+                    "yes" if r["successful"] else "no",
+                    str(r["created"] or "?"),
+                    size(r["size"]),
+                    str(r["format"] or "?"),
+                    kernel,
+                    str(r["origin"] or ""),
+                ]
+            )
         print(table(rows))
         for r in records:
             if r["bad"]:
@@ -205,7 +244,7 @@ def with_outcomes(events: list[dict[str, object]]) -> list[dict[str, object]]:
         if event.get("event") == Event.BOOT:
             following = [j for j in boots if j > i]
             end = following[0] if following else len(events)
-            event["outcome"] = outcome(event, events[i + 1:end], last=not following)
+            event["outcome"] = outcome(event, events[i + 1 : end], last=not following)
         result.append(event)
     return result
 
@@ -248,10 +287,15 @@ def history_line(event: dict[str, object]) -> str:
         return f"{head}  " + "; ".join(details)
     if kind == "kexec":
         fallback = event.get("fallback_from")
-        after = (f", falling back from {', '.join(map(str, fallback))}"
-                 if isinstance(fallback, list) else "")
-        return (f"{head}  switched from kernel {event.get('from_kernel')} to its own kernel"
-                f" {event.get('kernel')}{after}")
+        after = (
+            f", falling back from {', '.join(map(str, fallback))}"
+            if isinstance(fallback, list)
+            else ""
+        )
+        return (
+            f"{head}  switched from kernel {event.get('from_kernel')} to its own kernel"
+            f" {event.get('kernel')}{after}"
+        )
     if event.get("reason"):
         return f"{head}  {event.get('reason')}"
     return head
@@ -264,7 +308,7 @@ def run_history(args: argparse.Namespace) -> int:
     if args.count is not None:
         if args.count < 1:
             raise BootError(f"-n {args.count}: give a positive number of entries")
-        events = events[-args.count:]
+        events = events[-args.count :]
     if args.json:
         print(json.dumps(events, indent=2, sort_keys=True))
     elif not events:

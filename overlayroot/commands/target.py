@@ -95,12 +95,16 @@ class Target:
         try:
             statefile.append_history(self.layout, event, deployment, **fields)
         except OSError as e:
-            print(f"overlayroot: warning: cannot add to the boot history"
-                  f" {self.layout.file(statefile.HISTORY)}: {e.strerror}", file=sys.stderr)
+            print(
+                f"overlayroot: warning: cannot add to the boot history"
+                f" {self.layout.file(statefile.HISTORY)}: {e.strerror}",
+                file=sys.stderr,
+            )
 
 
-def advice(code: int | None, *, again: str = "try again", root: str = "run as root",
-           otherwise: str = "") -> str:
+def advice(
+    code: int | None, *, again: str = "try again", root: str = "run as root", otherwise: str = ""
+) -> str:
     """What to do about an ``OSError`` of errno ``code``, as ``"; …"`` to append to the
     message (``otherwise`` when there is no better advice, or nothing)."""
     if code in (errno.ENOSPC, errno.EDQUOT):
@@ -120,8 +124,11 @@ def read_booted(path: str = BOOTED) -> dict[str, object] | None:
     except (OSError, ValueError) as e:
         why = e.strerror if isinstance(e, OSError) else str(e)
         raise BootError(f"cannot read {path}, which says what was booted: {why}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("deployment"), str) or not (
-            isinstance(data.get("state"), str)):
+    if (
+        not isinstance(data, dict)
+        or not isinstance(data.get("deployment"), str)
+        or not (isinstance(data.get("state"), str))
+    ):
         raise BootError(f"{path} does not say which deployment was booted from where")
     return data
 
@@ -161,10 +168,13 @@ def locked(layout: StateLayout, wait: float | None = None) -> Iterator[None]:
     try:
         if not files.regular_or_missing(path):
             moved = files.set_aside(path)  # a lock is a plain file, nothing else
-            print(f"overlayroot: warning: {path} was not a regular file: set it aside as {moved}",
-                  file=sys.stderr)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
-                     0o600)
+            print(
+                f"overlayroot: warning: {path} was not a regular file: set it aside as {moved}",
+                file=sys.stderr,
+            )
+        fd = os.open(
+            path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600
+        )
         if stat.S_IMODE(os.fstat(fd).st_mode) != 0o600:
             os.fchmod(fd, 0o600)  # a lock file made before this rule
     except OSError as e:

@@ -105,8 +105,21 @@ def gpt_partitions(path: str, sector_size: int = 512) -> list[Partition]:
         header = f.read(sector_size)
         if len(header) < GPT_HEADER.size or header[:8] != GPT_SIGNATURE:
             return []
-        (_, _, header_size, header_crc, _, _, _, _, _, entries_lba, count, entry_size,
-         entries_crc) = GPT_HEADER.unpack_from(header)
+        (
+            _,
+            _,
+            header_size,
+            header_crc,
+            _,
+            _,
+            _,
+            _,
+            _,
+            entries_lba,
+            count,
+            entry_size,
+            entries_crc,
+        ) = GPT_HEADER.unpack_from(header)
         if not GPT_HEADER.size <= header_size <= sector_size:
             return []
         zeroed = header[:16] + b"\0\0\0\0" + header[20:header_size]

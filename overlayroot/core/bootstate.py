@@ -226,8 +226,7 @@ WRONG_KERNEL = "wrong-kernel"  # kexec'd for it, and still not its kernel: it fa
 REBOOT = "reboot"  # after a kexec, a candidate that needs another kernel: through firmware
 
 
-def kernel_step(deployment_id: str, wanted: str | None, running: str,
-                kexec_for: str | None) -> str:
+def kernel_step(deployment_id: str, wanted: str | None, running: str, kexec_for: str | None) -> str:
     """What the kernel a candidate needs asks of this boot. ``wanted``: the version (uname -r)
     of the deployment's kernel, None when it has none (it boots under any); ``running``: this
     kernel's; ``kexec_for``: the deployment this kernel was kexec'd for, None when the
@@ -309,8 +308,9 @@ def sync(state: BootState, present: list[str]) -> BootState:
 def add(state: BootState, deployment_id: str, *, known_good: bool = False) -> BootState:
     """A new deployment becomes the default, as a trial; or, ``known_good`` (a factory image
     whose first deployment has been tested before it ships), as a successful one."""
-    return state.with_entry(deployment_id, Entry(priority=_top(state) + 1,
-                                                 successful=known_good, verified=known_good))
+    return state.with_entry(
+        deployment_id, Entry(priority=_top(state) + 1, successful=known_good, verified=known_good)
+    )
 
 
 def start_attempt(state: BootState, deployment_id: str, tries: int) -> tuple[BootState, bool]:
@@ -340,9 +340,11 @@ def mark_used_up(state: BootState, kexec_for: str | None = None) -> tuple[BootSt
     are no longer bootable either way, but now ``status`` and the history say why, and a
     rebuild from the history does not give them fresh tries. Not ``kexec_for``, the deployment
     this kernel was kexec'd for: the stage before the kexec took its last try for this boot."""
-    used_up = sorted(k for k, e in state.entries.items()
-                     if not e.successful and e.tries_left == 0 and e.bad is None
-                     and k != kexec_for)
+    used_up = sorted(
+        k
+        for k, e in state.entries.items()
+        if not e.successful and e.tries_left == 0 and e.bad is None and k != kexec_for
+    )
     for k in used_up:
         state = mark_bad(state, k, USED_UP)
     return state, used_up

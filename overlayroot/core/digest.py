@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     class Hasher(_Digest, Protocol):
         def hexdigest(self) -> str: ...
 
+
 CHUNK = 1 << 20
 
 
@@ -40,8 +41,7 @@ def hasher() -> Hasher:
     return new
 
 
-def file_sha256(path: str | os.PathLike[str],
-                progress: Callable[[int], None] | None = None) -> str:
+def file_sha256(path: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> str:
     """The digest of the regular file at ``path`` (never through a symlink: one to /dev/zero
     would be read forever). Raises ``OSError``."""
     digest = sha256()
@@ -49,8 +49,9 @@ def file_sha256(path: str | os.PathLike[str],
     return str(digest.hexdigest())
 
 
-def image_sha256(path: str | os.PathLike[str],
-                 progress: Callable[[int], None] | None = None) -> str:
+def image_sha256(
+    path: str | os.PathLike[str], progress: Callable[[int], None] | None = None
+) -> str:
     """``Manifest.sha256`` of a staged image: the file's digest, or for a ``dir`` deployment the
     digest of a canonical walk (``tree_sha256``). ``progress`` is told the bytes read so far."""
     if stat.S_ISDIR(os.lstat(path).st_mode):
@@ -58,8 +59,12 @@ def image_sha256(path: str | os.PathLike[str],
     return file_sha256(path, progress)
 
 
-def _read_into(path: str | os.PathLike[str] | bytes, digest: _Digest, done: int,
-               progress: Callable[[int], None] | None) -> int:
+def _read_into(
+    path: str | os.PathLike[str] | bytes,
+    digest: _Digest,
+    done: int,
+    progress: Callable[[int], None] | None,
+) -> int:
     """Feed the regular file at ``path`` to ``digest`` in 1 MiB chunks, telling ``progress``
     the bytes read so far (``done`` before this file); returns the new count."""
     with files.open_regular(os.fsdecode(path)) as f:
@@ -71,8 +76,7 @@ def _read_into(path: str | os.PathLike[str] | bytes, digest: _Digest, done: int,
     return done
 
 
-def tree_sha256(root: str | os.PathLike[str],
-                progress: Callable[[int], None] | None = None) -> str:
+def tree_sha256(root: str | os.PathLike[str], progress: Callable[[int], None] | None = None) -> str:
     """Digest of a directory tree that depends on names, types, modes, owners, xattrs, symlink
     targets, device numbers and file contents, not on mtimes, inode numbers or the order the
     filesystem lists entries in. Entries are visited depth first, names sorted bytewise; each

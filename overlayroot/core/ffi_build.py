@@ -57,8 +57,8 @@ def generate(target: Path) -> None:
 
 
 def main() -> None:
-    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name(
-        "_syscalls_ffi.py"
+    target = (
+        Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).with_name("_syscalls_ffi.py")
     )
     generate(target)
 

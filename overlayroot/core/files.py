@@ -42,9 +42,14 @@ def fsync_dir(path: PathLike) -> None:
 
 
 def kind(mode: int) -> str:
-    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISLNK, "a symlink"),
-                       (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISLNK, "a symlink"),
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "a regular file" if stat.S_ISREG(mode) else "of an unknown type"
@@ -60,8 +65,9 @@ def _open_regular(path: PathLike) -> tuple[int, os.stat_result]:
     st = os.fstat(fd)
     if not stat.S_ISREG(st.st_mode):
         os.close(fd)
-        raise NotRegular(errno.EISDIR, f"it is {kind(st.st_mode)}, not a regular file",
-                         os.fspath(path))
+        raise NotRegular(
+            errno.EISDIR, f"it is {kind(st.st_mode)}, not a regular file", os.fspath(path)
+        )
     return fd, st
 
 
@@ -78,8 +84,9 @@ def read_regular(path: PathLike, limit: int) -> bytes:
     fd, st = _open_regular(path)
     try:
         if st.st_size > limit:
-            raise OSError(errno.EFBIG, f"it is {st.st_size} bytes, more than {limit}",
-                          os.fspath(path))
+            raise OSError(
+                errno.EFBIG, f"it is {st.st_size} bytes, more than {limit}", os.fspath(path)
+            )
         chunks = []
         left = limit + 1
         while left > 0:
@@ -96,9 +103,14 @@ def read_regular(path: PathLike, limit: int) -> bytes:
         os.close(fd)
 
 
-def write_atomically(path: str, data: bytes, *, mode: int = 0o644,
-                     keep_previous: str | None = None,
-                     previous_ok: Callable[[bytes], bool] | None = None) -> None:
+def write_atomically(
+    path: str,
+    data: bytes,
+    *,
+    mode: int = 0o644,
+    keep_previous: str | None = None,
+    previous_ok: Callable[[bytes], bool] | None = None,
+) -> None:
     """Replace ``path`` with ``data``, durably and atomically.
 
     ``keep_previous``: first make the current file's bytes that name too (a hard link, so
@@ -111,7 +123,7 @@ def write_atomically(path: str, data: bytes, *, mode: int = 0o644,
         os.fchmod(fd, mode)
         view = memoryview(data)
         while view:
-            view = view[os.write(fd, view):]
+            view = view[os.write(fd, view) :]
         os.fsync(fd)
     except BaseException:
         os.close(fd)

@@ -39,8 +39,14 @@ class ImageFormat:
 
     __slots__ = ("fstype", "image", "mkfs", "name", "package")
 
-    def __init__(self, name: str, image: str, fstype: str | None = None,
-                 mkfs: str | None = None, package: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        image: str,
+        fstype: str | None = None,
+        mkfs: str | None = None,
+        package: str | None = None,
+    ) -> None:
         self.name = name
         self.image = image
         self.fstype = fstype
@@ -78,6 +84,8 @@ def is_id(name: str) -> bool:
         and name[0].isalnum()
         and all(c.isalnum() or c in _ID_PUNCTUATION for c in name)
     )
+
+
 # A deployment's own kernel: its two files, next to the root image (fixed names, as the image's).
 KERNEL_FILE = "vmlinuz"
 INITRAMFS_FILE = "initramfs.img"
@@ -127,12 +135,15 @@ def check_id(deployment_id: str) -> str:
 def check_karg(arg: str) -> str:
     """``arg`` if it may be one of a deployment's kernel arguments; a ValueError says why not."""
     if not is_karg(arg):
-        raise ValueError(f"kernel argument {arg!r} is not one word of printable ASCII without"
-                         " quotes")
+        raise ValueError(
+            f"kernel argument {arg!r} is not one word of printable ASCII without quotes"
+        )
     key = arg.partition("=")[0]
     if key in RESERVED_KARGS or key.startswith(RESERVED_KARG_PREFIX):
-        raise ValueError(f"kernel argument {arg!r} is the machine's, not a deployment's: the"
-                         " boot stage sets root=, rootfstype=, rootflags= and overlayroot.* itself")
+        raise ValueError(
+            f"kernel argument {arg!r} is the machine's, not a deployment's: the"
+            " boot stage sets root=, rootfstype=, rootflags= and overlayroot.* itself"
+        )
     return arg
 
 
@@ -140,8 +151,7 @@ class Kernel:
     """A deployment's own kernel (``manifest.json``'s ``kernel``): its release, its two files
     in the deployment's directory with their digests, and the arguments it boots with."""
 
-    __slots__ = ("initramfs", "initramfs_sha256", "kargs", "version", "vmlinuz",
-                 "vmlinuz_sha256")
+    __slots__ = ("initramfs", "initramfs_sha256", "kargs", "version", "vmlinuz", "vmlinuz_sha256")
 
     def __init__(
         self,
@@ -161,8 +171,10 @@ class Kernel:
         self.kargs = list(kargs)
 
     def to_dict(self) -> dict[str, Any]:
-        return {name: list(self.kargs) if name == "kargs" else getattr(self, name)
-                for name in self.__slots__}
+        return {
+            name: list(self.kargs) if name == "kargs" else getattr(self, name)
+            for name in self.__slots__
+        }
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Kernel) and self.to_dict() == other.to_dict()
@@ -204,8 +216,9 @@ class Manifest:
         self.kernel = kernel
 
     def to_dict(self) -> dict[str, Any]:
-        fields: dict[str, Any] = {name: getattr(self, name) for name in self.__slots__
-                                  if name != "kernel"}
+        fields: dict[str, Any] = {
+            name: getattr(self, name) for name in self.__slots__ if name != "kernel"
+        }
         if self.kernel is not None:
             fields["kernel"] = self.kernel.to_dict()
         return fields
@@ -229,8 +242,10 @@ class Manifest:
         try:
             manifest = cls(**_manifest_fields(parse_json(text)))
         except ValueError as e:
-            raise BootError(f"{where}: not a valid deployment manifest ({e}); this deployment"
-                            " cannot be used: deploy its image again") from None
+            raise BootError(
+                f"{where}: not a valid deployment manifest ({e}); this deployment"
+                " cannot be used: deploy its image again"
+            ) from None
         known = FORMATS.get(manifest.format)
         if known is None or known.image != manifest.image:
             raise BootError(
@@ -369,8 +384,10 @@ class StateLayout:
         try:
             text = data.decode()
         except UnicodeDecodeError as e:
-            raise BootError(f"{path}: not a valid deployment manifest (not UTF-8 text:"
-                            f" {e.reason} at byte {e.start})") from None
+            raise BootError(
+                f"{path}: not a valid deployment manifest (not UTF-8 text:"
+                f" {e.reason} at byte {e.start})"
+            ) from None
         manifest = Manifest.from_json(text, path)
         if manifest.id != deployment_id:
             raise BootError(f"{path}: manifest id {manifest.id!r} != directory {deployment_id!r}")
@@ -382,8 +399,10 @@ class StateLayout:
 
 def _kernel_of(manifest: Manifest) -> Kernel:
     if manifest.kernel is None:
-        raise BootError(f"deployment {manifest.id!r} has no kernel of its own: it boots under"
-                        " the running kernel")
+        raise BootError(
+            f"deployment {manifest.id!r} has no kernel of its own: it boots under"
+            " the running kernel"
+        )
     return manifest.kernel
 
 

@@ -44,8 +44,9 @@ def save(layout: StateLayout, state: BootState) -> BootState:
     """Write ``state`` as the next generation; returns what was written. Raises OSError."""
     written = BootState(state.entries, state.generation + 1, state.once)
     path, previous = layout.file(STATE), layout.file(PREVIOUS)
-    files.write_atomically(path, written.to_json().encode(), keep_previous=previous,
-                           previous_ok=parses)
+    files.write_atomically(
+        path, written.to_json().encode(), keep_previous=previous, previous_ok=parses
+    )
     return written
 
 
@@ -70,8 +71,10 @@ def load(layout: StateLayout) -> tuple[BootState, list[str]]:
         try:
             state = read_state(path)
             if name == PREVIOUS:
-                notes.append(f"recovered the boot state from {path} (generation"
-                             f" {state.generation}); {STATE} was {first_problem}")
+                notes.append(
+                    f"recovered the boot state from {path} (generation"
+                    f" {state.generation}); {STATE} was {first_problem}"
+                )
             break
         except FileNotFoundError:
             problem = "missing"
@@ -94,8 +97,10 @@ def load(layout: StateLayout) -> tuple[BootState, list[str]]:
         state = rebuild(created, blessed, bad)
         had_state = bool(notes) or os.path.exists(layout.file(HISTORY))
         if had_state and present:
-            notes.append(f"rebuilt the boot state from the {len(present)} deployments on disk"
-                         f" and the boot history ({len(blessed)} known good)")
+            notes.append(
+                f"rebuilt the boot state from the {len(present)} deployments on disk"
+                f" and the boot history ({len(blessed)} known good)"
+            )
     return sync(state, present), notes
 
 

@@ -101,9 +101,16 @@ def kexec_file_load(kernel_fd: int, initrd_fd: int, cmdline: str, flags: int = 0
     if number is None:
         raise OSError(38, f"kexec_file_load: no such system call on {machine}")
     text = ffi.new("char[]", cmdline.encode())  # the length the kernel takes counts the NUL
-    _check(_lib.syscall(number, ffi.cast("long", kernel_fd), ffi.cast("long", initrd_fd),
-                        ffi.cast("unsigned long", len(text)), text,
-                        ffi.cast("unsigned long", flags)))
+    _check(
+        _lib.syscall(
+            number,
+            ffi.cast("long", kernel_fd),
+            ffi.cast("long", initrd_fd),
+            ffi.cast("unsigned long", len(text)),
+            text,
+            ffi.cast("unsigned long", flags),
+        )
+    )
 
 
 def unshare(flags: int) -> None:

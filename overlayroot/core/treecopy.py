@@ -21,8 +21,13 @@ if TYPE_CHECKING:
 CHUNK = 1 << 20
 
 
-def copy_tree(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
-              mtime: int | None = None, report: Callable[[int], None] | None = None) -> int:
+def copy_tree(
+    source: str | os.PathLike[str],
+    target: str | os.PathLike[str],
+    *,
+    mtime: int | None = None,
+    report: Callable[[int], None] | None = None,
+) -> int:
     """Copy ``source`` to the new directory ``target``; ``mtime`` (UNIX seconds) fixes every
     time instead of keeping them. ``report`` is told the bytes copied so far. Returns the bytes
     copied. Raises ``OSError``; the caller removes a partial copy."""
@@ -65,27 +70,28 @@ def copy_tree(source: str | os.PathLike[str], target: str | os.PathLike[str], *,
     return done
 
 
-def copy_file(src: str, dst: str, done: int = 0,
-              report: Callable[[int], None] | None = None) -> int:
+def copy_file(
+    src: str, dst: str, done: int = 0, report: Callable[[int], None] | None = None
+) -> int:
     """The contents of ``src`` into the new file ``dst`` (0600 until its metadata is copied);
     returns ``done`` plus the bytes copied."""
     fin = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        fout = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                       0o600)
+        fout = os.open(
+            dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
         try:
             while True:
                 try:  # in the kernel, and a reflink where the filesystem can
                     copied = os.copy_file_range(fin, fout, CHUNK)
                 except OSError as e:
-                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS,
-                                       errno.EOPNOTSUPP):
+                    if e.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
                         raise
                     chunk = os.read(fin, CHUNK)
                     copied = len(chunk)
                     view = memoryview(chunk)
                     while view:
-                        view = view[os.write(fout, view):]
+                        view = view[os.write(fout, view) :]
                 if not copied:
                     break
                 done += copied
@@ -104,7 +110,6 @@ def copy_metadata(src: str, dst: str, st: os.stat_result, mtime: int | None) -> 
     if not stat.S_ISLNK(st.st_mode):
         os.chmod(dst, stat.S_IMODE(st.st_mode))
     for attr in os.listxattr(src, follow_symlinks=False):
-        os.setxattr(dst, attr, os.getxattr(src, attr, follow_symlinks=False),
-                    follow_symlinks=False)
+        os.setxattr(dst, attr, os.getxattr(src, attr, follow_symlinks=False), follow_symlinks=False)
     times = (mtime * 10**9,) * 2 if mtime is not None else (st.st_atime_ns, st.st_mtime_ns)
     os.utime(dst, ns=times, follow_symlinks=False)

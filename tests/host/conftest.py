@@ -104,14 +104,16 @@ class Env:
         deploy(self.sysroot, tree, deployment_id=name, fmt=fmt, created=1_700_000_000)
         return name
 
-    def assemble(self, cmdline: str = "", deployment: str | None = None,
-                 repairs: list[str] | None = None) -> Booted:
+    def assemble(
+        self, cmdline: str = "", deployment: str | None = None, repairs: list[str] | None = None
+    ) -> Booted:
         """Assemble ``deployment`` (default: the only one, else the newest id)."""
         opts, _ = parse_options(cmdline)
         layout = StateLayout(self.sysroot)
         manifest = layout.read_manifest(deployment or max(layout.deployment_ids()))
-        return assemble(str(self.sysroot), str(self.run), opts, manifest, device="/dev/test",
-                        repairs=repairs)
+        return assemble(
+            str(self.sysroot), str(self.run), opts, manifest, device="/dev/test", repairs=repairs
+        )
 
     @property
     def state(self) -> Path:
@@ -169,8 +171,15 @@ class System:
             self.loaded = None
             try:
                 with redirect_stdout(out):
-                    prepare_root(str(self.env.sysroot), str(self.env.run), opts, "/dev/test",
-                                 Console(), cmdline, running)
+                    prepare_root(
+                        str(self.env.sysroot),
+                        str(self.env.run),
+                        opts,
+                        "/dev/test",
+                        Console(),
+                        cmdline,
+                        running,
+                    )
             except Kexeced:
                 console += out.getvalue()
                 assert self.loaded is not None
@@ -249,8 +258,9 @@ class System:
 
 
 @pytest.fixture
-def system(env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-           tmp_path: Path) -> Iterator[System]:
+def system(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[System]:
     monkeypatch.setattr(target, "BOOTED", str(env.run / "booted.json"))
     monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
     monkeypatch.setattr(health, "CHECK_DIR", str(tmp_path / "check.d"))

@@ -33,8 +33,10 @@ CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 PYTHON_NAME = re.compile(r"python3\.(1[1-9]|[2-9][0-9])")
 # Run by the payload's own interpreter (-I -S, as the stage starts): the stage's digest of a
 # file of the payload, and which sha256 module served it.
-STAGE_DIGEST = ("import sys\nfrom overlayroot.core import digest\n"
-                "print(digest.sha256.__module__, digest.file_sha256(sys.argv[1]))")
+STAGE_DIGEST = (
+    "import sys\nfrom overlayroot.core import digest\n"
+    "print(digest.sha256.__module__, digest.file_sha256(sys.argv[1]))"
+)
 DIGESTED = "usr/lib/overlayroot/build.json"
 
 
@@ -53,8 +55,9 @@ def zip_modules(names: list[str]) -> list[str]:
     return [n.removesuffix(".pyc").removesuffix("/__init__").replace("/", ".") for n in names]
 
 
-def check_payload(info: dict[str, Any], zip_names: list[str], files: list[str],
-                  stage_digest: str, expected: str) -> None:
+def check_payload(
+    info: dict[str, Any], zip_names: list[str], files: list[str], stage_digest: str, expected: str
+) -> None:
     version = tuple(int(p) for p in info["python_version"].split("."))
     assert len(version) == 2
     check_stage_stdlib((version[0], version[1]), zip_modules(zip_names))
@@ -68,10 +71,24 @@ def check_payload(info: dict[str, Any], zip_names: list[str], files: list[str],
 def test_the_builder_freezes_the_stage_for_each_host_python(python: Path, tmp_path: Path) -> None:
     payload = tmp_path / "payload"
     built = subprocess.run(
-        [sys.executable, "-m", "overlayroot", "initrd", "build", "--python", str(python),
-         "--payload-dir", str(payload), "--entry", "overlayroot.boot.init",
-         "--entry", "overlayroot.boot.prepare", "--json"],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "overlayroot",
+            "initrd",
+            "build",
+            "--python",
+            str(python),
+            "--payload-dir",
+            str(payload),
+            "--entry",
+            "overlayroot.boot.init",
+            "--entry",
+            "overlayroot.boot.prepare",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
     )
     assert built.returncode == 0, built.stderr
     info = json.loads((payload / "usr/lib/overlayroot/build.json").read_text())
@@ -79,7 +96,9 @@ def test_the_builder_freezes_the_stage_for_each_host_python(python: Path, tmp_pa
     files = [str(p.relative_to(payload)) for p in payload.rglob("*")]
     ran = subprocess.run(
         [CHROOT, str(payload), info["python"], "-I", "-S", "-c", STAGE_DIGEST, "/" + DIGESTED],
-        capture_output=True, text=True, env={},
+        capture_output=True,
+        text=True,
+        env={},
     )
     assert ran.returncode == 0, ran.stderr
     expected = hashlib.sha256((payload / DIGESTED).read_bytes()).hexdigest()
@@ -115,11 +134,13 @@ def test_the_builder_inside_debian_13_freezes_the_stage_for_its_python_3_13() ->
         image = trixie.trixie_image()
     except trixie.TrixieUnavailable as e:
         pytest.skip(f"the trixie image cannot be built here: {e}")
-    found = json.loads(trixie.in_chroot(image.root, trixie.PYTHON, "-c", IN_TRIXIE,
-                                        STAGE_DIGEST, DIGESTED))
+    found = json.loads(
+        trixie.in_chroot(image.root, trixie.PYTHON, "-c", IN_TRIXIE, STAGE_DIGEST, DIGESTED)
+    )
     assert found["builder"] == found["info"]["python_version"] == "3.13"
-    check_payload(found["info"], found["zip"], found["files"], found["stage_digest"],
-                  found["expected"])
+    check_payload(
+        found["info"], found["zip"], found["files"], found["stage_digest"], found["expected"]
+    )
 
 
 def test_the_trixie_images_initramfs_were_frozen_by_its_own_python() -> None:

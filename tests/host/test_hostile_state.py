@@ -134,8 +134,12 @@ def _alarm(signum: int, frame: object) -> None:
 @pytest.mark.parametrize("damage", DAMAGE)
 @pytest.mark.parametrize("where", PATHS)
 def test_a_boot_on_hostile_state_ends_well_or_clearly(
-        machine: tuple[Path, Path], where: str, damage: str,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: tuple[Path, Path],
+    where: str,
+    damage: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     sysroot, run = machine
     DAMAGE[damage](sysroot / where)
     previous = signal.signal(signal.SIGALRM, _alarm)
@@ -163,8 +167,7 @@ def test_a_boot_on_hostile_state_ends_well_or_clearly(
         assert where in ("overlayroot", "overlayroot/deployments"), outcomes[0]
     monkeypatch.setattr(target, "BOOTED", str(run / "booted.json"))
     monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
-    for command in (["status"], ["history"], ["gc", "--keep", "5", "--dry-run"],
-                    ["pin", "v1"]):
+    for command in (["status"], ["history"], ["gc", "--keep", "5", "--dry-run"], ["pin", "v1"]):
         capsys.readouterr()
         code = cli.main([*command, "--sysroot", str(sysroot)])
         err = capsys.readouterr().err

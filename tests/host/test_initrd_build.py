@@ -61,7 +61,8 @@ def stand_in(tmp_path: Path) -> Path:
     (package / "boot").mkdir()
     (package / "boot/__init__.py").write_text("")
     (package / "boot/init.py").write_text(
-        "import json\n\ndef main():\n    print(json.dumps('ran'))\n")
+        "import json\n\ndef main():\n    print(json.dumps('ran'))\n"
+    )
     return tmp_path / "src"
 
 
@@ -121,11 +122,13 @@ def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
     listed = [line.split()[0] for line in lines]
     frozen = zipfile.ZipFile(payload / ZIP).namelist()
     assert info["frozen_modules"] == len([n for n in frozen if n.endswith(".pyc")])
-    assert {"overlayroot/boot/init.pyc", "overlayroot/boot/prepare.pyc",
-            "encodings/__init__.pyc"} <= set(frozen)
+    assert {
+        "overlayroot/boot/init.pyc",
+        "overlayroot/boot/prepare.pyc",
+        "encodings/__init__.pyc",
+    } <= set(frozen)
     assert info["python"] == PYTHON
-    assert listed == [f"/lib/modules/{info['kernel_version']}/{p}"
-                      for p in _relative(listed, info)]
+    assert listed == [f"/lib/modules/{info['kernel_version']}/{p}" for p in _relative(listed, info)]
     for path in listed:
         assert (payload / path.lstrip("/")).resolve().is_relative_to(payload)
         assert (payload / path.lstrip("/")).read_bytes()[:4] == b"\x7fELF"
@@ -157,8 +160,12 @@ def _getrandom_not_ready() -> None:
     """preexec_fn: from here on, getrandom() answers EAGAIN."""
 
     class SockFilter(ctypes.Structure):
-        _fields_ = [("code", ctypes.c_ushort), ("jt", ctypes.c_ubyte), ("jf", ctypes.c_ubyte),
-                    ("k", ctypes.c_uint)]
+        _fields_ = [
+            ("code", ctypes.c_ushort),
+            ("jt", ctypes.c_ubyte),
+            ("jf", ctypes.c_ubyte),
+            ("k", ctypes.c_uint),
+        ]
 
     class SockFprog(ctypes.Structure):
         _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.POINTER(SockFilter))]
@@ -180,12 +187,19 @@ def test_python_takes_its_hash_seed_from_the_image_when_the_kernel_has_no_random
     assert stat.S_ISREG(seed.st_mode) and (payload / "dev/urandom").read_bytes() == bytes(64)
     show_hash = ["-IS", "-c", "print(hash('overlayroot'))"]
     zero_seed = subprocess.run(
-        ["/usr/bin/python3.11", *show_hash[1:]], capture_output=True, text=True, check=True,
+        ["/usr/bin/python3.11", *show_hash[1:]],
+        capture_output=True,
+        text=True,
+        check=True,
         env={"PYTHONHASHSEED": "0"},
     ).stdout
     early = subprocess.run(
-        [CHROOT, str(payload), "/usr/bin/python3.11", *show_hash], capture_output=True,
-        text=True, env={}, preexec_fn=_getrandom_not_ready, check=False,
+        [CHROOT, str(payload), "/usr/bin/python3.11", *show_hash],
+        capture_output=True,
+        text=True,
+        env={},
+        preexec_fn=_getrandom_not_ready,
+        check=False,
     )
     # Started at once, seeded from the file: the hash of PYTHONHASHSEED=0.
     assert (early.returncode, early.stderr, early.stdout) == (0, "", zero_seed)
@@ -224,8 +238,9 @@ def test_archive_unpacks_to_the_payload_tree(tmp_path: Path) -> None:
     payload = tmp_path / "payload"
     build(payload, payload=True, source_date_epoch=1700000000)
     # A payload never has the rescue shell's busybox: the archive is built without it too.
-    result = build(tmp_path / "initrd", compress=Compression.NONE, source_date_epoch=1700000000,
-                   busybox="none")
+    result = build(
+        tmp_path / "initrd", compress=Compression.NONE, source_date_epoch=1700000000, busybox="none"
+    )
     unpacked = tmp_path / "unpacked"
     unpacked.mkdir()
     with open(tmp_path / "initrd", "rb") as archive:

@@ -34,8 +34,9 @@ def test_etc_diff_of_the_booted_deployment(system: System, fmt: str) -> None:
         (tree / "etc" / name).write_text(f"{name}\n")
     (tree / "etc/skel").mkdir()
     (tree / "etc/skel/.profile").write_text("profile\n")
-    system.ok("deploy", "--sysroot", str(system.env.sysroot), "--id", "v1", "--format", fmt,
-              str(tree))
+    system.ok(
+        "deploy", "--sysroot", str(system.env.sysroot), "--id", "v1", "--format", fmt, str(tree)
+    )
     system.boot()
     assert system.ok("etc", "diff") == "no changes to /etc in v1\n"
     edit_etc(system)
@@ -65,8 +66,10 @@ def test_etc_diff_of_another_deployment_offline(system: System) -> None:
     out = system.ok("etc", "diff", "v1", "--sysroot", str(system.env.sysroot))
     assert out.splitlines() == ["A /etc/extra", "D /etc/hostname"]
     # Without an id and without a booted system: the default.
-    assert system.ok("etc", "diff", "--sysroot", str(system.env.sysroot)) == \
-        "no changes to /etc in v2\n"
+    assert (
+        system.ok("etc", "diff", "--sysroot", str(system.env.sysroot))
+        == "no changes to /etc in v2\n"
+    )
 
 
 def test_etc_diff_of_an_image_that_does_not_mount(system: System) -> None:

@@ -34,8 +34,9 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (Path(state.etc_upper("v1")) / "local.conf").write_text("mine\n")
     make_tree(root / "tree-v2")
     (root / "run/overlayroot").mkdir(parents=True)
-    (root / "run/overlayroot/booted.json").write_text(json.dumps(
-        {"deployment": "v1", "state": "/state", "trial": True, "watchdog": None}))
+    (root / "run/overlayroot/booted.json").write_text(
+        json.dumps({"deployment": "v1", "state": "/state", "trial": True, "watchdog": None})
+    )
     return root
 
 
@@ -63,8 +64,12 @@ COMMANDS = (  # in order: each may depend on the ones before
 def test_every_command_runs_frozen(root: Path) -> None:
     chroot = shutil.which("chroot") or "chroot"
     for command in COMMANDS:
-        result = subprocess.run([chroot, str(root), "/usr/bin/overlayroot", *command.split()],
-                                capture_output=True, text=True, env={"PATH": "/bin:/usr/bin"})
+        result = subprocess.run(
+            [chroot, str(root), "/usr/bin/overlayroot", *command.split()],
+            capture_output=True,
+            text=True,
+            env={"PATH": "/bin:/usr/bin"},
+        )
         expected = 1 if command == "rollback" else 0
         assert result.returncode == expected, f"{command}: {result.stdout}{result.stderr}"
         assert "Traceback" not in result.stderr, command
@@ -89,11 +94,16 @@ def test_install_command_puts_a_working_command_into_a_root_without_python(
     report = json.loads(capsys.readouterr().out)
     assert report == {"root": str(root), "command": "/usr/bin/overlayroot", "kept": []}
     assert not (root / "init").exists() and not (root / "dev").exists()
-    ran = subprocess.run(["chroot", str(root), "/usr/bin/overlayroot", "--version"],
-                         capture_output=True, text=True, check=True)
+    ran = subprocess.run(
+        ["chroot", str(root), "/usr/bin/overlayroot", "--version"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert __version__ in ran.stdout
-    ran = subprocess.run(["chroot", str(root), "/usr/bin/overlayroot", "status"],
-                         capture_output=True, text=True)
+    ran = subprocess.run(
+        ["chroot", str(root), "/usr/bin/overlayroot", "status"], capture_output=True, text=True
+    )
     assert ran.returncode == 1 and "overlayroot: error:" in ran.stderr  # ran, found no state
 
 
@@ -124,4 +134,5 @@ def test_install_command_into_a_missing_root_names_it(
     assert cli.main(["install-command", str(tmp_path / "nope")]) == 1
     assert capsys.readouterr().err == (
         f"overlayroot: error: {tmp_path / 'nope'} is not a directory: give the root of the"
-        " image to install the command into\n")
+        " image to install the command into\n"
+    )

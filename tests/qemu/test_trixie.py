@@ -61,8 +61,13 @@ def trixie_disk(base: Path, root: Path) -> Path:
     bad = make_test_root(base / "update-root", image=UPDATE, fail="exit")
     build_image(bad, updates / f"{UPDATE}.erofs", "erofs", UPDATE, CREATED, Progress(None))
     return make_state_disk(
-        base / "state.img", content, size_mb=768, fs_label=FS_LABEL, fs_uuid=FS_UUID,
-        partlabel="overlayroot state", partuuid="c0ffee00-1234-4abc-8def-0000000000a2",
+        base / "state.img",
+        content,
+        size_mb=768,
+        fs_label=FS_LABEL,
+        fs_uuid=FS_UUID,
+        partlabel="overlayroot state",
+        partuuid="c0ffee00-1234-4abc-8def-0000000000a2",
     )
 
 
@@ -72,7 +77,10 @@ def check_own_kernel(markers: dict[str, str], image: trixie.TrixieImage) -> None
 
 
 def test_trixie_through_the_standalone_image_is_blessed_and_falls_back_from_a_bad_update(
-    machine: MachineFactory, image: trixie.TrixieImage, trixie_root: Path, tmp_path: Path,
+    machine: MachineFactory,
+    image: trixie.TrixieImage,
+    trixie_root: Path,
+    tmp_path: Path,
 ) -> None:
     """Boot 1: trixie's trial reaches multi-user.target read-only with no failed unit, is
     blessed, writes into /etc, /var and /home, and deploys an update from inside. Boot 2: the
@@ -81,9 +89,14 @@ def test_trixie_through_the_standalone_image_is_blessed_and_falls_back_from_a_ba
     disk = trixie_disk(tmp_path, trixie_root)
     cmdline = f"{CMDLINE} overlayroot.onfail=poweroff"
 
-    first = boot_debian(machine, image.standalone, disk,
-                        f"{cmdline} test.write=token-1 test.deploy={UPDATE}", "write",
-                        kernel=image.kernel)
+    first = boot_debian(
+        machine,
+        image.standalone,
+        disk,
+        f"{cmdline} test.write=token-1 test.deploy={UPDATE}",
+        "write",
+        kernel=image.kernel,
+    )
     check_own_kernel(first, image)
     check_read_only_system(first, DEPLOYMENT)
     assert json.loads(first["booted_json"])["trial"] is True
@@ -92,39 +105,57 @@ def test_trixie_through_the_standalone_image_is_blessed_and_falls_back_from_a_ba
     assert first["write_root"] == "Read-only file system"
     assert first["deploy"] == "0"
 
-    m = machine(initrd=image.standalone, disks=[disk], cmdline=cmdline, name="update",
-                kernel=image.kernel)
+    m = machine(
+        initrd=image.standalone, disks=[disk], cmdline=cmdline, name="update", kernel=image.kernel
+    )
     with m:
-        m.wait_for("OVERLAYROOT-TEST failing=exit", BOOT_TIMEOUT,
-                   failure=("OVERLAYROOT-TEST done", "overlayroot: error:"))
+        m.wait_for(
+            "OVERLAYROOT-TEST failing=exit",
+            BOOT_TIMEOUT,
+            failure=("OVERLAYROOT-TEST done", "overlayroot: error:"),
+        )
         m.wait_exit(120)
     assert "trial boot of update: 0 tries left after this one" in m.console
     assert "Attempted to kill init" in m.console
 
-    third = boot_debian(machine, image.standalone, disk, f"{cmdline} test.read=1", "fallback",
-                        kernel=image.kernel)
+    third = boot_debian(
+        machine, image.standalone, disk, f"{cmdline} test.read=1", "fallback", kernel=image.kernel
+    )
     check_read_only_system(third, DEPLOYMENT)
     assert json.loads(third["booted_json"])["trial"] is False
     check_blessed(third, DEPLOYMENT)
     assert (third["etc_token"], third["var_token"], third["home_token"]) == (
-        "token-1", "token-1", "token-1")
+        "token-1",
+        "token-1",
+        "token-1",
+    )
     status: dict[str, Any] = json.loads(third["status"])
     records = {r["id"]: r for r in status["deployments"]}
-    assert records[UPDATE]["bad"] == ("used up its tries without being blessed (it crashed,"
-                                      " hung or was reset)")
+    assert records[UPDATE]["bad"] == (
+        "used up its tries without being blessed (it crashed, hung or was reset)"
+    )
     assert not records[UPDATE]["bootable"]
 
 
 def test_trixie_through_initramfs_tools_built_inside_the_image(
-    machine: MachineFactory, image: trixie.TrixieImage, trixie_root: Path, tmp_path: Path,
+    machine: MachineFactory,
+    image: trixie.TrixieImage,
+    trixie_root: Path,
+    tmp_path: Path,
 ) -> None:
     """initramfs-tools' image, made by update-initramfs inside the image with our hooks: the
     trial reaches multi-user.target read-only with no failed unit and is blessed. (One boot:
     the later boots and the fallback are the standalone test's, and the bookworm tests boot
     initramfs-tools twice.)"""
     disk = trixie_disk(tmp_path, trixie_root)
-    first = boot_debian(machine, image.initramfs_tools, disk,
-                        f"{CMDLINE} panic=-1 test.write=token-1", "write", kernel=image.kernel)
+    first = boot_debian(
+        machine,
+        image.initramfs_tools,
+        disk,
+        f"{CMDLINE} panic=-1 test.write=token-1",
+        "write",
+        kernel=image.kernel,
+    )
     check_own_kernel(first, image)
     check_read_only_system(first, DEPLOYMENT)
     assert json.loads(first["booted_json"])["trial"] is True

@@ -16,9 +16,14 @@ MARKERS = {"userspace_us": "26595051", "multi_user_us": "149759750"}
 
 def test_a_boot_is_split_at_run_init_and_the_real_inits_start() -> None:
     split = phases(MARKERS, CONSOLE, Path("boot.log"))
-    assert split == pytest.approx({"kernel_s": 7.126712, "initramfs_s": 26.595051 - 7.126712,
-                                   "userspace_s": 149.759750 - 26.595051,
-                                   "multi_user_s": 149.759750})
+    assert split == pytest.approx(
+        {
+            "kernel_s": 7.126712,
+            "initramfs_s": 26.595051 - 7.126712,
+            "userspace_s": 149.759750 - 26.595051,
+            "multi_user_s": 149.759750,
+        }
+    )
 
 
 def test_a_console_without_run_init_is_a_boot_failure_naming_the_log() -> None:
@@ -30,15 +35,28 @@ def test_a_console_without_run_init_is_a_boot_failure_naming_the_log() -> None:
 
 def test_the_table_gives_ratios_to_plain_dracut_of_the_same_suite_and_boot_kind() -> None:
     def config(suite: str, name: str, boot: str, initrd: float, total: float) -> dict[str, object]:
-        return {"suite": suite, "name": name, "boot": boot, "initramfs_bytes": 2**20,
-                "median": {"kernel_s": 1.0, "initramfs_s": initrd, "userspace_s": total - 1.0
-                           - initrd, "multi_user_s": total}}
+        return {
+            "suite": suite,
+            "name": name,
+            "boot": boot,
+            "initramfs_bytes": 2**20,
+            "median": {
+                "kernel_s": 1.0,
+                "initramfs_s": initrd,
+                "userspace_s": total - 1.0 - initrd,
+                "multi_user_s": total,
+            },
+        }
 
-    report = {"accel": "tcg", "runs": 3, "configurations": [
-        config("trixie", "standalone", "later", 2.0, 30.0),
-        config("trixie", "dracut", "later", 10.0, 60.0),
-        config("bookworm", "standalone", "first", 5.0, 40.0),
-    ]}
+    report = {
+        "accel": "tcg",
+        "runs": 3,
+        "configurations": [
+            config("trixie", "standalone", "later", 2.0, 30.0),
+            config("trixie", "dracut", "later", 10.0, 60.0),
+            config("bookworm", "standalone", "first", 5.0, 40.0),
+        ],
+    }
     lines = table(report).splitlines()
     assert lines[2].split()[-2:] == ["0.20", "0.50"]
     assert lines[3].split()[-2:] == ["1.00", "1.00"]

@@ -92,8 +92,19 @@ def test_initrd_build_without_the_builder_says_which_extra_to_install(
     assert "pip install 'overlayroot[build]'" in err
 
 
-@pytest.mark.parametrize("argv", [[], ["initrd"], ["frobnicate"], ["deploy"], ["etc"],
-                                  ["mark-bad"], ["gc"], ["set-default", "a", "b"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["initrd"],
+        ["frobnicate"],
+        ["deploy"],
+        ["etc"],
+        ["mark-bad"],
+        ["gc"],
+        ["set-default", "a", "b"],
+    ],
+)
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(argv, capsys)
     assert code == 2
@@ -190,8 +201,21 @@ def test_python_dash_m_runs_the_cli() -> None:
     assert (result.returncode, result.stdout) == (0, f"overlayroot {__version__}\n")
 
 
-@pytest.mark.parametrize("command", ["status", "deploy", "rollback", "bless", "mark-bad",
-                                     "set-default", "pin", "unpin", "gc", "history"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "status",
+        "deploy",
+        "rollback",
+        "bless",
+        "mark-bad",
+        "set-default",
+        "pin",
+        "unpin",
+        "gc",
+        "history",
+    ],
+)
 def test_every_command_takes_a_sysroot(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
@@ -235,8 +259,9 @@ def test_deploy_offers_exactly_the_formats_of_the_layout() -> None:
 def test_a_builder_error_is_printed_like_every_error_of_the_command(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    code = cli.main(["initrd", "build", "--modules", str(tmp_path / "nope"),
-                     "-o", str(tmp_path / "initrd.img")])
+    code = cli.main(
+        ["initrd", "build", "--modules", str(tmp_path / "nope"), "-o", str(tmp_path / "initrd.img")]
+    )
     assert code == 1
     err = capsys.readouterr().err
     assert err.startswith(f"overlayroot: error: {tmp_path / 'nope'}: no such modules directory")

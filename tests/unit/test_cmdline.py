@@ -190,10 +190,25 @@ def test_malformed_values_are_clear_errors(cmdline: str, message: str) -> None:
         parse_options(cmdline)
 
 
-@given(st.lists(st.sampled_from([
-    "ro", "rw", "root=/dev/vda", "overlayroot.etc=transient", "overlayroot.unknown=1",
-    "overlayroot.timeout=5", "rd.overlayroot.state=LABEL=x", "quiet", "init=/x", "--", "a=b",
-])))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "ro",
+                "rw",
+                "root=/dev/vda",
+                "overlayroot.etc=transient",
+                "overlayroot.unknown=1",
+                "overlayroot.timeout=5",
+                "rd.overlayroot.state=LABEL=x",
+                "quiet",
+                "init=/x",
+                "--",
+                "a=b",
+            ]
+        )
+    )
+)
 def test_valid_words_never_raise(words: list[str]) -> None:
     opts, _ = parse_options(" ".join(words))
     assert opts.etc in ("persistent", "transient")
@@ -248,7 +263,9 @@ def test_a_break_that_names_no_step_is_a_warning_and_stops_nowhere(option: str, 
     assert warnings == [
         f"ignoring {option}: {bad} the boot can stop before (steps: modules, device, mount,"
         " prepare, switch; several: overlayroot.break=mount,switch; a bare overlayroot.break"
-        " stops before the switch)"]
+        " stops before the switch)"
+    ]
+
 
 def test_the_kexec_option_names_a_deployment() -> None:
     assert parse_options("overlayroot.kexec=v2")[0].kexec == "v2"
@@ -270,12 +287,16 @@ def test_a_malformed_kexec_option_is_a_clear_error(cmdline: str, message: str) -
 
 
 def test_a_switched_kernel_gets_this_command_line_less_ours_plus_its_arguments() -> None:
-    cmdline = ('BOOT_IMAGE=/boot/vmlinuz initrd=/initrd.img console=ttyS0 root=LABEL=state'
-               ' overlayroot.deployment=v1 rd.overlayroot.kexec=v0 overlayroot.tries=2'
-               ' note="two words" ro panic=10 -- single x=1\n')
+    cmdline = (
+        "BOOT_IMAGE=/boot/vmlinuz initrd=/initrd.img console=ttyS0 root=LABEL=state"
+        " overlayroot.deployment=v1 rd.overlayroot.kexec=v0 overlayroot.tries=2"
+        ' note="two words" ro panic=10 -- single x=1\n'
+    )
     out = kexec_cmdline(cmdline, ["quiet", "panic=30"], "v2")
-    assert out == ('console=ttyS0 root=LABEL=state overlayroot.tries=2 note="two words" ro'
-                   ' panic=10 quiet panic=30 overlayroot.kexec=v2 -- single x=1')
+    assert out == (
+        'console=ttyS0 root=LABEL=state overlayroot.tries=2 note="two words" ro'
+        " panic=10 quiet panic=30 overlayroot.kexec=v2 -- single x=1"
+    )
     opts, warnings = parse_options(out)
     assert (opts.kexec, opts.deployment, opts.tries, warnings) == ("v2", None, 2, [])
     assert opts.init_args == ["single", "x=1"]
@@ -304,7 +325,7 @@ def test_a_switched_kernel_keeps_every_parameter_it_can_read_back(
     params, init_args = split(cmdline)
     out_params, out_init = split(kexec_cmdline(cmdline, kargs, "v2"))
     ours = [split(k)[0][0] for k in kargs] + [("overlayroot.kexec", "v2")]
-    assert out_params[len(out_params) - len(ours):] == ours
+    assert out_params[len(out_params) - len(ours) :] == ours
     kept = out_params[: len(out_params) - len(ours)]
     carried = [p for p in params if p[0] and p[0] not in NOT_CARRIED]
     remaining = iter(carried)

@@ -114,7 +114,8 @@ def test_dir_deployment_is_laid_out_with_manifest_and_persistent_dirs(
     assert manifest.sha256 == digest.tree_sha256(tree)
     # The bytes of its regular files: the hostname, the setuid tool, the seed and the init.
     assert manifest.size == len("test\n") + len("#!/bin/sh\necho hi\n") + len(
-        "from the image\n") + len("#!/bin/sh\necho hello\n")
+        "from the image\n"
+    ) + len("#!/bin/sh\necho hello\n")
     for directory in (
         state.etc_upper("one"),
         state.etc_work("one"),
@@ -228,8 +229,9 @@ def test_disk_full_leaves_nothing_staged(
     real_copy_file = treecopy.copy_file
     calls = 0
 
-    def copy_file(src: str, dst: str, done: int = 0,
-                  report: Callable[[int], None] | None = None) -> int:
+    def copy_file(
+        src: str, dst: str, done: int = 0, report: Callable[[int], None] | None = None
+    ) -> int:
         nonlocal calls
         calls += 1
         if calls == 2:
@@ -271,8 +273,11 @@ def test_a_concurrent_deploy_is_refused(
     monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
     with (
         target.locked(state),
-        pytest.raises(BootError, match=r"another overlayroot command \(pid \d+: .*\) is changing"
-                      f" the state on {sysroot}: wait for it"),
+        pytest.raises(
+            BootError,
+            match=r"another overlayroot command \(pid \d+: .*\) is changing"
+            f" the state on {sysroot}: wait for it",
+        ),
     ):
         staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
 

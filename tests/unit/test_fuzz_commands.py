@@ -20,10 +20,19 @@ from tests import fuzzing
 from tests.unit.test_fuzz_manifest import MANIFEST_BYTES
 from tests.unit.test_fuzz_state import BOOT_JSON_BYTES, HISTORY_BYTES
 
-COMMANDS = (["status"], ["status", "--json"], ["history"], ["history", "--json", "-n", "3"],
-            ["gc", "--keep", "1", "--dry-run"])
-STATES = st.tuples(BOOT_JSON_BYTES, st.none() | BOOT_JSON_BYTES, HISTORY_BYTES,
-                   st.lists(MANIFEST_BYTES, min_size=1, max_size=2))
+COMMANDS = (
+    ["status"],
+    ["status", "--json"],
+    ["history"],
+    ["history", "--json", "-n", "3"],
+    ["gc", "--keep", "1", "--dry-run"],
+)
+STATES = st.tuples(
+    BOOT_JSON_BYTES,
+    st.none() | BOOT_JSON_BYTES,
+    HISTORY_BYTES,
+    st.lists(MANIFEST_BYTES, min_size=1, max_size=2),
+)
 
 
 def feed_commands(files: tuple[bytes, bytes | None, bytes, list[bytes]]) -> None:

@@ -18,8 +18,8 @@ HOST_BUSYBOX = Path("/usr/bin/busybox")
 
 
 def test_without_busybox_the_rescue_shell_is_a_python_prompt_that_says_why(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     monkeypatch.setattr(rescue, "BUSYBOX", str(tmp_path / "no-busybox"))
     monkeypatch.setattr("sys.stdin", io.StringIO("x = 6 * 7\nx\n1/0\nexit\nnot reached\n"))
     rescue_shell(Console(), "the boot failed: no state device", "to reboot")
@@ -27,7 +27,8 @@ def test_without_busybox_the_rescue_shell_is_a_python_prompt_that_says_why(
     assert out.startswith(
         "overlayroot: the boot failed: no state device\n"
         "overlayroot: rescue Python prompt (this image has no busybox); to reboot: exit or"
-        " Ctrl-D\n")
+        " Ctrl-D\n"
+    )
     assert "42" in out
     assert "ZeroDivisionError: division by zero" in out
     assert "not reached" not in out
@@ -38,11 +39,13 @@ def test_the_emergency_prompt_ends_at_end_of_input(monkeypatch: pytest.MonkeyPat
     python_shell(Console())
 
 
-@pytest.mark.skipif(not HOST_BUSYBOX.exists(),
-                    reason="no /usr/bin/busybox to stand in for the image's (busybox-static)")
+@pytest.mark.skipif(
+    not HOST_BUSYBOX.exists(),
+    reason="no /usr/bin/busybox to stand in for the image's (busybox-static)",
+)
 def test_with_busybox_the_rescue_shell_is_busybox_sh_with_its_applets(
-        monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str],
-        tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, capfd: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """busybox sh runs the commands typed, finds its applets in PATH, and returning from it is
     what leaving the shell does. (Taking the console's tty is left out: here it is the host's.)"""
     applets = tmp_path / "bin"
@@ -65,20 +68,25 @@ def test_with_busybox_the_rescue_shell_is_busybox_sh_with_its_applets(
     assert os.readlink(applets / "mount") == str(HOST_BUSYBOX)
 
 
-def test_a_break_opens_the_rescue_shell_only_at_its_step(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_break_opens_the_rescue_shell_only_at_its_step(monkeypatch: pytest.MonkeyPatch) -> None:
     opened: list[tuple[str, str]] = []
-    monkeypatch.setattr(init, "rescue_shell",
-                        lambda console, why, leaving: opened.append((why, leaving)))
+    monkeypatch.setattr(
+        init, "rescue_shell", lambda console, why, leaving: opened.append((why, leaving))
+    )
     opts, _ = parse_options("overlayroot.break=mount,switch")
     for step in ("modules", "device", "mount", "prepare", "switch"):
         init.stop(Console(), opts, step)
     assert opened == [
-        ("overlayroot.break=mount: stopped before mounting the state filesystem on /sysroot",
-         "to go on with the boot"),
-        ("overlayroot.break=switch: stopped before switching root (the deployment is assembled"
-         " on /sysroot); on a trial boot the watchdog is already running"
-         " (overlayroot.watchdog=): a long stop resets the machine", "to go on with the boot"),
+        (
+            "overlayroot.break=mount: stopped before mounting the state filesystem on /sysroot",
+            "to go on with the boot",
+        ),
+        (
+            "overlayroot.break=switch: stopped before switching root (the deployment is assembled"
+            " on /sysroot); on a trial boot the watchdog is already running"
+            " (overlayroot.watchdog=): a long stop resets the machine",
+            "to go on with the boot",
+        ),
     ]
 
 

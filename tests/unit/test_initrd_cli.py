@@ -78,8 +78,9 @@ def test_json_reports_the_build(tmp_path: Path, capsys: pytest.CaptureFixture[st
     assert result["output"] == str(tmp_path / "img")
     assert result["size"] == (tmp_path / "img").stat().st_size
     frozen = freeze(Path("/usr/bin/python3"), SOURCE_ROOT)
-    in_zip = [n for n in zipfile.ZipFile(io.BytesIO(frozen.zip_data)).namelist()
-              if n.endswith(".pyc")]
+    in_zip = [
+        n for n in zipfile.ZipFile(io.BytesIO(frozen.zip_data)).namelist() if n.endswith(".pyc")
+    ]
     assert result["frozen_modules"] == len(in_zip) and result["kernel_version"] is None
     assert result["kernel_modules"] == []
 
@@ -95,8 +96,9 @@ def test_summary_is_short_and_names_the_output(
 
 
 BUSYBOX = Path("/usr/bin/busybox")
-needs_busybox = pytest.mark.skipif(not BUSYBOX.exists(),
-                                   reason="no /usr/bin/busybox (apt-get install busybox-static)")
+needs_busybox = pytest.mark.skipif(
+    not BUSYBOX.exists(), reason="no /usr/bin/busybox (apt-get install busybox-static)"
+)
 
 
 @needs_python
@@ -133,7 +135,8 @@ def test_a_payload_never_has_busybox_and_refuses_one_named(tmp_path: Path) -> No
         run("--payload-dir", str(tmp_path / "q"), "--busybox", "/usr/bin/busybox")
     assert str(error.value) == (
         "--busybox /usr/bin/busybox: a payload (--payload-dir) has no rescue shell of its own,"
-        " the initramfs generator that takes it brings one; leave --busybox out")
+        " the initramfs generator that takes it brings one; leave --busybox out"
+    )
 
 
 def test_a_busybox_that_is_not_there_names_it_and_the_choices(tmp_path: Path) -> None:
@@ -141,7 +144,8 @@ def test_a_busybox_that_is_not_there_names_it_and_the_choices(tmp_path: Path) ->
         run("-o", str(tmp_path / "img"), "--busybox", "/no/busybox")
     assert str(error.value) == (
         "--busybox /no/busybox: no such executable file; give the path of a busybox binary"
-        " (apt-get install busybox-static puts one at /usr/bin/busybox), auto or none")
+        " (apt-get install busybox-static puts one at /usr/bin/busybox), auto or none"
+    )
 
 
 @needs_python
@@ -149,6 +153,9 @@ def test_a_busybox_that_is_not_a_program_is_refused(tmp_path: Path) -> None:
     script = tmp_path / "busybox"
     script.write_text("#!/bin/sh\necho not really\n")
     script.chmod(0o755)
-    with pytest.raises(BuildError, match=rf"^--busybox {script}: not a usable program for the"
-                       r" image: .*\(give a busybox binary, or none\)$"):
+    with pytest.raises(
+        BuildError,
+        match=rf"^--busybox {script}: not a usable program for the"
+        r" image: .*\(give a busybox binary, or none\)$",
+    ):
         run("-o", str(tmp_path / "img"), "--busybox", str(script))

@@ -89,7 +89,8 @@ def test_an_interpreter_that_is_not_python_is_a_boot_error(stand_in: Path, tmp_p
         freeze(impostor, stand_in)
     assert str(error.value) == (
         f"{os.path.realpath(impostor)}: answered 'hello\\n' when asked to read sys.path, not what"
-        " a Python interpreter prints; pass the target's python3 with --python")
+        " a Python interpreter prints; pass the target's python3 with --python"
+    )
 
 
 # The standard library the boot stage carries: each module costs import time as PID 1 and
@@ -106,16 +107,29 @@ STAGE_STDLIB = {
 }
 # Never in the stage, on any version: OpenSSL (hashlib), process and copying helpers, heavy
 # imports.
-NEVER_FROZEN = frozenset({"subprocess", "shutil", "hashlib", "_hashlib", "ssl", "argparse",
-                          "dataclasses", "inspect", "typing"})
+NEVER_FROZEN = frozenset(
+    {
+        "subprocess",
+        "shutil",
+        "hashlib",
+        "_hashlib",
+        "ssl",
+        "argparse",
+        "dataclasses",
+        "inspect",
+        "typing",
+    }
+)
 
 
 def stage_stdlib(version: tuple[int, int]) -> frozenset[str]:
     """The pinned set for ``version``; a version without one fails, saying what to decide."""
     if version not in STAGE_STDLIB:
-        pytest.fail(f"no stage stdlib set is pinned for Python {version[0]}.{version[1]}: freeze"
-                    " the stage with it, review what it imports and add the set to"
-                    " STAGE_STDLIB in tests/unit/test_initrd_freeze.py")
+        pytest.fail(
+            f"no stage stdlib set is pinned for Python {version[0]}.{version[1]}: freeze"
+            " the stage with it, review what it imports and add the set to"
+            " STAGE_STDLIB in tests/unit/test_initrd_freeze.py"
+        )
     return STAGE_STDLIB[version]
 
 
@@ -129,5 +143,6 @@ def check_stage_stdlib(version: tuple[int, int], modules: tuple[str, ...] | list
     pinned = stage_stdlib(version)
     stdlib = {m for m in modules if m.split(".")[0] != "overlayroot"}
     assert stdlib == pinned, (
-        f"Python {version}: new: {sorted(stdlib - pinned)}, gone: {sorted(pinned - stdlib)}")
+        f"Python {version}: new: {sorted(stdlib - pinned)}, gone: {sorted(pinned - stdlib)}"
+    )
     assert not NEVER_FROZEN & set(modules)

@@ -90,18 +90,22 @@ def test_filesystems_and_softdog_are_loaded_for_their_needs_the_rest_at_the_star
     add(kdir, "kernel/drivers/watchdog/watchdog.ko")
     add(kdir, "kernel/drivers/watchdog/softdog.ko", depends=["watchdog"])
     add(kdir, "kernel/drivers/block/loop.ko", alias=["devname:loop-control"])
-    needs = {m.name: m.needs
-             for m in resolve_modules(kdir, ["erofs", "xfs", "softdog", "loop"]).modules}
+    needs = {
+        m.name: m.needs for m in resolve_modules(kdir, ["erofs", "xfs", "softdog", "loop"]).modules
+    }
     assert needs == {
-        "crc32c_intel": ("fs-erofs", "fs-xfs"), "libcrc32c": ("fs-erofs", "fs-xfs"),
-        "erofs": ("fs-erofs",), "xfs": ("fs-xfs",),
-        "watchdog": ("watchdog",), "softdog": ("watchdog",), "loop": (),
+        "crc32c_intel": ("fs-erofs", "fs-xfs"),
+        "libcrc32c": ("fs-erofs", "fs-xfs"),
+        "erofs": ("fs-erofs",),
+        "xfs": ("fs-xfs",),
+        "watchdog": ("watchdog",),
+        "softdog": ("watchdog",),
+        "loop": (),
     }
     # A dependency that something loaded at the start needs is loaded at the start.
     add(kdir, "kernel/drivers/md/needs_crc.ko", depends=["libcrc32c"])
     needs = {m.name: m.needs for m in resolve_modules(kdir, ["erofs", "needs_crc"]).modules}
-    assert needs == {"crc32c_intel": (), "libcrc32c": (), "erofs": ("fs-erofs",),
-                     "needs_crc": ()}
+    assert needs == {"crc32c_intel": (), "libcrc32c": (), "erofs": ("fs-erofs",), "needs_crc": ()}
 
 
 def test_dash_and_underscore_are_the_same_name(kdir: Path) -> None:

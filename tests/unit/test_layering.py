@@ -17,8 +17,20 @@ PACKAGE = ROOT / "overlayroot"
 PYTHON = Path("/usr/bin/python3")
 # Never imported by the stage, not even inside a function: the stage runs as PID 1 with only
 # what was frozen, and these are the commands' (or the build's) tools.
-STAGE_FORBIDDEN = ("overlayroot.commands", "initrd", "qemu", "bench", "tests", "subprocess",
-                   "shutil", "argparse", "dataclasses", "hashlib", "tempfile", "random")
+STAGE_FORBIDDEN = (
+    "overlayroot.commands",
+    "initrd",
+    "qemu",
+    "bench",
+    "tests",
+    "subprocess",
+    "shutil",
+    "argparse",
+    "dataclasses",
+    "hashlib",
+    "tempfile",
+    "random",
+)
 
 
 def imports(path: Path) -> set[str]:
@@ -42,9 +54,7 @@ def within(name: str, prefixes: tuple[str, ...]) -> bool:
     return any(name == p or name.startswith(p + ".") for p in prefixes)
 
 
-STAGE_MODULES = sorted(
-    p for sub in ("boot", "core") for p in (PACKAGE / sub).glob("*.py")
-)
+STAGE_MODULES = sorted(p for sub in ("boot", "core") for p in (PACKAGE / sub).glob("*.py"))
 
 
 @pytest.mark.parametrize("path", STAGE_MODULES, ids=lambda p: f"{p.parent.name}/{p.name}")
@@ -53,16 +63,14 @@ def test_stage_modules_never_import_the_commands_or_tools(path: Path) -> None:
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "core").glob("*.py")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PACKAGE / "core").glob("*.py")), ids=lambda p: p.name)
 def test_core_never_imports_the_boot_stage(path: Path) -> None:
     """The commands import core; core importing boot would drag the stage into them."""
     bad = sorted(m for m in imports(path) if within(m, ("overlayroot.boot",)))
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
 
 
-@pytest.mark.parametrize("path", sorted((PACKAGE / "commands").glob("*.py")),
-                         ids=lambda p: p.name)
+@pytest.mark.parametrize("path", sorted((PACKAGE / "commands").glob("*.py")), ids=lambda p: p.name)
 def test_commands_reach_the_stage_only_through_core(path: Path) -> None:
     bad = sorted(m for m in imports(path) if within(m, ("overlayroot.boot",)))
     assert not bad, f"{path.relative_to(ROOT)} imports {bad}"
@@ -92,7 +100,10 @@ def test_the_frozen_stage_holds_only_boot_and_core() -> None:
     frozen = freeze(PYTHON, ROOT, entries=(*DEFAULT_ENTRIES, PREPARE_ENTRY))
     ours = sorted(m for m in frozen.modules if m.split(".")[0] == "overlayroot")
     assert "overlayroot.boot.prepare" in ours and "overlayroot.core.bootstate" in ours
-    outside = [m for m in ours
-               if m != "overlayroot" and not within(m, ("overlayroot.boot", "overlayroot.core"))]
+    outside = [
+        m
+        for m in ours
+        if m != "overlayroot" and not within(m, ("overlayroot.boot", "overlayroot.core"))
+    ]
     assert not outside, f"the stage's import closure leaves boot + core: {outside}"
     assert "overlayroot.core.ffi_build" not in ours

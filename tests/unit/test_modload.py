@@ -48,8 +48,15 @@ def listing(tmp_path: Path, *lines: str) -> str:
 def test_the_start_loads_the_modules_without_needs_in_order(
     tmp_path: Path, loaded: list[str]
 ) -> None:
-    path = listing(tmp_path, "virtio", "libcrc32c fs-erofs fs-xfs", "erofs fs-erofs", "loop",
-                   "watchdog watchdog", "softdog watchdog")
+    path = listing(
+        tmp_path,
+        "virtio",
+        "libcrc32c fs-erofs fs-xfs",
+        "erofs fs-erofs",
+        "loop",
+        "watchdog watchdog",
+        "softdog watchdog",
+    )
     assert modload.load_listed(path) == (["virtio", "loop"], [])
     assert loaded == ["virtio", "loop"]
 
@@ -57,8 +64,15 @@ def test_the_start_loads_the_modules_without_needs_in_order(
 def test_a_need_loads_its_modules_once_and_in_order(
     tmp_path: Path, loaded: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = listing(tmp_path, "virtio", "libcrc32c fs-erofs fs-xfs", "erofs fs-erofs",
-                   "xfs fs-xfs", "watchdog watchdog", "softdog watchdog")
+    path = listing(
+        tmp_path,
+        "virtio",
+        "libcrc32c fs-erofs fs-xfs",
+        "erofs fs-erofs",
+        "xfs fs-xfs",
+        "watchdog watchdog",
+        "softdog watchdog",
+    )
     modload.load_listed(path)
     modload.need("fs-erofs", path)
     modload.need("fs-erofs", path)
@@ -78,12 +92,22 @@ def test_a_need_without_a_listing_is_nothing_to_do(tmp_path: Path, loaded: list[
 def test_modules_that_fail_are_warnings_and_the_boot_goes_on(
     tmp_path: Path, loaded: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
-    path = listing(tmp_path, "absent", "broken", "twice", "virtio", "gone fs-erofs",
-                   "softdog watchdog", "broken2 watchdog")
+    path = listing(
+        tmp_path,
+        "absent",
+        "broken",
+        "twice",
+        "virtio",
+        "gone fs-erofs",
+        "softdog watchdog",
+        "broken2 watchdog",
+    )
     os.unlink(tmp_path / "gone.ko")
     (tmp_path / "broken2.ko").rename(tmp_path / "broken2.ko.x")
-    assert modload.load_listed(path) == (["virtio"], [
-        "kernel module broken did not load: Key was rejected by service"])
+    assert modload.load_listed(path) == (
+        ["virtio"],
+        ["kernel module broken did not load: Key was rejected by service"],
+    )
     modload.need("fs-erofs", path)
     modload.need("watchdog", path)
     assert loaded == ["absent", "broken", "twice", "virtio", "softdog"]
@@ -91,17 +115,21 @@ def test_modules_that_fail_are_warnings_and_the_boot_goes_on(
         f"overlayroot: warning: cannot open kernel module {tmp_path}/gone.ko: No such file or"
         " directory\n"
         f"overlayroot: warning: cannot open kernel module {tmp_path}/broken2.ko: No such file or"
-        " directory\n")
+        " directory\n"
+    )
 
 
 SSE42 = "cpu:type:x86,ven*fam*mod*:feature:*0094*"
 
 
-@pytest.mark.parametrize(("features", "expected"), [
-    (",0000,0001,0094,00E7", ["virtio", "crc32c_intel", "erofs"]),
-    (",0000,0001,0095,00E7", ["virtio", "erofs"]),  # no SSE 4.2: it would refuse (ENODEV)
-    (None, ["virtio", "crc32c_intel", "erofs"]),  # no modalias to tell by: try it
-])
+@pytest.mark.parametrize(
+    ("features", "expected"),
+    [
+        (",0000,0001,0094,00E7", ["virtio", "crc32c_intel", "erofs"]),
+        (",0000,0001,0095,00E7", ["virtio", "erofs"]),  # no SSE 4.2: it would refuse (ENODEV)
+        (None, ["virtio", "crc32c_intel", "erofs"]),  # no modalias to tell by: try it
+    ],
+)
 def test_a_module_for_a_cpu_feature_is_skipped_on_a_cpu_without_it(
     tmp_path: Path, loaded: list[str], features: str | None, expected: list[str]
 ) -> None:

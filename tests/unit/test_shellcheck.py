@@ -17,8 +17,11 @@ PLACES = (HOOKS, REPO / "qemu" / "guest", REPO / "bench" / "floor")
 
 def is_shell(path: Path) -> bool:
     head = path.read_bytes().split(b"\n", 1)[0]
-    return ((head.startswith(b"#!") and b"sh" in head) or path.suffix == ".sh"
-            or head.startswith(b"# shellcheck shell="))
+    return (
+        (head.startswith(b"#!") and b"sh" in head)
+        or path.suffix == ".sh"
+        or head.startswith(b"# shellcheck shell=")
+    )
 
 
 def shell_scripts() -> list[Path]:
@@ -53,7 +56,9 @@ def test_the_harness_and_bench_scripts_are_found() -> None:
 def test_shellcheck_is_clean(script: Path) -> None:
     if shutil.which("shellcheck") is None:
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
-    proc = subprocess.run(["shellcheck", "--external-sources", "--source-path=SCRIPTDIR",
-                           str(script)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["shellcheck", "--external-sources", "--source-path=SCRIPTDIR", str(script)],
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode == 0, proc.stdout
