@@ -15,9 +15,10 @@ What it measures
             (insmod, findfs, mount the state, loop-mount the erofs lower, /etc overlay, /var and
             /home binds, switch_root; no checks, no counting): the floor to measure the stage
             against (the ratios trial/floor and blessed/floor);
-    dracut  (with --dracut) Debian's dracut generic initramfs (``dracut --no-hostonly --kver
-            <kver> --kmoddir <modules> --add-drivers "virtio_blk virtio_pci" --zstd``, systemd
-            inside) booting the same root as a plain ext4 root (``root=/dev/vda rw``).
+    dracut  (with --dracut) Debian's dracut generic initramfs, the one the QEMU tests boot
+            (``qemu.debian.dracut_initramfs``: ``dracut --no-hostonly --kver <kver> --kmoddir
+            <modules> --add-drivers "virtio_blk virtio_pci" --zstd``, no host configuration,
+            systemd inside) booting the same root as a plain ext4 root (``root=/dev/vda rw``).
 
     The figure is guest time from the kernel's ``[ t0] Run /init as init process`` console line
     (printk clock, ``printk.time=1``) to the deployment init's uptime marker: the time the
@@ -54,7 +55,6 @@ import io
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -69,6 +69,7 @@ from initrd.cpio import Member, write_cpio
 from initrd.kmod import decompress, resolve_modules
 from overlayroot.commands.staging import deploy
 from overlayroot.core import treecopy
+from qemu import debian
 from qemu.accel import choose_accel
 from qemu.disks import make_raw_fs_disk, make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env
@@ -84,7 +85,6 @@ ROOT_LABEL = "bench-root"
 ROOT_UUID = "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7c2"
 DISK_MB = 96
 CREATED = 1_700_000_000
-DRACUT_DRIVERS = "virtio_blk virtio_pci"
 SKIPCPIO = Path("/usr/lib/dracut/skipcpio")
 IDLE_BUSY_CPUS = 0.5
 OURS = "ours"
@@ -197,36 +197,17 @@ def build_ours(kernel: Kernel, work: Path) -> tuple[Image, BuildResult]:
 
 
 def build_dracut(kernel: Kernel, work: Path) -> Image:
-    """Debian's dracut, generic (not host-only), for the harness kernel, into `work`."""
-    dracut = shutil.which("dracut")
-    if dracut is None:
-        raise BenchUnavailable(
-            "the dracut command is not installed: apt-get install -y dracut-core"
-        )
+    """Debian's dracut, generic (not host-only, its systemd initrd), for the harness kernel,
+    into `work`: the plain dracut image the QEMU tests boot (`qemu.debian.dracut_initramfs`)."""
     if not (kernel.modules / "modules.dep").exists():
         raise BenchUnavailable(f"{kernel.modules} has no modules.dep: run depmod on it first")
     output = work / "dracut.img"
-    tmpdir = work / "dracut-tmp"
-    tmpdir.mkdir()
-    command = [
-        dracut, "--force", "--no-hostonly",
-        "--kver", kernel.version,
-        "--kmoddir", str(kernel.modules),
-        "--add-drivers", DRACUT_DRIVERS,
-        "--zstd",
-        "--tmpdir", str(tmpdir),
-        str(output),
-    ]  # fmt: skip
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        debian.dracut_initramfs(kernel, output, systemd=True, overlayroot=False)
+    except debian.GeneratorFailed as e:
+        raise BenchUnavailable(str(e)) from None
     seconds = round(time.monotonic() - started, 1)
-    if result.returncode != 0 or not output.exists():
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise BenchUnavailable(
-            f"{' '.join(command)} exited with status {result.returncode}:\n{tail}"
-        )
-    log = result.stdout + result.stderr
-    modules = re.findall(r"\*\*\* Including module: (\S+) \*\*\*", log)
     return Image(
         name=DRACUT,
         path=output,
@@ -234,11 +215,7 @@ def build_dracut(kernel: Kernel, work: Path) -> Image:
         compression=_compression_of(output),
         description=f"dracut {_package_version('dracut-core')} generic",
         build_seconds=seconds,
-        details={
-            "dracut_modules": modules,
-            "systemd": "systemd" in modules,
-            "command": command,
-        },
+        details={"systemd": True, "built_by": "qemu.debian.dracut_initramfs"},
     )
 
 
