@@ -15,6 +15,10 @@ What it measures
             (insmod, findfs, mount the state, loop-mount the erofs lower, /etc overlay, /var and
             /home binds, switch_root; no checks, no counting): the floor to measure the stage
             against (the ratios trial/floor and blessed/floor);
+    trial-baseline, blessed-baseline
+            (with --baseline IMAGE) another initramfs of ours, built by another version (say,
+            `overlayroot initrd build` run from main), booted on the same two disks: the
+            before and after of a change, against the same floor, in one run;
     dracut  (with --dracut) Debian's dracut generic initramfs, the one the QEMU tests boot
             (``qemu.debian.dracut_initramfs``: ``dracut --no-hostonly --kver <kver> --kmoddir
             <modules> --add-drivers "virtio_blk virtio_pci" --zstd``, no host configuration,
@@ -41,7 +45,7 @@ How
     A failed boot's console log is kept and its path printed; the others are deleted unless
     --keep-logs.
 
-    .venv/bin/python -m bench.boot_time [--runs 5] [--dracut] [--json]
+    .venv/bin/python -m bench.boot_time [--runs 5] [--baseline IMAGE] [--dracut] [--json]
 
 The table goes to stdout (or a JSON object with --json), progress to stderr. Exit status 1 when a
 boot failed, 2 when nothing could be measured.
@@ -92,6 +96,9 @@ TRIAL = "trial"
 BLESSED = "blessed"
 FLOOR = "floor"
 DRACUT = "dracut"
+BASELINE = "baseline"
+TRIAL_BASELINE = f"{TRIAL}-{BASELINE}"
+BLESSED_BASELINE = f"{BLESSED}-{BASELINE}"
 FLOOR_INIT = Path(__file__).resolve().parent / "floor" / "init.sh"
 FLOOR_MODULES = ("virtio_pci", "virtio_blk", "loop", "erofs", "overlay")
 FLOOR_LABEL = "floorstate"
@@ -402,10 +409,10 @@ def boot_once(
 
 
 def setups(
-    kernel: Kernel, work: Path, with_dracut: bool
+    kernel: Kernel, work: Path, with_dracut: bool, baseline: Path | None = None
 ) -> tuple[list[Setup], BuildResult, str | None]:
     """The configurations (dracut's only when asked for, and left out with the reason when it
-    cannot be built)."""
+    cannot be built; the baseline's when given)."""
     progress(f"building our initramfs for {kernel.version} (zstd -19)")
     ours, result = build_ours(kernel, work)
     progress(f"  {ours.size} bytes, {result.frozen_modules} frozen modules")
@@ -431,6 +438,18 @@ def setups(
             ours_failures,
         ),
     ]
+    if baseline is not None:
+        base = Image(
+            name=BASELINE,
+            path=baseline,
+            size=baseline.stat().st_size,
+            compression="-",
+            description=f"baseline ({baseline})",
+            build_seconds=0.0,
+        )
+        found += [
+            Setup(f"{s.name}-{BASELINE}", base, s.disk, s.cmdline, s.failures) for s in list(found)
+        ]
     progress("building the busybox floor and its disk")
     floor, floor_disk = build_floor(kernel, work, root)
     found.append(Setup(FLOOR, floor, floor_disk, "printk.time=1", DEFAULT_FAILURES))
@@ -464,7 +483,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
     boots: list[Boot] = []
     with tempfile.TemporaryDirectory(prefix="overlayroot-bench-") as tmp:
         work = Path(tmp)
-        configs, ours_result, dracut_error = setups(kernel, work, args.dracut)
+        configs, ours_result, dracut_error = setups(kernel, work, args.dracut, args.baseline)
         for run in range(1, args.runs + 1):
             for setup in configs:
                 progress(f"[{setup.name} {run}/{args.runs}] booting")
@@ -532,7 +551,16 @@ def summarize(
         }
     ratios = {
         f"{a}/{b}": ratio(stats, a, b)
-        for a, b in ((TRIAL, FLOOR), (BLESSED, FLOOR), (TRIAL, DRACUT), (BLESSED, DRACUT))
+        for a, b in (
+            (TRIAL, FLOOR),
+            (BLESSED, FLOOR),
+            (TRIAL_BASELINE, FLOOR),
+            (BLESSED_BASELINE, FLOOR),
+            (TRIAL, TRIAL_BASELINE),
+            (BLESSED, BLESSED_BASELINE),
+            (TRIAL, DRACUT),
+            (BLESSED, DRACUT),
+        )
         if a in stats and b in stats
     }
     return {
@@ -592,7 +620,7 @@ def table(report: dict[str, object]) -> str:
         f"{report['runs']} boots per configuration (alternating)",
         f"load average at start {report['loadavg_start']}, at end {report['loadavg_end']}",
         "",
-        f"{'initramfs':<10} {'size':>10} {'bytes':>10}  {'comp.':<6} what",
+        f"{'initramfs':<16} {'size':>10} {'bytes':>10}  {'comp.':<6} what",
     ]
     for name, image in images.items():
         what = str(image["path_kind"])
@@ -604,7 +632,7 @@ def table(report: dict[str, object]) -> str:
         elif image.get("systemd"):
             what += ", systemd"
         lines.append(
-            f"{name:<10} {_mib(image['size']):>10} {image['size']:>10}  "
+            f"{name:<16} {_mib(image['size']):>10} {image['size']:>10}  "
             f"{image['compression']:<6} {what}"
         )
     if TRIAL in images and DRACUT in images:
@@ -614,14 +642,14 @@ def table(report: dict[str, object]) -> str:
     lines += [
         "",
         "'Run /init' -> deployment init, guest seconds    wall seconds (QEMU start -> marker)",
-        f"{'':<10} {'median':>7} {'min':>7} {'max':>7} {'ok':>5}    "
+        f"{'':<16} {'median':>7} {'min':>7} {'max':>7} {'ok':>5}    "
         f"{'median':>7} {'min':>7} {'max':>7}   busy CPUs (median)",
     ]
     for name, entry in stats.items():
         ok = f"{entry['boots'] - entry['failed']}/{entry['boots']}"
         busy = entry["busy_cpus_median"]
         lines.append(
-            f"{name:<10} {_stat_cells(entry['guest_seconds'])} {ok:>5}    "
+            f"{name:<16} {_stat_cells(entry['guest_seconds'])} {ok:>5}    "
             f"{_stat_cells(entry['wall_seconds'])}   "
             f"{'-' if busy is None else f'{busy:.2f}'}"
         )
@@ -633,7 +661,7 @@ def table(report: dict[str, object]) -> str:
         lines.append(f"no dracut reference: {report['dracut_error']}")
     lines += [
         "",
-        f"{'boot':<10} {'run':>3} {'Run /init':>9} {'marker':>8} {'guest s':>8} "
+        f"{'boot':<16} {'run':>3} {'Run /init':>9} {'marker':>8} {'guest s':>8} "
         f"{'wall s':>7} {'busy':>5} {'load1':>6} {'qemu':>4}",
     ]
     boots = report["boots"]
@@ -641,7 +669,7 @@ def table(report: dict[str, object]) -> str:
     for boot in boots:
         if boot["ok"]:
             lines.append(
-                f"{boot['setup']:<10} {boot['run']:>3} {boot['run_init']:>9.3f} "
+                f"{boot['setup']:<16} {boot['run']:>3} {boot['run_init']:>9.3f} "
                 f"{boot['marker_uptime']:>8.2f} {boot['initramfs_seconds']:>8.3f} "
                 f"{boot['wall_seconds']:>7.1f} {boot['busy_cpus']:>5.2f} "
                 f"{boot['load1']:>6.2f} "
@@ -649,7 +677,7 @@ def table(report: dict[str, object]) -> str:
             )
         else:
             lines.append(
-                f"{boot['setup']:<10} {boot['run']:>3} FAILED: {boot['error']}; "
+                f"{boot['setup']:<16} {boot['run']:>3} FAILED: {boot['error']}; "
                 f"console log {boot['log']}"
             )
     lines += [
@@ -689,11 +717,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         " build, and the slowest boots)",
     )
     parser.add_argument(
+        "--baseline",
+        type=Path,
+        metavar="IMAGE",
+        help="also boot this initramfs of ours (built by another version, e.g."
+        " `overlayroot initrd build` from main) on the same disks, for the ratios"
+        " before and after a change in one run",
+    )
+    parser.add_argument(
         "--keep-logs", action="store_true", help="keep the console logs of good boots too"
     )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
+    if args.baseline is not None and not args.baseline.is_file():
+        parser.error(
+            f"--baseline {args.baseline}: no such file; give an initramfs image built"
+            " by `overlayroot initrd build`"
+        )
     return args
 
 
