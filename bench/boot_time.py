@@ -15,9 +15,10 @@ What it measures
             (insmod, findfs, mount the state, loop-mount the erofs lower, /etc overlay, /var and
             /home binds, switch_root; no checks, no counting): the floor to measure the stage
             against (the ratios trial/floor and blessed/floor);
-    dracut  (with --dracut) Debian's dracut generic initramfs (``dracut --no-hostonly --kver
-            <kver> --kmoddir <modules> --add-drivers "virtio_blk virtio_pci" --zstd``, systemd
-            inside) booting the same root as a plain ext4 root (``root=/dev/vda rw``).
+    dracut  (with --dracut) Debian's dracut generic initramfs, the one the QEMU tests boot
+            (``qemu.debian.dracut_initramfs``: ``dracut --no-hostonly --kver <kver> --kmoddir
+            <modules> --add-drivers "virtio_blk virtio_pci" --zstd``, no host configuration,
+            systemd inside) booting the same root as a plain ext4 root (``root=/dev/vda rw``).
 
     The figure is guest time from the kernel's ``[ t0] Run /init as init process`` console line
     (printk clock, ``printk.time=1``) to the deployment init's uptime marker: the time the
@@ -54,7 +55,6 @@ import io
 import json
 import os
 import re
-import shutil
 import statistics
 import subprocess
 import sys
@@ -67,8 +67,9 @@ from pathlib import Path
 from initrd.build import BuildConfig, BuildResult, Compression, build_initramfs
 from initrd.cpio import Member, write_cpio
 from initrd.kmod import decompress, resolve_modules
-from overlayroot import treecopy
-from overlayroot.deploy import deploy
+from overlayroot.commands.staging import deploy
+from overlayroot.core import treecopy
+from qemu import debian
 from qemu.accel import choose_accel
 from qemu.disks import make_raw_fs_disk, make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env
@@ -84,7 +85,6 @@ ROOT_LABEL = "bench-root"
 ROOT_UUID = "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7c2"
 DISK_MB = 96
 CREATED = 1_700_000_000
-DRACUT_DRIVERS = "virtio_blk virtio_pci"
 SKIPCPIO = Path("/usr/lib/dracut/skipcpio")
 IDLE_BUSY_CPUS = 0.5
 OURS = "ours"
@@ -162,7 +162,6 @@ class BenchUnavailable(RuntimeError):
     """A reference image could not be built: the message says exactly why."""
 
 
-
 def progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
@@ -175,8 +174,9 @@ def harness_kernel() -> Kernel:
 def build_ours(kernel: Kernel, work: Path) -> tuple[Image, BuildResult]:
     started = time.monotonic()
     result = build_initramfs(
-        BuildConfig(modules_dir=kernel.modules, output=work / "overlayroot.img",
-                    compress=Compression.ZSTD)
+        BuildConfig(
+            modules_dir=kernel.modules, output=work / "overlayroot.img", compress=Compression.ZSTD
+        )
     )
     image = Image(
         name=OURS,
@@ -197,36 +197,17 @@ def build_ours(kernel: Kernel, work: Path) -> tuple[Image, BuildResult]:
 
 
 def build_dracut(kernel: Kernel, work: Path) -> Image:
-    """Debian's dracut, generic (not host-only), for the harness kernel, into `work`."""
-    dracut = shutil.which("dracut")
-    if dracut is None:
-        raise BenchUnavailable(
-            "the dracut command is not installed: apt-get install -y dracut-core"
-        )
+    """Debian's dracut, generic (not host-only, its systemd initrd), for the harness kernel,
+    into `work`: the plain dracut image the QEMU tests boot (`qemu.debian.dracut_initramfs`)."""
     if not (kernel.modules / "modules.dep").exists():
         raise BenchUnavailable(f"{kernel.modules} has no modules.dep: run depmod on it first")
     output = work / "dracut.img"
-    tmpdir = work / "dracut-tmp"
-    tmpdir.mkdir()
-    command = [
-        dracut, "--force", "--no-hostonly",
-        "--kver", kernel.version,
-        "--kmoddir", str(kernel.modules),
-        "--add-drivers", DRACUT_DRIVERS,
-        "--zstd",
-        "--tmpdir", str(tmpdir),
-        str(output),
-    ]  # fmt: skip
     started = time.monotonic()
-    result = subprocess.run(command, capture_output=True, text=True)
+    try:
+        debian.dracut_initramfs(kernel, output, systemd=True, overlayroot=False)
+    except debian.GeneratorFailed as e:
+        raise BenchUnavailable(str(e)) from None
     seconds = round(time.monotonic() - started, 1)
-    if result.returncode != 0 or not output.exists():
-        tail = "\n".join((result.stdout + result.stderr).strip().splitlines()[-15:])
-        raise BenchUnavailable(
-            f"{' '.join(command)} exited with status {result.returncode}:\n{tail}"
-        )
-    log = result.stdout + result.stderr
-    modules = re.findall(r"\*\*\* Including module: (\S+) \*\*\*", log)
     return Image(
         name=DRACUT,
         path=output,
@@ -234,11 +215,7 @@ def build_dracut(kernel: Kernel, work: Path) -> Image:
         compression=_compression_of(output),
         description=f"dracut {_package_version('dracut-core')} generic",
         build_seconds=seconds,
-        details={
-            "dracut_modules": modules,
-            "systemd": "systemd" in modules,
-            "command": command,
-        },
+        details={"systemd": True, "built_by": "qemu.debian.dracut_initramfs"},
     )
 
 
@@ -249,8 +226,12 @@ def _compression_of(path: Path) -> str:
     if head.startswith(b"070701") and SKIPCPIO.exists():
         main = subprocess.run([str(SKIPCPIO), str(path)], capture_output=True, check=True)
         head = main.stdout[:6]
-    magics = {b"\x28\xb5\x2f\xfd": "zstd", b"\x1f\x8b": "gzip", b"\xfd7zXZ": "xz",
-              b"070701": "none"}
+    magics = {
+        b"\x28\xb5\x2f\xfd": "zstd",
+        b"\x1f\x8b": "gzip",
+        b"\xfd7zXZ": "xz",
+        b"070701": "none",
+    }
     return next((name for magic, name in magics.items() if head.startswith(magic)), "unknown")
 
 
@@ -265,16 +246,19 @@ def make_state(work: Path, root: Path, name: str, *, known_good: bool) -> Path:
     """The test root as an erofs deployment on a GPT state disk, on trial or known good."""
     state = work / f"state-content-{name}"
     state.mkdir()
-    deploy(state, root, deployment_id="bench", fmt="erofs", created=CREATED,
-           known_good=known_good)
+    deploy(state, root, deployment_id="bench", fmt="erofs", created=CREATED, known_good=known_good)
     if known_good:
         # A machine's every boot after its first: /var was seeded from the image already.
         var = state / "overlayroot" / "var"
         var.rmdir()
         treecopy.copy_tree(root / "var", var)
     return make_state_disk(
-        work / f"state-{name}.img", state, size_mb=DISK_MB, fs_label=STATE_LABEL,
-        fs_uuid=STATE_UUID, partlabel="overlayroot state",
+        work / f"state-{name}.img",
+        state,
+        size_mb=DISK_MB,
+        fs_label=STATE_LABEL,
+        fs_uuid=STATE_UUID,
+        partlabel="overlayroot state",
         partuuid="c0ffee00-1234-4abc-8def-0000000be7c3",
     )
 
@@ -286,8 +270,9 @@ def build_floor(kernel: Kernel, work: Path, root: Path) -> tuple[Image, Path]:
         raise BenchUnavailable(f"{BUSYBOX} is missing: apt-get install busybox-static")
     started = time.monotonic()
     modules = resolve_modules(kernel.modules, FLOOR_MODULES).modules
-    members = [Member.directory(d) for d in ("bin", "dev", "proc", "sys", "run", "lib",
-                                             "lib/modules")]
+    members = [
+        Member.directory(d) for d in ("bin", "dev", "proc", "sys", "run", "lib", "lib/modules")
+    ]
     members += [
         Member.char_device("dev/console", 5, 1),
         Member.file("bin/busybox", BUSYBOX.read_bytes(), 0o755),
@@ -301,13 +286,21 @@ def build_floor(kernel: Kernel, work: Path, root: Path) -> tuple[Image, Path]:
     image.write_bytes(gzip.compress(raw.getvalue(), compresslevel=9, mtime=0))
     content = work / "floor-content"
     (content / "deploy").mkdir(parents=True)
-    subprocess.run(["mkfs.erofs", "--quiet", str(content / "deploy/root.erofs"), str(root)],
-                   check=True, capture_output=True)
+    subprocess.run(
+        ["mkfs.erofs", "--quiet", str(content / "deploy/root.erofs"), str(root)],
+        check=True,
+        capture_output=True,
+    )
     disk = make_raw_fs_disk(work / "floor.disk", content, DISK_MB, FLOOR_LABEL, FLOOR_UUID)
-    return Image(name=FLOOR, path=image, size=image.stat().st_size, compression="gzip",
-                 description="busybox shell floor (bench/floor/init.sh)",
-                 build_seconds=round(time.monotonic() - started, 1),
-                 details={"kernel_modules": len(modules)}), disk
+    return Image(
+        name=FLOOR,
+        path=image,
+        size=image.stat().st_size,
+        compression="gzip",
+        description="busybox shell floor (bench/floor/init.sh)",
+        build_seconds=round(time.monotonic() - started, 1),
+        details={"kernel_modules": len(modules)},
+    ), disk
 
 
 def other_qemu_processes() -> int:
@@ -357,8 +350,7 @@ def wait_idle(limit: float) -> int:
         if (others == 0 and busy < IDLE_BUSY_CPUS) or time.monotonic() >= deadline:
             return others
         if not said:
-            progress(f"host busy ({busy:.1f} CPUs, {others} other QEMU); "
-                     f"waiting up to {limit:g} s")
+            progress(f"host busy ({busy:.1f} CPUs, {others} other QEMU); waiting up to {limit:g} s")
             said = True
 
 
@@ -370,10 +362,22 @@ def boot_once(
     subprocess.run(["cp", "--sparse=always", str(setup.disk), str(disk)], check=True)
     log_path = logs / f"{setup.name}-{run}.log"
     others = wait_idle(idle_limit)
-    boot = Boot(setup=setup.name, run=run, ok=False, load1=round(os.getloadavg()[0], 2),
-                other_qemu=others, log=str(log_path))
-    machine = Machine(kernel, setup.image.path, log_path=log_path, disks=[disk],
-                      cmdline=setup.cmdline, accel=accel)
+    boot = Boot(
+        setup=setup.name,
+        run=run,
+        ok=False,
+        load1=round(os.getloadavg()[0], 2),
+        other_qemu=others,
+        log=str(log_path),
+    )
+    machine = Machine(
+        kernel,
+        setup.image.path,
+        log_path=log_path,
+        disks=[disk],
+        cmdline=setup.cmdline,
+        accel=accel,
+    )
     meter = CpuMeter()
     started = time.monotonic()
     try:
@@ -397,8 +401,9 @@ def boot_once(
     return boot
 
 
-def setups(kernel: Kernel, work: Path, with_dracut: bool) -> tuple[
-        list[Setup], BuildResult, str | None]:
+def setups(
+    kernel: Kernel, work: Path, with_dracut: bool
+) -> tuple[list[Setup], BuildResult, str | None]:
     """The configurations (dracut's only when asked for, and left out with the reason when it
     cannot be built)."""
     progress(f"building our initramfs for {kernel.version} (zstd -19)")
@@ -406,14 +411,25 @@ def setups(kernel: Kernel, work: Path, with_dracut: bool) -> tuple[
     progress(f"  {ours.size} bytes, {result.frozen_modules} frozen modules")
     progress("making the test root and its erofs deployments, on trial and known good")
     root = make_test_root(work / "root", image="bench")
-    ours_cmdline = (f"printk.time=1 root=LABEL={STATE_LABEL} overlayroot.onfail=poweroff"
-                    " overlayroot.timeout=30")
+    ours_cmdline = (
+        f"printk.time=1 root=LABEL={STATE_LABEL} overlayroot.onfail=poweroff overlayroot.timeout=30"
+    )
     ours_failures = (*DEFAULT_FAILURES, "overlayroot: error:")
     found: list[Setup] = [
-        Setup(TRIAL, ours, make_state(work, root, TRIAL, known_good=False), ours_cmdline,
-              ours_failures),
-        Setup(BLESSED, ours, make_state(work, root, BLESSED, known_good=True), ours_cmdline,
-              ours_failures),
+        Setup(
+            TRIAL,
+            ours,
+            make_state(work, root, TRIAL, known_good=False),
+            ours_cmdline,
+            ours_failures,
+        ),
+        Setup(
+            BLESSED,
+            ours,
+            make_state(work, root, BLESSED, known_good=True),
+            ours_cmdline,
+            ours_failures,
+        ),
     ]
     progress("building the busybox floor and its disk")
     floor, floor_disk = build_floor(kernel, work, root)
@@ -452,24 +468,45 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
         for run in range(1, args.runs + 1):
             for setup in configs:
                 progress(f"[{setup.name} {run}/{args.runs}] booting")
-                boot = boot_once(kernel, accel, setup, run, work, logs,
-                                 timeout=args.timeout, idle_limit=args.wait_idle)
+                boot = boot_once(
+                    kernel,
+                    accel,
+                    setup,
+                    run,
+                    work,
+                    logs,
+                    timeout=args.timeout,
+                    idle_limit=args.wait_idle,
+                )
                 boots.append(boot)
                 if boot.ok:
-                    progress(f"[{setup.name} {run}/{args.runs}] {boot.initramfs_seconds:.2f} s"
-                             f" guest, {boot.wall_seconds:.1f} s wall, {boot.busy_cpus} CPUs"
-                             f" busy, load {boot.load1}")
+                    progress(
+                        f"[{setup.name} {run}/{args.runs}] {boot.initramfs_seconds:.2f} s"
+                        f" guest, {boot.wall_seconds:.1f} s wall, {boot.busy_cpus} CPUs"
+                        f" busy, load {boot.load1}"
+                    )
                 else:
-                    progress(f"[{setup.name} {run}/{args.runs}] FAILED: {boot.error}"
-                             f" (console log: {boot.log})")
+                    progress(
+                        f"[{setup.name} {run}/{args.runs}] FAILED: {boot.error}"
+                        f" (console log: {boot.log})"
+                    )
     for boot in boots:
         if boot.ok and not args.keep_logs and boot.log:
             Path(boot.log).unlink(missing_ok=True)
             boot.log = None
     if not any(logs.iterdir()):
         logs.rmdir()
-    return summarize(args, kernel, accel, configs, ours_result, dracut_error, boots,
-                     load_start, time.monotonic() - started)
+    return summarize(
+        args,
+        kernel,
+        accel,
+        configs,
+        ours_result,
+        dracut_error,
+        boots,
+        load_start,
+        time.monotonic() - started,
+    )
 
 
 def summarize(
@@ -493,9 +530,11 @@ def summarize(
                 else None
             ),
         }
-    ratios = {f"{a}/{b}": ratio(stats, a, b)
-              for a, b in ((TRIAL, FLOOR), (BLESSED, FLOOR), (TRIAL, DRACUT), (BLESSED, DRACUT))
-              if a in stats and b in stats}
+    ratios = {
+        f"{a}/{b}": ratio(stats, a, b)
+        for a, b in ((TRIAL, FLOOR), (BLESSED, FLOOR), (TRIAL, DRACUT), (BLESSED, DRACUT))
+        if a in stats and b in stats
+    }
     return {
         "metric": "guest seconds from the kernel's 'Run /init as init process' (printk clock)"
         " to the deployment init's OVERLAYROOT-TEST uptime marker (/proc/uptime)",
@@ -558,15 +597,20 @@ def table(report: dict[str, object]) -> str:
     for name, image in images.items():
         what = str(image["path_kind"])
         if name in (TRIAL, BLESSED):
-            what += (f", {image['frozen_modules']} frozen modules, "
-                     f"{image['kernel_modules']} kernel modules")
+            what += (
+                f", {image['frozen_modules']} frozen modules, "
+                f"{image['kernel_modules']} kernel modules"
+            )
         elif image.get("systemd"):
             what += ", systemd"
-        lines.append(f"{name:<10} {_mib(image['size']):>10} {image['size']:>10}  "
-                     f"{image['compression']:<6} {what}")
+        lines.append(
+            f"{name:<10} {_mib(image['size']):>10} {image['size']:>10}  "
+            f"{image['compression']:<6} {what}"
+        )
     if TRIAL in images and DRACUT in images:
-        lines.append("size ratio ours/dracut:"
-                     f" {images[TRIAL]['size'] / images[DRACUT]['size']:.3f}")
+        lines.append(
+            f"size ratio ours/dracut: {images[TRIAL]['size'] / images[DRACUT]['size']:.3f}"
+        )
     lines += [
         "",
         "'Run /init' -> deployment init, guest seconds    wall seconds (QEMU start -> marker)",
@@ -576,35 +620,47 @@ def table(report: dict[str, object]) -> str:
     for name, entry in stats.items():
         ok = f"{entry['boots'] - entry['failed']}/{entry['boots']}"
         busy = entry["busy_cpus_median"]
-        lines.append(f"{name:<10} {_stat_cells(entry['guest_seconds'])} {ok:>5}    "
-                     f"{_stat_cells(entry['wall_seconds'])}   "
-                     f"{'-' if busy is None else f'{busy:.2f}'}")
+        lines.append(
+            f"{name:<10} {_stat_cells(entry['guest_seconds'])} {ok:>5}    "
+            f"{_stat_cells(entry['wall_seconds'])}   "
+            f"{'-' if busy is None else f'{busy:.2f}'}"
+        )
     ratios = report["ratios"]
     assert isinstance(ratios, dict)
     for name, value in ratios.items():
         lines.append(f"ratio {name} of the guest medians: {'-' if value is None else value}")
     if report["dracut_error"]:
         lines.append(f"no dracut reference: {report['dracut_error']}")
-    lines += ["", f"{'boot':<10} {'run':>3} {'Run /init':>9} {'marker':>8} {'guest s':>8} "
-                  f"{'wall s':>7} {'busy':>5} {'load1':>6} {'qemu':>4}"]
+    lines += [
+        "",
+        f"{'boot':<10} {'run':>3} {'Run /init':>9} {'marker':>8} {'guest s':>8} "
+        f"{'wall s':>7} {'busy':>5} {'load1':>6} {'qemu':>4}",
+    ]
     boots = report["boots"]
     assert isinstance(boots, list)
     for boot in boots:
         if boot["ok"]:
-            lines.append(f"{boot['setup']:<10} {boot['run']:>3} {boot['run_init']:>9.3f} "
-                         f"{boot['marker_uptime']:>8.2f} {boot['initramfs_seconds']:>8.3f} "
-                         f"{boot['wall_seconds']:>7.1f} {boot['busy_cpus']:>5.2f} "
-                         f"{boot['load1']:>6.2f} "
-                         f"{boot['other_qemu']:>4}")
+            lines.append(
+                f"{boot['setup']:<10} {boot['run']:>3} {boot['run_init']:>9.3f} "
+                f"{boot['marker_uptime']:>8.2f} {boot['initramfs_seconds']:>8.3f} "
+                f"{boot['wall_seconds']:>7.1f} {boot['busy_cpus']:>5.2f} "
+                f"{boot['load1']:>6.2f} "
+                f"{boot['other_qemu']:>4}"
+            )
         else:
-            lines.append(f"{boot['setup']:<10} {boot['run']:>3} FAILED: {boot['error']}; "
-                         f"console log {boot['log']}")
-    lines += ["", f"busy: host CPUs busy during the boot, our QEMU included (of "
-                  f"{os.cpu_count()}); load1: 1-minute load average and qemu: other QEMU",
-              "processes, both when the boot started. TCG guest clocks run at host real time,",
-              "so a busy host lengthens guest seconds too. /proc/uptime reads ~0.05 s ahead of",
-              "the printk clock (same bias for both).",
-              f"total run time {report['total_seconds']} s"]
+            lines.append(
+                f"{boot['setup']:<10} {boot['run']:>3} FAILED: {boot['error']}; "
+                f"console log {boot['log']}"
+            )
+    lines += [
+        "",
+        f"busy: host CPUs busy during the boot, our QEMU included (of "
+        f"{os.cpu_count()}); load1: 1-minute load average and qemu: other QEMU",
+        "processes, both when the boot started. TCG guest clocks run at host real time,",
+        "so a busy host lengthens guest seconds too. /proc/uptime reads ~0.05 s ahead of",
+        "the printk clock (same bias for both).",
+        f"total run time {report['total_seconds']} s",
+    ]
     return "\n".join(lines)
 
 
@@ -616,16 +672,25 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--runs", type=int, default=5, help="boots per configuration (5)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
-    parser.add_argument("--timeout", type=float, default=300,
-                        help="seconds to wait for one boot's marker (300)")
-    parser.add_argument("--wait-idle", type=float, default=120,
-                        help="seconds to wait before each boot for other QEMU guests to end "
-                        "and the host to go idle (120)")
-    parser.add_argument("--dracut", action="store_true",
-                        help="boot Debian's dracut generic initramfs too (about a minute to"
-                        " build, and the slowest boots)")
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep the console logs of good boots too")
+    parser.add_argument(
+        "--timeout", type=float, default=300, help="seconds to wait for one boot's marker (300)"
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=120,
+        help="seconds to wait before each boot for other QEMU guests to end "
+        "and the host to go idle (120)",
+    )
+    parser.add_argument(
+        "--dracut",
+        action="store_true",
+        help="boot Debian's dracut generic initramfs too (about a minute to"
+        " build, and the slowest boots)",
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the console logs of good boots too"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")

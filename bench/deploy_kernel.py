@@ -12,9 +12,9 @@ What it measures
     kernel, copied   the same root with the initramfs the builder made in the first run put at
                      ``/boot/initrd.img-<version>``: deploy copies it.
 
-    The figure is the wall time of ``overlayroot.deploy.deploy`` (the median of the runs), and
-    each configuration's ratio to the baseline's median of the same run. The trees are hardlinked
-    copies of the cached root, made before the clock starts.
+    The figure is the wall time of ``overlayroot.commands.staging.deploy`` (the median of the
+    runs), and each configuration's ratio to the baseline's median of the same run. The trees
+    are hardlinked copies of the cached root, made before the clock starts.
 
     sudo .venv/bin/python -m bench.deploy_kernel [--runs 5] [--json]
 """
@@ -33,7 +33,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from overlayroot.deploy import KernelChoice, deploy
+from overlayroot.commands.staging import KernelChoice, deploy
 from qemu import debian
 from qemu.kernel import debian_cloud_kernel, kernel_from_env
 from qemu.paths import cache_dir
@@ -76,8 +76,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
                 sysroot.mkdir()
                 choice = KernelChoice(skip=name == "no kernel")
                 started = time.perf_counter()
-                manifest, final = deploy(sysroot, root, deployment_id="v1", created=EPOCH,
-                                         kernel=choice)
+                manifest, final = deploy(
+                    sysroot, root, deployment_id="v1", created=EPOCH, kernel=choice
+                )
                 seconds[name].append(time.perf_counter() - started)
                 if name == "kernel, built" and built is None:
                     built = work / "built-initramfs.img"
@@ -93,9 +94,11 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
         "runs": args.runs,
         "bytes": sizes,
         "configurations": {
-            name: {"median_s": round(statistics.median(values), 3),
-                   "ratio": round(statistics.median(values) / baseline, 2),
-                   "runs_s": [round(v, 3) for v in values]}
+            name: {
+                "median_s": round(statistics.median(values), 3),
+                "ratio": round(statistics.median(values) / baseline, 2),
+                "runs_s": [round(v, 3) for v in values],
+            }
             for name, values in seconds.items()
         },
     }
@@ -104,25 +107,33 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
 def table(report: dict[str, object]) -> str:
     configurations = report["configurations"]
     assert isinstance(configurations, dict)
-    lines = [f"deploy of the Debian root as erofs, kernel {report['kernel']},"
-             f" median of {report['runs']} runs; sizes {report['bytes']}",
-             f"{'configuration':<16} {'median s':>9} {'ratio':>6}"]
+    lines = [
+        f"deploy of the Debian root as erofs, kernel {report['kernel']},"
+        f" median of {report['runs']} runs; sizes {report['bytes']}",
+        f"{'configuration':<16} {'median s':>9} {'ratio':>6}",
+    ]
     for name, figures in configurations.items():
         lines.append(f"{name:<16} {figures['median_s']:>9.3f} {figures['ratio']:>6.2f}")
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.deploy_kernel", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="bench.deploy_kernel",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
     parser.add_argument("--runs", type=int, default=5, help="deploys per configuration (5)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")
     if os.geteuid() != 0:
-        print("bench.deploy_kernel: run as root (the Debian tree has files of other owners)",
-              file=sys.stderr)
+        print(
+            "bench.deploy_kernel: run as root (the Debian tree has files of other owners)",
+            file=sys.stderr,
+        )
         return 2
     report = run_benchmark(args)
     print(json.dumps(report, indent=2) if args.json else table(report))

@@ -77,13 +77,26 @@ def main(argv: list[str] | None = None) -> int:
         description="Run every reader of outside input under hypothesis with many examples and"
         " report how many ran and what failed.",
     )
-    parser.add_argument("--examples", type=int, default=20000, metavar="N",
-                        help="examples per reader (default 20000)")
-    parser.add_argument("--costly", type=int, metavar="N",
-                        help="examples per reader that runs tar or writes a state filesystem per"
-                        " example (default: a tenth of --examples)")
-    parser.add_argument("--reader", action="append", metavar="NAME",
-                        help="only this reader (repeatable; default: all)")
+    parser.add_argument(
+        "--examples",
+        type=int,
+        default=20000,
+        metavar="N",
+        help="examples per reader (default 20000)",
+    )
+    parser.add_argument(
+        "--costly",
+        type=int,
+        metavar="N",
+        help="examples per reader that runs tar or writes a state filesystem per"
+        " example (default: a tenth of --examples)",
+    )
+    parser.add_argument(
+        "--reader",
+        action="append",
+        metavar="NAME",
+        help="only this reader (repeatable; default: all)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
     args = parser.parse_args(argv)
     readers = all_readers()
@@ -97,11 +110,22 @@ def main(argv: list[str] | None = None) -> int:
             continue
         outcome = run(name, reader, costly if reader.costly else args.examples)
         outcomes.append(outcome)
-        print(f"{name}: {outcome.examples} examples in {outcome.seconds} s,"
-              f" {'FAILED' if outcome.failure else 'ok'}", file=sys.stderr)
+        print(
+            f"{name}: {outcome.examples} examples in {outcome.seconds} s,"
+            f" {'FAILED' if outcome.failure else 'ok'}",
+            file=sys.stderr,
+        )
     if args.json:
-        print(json.dumps({"examples": args.examples, "costly": costly,
-                          "readers": [asdict(o) for o in outcomes]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "examples": args.examples,
+                    "costly": costly,
+                    "readers": [asdict(o) for o in outcomes],
+                },
+                indent=2,
+            )
+        )
     else:
         width = max(len(o.reader) for o in outcomes)
         print(f"{'READER':<{width}}  EXAMPLES  SECONDS  RESULT")

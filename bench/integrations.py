@@ -1,7 +1,7 @@
-"""Time to multi-user.target of a real Debian under TCG, through each initramfs, for issue 4.
+"""Time to multi-user.target of a real Debian under TCG, through each initramfs (issues 4, 10).
 
 What it measures
-    The Debian bookworm image of qemu.debian (systemd, minbase, the overlayroot command and
+    bookworm: the Debian 12 image of qemu.debian (systemd, minbase, the overlayroot command and
     overlayroot-bless.service), booted by the harness kernel:
 
     standalone       our initramfs (initrd.build, zstd), the root deployed as erofs on a state disk;
@@ -13,13 +13,25 @@ What it measures
                      /init (with ``init=/lib/systemd/systemd``: docs/integrations.md) and its
                      systemd hook, same disk; left out, with a note, where its tarball is not.
 
-    The figure is systemd's own ``ActiveEnterTimestampMonotonic`` of multi-user.target (seconds
-    since the kernel started), which the image's report unit prints; the size is the initramfs
-    file. Every boot gets a fresh copy of its disk, so each is a first boot (machine id
-    generated, /var seeded, a trial boot whose image digest is checked) and the configurations
-    alternate. TCG guest clocks run at host real time: a busy host lengthens every figure.
+    trixie: the Debian 13 image of qemu.trixie, booted by its own 6.12 kernel:
 
-    .venv/bin/python -m bench.integrations [--runs 3] [--json]
+    standalone, initramfs-tools+overlayroot
+                     the two images built inside it by its own Python 3.13 (qemu.trixie);
+    dracut           the host's dracut without our module for that kernel, the root as an
+                     ordinary ext4 root: the baseline.
+
+    Each boot is split, in guest seconds since the kernel started: *kernel* up to its
+    ``Run /init as init process`` line, *initramfs* from there to the real init's start
+    (systemd's ``UserspaceTimestampMonotonic`` of the booted system), *userspace* from there to
+    ``multi-user.target`` (its ``ActiveEnterTimestampMonotonic``); the image's report unit prints
+    the timestamps. ``first`` boots get a fresh copy of the disk each (machine id generated,
+    /var seeded, a trial boot whose image digest is checked); ``later`` boots a copy of the disk
+    as one first boot left it (blessed: no trial, no digest, no watchdog), which is every boot
+    of a machine after its deployment's first. Configurations alternate within a run. TCG guest
+    clocks run at host real time: a busy host lengthens every figure; compare ratios of one run.
+
+    .venv/bin/python -m bench.integrations [--suites bookworm,trixie] [--boots first,later]
+        [--only NAME,...] [--runs 3] [--json]
 """
 
 from __future__ import annotations
@@ -27,6 +39,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -36,8 +49,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.deploy import deploy
-from qemu import debian, mkinitcpio
+from overlayroot.commands.staging import deploy
+from qemu import debian, mkinitcpio, trixie
 from qemu.accel import choose_accel
 from qemu.disks import make_raw_fs_disk, make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env
@@ -47,83 +60,183 @@ from qemu.rootfs import build_command_payload
 
 STATE_LABEL = "or-bench"
 ROOT_LABEL = "bench-root"
-FAILURES = ("Kernel panic - not syncing", "overlayroot: error:", "Entering emergency mode",
-            "Traceback (most recent call last)")
+FAILURES = (
+    "Kernel panic - not syncing",
+    "overlayroot: error:",
+    "Entering emergency mode",
+    "Traceback (most recent call last)",
+)
+RUN_INIT = re.compile(r"\[\s*(\d+\.\d+)\] Run /init as init process")
+SUITES = ("bookworm", "trixie")
+BOOTS = ("first", "later")
+PHASES = ("kernel_s", "initramfs_s", "userspace_s", "multi_user_s")
+BASELINE = "dracut"
 
 
 @dataclass(frozen=True)
 class Setup:
+    suite: str
     name: str
+    kernel: Kernel
     initrd: Path
     disk: Path
     cmdline: str
+
+    @property
+    def label(self) -> str:
+        return f"{self.suite}/{self.name}"
 
 
 def progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def setups(kernel: Kernel, root: Path, work: Path) -> list[Setup]:
-    progress("building the state disk and the ordinary root disk")
+def bookworm_setups(kernel: Kernel, root: Path, work: Path) -> list[Setup]:
+    progress("bookworm: building the state disk and the ordinary root disk")
     content = work / "state-content"
     content.mkdir()
     deploy(content, root, deployment_id="bookworm", fmt="erofs", created=1_700_000_000)
-    state = make_state_disk(work / "state.img", content, size_mb=640, fs_label=STATE_LABEL,
-                            fs_uuid="5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d1",
-                            partlabel="overlayroot state",
-                            partuuid="c0ffee00-1234-4abc-8def-0000000be7d1")
-    plain = make_raw_fs_disk(work / "root.img", root, 640, ROOT_LABEL,
-                             "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d2")
+    state = make_state_disk(
+        work / "state.img",
+        content,
+        size_mb=640,
+        fs_label=STATE_LABEL,
+        fs_uuid="5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d1",
+        partlabel="overlayroot state",
+        partuuid="c0ffee00-1234-4abc-8def-0000000be7d1",
+    )
+    plain = make_raw_fs_disk(
+        work / "root.img", root, 640, ROOT_LABEL, "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d2"
+    )
     images: list[tuple[str, Callable[[Path], Path]]] = [
         ("standalone", lambda out: _standalone(kernel, out)),
         ("dracut+overlayroot", lambda out: debian.dracut_initramfs(kernel, out, systemd=True)),
-        ("dracut", lambda out: debian.dracut_initramfs(kernel, out, systemd=True,
-                                                        overlayroot=False)),
-        ("mkinitcpio+overlayroot", lambda out: mkinitcpio.mkinitcpio_initramfs(
-            kernel, out, mkinitcpio.Variant.BUSYBOX)),
-        ("mkinitcpio-systemd+overlayroot", lambda out: mkinitcpio.mkinitcpio_initramfs(
-            kernel, out, mkinitcpio.Variant.SYSTEMD)),
+        (
+            "dracut",
+            lambda out: debian.dracut_initramfs(kernel, out, systemd=True, overlayroot=False),
+        ),
+        (
+            "mkinitcpio+overlayroot",
+            lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.BUSYBOX),
+        ),
+        (
+            "mkinitcpio-systemd+overlayroot",
+            lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.SYSTEMD),
+        ),
     ]
     result = []
     for name, build in images:
-        progress(f"building the {name} initramfs")
+        progress(f"bookworm: building the {name} initramfs")
         try:
             initrd = build(work / f"{name}.img")
         except mkinitcpio.MkinitcpioUnavailable as e:
             progress(f"left out {name}: {e}")
             continue
         if name == "dracut":
-            result.append(Setup(name, initrd, plain, f"root=LABEL={ROOT_LABEL} rw"))
+            cmdline = f"root=LABEL={ROOT_LABEL} rw"
         elif name == "mkinitcpio+overlayroot":
-            result.append(Setup(name, initrd, state,
-                                f"root=LABEL={STATE_LABEL} ro init=/lib/systemd/systemd"))
+            cmdline = f"root=LABEL={STATE_LABEL} ro init=/lib/systemd/systemd"
         else:
-            result.append(Setup(name, initrd, state, f"root=LABEL={STATE_LABEL} ro"))
+            cmdline = f"root=LABEL={STATE_LABEL} ro"
+        result.append(
+            Setup("bookworm", name, kernel, initrd, plain if name == "dracut" else state, cmdline)
+        )
     return result
 
 
+def trixie_setups(work: Path) -> list[Setup]:
+    """The trixie image's own kernel and the images built inside it, and plain dracut."""
+    progress("trixie: building (or finding) the image, then its disks")
+    image = trixie.trixie_image()
+    root = trixie.deployment_root(image, work / "trixie" / "root")
+    content = work / "trixie-state-content"
+    content.mkdir()
+    deploy(content, root, deployment_id="trixie", fmt="erofs", created=1_700_000_000)
+    state = make_state_disk(
+        work / "trixie-state.img",
+        content,
+        size_mb=768,
+        fs_label=STATE_LABEL,
+        fs_uuid="5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d3",
+        partlabel="overlayroot state",
+        partuuid="c0ffee00-1234-4abc-8def-0000000be7d3",
+    )
+    plain = make_raw_fs_disk(
+        work / "trixie-root.img", root, 768, ROOT_LABEL, "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d4"
+    )
+    progress("trixie: building plain dracut for its kernel")
+    dracut = debian.dracut_initramfs(
+        image.kernel, work / "trixie-dracut.img", systemd=True, overlayroot=False
+    )
+    on_state = f"root=LABEL={STATE_LABEL} ro"
+    return [
+        Setup("trixie", "standalone", image.kernel, image.standalone, state, on_state),
+        Setup(
+            "trixie",
+            "initramfs-tools+overlayroot",
+            image.kernel,
+            image.initramfs_tools,
+            state,
+            f"{on_state} panic=-1",
+        ),
+        Setup("trixie", "dracut", image.kernel, dracut, plain, f"root=LABEL={ROOT_LABEL} rw"),
+    ]
+
+
 def _standalone(kernel: Kernel, output: Path) -> Path:
-    build_initramfs(BuildConfig(modules_dir=kernel.modules, output=output,
-                                compress=Compression.ZSTD))
+    build_initramfs(
+        BuildConfig(modules_dir=kernel.modules, output=output, compress=Compression.ZSTD)
+    )
     return output
 
 
-def boot_once(kernel: Kernel, accel: str, setup: Setup, work: Path, run: int,
-              timeout: float) -> float:
-    disk = work / f"boot-{setup.name}-{run}.img"
-    shutil.copyfile(setup.disk, disk)
-    log = work / "logs" / f"{setup.name}-{run}.log"
-    machine = Machine(kernel, setup.initrd, log_path=log, disks=[disk], cmdline=setup.cmdline,
-                      accel=accel)
+def boot_once(
+    accel: str,
+    setup: Setup,
+    source: Path,
+    work: Path,
+    name: str,
+    timeout: float,
+    keep_disk: Path | None = None,
+) -> dict[str, float]:
+    """One boot of a fresh copy of ``source``: its phases in guest seconds. ``keep_disk``: keep
+    the disk as the boot left it there (the base of the later boots)."""
+    disk = work / f"boot-{name}.img"
+    shutil.copyfile(source, disk)
+    log = work / "logs" / f"{name}.log"
+    machine = Machine(
+        setup.kernel, setup.initrd, log_path=log, disks=[disk], cmdline=setup.cmdline, accel=accel
+    )
     try:
         with machine:
             machine.wait_for("OVERLAYROOT-TEST done", timeout, failure=FAILURES)
+            # The disk is kept only from a clean shutdown: a cut one is no machine's state.
+            if keep_disk is not None:
+                machine.wait_exit(timeout)
         markers = machine.markers()
+        if keep_disk is not None:
+            disk.rename(keep_disk)
     finally:
         disk.unlink(missing_ok=True)
     if markers.get("failed"):
         raise BootFailure(f"failed units: {markers['failed']}", log, machine.console)
-    return int(markers["multi_user_us"]) / 1e6
+    return phases(markers, machine.console, log)
+
+
+def phases(markers: dict[str, str], console: str, log: Path) -> dict[str, float]:
+    """The split of one boot; BootFailure when the console lacks what it needs."""
+    run_init = RUN_INIT.search(console)
+    if run_init is None:
+        raise BootFailure("no 'Run /init as init process' line with a timestamp", log, console)
+    kernel = float(run_init.group(1))
+    userspace = int(markers["userspace_us"]) / 1e6
+    multi_user = int(markers["multi_user_us"]) / 1e6
+    return {
+        "kernel_s": kernel,
+        "initramfs_s": userspace - kernel,
+        "userspace_s": multi_user - userspace,
+        "multi_user_s": multi_user,
+    }
 
 
 def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
@@ -131,25 +244,78 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
     accel = choose_accel(kernel)
     work = Path(tempfile.mkdtemp(prefix="bench-integrations.", dir=cache_dir()))
     try:
-        progress("building the Debian image")
-        command = build_command_payload(work / "overlayroot-command")
-        root = debian.debian_image(kernel, work / "debian" / "root", command)
-        configs = setups(kernel, root, work)
-        times: dict[str, list[float]] = {s.name: [] for s in configs}
-        for run in range(args.runs):
+        configs: list[Setup] = []
+        if "bookworm" in args.suites:
+            progress("bookworm: building the Debian image")
+            command = build_command_payload(work / "overlayroot-command")
+            root = debian.debian_image(kernel, work / "debian" / "root", command)
+            configs += bookworm_setups(kernel, root, work)
+        if "trixie" in args.suites:
+            configs += trixie_setups(work)
+        if args.only:
+            configs = [c for c in configs if c.name in args.only or c.label in args.only]
+        times: dict[tuple[str, str], list[dict[str, float]]] = {
+            (s.label, boot): [] for s in configs for boot in args.boots
+        }
+        later_disks: dict[str, Path] = {}
+        if "later" in args.boots:
+            # One first boot each leaves the disk blessed (and its machine id and /var made).
             for setup in configs:
-                seconds = boot_once(kernel, accel, setup, work, run, args.timeout)
-                progress(f"{setup.name} boot {run + 1}: multi-user.target at {seconds:.1f} s")
-                times[setup.name].append(seconds)
+                later = work / f"later-{setup.label.replace('/', '-')}.img"
+                split = boot_once(
+                    accel,
+                    setup,
+                    setup.disk,
+                    work,
+                    f"{setup.label.replace('/', '-')}-prime",
+                    args.timeout,
+                    keep_disk=later,
+                )
+                later_disks[setup.label] = later
+                if "first" in args.boots:
+                    times[(setup.label, "first")].append(split)
+                progress(
+                    f"{setup.label} first boot (kept for later boots):"
+                    f" {split['multi_user_s']:.1f} s"
+                )
+        for run in range(args.runs):
+            for boot in args.boots:
+                for setup in configs:
+                    done = times[(setup.label, boot)]
+                    if len(done) >= args.runs:
+                        continue
+                    source = later_disks[setup.label] if boot == "later" else setup.disk
+                    split = boot_once(
+                        accel,
+                        setup,
+                        source,
+                        work,
+                        f"{setup.label.replace('/', '-')}-{boot}-{run}",
+                        args.timeout,
+                    )
+                    done.append(split)
+                    progress(
+                        f"{setup.label} {boot} boot {len(done)}: "
+                        + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in split.items())
+                    )
         return {
-            "kernel": kernel.version,
             "accel": accel,
             "runs": args.runs,
             "configurations": [
-                {"name": s.name, "initramfs_bytes": s.initrd.stat().st_size,
-                 "multi_user_s": times[s.name],
-                 "median_s": statistics.median(times[s.name])}
+                {
+                    "suite": s.suite,
+                    "name": s.name,
+                    "kernel": s.kernel.version,
+                    "boot": boot,
+                    "initramfs_bytes": s.initrd.stat().st_size,
+                    "boots": times[(s.label, boot)],
+                    "median": {
+                        phase: statistics.median(t[phase] for t in times[(s.label, boot)])
+                        for phase in PHASES
+                    },
+                }
                 for s in configs
+                for boot in args.boots
             ],
         }
     finally:
@@ -160,36 +326,98 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
 
 
 def table(report: dict[str, object]) -> str:
-    lines = [f"kernel {report['kernel']}, {report['accel']}, {report['runs']} boots each",
-             f"{'initramfs':<30} {'size':>9} {'median':>8}  boots (s to multi-user.target)"]
+    """Medians per configuration and boot kind, with ratios against plain dracut (the same
+    suite and boot kind) and our hook's cost on its generator where both ran."""
     configurations = report["configurations"]
     assert isinstance(configurations, list)
+    lines = [
+        f"{report['accel']}, {report['runs']} boots each; medians in guest seconds; x: ratio"
+        f" to plain {BASELINE} (same suite, same boot kind)",
+        f"{'suite/initramfs':<40} {'boot':<6} {'size':>8} {'kernel':>7} {'initrd':>7}"
+        f" {'user':>7} {'multi-user':>10} {'initrd x':>8} {'total x':>8}",
+    ]
+    base = {(c["suite"], c["boot"]): c["median"] for c in configurations if c["name"] == BASELINE}
     for c in configurations:
-        boots = " ".join(f"{t:.1f}" for t in c["multi_user_s"])
-        lines.append(f"{c['name']:<30} {c['initramfs_bytes'] / 2**20:>5.1f} MiB"
-                     f" {c['median_s']:>7.1f}s  {boots}")
+        m = c["median"]
+        b = base.get((c["suite"], c["boot"]))
+        ratios = (
+            (
+                f" {m['initramfs_s'] / b['initramfs_s']:>8.2f} "
+                f"{m['multi_user_s'] / b['multi_user_s']:>8.2f}"
+            )
+            if b
+            else ""
+        )
+        lines.append(
+            f"{c['suite'] + '/' + c['name']:<40} {c['boot']:<6}"
+            f" {c['initramfs_bytes'] / 2**20:>4.1f} MiB {m['kernel_s']:>7.1f}"
+            f" {m['initramfs_s']:>7.1f} {m['userspace_s']:>7.1f}"
+            f" {m['multi_user_s']:>10.1f}{ratios}"
+        )
     return "\n".join(lines)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench.integrations", description=__doc__.split(
-        "\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3, help="boots per configuration (3)")
+    parser = argparse.ArgumentParser(
+        prog="bench.integrations",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="boots per configuration and boot kind (3)"
+    )
+    parser.add_argument(
+        "--suites",
+        type=_words(SUITES),
+        default=list(SUITES),
+        help=f"Debian releases to boot, comma-separated ({','.join(SUITES)})",
+    )
+    parser.add_argument(
+        "--boots",
+        type=_words(BOOTS),
+        default=list(BOOTS),
+        help=f"first boots of a deployment, later (blessed) boots, or both ({','.join(BOOTS)})",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda v: v.split(","),
+        default=[],
+        help="only these configurations, by name or suite/name, comma-separated"
+        " (e.g. standalone,dracut)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per boot (600)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
-        print("bench.integrations: run as root (mmdebstrap, deploy and dracut need it)",
-              file=sys.stderr)
+        print(
+            "bench.integrations: run as root (mmdebstrap, deploy and dracut need it)",
+            file=sys.stderr,
+        )
         return 2
     try:
         report = run_benchmark(args)
-    except (BootFailure, debian.DebianUnavailable, debian.GeneratorFailed) as e:
+    except (
+        BootFailure,
+        debian.DebianUnavailable,
+        debian.GeneratorFailed,
+        trixie.TrixieUnavailable,
+    ) as e:
         print(f"bench.integrations: {e}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else table(report))
     return 0
+
+
+def _words(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:
+    def parse(value: str) -> list[str]:
+        words = value.split(",")
+        bad = [w for w in words if w not in allowed]
+        if bad:
+            raise argparse.ArgumentTypeError(f"{', '.join(bad)}: not one of {', '.join(allowed)}")
+        return [w for w in allowed if w in words]
+
+    return parse
 
 
 if __name__ == "__main__":

@@ -68,8 +68,7 @@ from qemu.paths import cache_dir
 from qemu.rootfs import add_kernel, make_test_root
 
 STARTING = re.compile(r"\[\s*(\d+\.\d+)\] kexec_core: Starting new kernel")
-CMDLINE = ("root=LABEL=or-bench overlayroot.onfail=poweroff overlayroot.timeout=30"
-           " printk.time=1")
+CMDLINE = "root=LABEL=or-bench overlayroot.onfail=poweroff overlayroot.timeout=30 printk.time=1"
 FAILURES = (*DEFAULT_FAILURES, "overlayroot: error:")
 CONFIGS = ("kexec", "direct")
 
@@ -99,16 +98,32 @@ class Setup:
     initrd: Path
 
 
-def boot_once(accel: str, setup: Setup, disk_image: Path, run: int, work: Path, logs: Path,
-              *, timeout: float, idle_limit: float) -> Boot:
+def boot_once(
+    accel: str,
+    setup: Setup,
+    disk_image: Path,
+    run: int,
+    work: Path,
+    logs: Path,
+    *,
+    timeout: float,
+    idle_limit: float,
+) -> Boot:
     disk = work / f"{setup.name}-boot.img"
     subprocess.run(["cp", "--sparse=always", str(disk_image), str(disk)], check=True)
     log_path = logs / f"{setup.name}-{run}.log"
     others = wait_idle(idle_limit)
-    boot = Boot(config=setup.name, run=run, ok=False, load1=round(os.getloadavg()[0], 2),
-                other_qemu=others, log=str(log_path))
-    machine = Machine(setup.kernel, setup.initrd, log_path=log_path, disks=[disk],
-                      cmdline=CMDLINE, accel=accel)
+    boot = Boot(
+        config=setup.name,
+        run=run,
+        ok=False,
+        load1=round(os.getloadavg()[0], 2),
+        other_qemu=others,
+        log=str(log_path),
+    )
+    machine = Machine(
+        setup.kernel, setup.initrd, log_path=log_path, disks=[disk], cmdline=CMDLINE, accel=accel
+    )
     meter = CpuMeter()
     started = time.monotonic()
     try:
@@ -156,19 +171,30 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
         for name, k in (("a", kernel_a), ("b", kernel_b)):
             progress(f"building our initramfs for {k.version}")
             images[name] = work / f"initrd-{name}.img"
-            build_initramfs(BuildConfig(modules_dir=k.modules, output=images[name],
-                                        compress=Compression.ZSTD))
+            build_initramfs(
+                BuildConfig(modules_dir=k.modules, output=images[name], compress=Compression.ZSTD)
+            )
         root = make_test_root(work / "root", image="bench")
         add_kernel(root, kernel_b.vmlinuz, images["b"], kernel_b.version)
         progress("deploying the root with its kernel")
         disk = make_state(work, root, "kexec", known_good=True)
-        setups = {"kexec": Setup("kexec", kernel_a, images["a"]),
-                  "direct": Setup("direct", kernel_b, images["b"])}
+        setups = {
+            "kexec": Setup("kexec", kernel_a, images["a"]),
+            "direct": Setup("direct", kernel_b, images["b"]),
+        }
         for run in range(1, args.runs + 1):
             for name in CONFIGS:
                 progress(f"{name} boot {run}/{args.runs}")
-                boot = boot_once(accel, setups[name], disk, run, work, logs,
-                                 timeout=args.timeout, idle_limit=args.wait_idle)
+                boot = boot_once(
+                    accel,
+                    setups[name],
+                    disk,
+                    run,
+                    work,
+                    logs,
+                    timeout=args.timeout,
+                    idle_limit=args.wait_idle,
+                )
                 if boot.ok and not args.keep_logs and boot.log:
                     Path(boot.log).unlink(missing_ok=True)
                     boot.log = None
@@ -181,12 +207,18 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
         guest = Stats.of([b.guest_seconds for b in ok if b.guest_seconds is not None])
         wall = Stats.of([b.wall_seconds for b in ok if b.wall_seconds is not None])
         stage = Stats.of([b.stage_a_seconds for b in ok if b.stage_a_seconds is not None])
-        stats[name] = {"guest": asdict(guest) if guest else None,
-                       "wall": asdict(wall) if wall else None,
-                       "stage_a": asdict(stage) if stage else None}
+        stats[name] = {
+            "guest": asdict(guest) if guest else None,
+            "wall": asdict(wall) if wall else None,
+            "stage_a": asdict(stage) if stage else None,
+        }
     return {
-        "kernel_a": kernel_a.version, "kernel_b": kernel_b.version, "accel": accel,
-        "runs": args.runs, "stats": stats, "ratio": _ratio(stats),
+        "kernel_a": kernel_a.version,
+        "kernel_b": kernel_b.version,
+        "accel": accel,
+        "runs": args.runs,
+        "stats": stats,
+        "ratio": _ratio(stats),
         "boots": [asdict(b) for b in boots],
     }
 
@@ -210,17 +242,21 @@ def _ratio(stats: dict[str, object]) -> dict[str, float | None]:
 def table(report: dict[str, object]) -> str:
     stats = report["stats"]
     assert isinstance(stats, dict)
-    lines = [f"kernel A {report['kernel_a']} -> kernel B {report['kernel_b']}"
-             f" ({report['accel']}, {report['runs']} boots each)", "",
-             "config   wall median (min-max)    guest median   our stage under A"]
+    lines = [
+        f"kernel A {report['kernel_a']} -> kernel B {report['kernel_b']}"
+        f" ({report['accel']}, {report['runs']} boots each)",
+        "",
+        "config   wall median (min-max)    guest median   our stage under A",
+    ]
     for name in CONFIGS:
         entry = stats[name]
         guest, wall, stage = entry["guest"], entry["wall"], entry["stage_a"]
-        cells = [f"{name:<8}",
-                 f"{wall['median']:6.2f} s ({wall['min']:.2f}-{wall['max']:.2f})"
-                 if wall else "   -  ",
-                 f"{guest['median']:6.2f} s" if guest else "   -  ",
-                 f"{stage['median']:6.2f} s" if stage else "   -"]
+        cells = [
+            f"{name:<8}",
+            f"{wall['median']:6.2f} s ({wall['min']:.2f}-{wall['max']:.2f})" if wall else "   -  ",
+            f"{guest['median']:6.2f} s" if guest else "   -  ",
+            f"{stage['median']:6.2f} s" if stage else "   -",
+        ]
         lines.append("   ".join(cells))
     ratio = report["ratio"]
     assert isinstance(ratio, dict)
@@ -231,8 +267,10 @@ def table(report: dict[str, object]) -> str:
     for b in boots:
         guest = f"{b['guest_seconds']:.2f}" if b["guest_seconds"] is not None else "FAILED"
         wall = f"{b['wall_seconds']:.2f}" if b["wall_seconds"] is not None else "-"
-        lines.append(f"{b['config']:<6} {b['run']:>2}  {guest:>8}  {wall:>7}  {b['load1']:>5}"
-                     f"  {b['other_qemu']:>10}  {b['busy_cpus']}")
+        lines.append(
+            f"{b['config']:<6} {b['run']:>2}  {guest:>8}  {wall:>7}  {b['load1']:>5}"
+            f"  {b['other_qemu']:>10}  {b['busy_cpus']}"
+        )
     return "\n".join(lines)
 
 
@@ -240,18 +278,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.kexec_time",
         description="Boot time of a deployment reached by a kernel switch (kexec from kernel A"
-                    " to the deployment's own kernel B) against the same deployment booted"
-                    " directly under B, as from the promoted boot pair; under QEMU.",
+        " to the deployment's own kernel B) against the same deployment booted"
+        " directly under B, as from the promoted boot pair; under QEMU.",
     )
     parser.add_argument("--runs", type=int, default=5, help="boots per configuration (5)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
-    parser.add_argument("--timeout", type=float, default=300,
-                        help="seconds a boot may take to reach the marker (300)")
-    parser.add_argument("--wait-idle", type=float, default=120,
-                        help="seconds to wait before each boot for other QEMU guests to end"
-                             " (120)")
-    parser.add_argument("--keep-logs", action="store_true",
-                        help="keep the console logs of boots that worked too")
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=300,
+        help="seconds a boot may take to reach the marker (300)",
+    )
+    parser.add_argument(
+        "--wait-idle",
+        type=float,
+        default=120,
+        help="seconds to wait before each boot for other QEMU guests to end (120)",
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep the console logs of boots that worked too"
+    )
     args = parser.parse_args(argv)
     if args.runs < 1:
         parser.error("--runs must be at least 1")

@@ -68,14 +68,26 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Simulate power cuts that lose unflushed writes at every flush point of"
         " overlayroot's boot and commands, on ext4, btrfs and xfs, and check each one.",
     )
-    parser.add_argument("--fs", default=",".join(FILESYSTEMS),
-                        help=f"comma-separated filesystems (default {','.join(FILESYSTEMS)})")
-    parser.add_argument("--every", type=int, default=1, metavar="N",
-                        help="check every Nth cut point (default 1: all of them)")
+    parser.add_argument(
+        "--fs",
+        default=",".join(FILESYSTEMS),
+        help=f"comma-separated filesystems (default {','.join(FILESYSTEMS)})",
+    )
+    parser.add_argument(
+        "--every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="check every Nth cut point (default 1: all of them)",
+    )
     parser.add_argument("--json", action="store_true", help="print the results as JSON")
-    parser.add_argument("--work", type=Path, metavar="DIR",
-                        help="keep the disks, logs and console logs in DIR (default: a"
-                        " temporary directory, removed at the end)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        metavar="DIR",
+        help="keep the disks, logs and console logs in DIR (default: a"
+        " temporary directory, removed at the end)",
+    )
     args = parser.parse_args(argv)
     args.filesystems = [fs for fs in args.fs.split(",") if fs]
     unknown = [fs for fs in args.filesystems if fs not in FILESYSTEMS]
@@ -119,8 +131,7 @@ def run(filesystems: list[str], every: int, work: Path) -> list[Outcome]:
     enter_private_mount_namespace()
     say(f"building the initramfs (with {', '.join(MODULES)}) and the frozen command")
     initrd = work / "initrd.img"
-    build_initramfs(BuildConfig(modules_dir=kernel.modules, output=initrd,
-                                extra_modules=MODULES))
+    build_initramfs(BuildConfig(modules_dir=kernel.modules, output=initrd, extra_modules=MODULES))
     payload = build_command_payload(work / "command")
     outcomes: list[Outcome] = []
     for fs in filesystems:
@@ -160,13 +171,32 @@ def tally(outcomes: list[Outcome]) -> list[Row]:
 
 
 def table(rows: list[Row], outcomes: list[Outcome], every: int, seconds: float) -> str:
-    header = ("operation", "fs", "cuts", "torn", "survived", "lost fsynced bytes", "unbootable",
-              "promises broken (cuts)")
-    lines = [header, *[
-        (r.operation, r.fs, str(r.simulated), str(r.torn), str(r.survived),
-         str(r.lost_fsynced_bytes), str(r.unbootable),
-         "; ".join(f"{kind} ({n})" for kind, n in sorted(r.broken.items())) or "-")
-        for r in rows]]
+    header = (
+        "operation",
+        "fs",
+        "cuts",
+        "torn",
+        "survived",
+        "lost fsynced bytes",
+        "unbootable",
+        "promises broken (cuts)",
+    )
+    lines = [
+        header,
+        *[
+            (
+                r.operation,
+                r.fs,
+                str(r.simulated),
+                str(r.torn),
+                str(r.survived),
+                str(r.lost_fsynced_bytes),
+                str(r.unbootable),
+                "; ".join(f"{kind} ({n})" for kind, n in sorted(r.broken.items())) or "-",
+            )
+            for r in rows
+        ],
+    ]
     total = Row("total", "")
     for r in rows:
         total.simulated += r.simulated
@@ -174,13 +204,26 @@ def table(rows: list[Row], outcomes: list[Outcome], every: int, seconds: float) 
         total.survived += r.survived
         total.lost_fsynced_bytes += r.lost_fsynced_bytes
         total.unbootable += r.unbootable
-    lines.append(("total", "", str(total.simulated), str(total.torn), str(total.survived),
-                  str(total.lost_fsynced_bytes), str(total.unbootable), ""))
+    lines.append(
+        (
+            "total",
+            "",
+            str(total.simulated),
+            str(total.torn),
+            str(total.survived),
+            str(total.lost_fsynced_bytes),
+            str(total.unbootable),
+            "",
+        )
+    )
     widths = [max(len(line[i]) for line in lines) for i in range(len(header) - 1)]
     text = [f"power cuts simulated (every {every} cut point; {seconds} s)", ""]
     for line in lines:
-        text.append("  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False))
-                    + "  " + line[-1])
+        text.append(
+            "  ".join(cell.ljust(w) for cell, w in zip(line, widths, strict=False))
+            + "  "
+            + line[-1]
+        )
     findings = first_of_each(outcomes)
     if findings:
         text += ["", "promises broken (first cut of each kind per operation and filesystem):"]
@@ -200,20 +243,37 @@ def first_of_each(outcomes: list[Outcome]) -> list[tuple[Outcome, str, str]]:
     return found
 
 
-def to_json(rows: list[Row], outcomes: list[Outcome], every: int,
-            seconds: float) -> dict[str, object]:
+def to_json(
+    rows: list[Row], outcomes: list[Outcome], every: int, seconds: float
+) -> dict[str, object]:
     return {
         "every": every,
         "seconds": seconds,
-        "rows": [{"operation": r.operation, "fs": r.fs, "simulated": r.simulated,
-                  "torn": r.torn, "survived": r.survived,
-                  "lost_fsynced_bytes": r.lost_fsynced_bytes, "unbootable": r.unbootable,
-                  "broken": dict(r.broken)} for r in rows],
+        "rows": [
+            {
+                "operation": r.operation,
+                "fs": r.fs,
+                "simulated": r.simulated,
+                "torn": r.torn,
+                "survived": r.survived,
+                "lost_fsynced_bytes": r.lost_fsynced_bytes,
+                "unbootable": r.unbootable,
+                "broken": dict(r.broken),
+            }
+            for r in rows
+        ],
         "violations": [
-            {"fs": o.cut.run.fs, "run": o.cut.run.name, "operation": o.cut.operation.name,
-             "entry": o.cut.index, "torn": o.cut.torn, "kind": str(v.kind),
-             "message": v.message}
-            for o in outcomes for v in o.violations
+            {
+                "fs": o.cut.run.fs,
+                "run": o.cut.run.name,
+                "operation": o.cut.operation.name,
+                "entry": o.cut.index,
+                "torn": o.cut.torn,
+                "kind": str(v.kind),
+                "message": v.message,
+            }
+            for o in outcomes
+            for v in o.violations
         ],
     }
 

@@ -16,16 +16,26 @@ from pathlib import Path, PurePosixPath
 
 from initrd.cpio import write_cpio
 from initrd.elf import ElfClosureError, resolve_closure
+from initrd.errors import BuildError
 from initrd.freeze import DEFAULT_ENTRIES, Frozen, freeze
 from initrd.kmod import DEFAULT_MODULES, ModuleSet, decompress, resolve_modules
 from initrd.tree import Tree, TreeError, write_directory
-from overlayroot.errors import BootError
+from overlayroot.core import files
 
 SOURCE_ROOT = Path(__file__).resolve().parent.parent
 STAGE_DIR = PurePosixPath("/usr/lib/overlayroot")
 EMPTY_DIRS = ("/dev", "/proc", "/sys", "/run", "/sysroot", "/tmp")
-PREPARE_ENTRY = "overlayroot.prepare"
+PREPARE_ENTRY = "overlayroot.boot.prepare"
 PREPARE_SCRIPT = STAGE_DIR / "prepare"
+HASH_SEED = bytes(64)
+"""What Python reads as its hash seed when the kernel has no random bytes yet: zeros, more than
+the 24 bytes it reads."""
+# Where the rescue shell (overlayroot/boot/rescue.py) looks for busybox: not in /bin, which the
+# interpreter's /bin -> usr/bin link may take.
+BUSYBOX_PATH = STAGE_DIR / "busybox"
+# Where ``--busybox auto`` looks, in order: Debian's busybox and busybox-static install
+# /usr/bin/busybox (/bin is a link to it on merged /usr).
+BUSYBOX_SEARCH = ("/usr/bin/busybox", "/bin/busybox", "/usr/sbin/busybox", "/sbin/busybox")
 
 
 class Compression(StrEnum):
@@ -49,6 +59,9 @@ class BuildConfig:
     source_root: Path = SOURCE_ROOT
     """Where the ``overlayroot`` package to freeze lives."""
     entries: tuple[str, ...] = DEFAULT_ENTRIES
+    busybox: str = "auto"
+    """The rescue shell's busybox: a path, ``auto`` (BUSYBOX_SEARCH, none when absent) or
+    ``none``. A payload never has one: the generator that takes it brings its own shell."""
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class BuildResult:
     extension_modules: tuple[str, ...]
     libraries: int
     python: str
+    busybox: str | None
+    """The busybox put in the image (its path on the build host), if any."""
     seconds: float = field(compare=False)
 
     def to_json(self) -> dict[str, object]:
@@ -74,7 +89,7 @@ class BuildResult:
 
 
 def build_initramfs(config: BuildConfig) -> BuildResult:
-    """Build the image ``config`` describes; raise BootError for anything the user can fix."""
+    """Build the image ``config`` describes; raise BuildError for anything the user can fix."""
     started = time.monotonic()
     _check_output(config)
     frozen = freeze(config.python, config.source_root, config.entries, config.source_date_epoch)
@@ -83,7 +98,8 @@ def build_initramfs(config: BuildConfig) -> BuildResult:
         if config.modules_dir is not None
         else None
     )
-    tree, libraries = make_tree(frozen, kernel)
+    busybox = find_busybox(config)
+    tree, libraries = make_tree(frozen, kernel, busybox)
     if PREPARE_ENTRY in config.entries:
         tree.add_file(PREPARE_SCRIPT, prepare_script(frozen.python), 0o755)
     members = list(tree.members())
@@ -91,12 +107,12 @@ def build_initramfs(config: BuildConfig) -> BuildResult:
         try:
             config.output.mkdir(parents=True, exist_ok=True)
             if any(config.output.iterdir()):
-                raise BootError(
+                raise BuildError(
                     f"{config.output}: payload directory is not empty; give an empty one"
                 )
             write_directory(config.output, members, config.source_date_epoch)
         except OSError as e:
-            raise BootError(f"{config.output}: cannot write the payload ({e})") from e
+            raise BuildError(f"{config.output}: cannot write the payload ({e})") from e
         size = uncompressed = sum(len(m.data) for m in members)
     else:
         archive = io.BytesIO()
@@ -116,33 +132,77 @@ def build_initramfs(config: BuildConfig) -> BuildResult:
         extension_modules=tuple(e.name for e in frozen.extensions),
         libraries=libraries,
         python=str(frozen.python),
+        busybox=str(busybox) if busybox else None,
         seconds=round(time.monotonic() - started, 3),
     )
 
 
-def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
+def find_busybox(config: BuildConfig) -> Path | None:
+    """The busybox ``config.busybox`` asks for; BuildError when a named one is unusable."""
+    if config.busybox == "none":
+        return None
+    if config.busybox == "auto":
+        if config.payload:
+            return None
+        found = next((p for p in BUSYBOX_SEARCH if os.access(p, os.X_OK)), None)
+        return Path(found) if found else None
+    if config.payload:
+        raise BuildError(
+            f"--busybox {config.busybox}: a payload (--payload-dir) has no rescue shell of its"
+            " own, the initramfs generator that takes it brings one; leave --busybox out"
+        )
+    path = Path(config.busybox)
+    if not path.is_file() or not os.access(path, os.X_OK):
+        raise BuildError(
+            f"--busybox {path}: no such executable file; give the path of a busybox binary"
+            " (apt-get install busybox-static puts one at /usr/bin/busybox), auto or none"
+        )
+    return path
+
+
+def make_tree(
+    frozen: Frozen, kernel: ModuleSet | None, busybox: Path | None = None
+) -> tuple[Tree, int]:
     """The image tree, and how many shared libraries it holds."""
     tree = Tree()
     for directory in EMPTY_DIRS:
         tree.mkdir(directory)
     tree.add_char_device("/dev/console", 5, 1, 0o600)
-    # Python seeds its hash randomisation before /init can mount devtmpfs; when getrandom()
-    # would block that early in boot it falls back to /dev/urandom, and dies without one.
-    tree.add_char_device("/dev/urandom", 1, 9, 0o666)
+    # Python seeds its str hash at start, before /init mounts devtmpfs: with getrandom() when
+    # the kernel's random pool is ready, else from /dev/urandom, and it dies when that cannot be
+    # read. The device would wait for the pool (Linux >= 5.18: about a second on a CPU without
+    # RDRAND, as QEMU's default one); this file answers at once with Python's fixed seed (that
+    # of PYTHONHASHSEED=0, which -I does not let the environment set). devtmpfs hides it.
+    tree.add_file("/dev/urandom", HASH_SEED, 0o444)
     tree.add_char_device("/dev/null", 1, 3, 0o666)
 
     extension_sources = {PurePosixPath(e.source) for e in frozen.extensions}
+    own = set(extension_sources)  # closure files that go elsewhere or are not libraries
     try:
         closure = resolve_closure([Path(frozen.python), *(Path(p) for p in extension_sources)])
     except ElfClosureError as e:
-        raise BootError(f"cannot collect the interpreter's libraries: {e}") from e
+        raise BuildError(f"cannot collect the interpreter's libraries: {e}") from e
+    busybox_closure = None
+    if busybox is not None:
+        try:
+            busybox_closure = resolve_closure([busybox])
+        except ElfClosureError as e:
+            raise BuildError(
+                f"--busybox {busybox}: not a usable program for the image: {e}"
+                " (give a busybox binary, or none)"
+            ) from e
+        own.add(PurePosixPath(os.path.realpath(busybox)))
     try:
         # Links first: /lib → usr/lib must exist before anything is added under /lib.
-        for link in closure.symlinks:
+        closures = [closure, *([busybox_closure] if busybox_closure else [])]
+        links = {link.path: link for c in closures for link in c.symlinks}
+        for link in links.values():
             tree.add_symlink(link.path, link.target)
-        for path in closure.files:
-            if path not in extension_sources:
-                tree.add_file(path, Path(path), _perm(Path(path)))
+        paths = sorted({path for c in closures for path in c.files} - own)
+        for path in paths:
+            tree.add_file(path, Path(path), _perm(Path(path)))
+        if busybox is not None:
+            tree.add_file(BUSYBOX_PATH, busybox, 0o755)
         tree.add_file(frozen.zip_path, frozen.zip_data)
         tree.mkdir(frozen.dynload_dir)
         for ext in frozen.extensions:
@@ -154,35 +214,38 @@ def make_tree(frozen: Frozen, kernel: ModuleSet | None) -> tuple[Tree, int]:
             base = PurePosixPath("/lib/modules") / kernel.kernel_version
             for module in kernel.modules:
                 tree.add_file(base / module.relative, decompress(module.source))
-                module_paths.append(str(base / module.relative))
+                module_paths.append(
+                    " ".join((str(base / module.relative), *module.needs, *module.cpus))
+                )
         listing = "".join(f"{p}\n" for p in module_paths).encode()
         tree.add_file(STAGE_DIR / "modules.list", listing)
         if kernel is not None:
             # Named by the release too: where initramfs images of two kernels are concatenated
             # (the boot pair's bridge, docs/kernels.md), each kernel still finds its own list.
             tree.add_file(STAGE_DIR / "modules.d" / f"{kernel.kernel_version}.list", listing)
-        tree.add_file(STAGE_DIR / "build.json", build_info(frozen, kernel))
+        tree.add_file(STAGE_DIR / "build.json", build_info(frozen, kernel, busybox))
     except TreeError as e:
-        raise BootError(f"cannot lay out the image: {e}") from e
-    libraries = len(closure.files) - 1 - len(extension_sources)
+        raise BuildError(f"cannot lay out the image: {e}") from e
+    libraries = len(paths) - 1  # the interpreter is not a library
     return tree, libraries
 
 
 def init_script(python: PurePosixPath) -> bytes:
-    return f"#!{python} -IS\nfrom overlayroot.init import main\n\nmain()\n".encode()
+    return f"#!{python} -IS\nfrom overlayroot.boot.init import main\n\nmain()\n".encode()
 
 
 def prepare_script(python: PurePosixPath) -> bytes:
     """``/usr/lib/overlayroot/prepare SYSROOT``: what the dracut, initramfs-tools and mkinitcpio
     hooks run (``-m`` would need runpy, which is not frozen)."""
     return (
-        f"#!{python} -IS\nimport sys\n\nfrom overlayroot.prepare import main\n\n"
+        f"#!{python} -IS\nimport sys\n\nfrom overlayroot.boot.prepare import main\n\n"
         "sys.exit(main())\n"
     ).encode()
 
 
-def build_info(frozen: Frozen, kernel: ModuleSet | None) -> bytes:
+def build_info(frozen: Frozen, kernel: ModuleSet | None, busybox: Path | None = None) -> bytes:
     info = {
+        "busybox": str(BUSYBOX_PATH) if busybox else None,
         "kernel_version": kernel.kernel_version if kernel else None,
         "python": str(frozen.python),
         "python_version": ".".join(map(str, frozen.version)),
@@ -202,7 +265,7 @@ def compress(data: bytes, method: Compression) -> bytes:
     if method is Compression.ZSTD:
         zstd = shutil.which("zstd")
         if zstd is None:
-            raise BootError(
+            raise BuildError(
                 "the zstd command is not installed; install zstd or use --compress gzip"
             )
         # -19: 4.0 MB in 14 s against 4.6 MB in 0.7 s at -9 (12 MB cpio). A real image is built
@@ -219,27 +282,25 @@ def _check_output(config: BuildConfig) -> None:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise BootError(
+        raise BuildError(
             f"{config.output}: cannot write there; {parent} is not a writable directory"
         )
     if not config.payload and config.output.is_dir():
-        raise BootError(f"{config.output}: is a directory; give the image file name with -o")
+        raise BuildError(f"{config.output}: is a directory; give the image file name with -o")
     if config.modules_dir is not None and not config.modules_dir.is_dir():
-        raise BootError(
+        raise BuildError(
             f"{config.modules_dir}: no such modules directory; pass the kernel's "
             "/lib/modules/<version> directory with --modules, or leave it out"
         )
 
 
 def _write_atomically(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
+    """The image, durably: a power cut while writing /boot/initrd.img leaves the old one."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_bytes(data)
-        temporary.replace(path)
+        files.write_atomically(str(path), data)
     except OSError as e:
-        temporary.unlink(missing_ok=True)
-        raise BootError(f"{path}: cannot write the image ({e.strerror}); choose another -o") from e
+        raise BuildError(f"{path}: cannot write the image ({e.strerror}); choose another -o") from e
 
 
 def _perm(path: Path) -> int:

@@ -7,9 +7,9 @@ import json
 import os
 from pathlib import Path
 
-from initrd.build import BuildConfig, BuildResult, Compression, build_initramfs
+from initrd.build import PREPARE_ENTRY, BuildConfig, BuildResult, Compression, build_initramfs
+from initrd.errors import BuildError
 from initrd.freeze import DEFAULT_ENTRIES
-from overlayroot.errors import BootError
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,16 +53,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         help="a module to freeze with everything it imports (repeatable; default:"
-        f" {', '.join(DEFAULT_ENTRIES)}); overlayroot.prepare also installs"
+        f" {', '.join(DEFAULT_ENTRIES)}); {PREPARE_ENTRY} also installs"
         " /usr/lib/overlayroot/prepare, the command the dracut, initramfs-tools and mkinitcpio"
         " hooks run",
+    )
+    parser.add_argument(
+        "--busybox",
+        metavar="PATH|auto|none",
+        default="auto",
+        help="busybox for the rescue shell (overlayroot.break=, overlayroot.onfail=shell):"
+        " a busybox binary, auto (the default: /usr/bin/busybox when installed, e.g. by"
+        " busybox-static) or none (a Python prompt only); Debian's busybox-static adds 0.6 MB"
+        " to a zstd image."
+        " Never in a --payload-dir: the generator that takes it brings its own shell",
     )
     parser.add_argument("--json", action="store_true", help="print the build result as JSON")
 
 
 def run(args: argparse.Namespace) -> int:
     if args.add_module and args.modules is None:
-        raise BootError("--add-module needs --modules DIR: the modules come from that directory")
+        raise BuildError("--add-module needs --modules DIR: the modules come from that directory")
     config = BuildConfig(
         modules_dir=args.modules,
         output=args.payload_dir or args.output,
@@ -72,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
         source_date_epoch=_source_date_epoch(),
         payload=args.payload_dir is not None,
         entries=tuple(args.entry) or DEFAULT_ENTRIES,
+        busybox=args.busybox,
     )
     result = build_initramfs(config)
     print(json.dumps(result.to_json(), indent=2) if args.json else summary(result))
@@ -90,6 +101,7 @@ def summary(result: BuildResult) -> str:
         f"  {result.python}: {result.frozen_modules} frozen modules, "
         f"{len(result.extension_modules)} extension modules, {result.libraries} libraries\n"
         f"  {kernel}"
+        + (f"\n  rescue shell: busybox from {result.busybox}" if result.busybox else "")
     )
 
 
@@ -101,7 +113,7 @@ def _source_date_epoch() -> int:
     # ASCII digits only: int() also takes "٣", "1_0", " 1" and "+1".
     epoch = int(value) if value.isascii() and value.isdigit() and len(value) < 20 else -1
     if not 0 <= epoch <= MAX_EPOCH:
-        raise BootError(
+        raise BuildError(
             f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds since 1970 up to {MAX_EPOCH}"
             " (what a cpio archive holds); unset it or fix it"
         )

@@ -16,14 +16,14 @@ from typing import BinaryIO
 
 from construct import Bytes, Const, ConstructError, ExprAdapter, Padding, Struct, this
 
-from overlayroot.errors import BootError
+from initrd.errors import BuildError
 
 MAGIC = b"070701"
 TRAILER = "TRAILER!!!"
 _HEX_DIGITS = frozenset(b"0123456789abcdefABCDEF")
 
 
-class CpioError(BootError):
+class CpioError(BuildError):
     """Bytes that are not a newc archive, or one cut short."""
 
 
@@ -114,8 +114,9 @@ def read_cpio(data: bytes) -> Iterator[Member]:
             entry = Entry.parse_stream(stream)
             name = bytes(entry.name).rstrip(b"\0").decode()
         except (ConstructError, ValueError) as e:  # UnicodeDecodeError is a ValueError
-            raise CpioError(f"not a newc cpio archive, or one cut short: at byte {offset}:"
-                            f" {e}") from None
+            raise CpioError(
+                f"not a newc cpio archive, or one cut short: at byte {offset}: {e}"
+            ) from None
         if name == TRAILER:
             return
         header = entry.header

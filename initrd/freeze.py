@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from overlayroot.errors import BootError
+from initrd.errors import BuildError
 
-DEFAULT_ENTRIES = ("overlayroot.init",)
+DEFAULT_ENTRIES = ("overlayroot.boot.init",)
 
 # Runs in the target interpreter. The modules present before the entries are imported are the
 # ones startup itself loads (encodings…): they are frozen too. Nothing is imported by the probe
@@ -104,10 +104,10 @@ def freeze(
 ) -> Frozen:
     """Import ``entries`` with ``python`` from ``source_root`` and freeze what they load.
 
-    Raises BootError when the interpreter cannot be run or an entry module fails to import.
+    Raises BuildError when the interpreter cannot be run or an entry module fails to import.
     """
     if not os.access(python, os.X_OK) or not python.is_file():
-        raise BootError(
+        raise BuildError(
             f"{python}: no such Python interpreter; pass the target's python3 with --python"
         )
     real = Path(os.path.realpath(python))
@@ -129,14 +129,14 @@ def freeze(
             members[module["arcname"]] = bytes.fromhex(module["pyc"])
         elif module["origin"].endswith(".so"):
             if "." in module["name"]:
-                raise BootError(
+                raise BuildError(
                     f"{module['origin']}: extension module {module['name']} is inside a "
                     "package; only top-level extension modules can be frozen (lib-dynload)"
                 )
             origin = Path(module["origin"])
             extensions.append(Extension(module["name"], origin, dynload / origin.name))
         else:
-            raise BootError(
+            raise BuildError(
                 f"{module['origin']}: module {module['name']} is neither Python source nor "
                 "an extension module and cannot be frozen"
             )
@@ -175,16 +175,16 @@ def _run(python: Path, args: list[str], what: str) -> Any:
             [str(python), *args], capture_output=True, text=True, env={}, check=False
         )
     except OSError as e:
-        raise BootError(f"{python}: cannot run it to {what} ({e.strerror})") from e
+        raise BuildError(f"{python}: cannot run it to {what} ({e.strerror})") from e
     if proc.returncode != 0:
         tail = proc.stderr.strip().splitlines()[-5:]
-        raise BootError(
+        raise BuildError(
             f"{python}: failed to {what}:\n  " + "\n  ".join(tail or ["(no error output)"])
         )
     try:
         return json.loads(proc.stdout)
     except ValueError:
-        raise BootError(
+        raise BuildError(
             f"{python}: answered {proc.stdout[:60]!r} when asked to {what}, not what a Python"
             " interpreter prints; pass the target's python3 with --python"
         ) from None

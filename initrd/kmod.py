@@ -21,14 +21,14 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
-from overlayroot.errors import BootError
+from initrd.errors import BuildError
 
 # softdog: the watchdog a trial boot arms when the machine has no hardware one.
 DEFAULT_MODULES = ("overlay", "loop", "erofs", "squashfs", "virtio_blk", "virtio_pci", "softdog")
 _SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 
-class ModuleError(BootError):
+class ModuleError(BuildError):
     """A kernel module is missing, unreadable or its dependencies are broken."""
 
 
@@ -49,6 +49,14 @@ class KernelModule:
     """The file in the modules directory (possibly compressed)."""
     relative: str
     """Its path in the image under ``/lib/modules/<kver>/``, always ending in ``.ko``."""
+    needs: tuple[str, ...] = ()
+    """Empty: the boot stage loads it at its start. Else only when it comes to one of these
+    needs (docs/internals.md): ``fs-<type>`` (a filesystem module's own alias) before it mounts
+    a filesystem of that type, ``watchdog`` before it arms a watchdog and the machine has
+    none."""
+    cpus: tuple[str, ...] = ()
+    """Its ``cpu:`` modalias patterns (a module for a CPU feature, as crc32c-intel for SSE 4.2):
+    the boot stage skips it on a CPU that matches none, as udev would not load it there."""
 
 
 @dataclass(frozen=True)
@@ -73,17 +81,20 @@ def decompress(path: Path) -> bytes:
         if path.name.endswith(".gz"):
             return gzip.decompress(data)
     except (lzma.LZMAError, OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile: OSError
-        raise ModuleError(f"{path}: cannot decompress it ({e}); reinstall the kernel's"
-                          " modules") from None
+        raise ModuleError(
+            f"{path}: cannot decompress it ({e}); reinstall the kernel's modules"
+        ) from None
     if path.name.endswith(".zst"):
         zstd = shutil.which("zstd")
         if zstd is None:
             raise ModuleError(f"{path}: is zstd-compressed; install the zstd command")
         result = subprocess.run([zstd, "-dcq"], input=data, capture_output=True)
         if result.returncode != 0:
-            raise ModuleError(f"{path}: cannot decompress it (zstd:"
-                              f" {result.stderr.decode(errors='replace').strip()}); reinstall"
-                              " the kernel's modules")
+            raise ModuleError(
+                f"{path}: cannot decompress it (zstd:"
+                f" {result.stderr.decode(errors='replace').strip()}); reinstall"
+                " the kernel's modules"
+            )
         return result.stdout
     return data
 
@@ -277,8 +288,15 @@ class ModulesDir:
         return index
 
 
+# Requested modules loaded only for a need (besides filesystems, by their fs- alias).
+ON_DEMAND = {"softdog": "watchdog"}
+
+
 def resolve_modules(modules_dir: Path, names: list[str] | tuple[str, ...]) -> ModuleSet:
     """The modules to load for ``names``, dependencies first. Built-in names are skipped.
+
+    A requested filesystem module (and its dependencies that nothing loaded at the start needs)
+    gets its ``fs-<type>`` alias as its need; a requested module of ``ON_DEMAND`` gets that need.
 
     Raises ModuleError naming the module and the directory when a requested module exists
     neither as a file nor as a built-in. A soft dependency that exists nowhere is skipped, as
@@ -318,11 +336,64 @@ def resolve_modules(modules_dir: Path, names: list[str] | tuple[str, ...]) -> Mo
 
     for name in names:
         visit(name, None, soft=False)
+    needs = _needs(kernel, names, order)
     modules = tuple(
-        KernelModule(name, kernel.files[name], _image_path(kernel.path, kernel.files[name]))
+        KernelModule(
+            name,
+            kernel.files[name],
+            _image_path(kernel.path, kernel.files[name]),
+            needs[name],
+            _cpu_aliases(kernel, name),
+        )
         for name in order
     )
     return ModuleSet(kernel.kernel_version, modules, tuple(dict.fromkeys(builtin)))
+
+
+def _needs(
+    kernel: ModulesDir, names: list[str] | tuple[str, ...], order: list[str]
+) -> dict[str, tuple[str, ...]]:
+    """Per module of ``order``: the needs it is loaded for, or () to load it at the start."""
+    at_start: set[str] = set()
+    wanted: dict[str, set[str]] = {name: set() for name in order}
+    for requested in names:
+        for module in kernel.lookup(requested) or []:
+            need = ON_DEMAND.get(module) or next(
+                (a for a in _aliases_of(kernel, module) if a.startswith("fs-")), None
+            )
+            for member in _closure(kernel, module, set(order)):
+                if need is None:
+                    at_start.add(member)
+                else:
+                    wanted[member].add(need)
+    return {name: () if name in at_start else tuple(sorted(wanted[name])) for name in order}
+
+
+def _cpu_aliases(kernel: ModulesDir, name: str) -> tuple[str, ...]:
+    return tuple(a for a in _aliases_of(kernel, name) if a.startswith("cpu:"))
+
+
+def _aliases_of(kernel: ModulesDir, name: str) -> list[str]:
+    """A module's aliases: from depmod's modules.alias when there is one (the modules are not
+    read then), else from its own .modinfo."""
+    if (kernel.path / "modules.alias").is_file():
+        return sorted(p for p, modules in kernel.aliases.items() if name in modules)
+    return list(kernel.info(name).aliases)
+
+
+def _closure(kernel: ModulesDir, module: str, present: set[str]) -> set[str]:
+    """``module`` and what it loads with it (dependencies, soft ones), among ``present``."""
+    found: set[str] = set()
+    todo = [module]
+    while todo:
+        name = todo.pop()
+        if name in found or name not in present:
+            continue
+        found.add(name)
+        pre, post = kernel.soft(name)
+        for dep in (*pre, *kernel.depends(name), *post):
+            todo.extend(kernel.lookup(dep) or [])
+    return found
 
 
 def _parse_softdep(words: list[str]) -> tuple[list[str], list[str]]:

@@ -1,5 +1,5 @@
 import sys
 
-from overlayroot.cli import main
+from overlayroot.commands.cli import main
 
 sys.exit(main())

@@ -36,15 +36,15 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
-from overlayroot import bootstate, statefile, syscalls
-from overlayroot.bootstate import BootState
-from overlayroot.cli import main as overlayroot_cli
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.digest import image_sha256
-from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
+from overlayroot.boot.cmdline import parse_options
+from overlayroot.boot.console import Console
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.commands.cli import main as overlayroot_cli
+from overlayroot.core import bootstate, statefile, syscalls
+from overlayroot.core.bootstate import BootState
+from overlayroot.core.digest import image_sha256
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import StateLayout
 from qemu.logwrites import Replayer, WriteLog, copy_sparse, read_log
 from qemu.mounts import mounts_under
 from qemu.powercut import (
@@ -131,8 +131,9 @@ class Outcome:
         self.violations.append(Violation(kind, message))
 
 
-def simulate(runs: list[Run], work: Path, every: int,
-             progress: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+def simulate(
+    runs: list[Run], work: Path, every: int, progress: Callable[[Outcome], None] | None = None
+) -> list[Outcome]:
     """Check the disk at every ``every``-th cut point of each run (and always at each
     operation's first and last one), in log order: ``cut_points`` says where."""
     outcomes = []
@@ -173,8 +174,7 @@ def cut_points(log: WriteLog) -> list[tuple[int, bool]]:
     return points
 
 
-def sample(run: Run, ops: list[Operation], points: list[tuple[int, bool]],
-           every: int) -> list[Cut]:
+def sample(run: Run, ops: list[Operation], points: list[tuple[int, bool]], every: int) -> list[Cut]:
     if every < 1:
         raise ValueError(f"--every {every}: give 1 (every cut point) or more")
     cuts = []
@@ -193,8 +193,9 @@ class Checker:
         self.mnt = work / "mnt"
         work.mkdir(parents=True, exist_ok=True)
 
-    def check(self, disk: Path, cut: Cut, reference: Outcome | None,
-              base: Outcome | None) -> Outcome:
+    def check(
+        self, disk: Path, cut: Cut, reference: Outcome | None, base: Outcome | None
+    ) -> Outcome:
         outcome = Outcome(cut)
         image = self.work / "cut.img"
         copy_sparse(disk, image)
@@ -221,8 +222,9 @@ class Checker:
 
     # -- 1. what the cut left ------------------------------------------------------------------
 
-    def _check_what_was_left(self, outcome: Outcome, layout: StateLayout,
-                             reference: Outcome | None, base: Outcome | None) -> None:
+    def _check_what_was_left(
+        self, outcome: Outcome, layout: StateLayout, reference: Outcome | None, base: Outcome | None
+    ) -> None:
         lost, broken = journal_losses(layout)
         outcome.lost_bytes = lost
         for message in broken:
@@ -235,32 +237,43 @@ class Checker:
         outcome.state = state
         outcome.rebuilt = any(note.startswith("rebuilt") for note in notes)
         if outcome.rebuilt and reference is not None and not reference.rebuilt:
-            outcome.add(Kind.STATE_LOST,
-                        f"the boot state was lost and rebuilt: {'; '.join(notes)}")
+            outcome.add(Kind.STATE_LOST, f"the boot state was lost and rebuilt: {'; '.join(notes)}")
         if reference is not None and reference.state is not None:
             for kind, message in compare_states(
-                    reference.state, state, adds_tries=outcome.cut.operation.name in ADDS_TRIES):
+                reference.state, state, adds_tries=outcome.cut.operation.name in ADDS_TRIES
+            ):
                 outcome.add(kind, message)
         trial = outcome.cut.run.trial
-        if (outcome.cut.last_in_operation and outcome.cut.index >= 0 and trial is not None
-                and outcome.cut.operation.first < 0 and base is not None
-                and base.state is not None and trial in base.state.entries):
+        if (
+            outcome.cut.last_in_operation
+            and outcome.cut.index >= 0
+            and trial is not None
+            and outcome.cut.operation.first < 0
+            and base is not None
+            and base.state is not None
+            and trial in base.state.entries
+        ):
             before = base.state.entries[trial].tries_left
             after = state.entries[trial].tries_left if trial in state.entries else None
             if after is None or (before is not None and after >= before):
                 outcome.add(
                     Kind.HANDOVER,
                     f"the trial boot of {trial} handed over the root before its try was on"
-                    f" disk (tries left {before} before the boot, {after} at hand-over)")
+                    f" disk (tries left {before} before the boot, {after} at hand-over)",
+                )
         listed = [k for k in state.entries if k.startswith(".")]
         if listed:
-            outcome.add(Kind.HALF_STAGED, f"the boot state lists {', '.join(listed)}: a"
-                        " directory being staged or removed")
+            outcome.add(
+                Kind.HALF_STAGED,
+                f"the boot state lists {', '.join(listed)}: a directory being staged or removed",
+            )
         for deployment_id in bootstate.candidates(state):
             problem = half_staged(layout, deployment_id)
             if problem:
-                outcome.add(Kind.HALF_STAGED,
-                            f"bootable deployment {deployment_id} is half-staged: {problem}")
+                outcome.add(
+                    Kind.HALF_STAGED,
+                    f"bootable deployment {deployment_id} is half-staged: {problem}",
+                )
 
     # -- 2. the first boot's verification -------------------------------------------------------
 
@@ -270,8 +283,11 @@ class Checker:
             return False
         if base is None:
             return False  # this is the base itself
-        return base.state is not None and trial in base.state.entries and (
-            not base.state.entries[trial].verified)
+        return (
+            base.state is not None
+            and trial in base.state.entries
+            and (not base.state.entries[trial].verified)
+        )
 
     def _unverified(self, outcome: Outcome) -> bool:
         trial = outcome.cut.run.trial
@@ -289,7 +305,7 @@ class Checker:
                 return  # not bootable as it stands: the half-staged check says so
             if manifest.format == "dir":
                 return  # a tree is checked by its mount points and init, not a digest
-            image = layout.image_path(manifest)
+            image = Path(layout.image_path(manifest))
             with image.open("r+b") as f:
                 f.seek(max(0, image.stat().st_size // 2 - DAMAGE // 2))
                 f.write(b"\xff" * DAMAGE)
@@ -299,7 +315,8 @@ class Checker:
                 Kind.VERIFY,
                 f"first-boot verification skipped after the cut: the state did not record"
                 f" {trial}'s image as verified, yet the next boot ran it, damaged, without"
-                " checking its sha256")
+                " checking its sha256",
+            )
 
     # -- 3. the next boot -----------------------------------------------------------------------
 
@@ -313,24 +330,31 @@ class Checker:
         deployment = str(booted["deployment"])
         outcome.booted = deployment
         if deployment.startswith("."):
-            outcome.add(Kind.HALF_STAGED, f"the boot after the cut booted {deployment}, a"
-                        " directory being staged or removed")
+            outcome.add(
+                Kind.HALF_STAGED,
+                f"the boot after the cut booted {deployment}, a directory being staged or removed",
+            )
         if booted.get("failed"):
             outcome.add(Kind.FAILOVER, f"the boot after the cut failed over {booted['failed']}")
         state, _ = statefile.load(StateLayout(state_top))
         entry = state.entries.get(deployment)
-        good = entry is not None and (entry.successful or (
-            booted.get("trial") is True and booted.get("counted") is True))
+        good = entry is not None and (
+            entry.successful or (booted.get("trial") is True and booted.get("counted") is True)
+        )
         if not good:
-            outcome.add(Kind.NOT_GOOD, f"the boot after the cut reached {deployment}, neither"
-                        f" known good nor a counted trial ({entry})")
+            outcome.add(
+                Kind.NOT_GOOD,
+                f"the boot after the cut reached {deployment}, neither"
+                f" known good nor a counted trial ({entry})",
+            )
         seeds = top / "var" / "lib" / "testdata"
         missing = [n for n in range(SEED_FILES) if _read(seeds / f"seed-{n:02}") != seed_content(n)]
         if missing:
             outcome.add(
                 Kind.SEED,
                 f"/var lacks what the image seeds into it: {len(missing)} of {SEED_FILES} seed"
-                " files missing or damaged (the seeding of an empty /var is not atomic)")
+                " files missing or damaged (the seeding of an empty /var is not atomic)",
+            )
         return state_top
 
     def _boot(self, top: Path) -> tuple[dict[str, object] | None, str]:
@@ -356,11 +380,16 @@ class Checker:
         for command in (["gc", "--keep", "100"], ["status", "--json"]):
             code, output = run_cli([*command, "--sysroot", str(state_top)])
             if code != 0:
-                outcome.add(Kind.CLEANUP, f"`overlayroot {command[0]}` after the cut failed"
-                            f" ({code}): {output.strip()}")
+                outcome.add(
+                    Kind.CLEANUP,
+                    f"`overlayroot {command[0]}` after the cut failed ({code}): {output.strip()}",
+                )
         deployments = StateLayout(state_top).deployments
-        left = sorted(n for n in os.listdir(deployments) if n.startswith(".staging-")
-                      or n.startswith(".removing-"))
+        left = sorted(
+            n
+            for n in os.listdir(deployments)
+            if n.startswith(".staging-") or n.startswith(".removing-")
+        )
         if left:
             outcome.add(Kind.CLEANUP, f"`overlayroot gc` left {', '.join(left)} behind")
 
@@ -369,8 +398,18 @@ class Checker:
         sysroot = self.mnt / "sysroot"
         sysroot.mkdir(parents=True, exist_ok=True)
         result = subprocess.run(
-            ["mount", "-t", fs, "-o", f"loop,offset={STATE.offset},sizelimit={STATE.size}",
-             str(image), str(sysroot)], capture_output=True, text=True)
+            [
+                "mount",
+                "-t",
+                fs,
+                "-o",
+                f"loop,offset={STATE.offset},sizelimit={STATE.size}",
+                str(image),
+                str(sysroot),
+            ],
+            capture_output=True,
+            text=True,
+        )
         if result.returncode != 0:
             raise ScenarioError(f"mount -t {fs} {image}: {result.stderr.strip()}")
         try:
@@ -379,8 +418,9 @@ class Checker:
             unmount_below(self.mnt)
 
 
-def compare_states(before: BootState, after: BootState, *,
-                   adds_tries: bool) -> list[tuple[Kind, str]]:
+def compare_states(
+    before: BootState, after: BootState, *, adds_tries: bool
+) -> list[tuple[Kind, str]]:
     """What a cut must never do to the boot state: add tries, or forget a bless."""
     found = []
     for deployment_id, old in before.entries.items():
@@ -388,13 +428,26 @@ def compare_states(before: BootState, after: BootState, *,
         if new is None:
             continue  # gc removes deployments; a deployment gone is not one that boots
         if old.successful and not new.successful:
-            found.append((Kind.BLESS, f"{deployment_id} lost its bless (it was known good when"
-                                      " the operation began)"))
-        elif not old.successful and not adds_tries and old.tries_left is not None and (
-                new.tries_left is None or new.tries_left > old.tries_left):
-            found.append((Kind.TRIES, f"the cut added tries to {deployment_id}: {old.tries_left}"
-                                      f" left when the operation began, {new.tries_left} after"
-                                      " the cut"))
+            found.append(
+                (
+                    Kind.BLESS,
+                    f"{deployment_id} lost its bless (it was known good when the operation began)",
+                )
+            )
+        elif (
+            not old.successful
+            and not adds_tries
+            and old.tries_left is not None
+            and (new.tries_left is None or new.tries_left > old.tries_left)
+        ):
+            found.append(
+                (
+                    Kind.TRIES,
+                    f"the cut added tries to {deployment_id}: {old.tries_left}"
+                    f" left when the operation began, {new.tries_left} after"
+                    " the cut",
+                )
+            )
     return found
 
 
@@ -417,23 +470,26 @@ def journal_losses(layout: StateLayout) -> tuple[int, list[str]]:
     """Bytes of journalled, fsynced data that a cut lost, and what is wrong."""
     lost, found = 0, []
     for area in DATA_AREAS:
-        directory = layout.top / area / "pcut"
+        directory = Path(layout.top, area, "pcut")
         journal = _read(directory / "journal")
         if journal is None:
             continue
         *complete, _ = journal.split(b"\n")  # a torn last line was never fsynced
         for line in complete:
             if not line.isdigit():
-                found.append(f"/{area}/pcut/journal holds a line that was never written:"
-                             f" {line[:40]!r}")
+                found.append(
+                    f"/{area}/pcut/journal holds a line that was never written: {line[:40]!r}"
+                )
                 continue
             expected = BLOB_BYTES + line + b"\n"
             actual = _read(directory / "data" / line.decode())
             if actual != expected:
                 lost += len(expected)
                 what = "missing" if actual is None else f"{len(actual)} bytes, not as written"
-                found.append(f"/{area}/pcut/data/{line.decode()} was fsynced before the journal"
-                             f" named it, and is {what}")
+                found.append(
+                    f"/{area}/pcut/data/{line.decode()} was fsynced before the journal"
+                    f" named it, and is {what}"
+                )
     return lost, found
 
 

@@ -29,7 +29,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 
 from qemu.kernel import Kernel
@@ -40,6 +39,7 @@ VARIANT = "minbase"
 # systemd-sysv makes systemd /sbin/init; udev finds the disks; dbus for logind and systemctl;
 # kmod, which a kernel package would bring (the kernel itself is the harness's).
 PACKAGES = ("systemd-sysv", "udev", "dbus", "kmod")
+MIRROR = "http://deb.debian.org/debian"
 # Documentation and translations are a third of a minbase root and nothing boots from them.
 DPKG_OPTIONS = (
     "path-exclude=/usr/share/man/*",
@@ -58,139 +58,49 @@ BLESS_UNIT = REPO_ROOT / "hooks" / "systemd" / "overlayroot-bless.service"
 # udev asks for drivers of the virtual hardware too; without them nothing fails.
 ROOT_MODULES = ("autofs4",)
 
-# Runs once multi-user.target is reached. Markers go straight to the console so they do not
-# depend on journald forwarding. The kernel command line drives it, like qemu/rootfs.py:
-# test.write=TOKEN writes TOKEN into /etc, /var, /home and /; test.read=1 reads them back.
-REPORT_SCRIPT = r"""#!/bin/sh
-exec >/dev/console 2>&1
-mark() { echo "OVERLAYROOT-TEST $1=$2"; }
-
-# try_write FILE CONTENT: "ok", or the error text (e.g. "Read-only file system")
-try_write() {
-    error=$( { echo "$2" > "$1"; } 2>&1 ) && { echo ok; return; }
-    echo "${error##*: }"
-}
-
-mark multi_user_us "$(systemctl show -P ActiveEnterTimestampMonotonic multi-user.target)"
-mark initrd_us "$(systemctl show -P InitRDTimestampMonotonic)"
-mark userspace_us "$(systemctl show -P UserspaceTimestampMonotonic)"
-read -r uptime _ < /proc/uptime
-mark uptime "$uptime"
-
-if [ "$(try_write /.overlayroot-test-probe x)" = ok ]; then
-    rm -f /.overlayroot-test-probe
-    mark root_ro no
-else
-    mark root_ro yes
-fi
-if [ "$(try_write /tmp/.overlayroot-test-probe x)" = ok ]; then
-    rm -f /tmp/.overlayroot-test-probe
-    mark tmp_writable yes
-else
-    mark tmp_writable no
-fi
-if [ "$(try_write /etc/.overlayroot-test-probe x)" = ok ]; then
-    rm -f /etc/.overlayroot-test-probe
-    mark etc_writable yes
-else
-    mark etc_writable no
-fi
-while read -r device mountpoint fstype options _; do
-    case $mountpoint in
-        /) mark mount_root "$device $fstype $options" ;;
-        /etc) mark mount_etc "$device $fstype $options" ;;
-        /var) mark mount_var "$device $fstype $options" ;;
-        /home) mark mount_home "$device $fstype $options" ;;
-    esac
-done < /proc/mounts
-
-failed=$(systemctl list-units --state=failed --plain --no-legend --no-pager |
-    while read -r unit _; do printf '%s ' "$unit"; done)
-mark failed "$failed"
-mark machine_id "$(cat /etc/machine-id)"
-mark hostname "$(cat /etc/hostname)"
-if [ -f /run/overlayroot/booted.json ]; then
-    mark booted_json "$(tr -d '\n' < /run/overlayroot/booted.json)"
-fi
-# The bless: this unit runs after it (After=), which runs after boot-complete.target.
-mark boot_complete "$(systemctl is-active boot-complete.target)"
-mark boot_complete_us "$(systemctl show -P ActiveEnterTimestampMonotonic boot-complete.target)"
-mark bless_active "$(systemctl is-active overlayroot-bless.service)"
-mark bless_result "$(systemctl show -P Result overlayroot-bless.service)"
-mark bless_start_us \
-    "$(systemctl show -P ExecMainStartTimestampMonotonic overlayroot-bless.service)"
-if command -v overlayroot > /dev/null && [ -f /run/overlayroot/booted.json ]; then
-    mark status "$(overlayroot status --json | tr -d '\n')"
-fi
-mark modules "$(while read -r name _; do printf '%s ' "$name"; done < /proc/modules)"
-
-for word in $(cat /proc/cmdline); do
-    case $word in
-        test.write=*) token=${word#test.write=} ;;
-        test.read=1) read_tokens=1 ;;
-    esac
-done
-if [ -n "$token" ]; then
-    mark write_etc "$(try_write /etc/test-token "$token")"
-    mark write_var "$(try_write /var/test-token "$token")"
-    mark write_home "$(try_write /home/test-token "$token")"
-    mark write_root "$(try_write /test-token "$token")"
-    sync
-fi
-if [ -n "$read_tokens" ]; then
-    mark etc_token "$(cat /etc/test-token 2>/dev/null)"
-    mark var_token "$(cat /var/test-token 2>/dev/null)"
-    mark home_token "$(cat /home/test-token 2>/dev/null)"
-fi
-
-echo "OVERLAYROOT-TEST done"
-systemctl --no-block poweroff
-"""
-
-REPORT_UNIT = """[Unit]
-Description=Report the boot to the overlayroot tests, then power off
-After=multi-user.target overlayroot-bless.service
-
-[Service]
-Type=oneshot
-ExecStart=/usr/lib/overlayroot-test/report
-
-[Install]
-WantedBy=multi-user.target
-"""
+# The guest side, in files shellcheck sees: the report that runs once multi-user.target is
+# reached (the kernel command line drives it, like qemu/rootfs.py's init: test.write=TOKEN
+# writes TOKEN into /etc, /var, /home and /; test.read=1 reads them back) and its unit.
+GUEST = Path(__file__).resolve().parent / "guest"
+REPORT_SCRIPT = GUEST / "debian-report.sh"
+REPORT_UNIT = GUEST / "report.service"
+COMMON_SCRIPT = GUEST / "common.sh"
 
 
 class DebianUnavailable(RuntimeError):
     """mmdebstrap is missing or failed: the message says why and what to do."""
 
 
-def recipe() -> dict[str, object]:
-    """What the cached mmdebstrap tree depends on."""
+def recipe(suite: str = SUITE, packages: tuple[str, ...] = PACKAGES) -> dict[str, object]:
+    """What a cached mmdebstrap tree depends on (the bookworm one: the defaults)."""
     return {
-        "suite": SUITE,
+        "suite": suite,
         "variant": VARIANT,
-        "packages": sorted(PACKAGES),
+        "packages": sorted(packages),
         "dpkg_options": list(DPKG_OPTIONS),
     }
 
 
-def recipe_key() -> str:
-    text = json.dumps(recipe(), sort_keys=True)
+def recipe_key(suite: str = SUITE, packages: tuple[str, ...] = PACKAGES) -> str:
+    text = json.dumps(recipe(suite, packages), sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def debian_base(cache: Path | None = None) -> Path:
-    """The mmdebstrap tree, built on first use and cached. Do not modify it: ``debian_image``
-    makes a copy to change."""
-    base = (cache or cache_dir()) / "debian" / recipe_key()
+def debian_base(
+    cache: Path | None = None, suite: str = SUITE, packages: tuple[str, ...] = PACKAGES
+) -> Path:
+    """The mmdebstrap tree of ``suite`` with ``packages``, built on first use and cached. Do
+    not modify it: ``debian_image`` (and ``qemu.trixie``) make a copy to change."""
+    base = (cache or cache_dir()) / "debian" / recipe_key(suite, packages)
     root = base / "root"
     if not (base / ".complete").exists():
-        _build(base)
+        _build(base, suite, packages)
     return root
 
 
-def debian_image(kernel: Kernel, dest: Path, command: Path | None = None,
-                 cache: Path | None = None) -> Path:
+def debian_image(
+    kernel: Kernel, dest: Path, command: Path | None = None, cache: Path | None = None
+) -> Path:
     """The Debian root at ``dest`` (which must not exist): a copy of ``debian_base`` with
     ``kernel``'s ROOT_MODULES, a tmpfs on /tmp, the hostname, the test report unit and, given
     ``command`` (a payload of ``qemu.rootfs.build_command_payload``), the ``overlayroot``
@@ -200,15 +110,15 @@ def debian_image(kernel: Kernel, dest: Path, command: Path | None = None,
     # cp -a, not shutil.copytree: owners, groups, hard links and xattrs stay as dpkg made them.
     subprocess.run(["cp", "-a", "--reflink=auto", str(base), str(dest)], check=True)
     _add_modules(dest, kernel)
-    _enable_tmp_mount(dest)
+    enable_tmp_mount(dest)
     if command is not None:
         _add_command(dest, command)
-        _install_unit(dest, BLESS_UNIT)
-    _add_test_unit(dest)
+        install_unit(dest, BLESS_UNIT)
+    add_test_unit(dest)
     return dest
 
 
-def _build(base: Path) -> None:
+def _build(base: Path, suite: str, packages: tuple[str, ...]) -> None:
     """mmdebstrap into a staging directory, then rename: a crash leaves no half-built root."""
     if shutil.which("mmdebstrap") is None:
         raise DebianUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
@@ -218,19 +128,24 @@ def _build(base: Path) -> None:
             "--quiet",
             "--mode=root",
             f"--variant={VARIANT}",
-            f"--include={','.join(PACKAGES)}",
+            f"--include={','.join(packages)}",
             *(f"--dpkgopt={option}" for option in DPKG_OPTIONS),
-            SUITE,
+            suite,
             str(staging / "root"),
+            # Named, not left to mmdebstrap: without a mirror argument it reads sources from a
+            # stdin that is not a terminal, and the host's sources name the host's suite only.
+            MIRROR,
         ]
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run(command, capture_output=True, text=True, stdin=subprocess.DEVNULL)
         if result.returncode != 0:
             tail = "\n".join(result.stderr.strip().splitlines()[-15:])
             raise DebianUnavailable(
                 f"mmdebstrap failed (exit {result.returncode}); it needs the network and root:"
                 f"\n{tail}"
             )
-        (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
+        (staging / "recipe.json").write_text(
+            json.dumps(recipe(suite, packages), indent=2, sort_keys=True)
+        )
 
 
 def _add_modules(root: Path, kernel: Kernel) -> None:
@@ -242,9 +157,18 @@ def _add_modules(root: Path, kernel: Kernel) -> None:
         if (kernel.modules / name).exists():
             shutil.copy2(kernel.modules / name, target / name)
     result = subprocess.run(
-        ["modprobe", "--dirname", str(kernel.modules.parents[2]), "--set-version",
-         kernel.version, "--show-depends", *ROOT_MODULES],
-        capture_output=True, text=True, check=True,
+        [
+            "modprobe",
+            "--dirname",
+            str(kernel.modules.parents[2]),
+            "--set-version",
+            kernel.version,
+            "--show-depends",
+            *ROOT_MODULES,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     for line in result.stdout.splitlines():
         words = line.split()
@@ -257,8 +181,13 @@ def _add_modules(root: Path, kernel: Kernel) -> None:
     subprocess.run(["depmod", "--basedir", str(root), kernel.version], check=True)
 
 
-def _enable_tmp_mount(root: Path) -> None:
-    """What docs/integrations.md tells users: Debian leaves /tmp on the root, read-only here."""
+def enable_tmp_mount(root: Path) -> None:
+    """What docs/integrations.md tells users: Debian 12 leaves /tmp on the root, read-only here.
+    Debian 13's systemd mounts a tmpfs there itself (tmp.mount enabled in /usr): nothing to do."""
+    if (
+        root / "usr" / "lib" / "systemd" / "system" / "local-fs.target.wants" / "tmp.mount"
+    ).exists():
+        return
     unit = root / "etc" / "systemd" / "system" / "tmp.mount"
     shutil.copy2(root / "usr" / "share" / "systemd" / "tmp.mount", unit)
     wants = root / "etc" / "systemd" / "system" / "local-fs.target.wants"
@@ -267,25 +196,15 @@ def _enable_tmp_mount(root: Path) -> None:
 
 
 def _add_command(root: Path, payload: Path) -> None:
-    """The frozen command, through ``add_command``, but without replacing what the image has:
-    its libraries (libc, libcrypto, ...) are Debian's own, as new or newer than the builder's."""
-    from qemu.rootfs import add_command
+    """The frozen command, as `overlayroot install-command ROOT` puts it: without replacing
+    what the image has (its libraries, libc, libcrypto..., are Debian's own, as new as the
+    builder's or newer)."""
+    from initrd.command import install_command
 
-    with tempfile.TemporaryDirectory(prefix="command.", dir=root.parent) as work:
-        thinned = Path(work) / "payload"
-        shutil.copytree(payload, thinned, symlinks=True, ignore=_present_in(payload, root))
-        add_command(root, thinned)
+    install_command(payload, root)
 
 
-def _present_in(payload: Path, root: Path) -> Callable[[str, list[str]], set[str]]:
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        relative = Path(directory).relative_to(payload)
-        return {n for n in names
-                if not (Path(directory) / n).is_dir() and os.path.lexists(root / relative / n)}
-    return ignore
-
-
-def _install_unit(root: Path, unit: Path) -> None:
+def install_unit(root: Path, unit: Path) -> None:
     """What ``systemctl enable`` does for a unit copied into /etc/systemd/system: a link in the
     .wants or .requires directory of each target its [Install] section names."""
     system = root / "etc" / "systemd" / "system"
@@ -304,14 +223,15 @@ def _install_unit(root: Path, unit: Path) -> None:
                 (links / unit.name).symlink_to(f"/etc/systemd/system/{unit.name}")
 
 
-def _add_test_unit(root: Path) -> None:
+def add_test_unit(root: Path) -> None:
     (root / "etc" / "hostname").write_text(HOSTNAME + "\n")
     script = root / "usr" / "lib" / "overlayroot-test" / "report"
     script.parent.mkdir(parents=True, exist_ok=True)
-    script.write_text(REPORT_SCRIPT)
+    shutil.copy2(REPORT_SCRIPT, script)
+    shutil.copy2(COMMON_SCRIPT, script.parent / COMMON_SCRIPT.name)
     script.chmod(0o755)
     unit = root / "usr" / "lib" / "systemd" / "system" / REPORT_UNIT_NAME
-    unit.write_text(REPORT_UNIT)
+    shutil.copy2(REPORT_UNIT, unit)
     wants = root / "etc" / "systemd" / "system" / "multi-user.target.wants"
     wants.mkdir(parents=True, exist_ok=True)
     (wants / REPORT_UNIT_NAME).symlink_to(f"/usr/lib/systemd/system/{REPORT_UNIT_NAME}")
@@ -392,7 +312,7 @@ def initramfs_tools_initramfs(kernel: Kernel, output: Path, *, overlayroot: bool
 
     mkinitramfs reads the kernel's modules and configuration at ``/lib/modules/<version>`` and
     ``/boot/config-<version>`` only: it runs in a private mount namespace where the harness
-    kernel's appear there (_WITH_KERNEL).
+    kernel's appear there (guest/with-kernel.sh).
     """
     if shutil.which("mkinitramfs") is None:
         raise GeneratorFailed("mkinitramfs is not installed: apt-get install initramfs-tools-core")
@@ -412,9 +332,22 @@ def initramfs_tools_initramfs(kernel: Kernel, output: Path, *, overlayroot: bool
         scratch = work / "scratch"
         scratch.mkdir()
         _run_generator(
-            ["unshare", "--mount", "sh", "-c", _WITH_KERNEL, "sh", str(scratch), kernel.version,
-             str(kernel.modules), str(kernel.vmlinuz.parent / f"config-{kernel.version}"),
-             "-d", str(conf), "-o", str(output), kernel.version],
+            [
+                "unshare",
+                "--mount",
+                "sh",
+                str(WITH_KERNEL),
+                str(scratch),
+                kernel.version,
+                str(kernel.modules),
+                str(kernel.vmlinuz.parent / f"config-{kernel.version}"),
+                "mkinitramfs",
+                "-d",
+                str(conf),
+                "-o",
+                str(output),
+                kernel.version,
+            ],
             env,
         )
     finally:
@@ -422,24 +355,7 @@ def initramfs_tools_initramfs(kernel: Kernel, output: Path, *, overlayroot: bool
     return output
 
 
-# sh -c SCRIPT sh SCRATCH KVER MODULES CONFIG COMMAND…: run COMMAND with MODULES at
-# /lib/modules/KVER and CONFIG at /boot/config-KVER, in the mount namespace of unshare --mount.
-# /lib (often a link to usr/lib) and /boot get tmpfs-backed overlays so nothing is written to
-# the host.
-_WITH_KERNEL = """set -e
-mount --make-rprivate /
-mount -t tmpfs tmpfs "$1"
-for dir in /lib /boot; do
-    real=$(readlink -f "$dir")
-    mkdir -p "$1/upper$real" "$1/work$real"
-    mount -t overlay overlay -o "lowerdir=$real,upperdir=$1/upper$real,workdir=$1/work$real" "$real"
-done
-mkdir -p "/lib/modules/$2"
-mount --bind "$3" "/lib/modules/$2"
-cp "$4" "/boot/config-$2"
-shift 4
-exec mkinitramfs "$@"
-"""
+WITH_KERNEL = GUEST / "with-kernel.sh"
 
 
 def _run_generator(command: list[str], env: dict[str, str]) -> None:

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.deploy import Progress, build_image, deploy
+from overlayroot.commands.fsops import Progress
+from overlayroot.commands.images import build_image
+from overlayroot.commands.staging import deploy
 from qemu.accel import choose_accel
 from qemu.disks import make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env
@@ -33,16 +35,17 @@ from qemu.rootfs import build_command_payload, make_test_root
 
 LABEL = "demo-state"
 TRIES = 2
-CMDLINE = (f"console=ttyS0 root=LABEL={LABEL} overlayroot.tries={TRIES} overlayroot.watchdog=60"
-           " overlayroot.onfail=poweroff quiet")
+CMDLINE = (
+    f"console=ttyS0 root=LABEL={LABEL} overlayroot.tries={TRIES} overlayroot.watchdog=60"
+    " overlayroot.onfail=poweroff quiet"
+)
 CREATED = 1_750_000_000
 BOOT_TIMEOUT = 240.0
 
 
 def section(name: str, lines: str) -> str:
     """A script fragment that prints ``lines``' output between two markers."""
-    return (f'echo "OVERLAYROOT-TEST begin={name}"\n{lines}\n'
-            f'echo "OVERLAYROOT-TEST end={name}"\n')
+    return f'echo "OVERLAYROOT-TEST begin={name}"\n{lines}\necho "OVERLAYROOT-TEST end={name}"\n'
 
 
 SCRIPTS = {
@@ -71,8 +74,9 @@ def between(console: str, name: str) -> list[str]:
     except ValueError:
         return []
     # Kernel messages and progress bars (the guest's console is a terminal) are left out.
-    return [line for line in lines[start + 1 : end]
-            if not line.startswith("[") and "\x1b[" not in line]
+    return [
+        line for line in lines[start + 1 : end] if not line.startswith("[") and "\x1b[" not in line
+    ]
 
 
 def stage_lines(console: str) -> list[str]:
@@ -90,11 +94,16 @@ class Demo:
 
     def build(self) -> None:
         started = time.monotonic()
-        result = build_initramfs(BuildConfig(modules_dir=self.kernel.modules, output=self.initrd,
-                                             compress=Compression.ZSTD))
-        say(f"  initramfs: {result.size / 1e6:.1f} MB ({result.compression}),"
+        result = build_initramfs(
+            BuildConfig(
+                modules_dir=self.kernel.modules, output=self.initrd, compress=Compression.ZSTD
+            )
+        )
+        say(
+            f"  initramfs: {result.size / 1e6:.1f} MB ({result.compression}),"
             f" {result.frozen_modules} frozen Python modules, {len(result.kernel_modules)}"
-            f" kernel modules, built in {time.monotonic() - started:.0f} s")
+            f" kernel modules, built in {time.monotonic() - started:.0f} s"
+        )
         payload = build_command_payload(self.work / "command")
         content = self.work / "state"
         content.mkdir()
@@ -105,22 +114,37 @@ class Demo:
         for name, fail in (("v2", None), ("v3", "panic")):
             root = self.root(name, payload, fail)
             build_image(root, updates / f"{name}.erofs", "erofs", name, CREATED, Progress(None))
-        make_state_disk(self.disk, content, size_mb=256, fs_label=LABEL,
-                        fs_uuid="d3a0d3a0-0000-4000-8000-000000000001", partlabel="state",
-                        partuuid="d3a0d3a0-0000-4000-8000-000000000002")
-        say(f"  state disk: deployment v1; update images v2 (good) and v3 (its kernel panics"
-            f" at boot) in /updates; {self.disk}")
+        make_state_disk(
+            self.disk,
+            content,
+            size_mb=256,
+            fs_label=LABEL,
+            fs_uuid="d3a0d3a0-0000-4000-8000-000000000001",
+            partlabel="state",
+            partuuid="d3a0d3a0-0000-4000-8000-000000000002",
+        )
+        say(
+            f"  state disk: deployment v1; update images v2 (good) and v3 (its kernel panics"
+            f" at boot) in /updates; {self.disk}"
+        )
 
     def root(self, name: str, payload: Path, fail: str | None = None) -> Path:
-        return make_test_root(self.work / f"root-{name}", image=name, fail=fail,
-                              command=payload, scripts=SCRIPTS)
+        return make_test_root(
+            self.work / f"root-{name}", image=name, fail=fail, command=payload, scripts=SCRIPTS
+        )
 
     def boot(self, title: str, extra: str = "", *, expect_done: bool = True) -> Machine:
         self.boots += 1
         say(f"\nboot {self.boots}: {title}")
         log = self.work / f"boot{self.boots}.log"
-        m = Machine(self.kernel, self.initrd, log_path=log, disks=[self.disk],
-                    cmdline=f"{CMDLINE} {extra}", accel=self.accel)
+        m = Machine(
+            self.kernel,
+            self.initrd,
+            log_path=log,
+            disks=[self.disk],
+            cmdline=f"{CMDLINE} {extra}",
+            accel=self.accel,
+        )
         started = time.monotonic()
         with m:
             try:
@@ -142,18 +166,26 @@ class Demo:
         say("[1/2] building")
         self.build()
         say(f"\n[2/2] booting {self.kernel.version} under QEMU ({self.accel})")
-        m = self.boot("v1 on trial; bless it, edit /etc, deploy update v2 from inside",
-                      "test.bless=1 test.run=install-v2")
+        m = self.boot(
+            "v1 on trial; bless it, edit /etc, deploy update v2 from inside",
+            "test.bless=1 test.run=install-v2",
+        )
         for line in between(m.console, "deploy"):
             say(f"  $ {line}")
-        m = self.boot("update v2 on trial; bless it, deploy update v3 from inside",
-                      "test.bless=1 test.run=install-v3")
+        m = self.boot(
+            "update v2 on trial; bless it, deploy update v3 from inside",
+            "test.bless=1 test.run=install-v3",
+        )
         say(f"  /etc/motd on v2: {m.markers().get('motd', '(missing)')}")
         for attempt in range(1, TRIES + 1):
-            self.boot(f"update v3 on trial, attempt {attempt} of {TRIES}",
-                      "test.bless=1 test.run=report", expect_done=False)
-        m = self.boot("nobody touched it: which deployment boots now?",
-                      "test.bless=1 test.run=report")
+            self.boot(
+                f"update v3 on trial, attempt {attempt} of {TRIES}",
+                "test.bless=1 test.run=report",
+                expect_done=False,
+            )
+        m = self.boot(
+            "nobody touched it: which deployment boots now?", "test.bless=1 test.run=report"
+        )
         say("\n  $ overlayroot status")
         for line in between(m.console, "status"):
             say(f"  {line}")
@@ -169,8 +201,12 @@ def main(argv: list[str] | None = None) -> int:
         description="Build the overlayroot initramfs and boot it under QEMU: an update from"
         " inside the running system, then a bad update that falls back by itself.",
     )
-    parser.add_argument("--work", type=Path, default=cache_dir() / "demo",
-                        help="where the images and console logs go (default: %(default)s)")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=cache_dir() / "demo",
+        help="where the images and console logs go (default: %(default)s)",
+    )
     args = parser.parse_args(argv)
     shutil.rmtree(args.work, ignore_errors=True)
     args.work.mkdir(parents=True)

@@ -106,7 +106,10 @@ def _debugfs_w(disk: Path, partition_offset: int, commands: list[str]) -> None:
     # check the result instead.
     subprocess.run(
         ["debugfs", "-w", "-f", "-", f"{disk}?offset={partition_offset}"],
-        input="\n".join(commands) + "\n", capture_output=True, text=True, check=True,
+        input="\n".join(commands) + "\n",
+        capture_output=True,
+        text=True,
+        check=True,
     )
 
 

@@ -26,11 +26,15 @@ METAPACKAGE = "linux-image-cloud-amd64"
 SECOND_METAPACKAGE = "linux-image-6.12-cloud-amd64"  # bookworm-security
 _CLOUD_IMAGE = re.compile(r"^linux-image-(6\.[0-9.]+-[0-9]+)-cloud-amd64$")
 # Debian 12 names its 6.12 kernels by upstream version: 6.12.117+deb12(.1)-cloud-amd64.
-_SECOND_IMAGE = re.compile(r"^linux-image-(6\.[0-9]+\.[0-9]+\+deb[0-9]+(?:\.[0-9]+)?)"
-                              r"-cloud-amd64$")
+_SECOND_IMAGE = re.compile(
+    r"^linux-image-(6\.[0-9]+\.[0-9]+\+deb[0-9]+(?:\.[0-9]+)?)"
+    r"-cloud-amd64$"
+)
 BACKPORTS_SUITE = "bookworm-backports"
-BACKPORTS_SOURCE = ("deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]"
-                    f" http://deb.debian.org/debian {BACKPORTS_SUITE} main\n")
+BACKPORTS_SOURCE = (
+    "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg]"
+    f" http://deb.debian.org/debian {BACKPORTS_SUITE} main\n"
+)
 LISTS_MAX_AGE = 86400  # seconds before the harness's own apt index is fetched again
 
 
@@ -109,8 +113,11 @@ def second_cloud_kernel(cache: Path | None = None) -> Kernel:
 
 def _depends(text: str) -> list[str]:
     """The 6.12-style cloud kernel packages an ``apt-cache depends`` output names."""
-    names = [line.strip().removeprefix("Depends:").strip() for line in text.splitlines()
-             if line.strip().startswith("Depends:")]
+    names = [
+        line.strip().removeprefix("Depends:").strip()
+        for line in text.splitlines()
+        if line.strip().startswith("Depends:")
+    ]
     return [n for n in names if _SECOND_IMAGE.match(n)]
 
 
@@ -118,17 +125,25 @@ def _backports_apt(directory: Path) -> list[str]:
     """apt options for an apt directory that knows bookworm-backports only; its index is
     fetched when missing or older than a day. The host's sources and lists are not touched."""
     lists = directory / "lists"
-    for sub in (lists / "partial", directory / "cache" / "archives" / "partial",
-                directory / "sources.list.d"):
+    for sub in (
+        lists / "partial",
+        directory / "cache" / "archives" / "partial",
+        directory / "sources.list.d",
+    ):
         sub.mkdir(parents=True, exist_ok=True)
     sources = directory / "sources.list"
     sources.write_text(BACKPORTS_SOURCE)
     options = [
-        "-o", f"Dir::Etc::SourceList={sources}",
-        "-o", f"Dir::Etc::SourceParts={directory / 'sources.list.d'}",
-        "-o", f"Dir::State::Lists={lists}",
-        "-o", f"Dir::Cache={directory / 'cache'}",
-        "-o", "APT::Sandbox::User=root",
+        "-o",
+        f"Dir::Etc::SourceList={sources}",
+        "-o",
+        f"Dir::Etc::SourceParts={directory / 'sources.list.d'}",
+        "-o",
+        f"Dir::State::Lists={lists}",
+        "-o",
+        f"Dir::Cache={directory / 'cache'}",
+        "-o",
+        "APT::Sandbox::User=root",
     ]
     fetched = [p for p in lists.glob("*_Packages*") if p.is_file()]
     if not fetched or min(time.time() - p.stat().st_mtime for p in fetched) > LISTS_MAX_AGE:
@@ -139,8 +154,7 @@ def _backports_apt(directory: Path) -> list[str]:
 def _run_apt(argv: list[str]) -> str:
     result = subprocess.run(argv, capture_output=True, text=True)
     if result.returncode != 0:
-        raise KernelUnavailable(f"{' '.join(argv[:1] + argv[-2:])} failed:"
-                                f" {result.stderr.strip()}")
+        raise KernelUnavailable(f"{' '.join(argv[:1] + argv[-2:])} failed: {result.stderr.strip()}")
     return result.stdout
 
 

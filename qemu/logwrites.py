@@ -112,8 +112,10 @@ def _parse(log: BinaryIO, size: int, path: Path) -> tuple[int, tuple[Entry, ...]
     if version != VERSION:
         raise LogFormatError(f"{path}: write log version {version}; only {VERSION} is known")
     if sectorsize < ENTRY.size or sectorsize & (sectorsize - 1) or sectorsize >= 1 << 24:
-        raise LogFormatError(f"{path}: sector size {sectorsize} is not a power of two between"
-                             f" {ENTRY.size} bytes and 16 MiB")
+        raise LogFormatError(
+            f"{path}: sector size {sectorsize} is not a power of two between"
+            f" {ENTRY.size} bytes and 16 MiB"
+        )
     entries = []
     sector = 1
     for index in range(count):
@@ -127,13 +129,16 @@ def _parse(log: BinaryIO, size: int, path: Path) -> tuple[int, tuple[Entry, ...]
             )
         target, nr_sectors, flags, data_len = ENTRY.unpack_from(raw)
         if flags & ~int(KNOWN_FLAGS):
-            raise LogFormatError(f"{path}: entry {index} at byte {offset} has unknown flags"
-                                 f" {flags:#x}: the log is damaged")
+            raise LogFormatError(
+                f"{path}: entry {index} at byte {offset} has unknown flags"
+                f" {flags:#x}: the log is damaged"
+            )
         mark = None
         if flags & Flag.MARK:
             if data_len > sectorsize - ENTRY.size:
-                raise LogFormatError(f"{path}: entry {index}: a mark of {data_len} bytes does"
-                                     f" not fit its sector")
+                raise LogFormatError(
+                    f"{path}: entry {index}: a mark of {data_len} bytes does not fit its sector"
+                )
             mark = raw[ENTRY.size : ENTRY.size + data_len].decode(errors="replace")
         sector += 1
         entry = Entry(index, target, nr_sectors, Flag(flags), sector * sectorsize, mark)
@@ -152,8 +157,7 @@ def copy_sparse(source: Path, dest: Path) -> None:
     """A copy sharing blocks where the filesystem can (reflink), else keeping holes. ``dest``
     is a new file: a loop device lazily let go of may still hold the old one."""
     dest.unlink(missing_ok=True)
-    subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(source), str(dest)],
-                   check=True)
+    subprocess.run(["cp", "--reflink=auto", "--sparse=always", str(source), str(dest)], check=True)
 
 
 class Replayer:

@@ -118,7 +118,7 @@ class Machine:
                 disk.log.write_bytes(b"")  # QEMU's file driver opens, never creates
         self._process = subprocess.Popen(
             self.command(),
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,  # the serial console's input: see send()
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
         )
@@ -179,6 +179,14 @@ class Machine:
                     )
                 self._changed.wait(remaining)
 
+    def send(self, text: str) -> None:
+        """Send ``text`` to the guest's serial console, as keys typed there (a command needs
+        its ``\n``)."""
+        process = self._started()
+        assert process.stdin is not None
+        process.stdin.write(text.encode())
+        process.stdin.flush()
+
     def wait_exit(self, timeout: float) -> int:
         """QEMU's exit status once the guest powers off, reboots or panics."""
         process = self._started()
@@ -186,6 +194,8 @@ class Machine:
             returncode = process.wait(timeout)
         except subprocess.TimeoutExpired:
             raise self._failure(f"QEMU still running after {timeout:g} s", self.console) from None
+        if process.stdin is not None:
+            process.stdin.close()
         self._join_reader()
         return returncode
 
@@ -195,6 +205,8 @@ class Machine:
         if process.poll() is None:
             process.kill()
         process.wait()
+        if process.stdin is not None:
+            process.stdin.close()
         self._join_reader()
 
     def markers(self) -> dict[str, str]:

@@ -53,7 +53,7 @@ PLACEHOLDERS = {
     "INITCPIO_SYSCONFDIR": "/etc/initcpio",
     "VCONSOLE_CONF": "/etc/vconsole.conf",
     "MKINITCPIO_HOOKS": "base udev autodetect microcode modconf kms keyboard keymap consolefont"
-                        " block filesystems fsck",
+    " block filesystems fsck",
     "UDEVD_PATH": "/usr/lib/systemd/systemd-udevd",
     "TMPFILES_PATH": "/usr/bin/systemd-tmpfiles",
 }
@@ -115,7 +115,8 @@ def install_tree(cache: Path | None = None) -> Path:
     if not TARBALL.is_file():
         raise MkinitcpioUnavailable(
             f"{TARBALL} is not there: the mkinitcpio tests need the vendored mkinitcpio 41"
-            " release tarball beside the checkout (../shared/vendor/)")
+            " release tarball beside the checkout (../shared/vendor/)"
+        )
     digest = hashlib.sha256(TARBALL.read_bytes())
     digest.update(json.dumps(recipe(), sort_keys=True).encode())
     base = (cache or cache_dir()) / "mkinitcpio" / digest.hexdigest()[:16]
@@ -129,14 +130,17 @@ def _install(base: Path) -> None:
     with cache_entry(base) as staging:
         source = staging / "source"
         source.mkdir()
-        subprocess.run(["tar", "-xzf", str(TARBALL), "-C", str(source),
-                        "--strip-components=1"], check=True)
+        subprocess.run(
+            ["tar", "-xzf", str(TARBALL), "-C", str(source), "--strip-components=1"], check=True
+        )
         tree = staging / "tree"
         for name, target in INSTALL.items():
             if (source / name).is_dir():
-                files = [(path, tree / target / path.name)
-                         for path in sorted((source / name).iterdir())
-                         if path.name != "meson.build"]
+                files = [
+                    (path, tree / target / path.name)
+                    for path in sorted((source / name).iterdir())
+                    if path.name != "meson.build"
+                ]
             else:
                 files = [(source / name, tree / target)]
             for path, dest in files:
@@ -160,11 +164,14 @@ def _configure(text: str) -> str:
 def _add_busybox(work: Path, dest: Path) -> None:
     download = work / "download"
     download.mkdir()
-    result = subprocess.run(["apt-get", "download", BUSYBOX_PACKAGE], cwd=download,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["apt-get", "download", BUSYBOX_PACKAGE], cwd=download, capture_output=True, text=True
+    )
     if result.returncode != 0:
-        raise GeneratorFailed(f"apt-get download {BUSYBOX_PACKAGE} failed (run apt-get update):"
-                              f" {result.stderr.strip()}")
+        raise GeneratorFailed(
+            f"apt-get download {BUSYBOX_PACKAGE} failed (run apt-get update):"
+            f" {result.stderr.strip()}"
+        )
     (deb,) = download.glob("*.deb")
     unpacked = work / "busybox"
     subprocess.run(["dpkg-deb", "-x", str(deb), str(unpacked)], check=True)
@@ -180,9 +187,13 @@ def config(variant: Variant, extra_hooks: Sequence[str] = ()) -> str:
     return f'MODULES=({DRIVERS})\nHOOKS=({hooks})\nCOMPRESSION="zstd"\n'
 
 
-def mkinitcpio_initramfs(kernel: Kernel, output: Path, variant: Variant,
-                         runtime_hooks: Mapping[str, str] | None = None,
-                         cache: Path | None = None) -> Path:
+def mkinitcpio_initramfs(
+    kernel: Kernel,
+    output: Path,
+    variant: Variant,
+    runtime_hooks: Mapping[str, str] | None = None,
+    cache: Path | None = None,
+) -> Path:
     """An image of the real mkinitcpio for ``kernel`` with our hooks, busybox or systemd.
 
     ``runtime_hooks`` (name → script) are more runtime hooks for the busybox /init, after ours,
@@ -224,7 +235,8 @@ def mkinitcpio_initramfs(kernel: Kernel, output: Path, variant: Variant,
         if unexpected or (result.returncode != 0 and not errors) or not output.exists():
             tail = "\n".join(log.strip().splitlines()[-25:])
             raise GeneratorFailed(
-                f"mkinitcpio ({variant} image) exited with {result.returncode}:\n{tail}")
+                f"mkinitcpio ({variant} image) exited with {result.returncode}:\n{tail}"
+            )
         missing = {STAGE, "hooks/overlayroot"} - set(image_members(output))
         if variant is Variant.SYSTEMD:
             missing.discard("hooks/overlayroot")
@@ -243,7 +255,7 @@ def image_members(image: Path) -> list[str]:
         stream = io.BytesIO(data)
         while (name := bytes(Entry.parse_stream(stream).name).rstrip(b"\0").decode()) != TRAILER:
             names.append(name)
-        data = data[stream.tell():].lstrip(b"\0")
+        data = data[stream.tell() :].lstrip(b"\0")
     if data:
         unpacked = subprocess.run(["zstd", "-dc"], input=data, capture_output=True, check=True)
         names += [member.name for member in read_cpio(unpacked.stdout)]

@@ -104,8 +104,10 @@ def second_kernel(kernel: Kernel) -> Kernel:
     except KernelUnavailable as error:
         _skip_or_fail(f"no second kernel: {error}")
     if second.version == kernel.version:
-        _skip_or_fail(f"the second kernel is the first one ({kernel.version}): set"
-                      " OVERLAYROOT_KERNEL_B to another")
+        _skip_or_fail(
+            f"the second kernel is the first one ({kernel.version}): set"
+            " OVERLAYROOT_KERNEL_B to another"
+        )
     return second
 
 

@@ -37,9 +37,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from initrd.elf import resolve_closure
-from overlayroot import bootstate, statefile
-from overlayroot.deploy import Progress, build_image, deploy
-from overlayroot.layout import StateLayout
+from overlayroot.commands.fsops import Progress
+from overlayroot.commands.images import build_image
+from overlayroot.commands.staging import deploy
+from overlayroot.core import bootstate, statefile
+from overlayroot.core.layout import StateLayout
 from qemu.kernel import Kernel
 from qemu.logwrites import WriteLog, copy_sparse, sectors_written
 from qemu.machine import LoggedDisk, Machine
@@ -61,8 +63,10 @@ MARKER_STRIDE = 8  # sectors: one 4 KiB page per marker, so no marker write rewr
 MARKER_MAGIC = b"PCUT "
 CREATED = 1_700_000_000
 TRIES = 2
-CMDLINE = (f"root=LABEL={LABEL} overlayroot.onfail=poweroff overlayroot.timeout=20"
-           f" overlayroot.tries={TRIES} overlayroot.watchdog=0")
+CMDLINE = (
+    f"root=LABEL={LABEL} overlayroot.onfail=poweroff overlayroot.timeout=20"
+    f" overlayroot.tries={TRIES} overlayroot.watchdog=0"
+)
 BOOT_TIMEOUT = 600  # seconds of TCG time for a whole run, boot and operations
 BLOB = f"{TEST_DIR}/blob"
 BLOB_BYTES = hashlib.sha256(b"overlayroot power cut").digest() * 512  # 16 KiB
@@ -107,7 +111,8 @@ tear() {{
 }}
 """
 SCRIPTS = {
-    "run1": _PRELUDE + f"""\
+    "run1": _PRELUDE
+    + f"""\
 step data data 1 2 3 4
 step deploy-dir overlayroot deploy --format dir --id v2 /{TREE}
 step deploy-tar overlayroot deploy --format dir --id v4 /run/overlayroot/state/{TARBALL}
@@ -119,13 +124,15 @@ step data data 5 6 7 8
 step tear tear
 mark end
 """,
-    "run2": _PRELUDE + """\
+    "run2": _PRELUDE
+    + """\
 step data data 9 10 11 12
 step set-default overlayroot set-default v3
 step gc overlayroot gc --keep 1
 mark end
 """,
-    "run3": _PRELUDE + """\
+    "run3": _PRELUDE
+    + """\
 step data data 13 14 15 16
 mark end
 """,
@@ -133,10 +140,16 @@ mark end
 # What each run's boot is, for the report, and the deployment it boots on trial.
 BOOTS = {"run1": ("trial boot", "v1"), "run2": ("repair boot", None), "run3": ("trial boot", "v3")}
 OPERATION_NAMES = {
-    "data": "fsync /var /home", "deploy-dir": "deploy dir", "deploy-image": "deploy image",
+    "data": "fsync /var /home",
+    "deploy-dir": "deploy dir",
+    "deploy-image": "deploy image",
     "deploy-tar": "deploy tar",
-    "rollback": "rollback", "bless": "bless", "gc": "gc", "tear": "tear boot.json",
-    "set-default": "set-default", "end": "power off",
+    "rollback": "rollback",
+    "bless": "bless",
+    "gc": "gc",
+    "tear": "tear boot.json",
+    "set-default": "set-default",
+    "end": "power off",
 }
 
 
@@ -189,12 +202,21 @@ class Operation:
 
 
 def require_tools(fs: str) -> None:
-    needed = ("qemu-system-x86_64", "sgdisk", "losetup", "mount", "umount", "cp",
-              "mkfs.erofs", MKFS[fs][0])
+    needed = (
+        "qemu-system-x86_64",
+        "sgdisk",
+        "losetup",
+        "mount",
+        "umount",
+        "cp",
+        "mkfs.erofs",
+        MKFS[fs][0],
+    )
     missing = [tool for tool in needed if shutil.which(tool) is None]
     if missing:
-        raise ScenarioError(f"the {fs} power-cut scenario needs {', '.join(missing)}:"
-                            " scripts/setup installs them")
+        raise ScenarioError(
+            f"the {fs} power-cut scenario needs {', '.join(missing)}: scripts/setup installs them"
+        )
 
 
 def add_gnu_tar(root: Path) -> None:
@@ -255,15 +277,31 @@ def make_state_disk(base: Path, fs: str, payload: Path | None) -> Path:
         with mounted(device, fs, base / "mnt") as top:
             # v0 carries the command too: run2 boots it.
             for offset, (name, command) in enumerate((("vold", None), ("v0", payload))):
-                deploy(top, make_root(roots, name, command), deployment_id=name,
-                       created=CREATED + offset)
+                deploy(
+                    top,
+                    make_root(roots, name, command),
+                    deployment_id=name,
+                    created=CREATED + offset,
+                )
                 _bless(StateLayout(top), name)
             deploy(top, v1, deployment_id="v1", created=CREATED + 2)
             (top / UPDATE).parent.mkdir()
-            build_image(make_root(roots, "v3", None), top / UPDATE, "erofs", "v3", CREATED + 3,
-                        Progress(None))
-            _run("tar", "--create", "--numeric-owner", f"--file={top / TARBALL}",
-                 f"--directory={make_root(roots, 'v4', None)}", ".")
+            build_image(
+                make_root(roots, "v3", None),
+                top / UPDATE,
+                "erofs",
+                "v3",
+                CREATED + 3,
+                Progress(None),
+            )
+            _run(
+                "tar",
+                "--create",
+                "--numeric-owner",
+                f"--file={top / TARBALL}",
+                f"--directory={make_root(roots, 'v4', None)}",
+                ".",
+            )
     shutil.rmtree(roots)
     return disk
 
@@ -274,28 +312,44 @@ def _bless(layout: StateLayout, name: str) -> None:
     statefile.append_history(layout, "blessed", name)
 
 
-def record(base_disk: Path, work: Path, fs: str, kernel: Kernel, initrd: Path,
-           accel: str) -> list[Run]:
+def record(
+    base_disk: Path, work: Path, fs: str, kernel: Kernel, initrd: Path, accel: str
+) -> list[Run]:
     """Boot the scenario's three runs one after the other, each logged from the disk the last
     one left; returns them with their pristine starting disks."""
     runs = []
     start = base_disk
     for name in SCRIPTS:
-        run = Run(name, fs, work / f"{name}.base.img", work / f"{name}.img",
-                  work / f"{name}.log", work / f"{name}.console.log")
+        run = Run(
+            name,
+            fs,
+            work / f"{name}.base.img",
+            work / f"{name}.img",
+            work / f"{name}.log",
+            work / f"{name}.console.log",
+        )
         copy_sparse(start, run.base)
         copy_sparse(run.base, run.disk)
-        machine = Machine(kernel, initrd, log_path=run.console,
-                          disks=[LoggedDisk(run.disk, run.log)],
-                          cmdline=f"{CMDLINE} test.run={name}", accel=accel)
+        machine = Machine(
+            kernel,
+            initrd,
+            log_path=run.console,
+            disks=[LoggedDisk(run.disk, run.log)],
+            cmdline=f"{CMDLINE} test.run={name}",
+            accel=accel,
+        )
         with machine:
-            machine.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
-                "Kernel panic - not syncing", "overlayroot: error:", "Traceback"))
+            machine.wait_for(
+                "OVERLAYROOT-TEST done",
+                BOOT_TIMEOUT,
+                failure=("Kernel panic - not syncing", "overlayroot: error:", "Traceback"),
+            )
             machine.wait_exit(120)
         failed = {k: v for k, v in machine.markers().items() if k.startswith("rc_") and v != "0"}
         if failed or machine.markers().get("run_status") != "0":
-            raise ScenarioError(f"{fs} {name}: a step failed in the guest ({failed or 'run'}):"
-                                f" see {run.console}")
+            raise ScenarioError(
+                f"{fs} {name}: a step failed in the guest ({failed or 'run'}): see {run.console}"
+            )
         runs.append(run)
         start = run.disk
     return runs
@@ -311,7 +365,7 @@ def operations(run: Run, log: WriteLog) -> list[Operation]:
             text = data[at : at + SECTOR]
             if not text.startswith(MARKER_MAGIC):
                 continue
-            seq, _, name = text[len(MARKER_MAGIC):].split(b"\n")[0].decode().partition(" ")
+            seq, _, name = text[len(MARKER_MAGIC) :].split(b"\n")[0].decode().partition(" ")
             starts.setdefault(int(seq), (entry.index, name))
     ordered = [starts[seq] for seq in sorted(starts)]
     if [index for index, _ in ordered] != sorted(index for index, _ in ordered):
@@ -323,11 +377,18 @@ def operations(run: Run, log: WriteLog) -> list[Operation]:
     return ops
 
 
-
 @contextlib.contextmanager
 def loop_device(image: Path, partition: Partition) -> Iterator[str]:
-    device = _run("losetup", "--find", "--show", "--offset", str(partition.offset),
-                  "--sizelimit", str(partition.size), str(image)).strip()
+    device = _run(
+        "losetup",
+        "--find",
+        "--show",
+        "--offset",
+        str(partition.offset),
+        "--sizelimit",
+        str(partition.size),
+        str(image),
+    ).strip()
     try:
         yield device
     finally:
@@ -351,8 +412,9 @@ def _run(*command: str) -> str:
     return result.stdout
 
 
-def record_scenario(work: Path, fs: str, kernel: Kernel, initrd: Path, accel: str,
-                    payload: Path) -> list[Run]:
+def record_scenario(
+    work: Path, fs: str, kernel: Kernel, initrd: Path, accel: str, payload: Path
+) -> list[Run]:
     """Make the state disk for ``fs`` in ``work`` and record the scenario's runs on it."""
     base = make_state_disk(work, fs, payload)
     runs = record(base, work, fs, kernel, initrd, accel)

@@ -20,7 +20,6 @@ init traps the signal and does it.
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -28,116 +27,33 @@ from pathlib import Path
 from qemu.initramfs import BUSYBOX
 
 MOUNT_POINTS = ("etc", "var", "home", "run", "proc", "sys", "dev", "tmp", "root")
-APPLETS = ("sh", "mount", "cat", "tr", "rm", "sync", "poweroff", "reboot", "ls", "sleep", "echo",
-           "mkdir", "grep", "uname", "insmod")
+APPLETS = (
+    "sh",
+    "mount",
+    "cat",
+    "tr",
+    "rm",
+    "sync",
+    "poweroff",
+    "reboot",
+    "ls",
+    "sleep",
+    "echo",
+    "mkdir",
+    "grep",
+    "uname",
+    "insmod",
+)
 FAILURES = ("exit", "panic", "hang")
 TEST_DIR = "usr/lib/overlayroot-test"
 # Payload paths the test root does not take: the initramfs's own /init and its empty mount
 # points and device nodes (the root has its own).
-PAYLOAD_SKIP = ("init", "dev", "proc", "sys", "run", "tmp", "sysroot")
 SEED = "seeded-from-image"
 
-# Reads only builtins until the uptime is out, so the marker times the boot, not the script.
-INIT_SCRIPT = r"""#!/bin/sh
-[ -r /proc/uptime ] || /bin/mount -t proc proc /proc
-read -r uptime _ < /proc/uptime
-echo "OVERLAYROOT-TEST uptime=$uptime"
-PATH=/bin:/sbin:/usr/bin:/usr/sbin
-export PATH
-[ -d /sys/kernel ] || mount -t sysfs sysfs /sys
-mark() { echo "OVERLAYROOT-TEST $1=$2"; }
-# busybox reboot / poweroff signal PID 1: TERM and USR2.
-trap 'sync; reboot -f' TERM
-trap 'sync; poweroff -f' USR2
-
-# try_write FILE CONTENT: "ok", or the error text (e.g. "Read-only file system")
-try_write() {
-    error=$( { echo "$2" > "$1"; } 2>&1 ) && { echo ok; return; }
-    echo "${error##*: }"
-}
-
-mark pid "$$"
-mark image "$(cat /usr/lib/overlayroot-test/image)"
-root_write=$(try_write /.overlayroot-test-probe x)
-if [ "$root_write" = ok ]; then
-    rm -f /.overlayroot-test-probe
-    mark root_ro no
-else
-    mark root_ro yes
-    mark root_write_error "$root_write"
-fi
-if [ "$(try_write /etc/.overlayroot-test-probe x)" = ok ]; then
-    rm -f /etc/.overlayroot-test-probe
-    mark etc_writable yes
-else
-    mark etc_writable no
-fi
-
-while read -r device mountpoint fstype options _; do
-    case $mountpoint in
-        /) mount_root="$device $fstype $options" ;;
-        /etc) mount_etc="$device $fstype $options" ;;
-        /var) mount_var="$device $fstype $options" ;;
-        /home) mount_home="$device $fstype $options" ;;
-    esac
-done < /proc/mounts
-mark mount_root "$mount_root"
-mark mount_etc "$mount_etc"
-mark mount_var "$mount_var"
-mark mount_home "$mount_home"
-if [ -f /run/overlayroot/booted.json ]; then
-    mark booted_json "$(tr -d '\n' < /run/overlayroot/booted.json)"
-fi
-
-if [ -f /usr/lib/overlayroot-test/fail ]; then
-    read -r failure < /usr/lib/overlayroot-test/fail
-    mark failing "$failure"
-    sync
-    case $failure in
-        exit) exit 1 ;;
-        panic) echo c > /proc/sysrq-trigger ;;
-        hang) while :; do sleep 3600; done ;;
-    esac
-fi
-
-for word in $(cat /proc/cmdline); do
-    case $word in
-        test.write=*) token=${word#test.write=} ;;
-        test.read=1) read_tokens=1 ;;
-        test.run=*) run=${word#test.run=} ;;
-        test.bless=1) bless=1 ;;
-    esac
-done
-if [ -n "$token" ]; then
-    mark write_etc "$(try_write /etc/test-token "$token")"
-    mark write_var "$(try_write /var/test-token "$token")"
-    mark write_home "$(try_write /home/test-token "$token")"
-    mark write_root "$(try_write /test-token "$token")"
-    sync
-fi
-if [ -n "$read_tokens" ]; then
-    mark etc_token "$(cat /etc/test-token 2>/dev/null)"
-    mark var_token "$(cat /var/test-token 2>/dev/null)"
-    mark home_token "$(cat /home/test-token 2>/dev/null)"
-    mark var_seed "$(cat /var/lib/testdata/seed 2>/dev/null)"
-fi
-if [ -n "$bless" ]; then
-    overlayroot bless
-    mark bless "$?"
-fi
-if [ -n "$run" ]; then
-    if [ -f "/usr/lib/overlayroot-test/run/$run" ]; then
-        sh "/usr/lib/overlayroot-test/run/$run"
-        mark run_status "$?"
-    else
-        mark run_missing "$run"
-    fi
-fi
-
-echo "OVERLAYROOT-TEST done"
-sync
-poweroff -f
-"""
+# The guest side, in files shellcheck sees (tests/unit/test_hooks_shellcheck.py).
+GUEST = Path(__file__).resolve().parent / "guest"
+COMMON_SCRIPT = GUEST / "common.sh"
+INIT_SCRIPT = GUEST / "busybox-init.sh"
 
 
 def make_test_root(
@@ -166,6 +82,7 @@ def make_test_root(
     (dest / "etc" / "hostname").write_text("overlayroot-test\n")
     (dest / "etc" / "os-release").write_text('ID=overlayroot-test\nNAME="overlayroot test root"\n')
     (dest / TEST_DIR / "image").write_text(image + "\n")
+    shutil.copy2(COMMON_SCRIPT, dest / TEST_DIR / COMMON_SCRIPT.name)
     (dest / "var" / "lib" / "testdata" / "seed").write_text(SEED + "\n")
     if fail is not None:
         (dest / TEST_DIR / "fail").write_text(fail + "\n")
@@ -175,13 +92,19 @@ def make_test_root(
         add_command(dest, command)
     if with_init:
         init = dest / "sbin" / "init"
-        init.write_text(INIT_SCRIPT)
+        shutil.copy2(INIT_SCRIPT, init)
         init.chmod(0o755)
     return dest
 
 
-def add_kernel(root: Path, vmlinuz: Path, initramfs: Path, version: str,
-               modules: Path | None = None, module_names: tuple[str, ...] = ()) -> Path:
+def add_kernel(
+    root: Path,
+    vmlinuz: Path,
+    initramfs: Path,
+    version: str,
+    modules: Path | None = None,
+    module_names: tuple[str, ...] = (),
+) -> Path:
     """Give the root a kernel of its own, the bootc way: ``/usr/lib/modules/<version>/vmlinuz``
     and ``initramfs.img``, plus the modules named (``dummy``: paths found in ``modules``'s
     ``modules.dep``, stored decompressed, so busybox ``insmod`` loads them from
@@ -215,41 +138,17 @@ def make_broken_root(dest: Path) -> Path:
 
 
 def build_command_payload(dest: Path) -> Path:
-    """The frozen `overlayroot` command as an initramfs payload tree at `dest` (built once, then
-    copied into any number of roots by `make_test_root(command=dest)`)."""
-    from initrd.build import BuildConfig, build_initramfs
-    from overlayroot.cli import FROZEN_MODULES
+    """The frozen `overlayroot` command as a tree at `dest` (built once, then copied into any
+    number of roots by `make_test_root(command=dest)`): what `overlayroot install-command`
+    builds."""
+    from initrd.command import build_command
 
-    result = build_initramfs(BuildConfig(
-        modules_dir=None, output=dest, payload=True,
-        entries=("overlayroot.cli", *FROZEN_MODULES),
-    ))
-    (dest / "python").write_text(result.python)  # which interpreter the launcher names
-    return dest
+    return build_command(dest)
 
 
 def add_command(root: Path, payload: Path) -> None:
-    """Copy the payload's interpreter, libraries and frozen modules into `root`, and add
-    `/usr/bin/overlayroot`."""
-    for entry in sorted(os.listdir(payload)):
-        if entry in (*PAYLOAD_SKIP, "python"):
-            continue
-        _merge(payload / entry, root / entry)
-    python = (payload / "python").read_text()
-    launcher = root / "usr" / "bin" / "overlayroot"
-    launcher.parent.mkdir(parents=True, exist_ok=True)
-    launcher.write_text(f"#!{python} -IS\nimport sys\nfrom overlayroot.cli import main\n\n"
-                        "sys.exit(main())\n")
-    launcher.chmod(0o755)
+    """The payload's interpreter, libraries, frozen modules and `/usr/bin/overlayroot` in
+    `root`, as `overlayroot install-command --replace ROOT` puts them."""
+    from initrd.command import install_command
 
-
-def _merge(source: Path, target: Path) -> None:
-    if source.is_symlink():
-        if not os.path.lexists(target):
-            target.symlink_to(os.readlink(source))
-    elif source.is_dir():
-        target.mkdir(exist_ok=True)
-        for entry in sorted(os.listdir(source)):
-            _merge(source / entry, target / entry)
-    else:
-        shutil.copy2(source, target)
+    install_command(payload, root, replace=True)

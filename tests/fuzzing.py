@@ -43,8 +43,12 @@ def check(reader: Reader, max_examples: int, *, count: Callable[[], None] | None
     shrunk to a minimal example. ``count`` is called once per example run."""
 
     # Slow or large examples are the point here, not a problem of the strategy.
-    @settings(max_examples=max_examples, deadline=None, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=max_examples,
+        deadline=None,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
     @given(reader.strategy)
     def only_our_errors(value: Any) -> None:
         if count is not None:

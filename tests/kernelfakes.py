@@ -18,12 +18,18 @@ def bzimage(version: str, body: bytes = b"") -> bytes:
     image[0x202:0x206] = b"HdrS"
     struct.pack_into("<H", image, 0x20E, VERSION_AT - 0x200)
     text = f"{version} (builder@fake) #1 SMP PREEMPT_DYNAMIC".encode() + b"\0"
-    image[VERSION_AT:VERSION_AT + len(text)] = text
+    image[VERSION_AT : VERSION_AT + len(text)] = text
     return bytes(image) + body
 
 
-def add_kernel(root: Path, version: str, *, convention: str = "bootc",
-               initramfs: bytes | None = b"initramfs of ", modules: bool = True) -> Path:
+def add_kernel(
+    root: Path,
+    version: str,
+    *,
+    convention: str = "bootc",
+    initramfs: bytes | None = b"initramfs of ",
+    modules: bool = True,
+) -> Path:
     """Put kernel ``version`` into the root tree at ``root`` the way ``convention`` (bootc or
     debian) does; ``initramfs`` None leaves it without one. Returns the kernel's path."""
     moddir = root / "usr/lib/modules" / version
@@ -54,12 +60,12 @@ def archives(data: bytes) -> dict[str, bytes]:
             at += 1
             continue
         while True:
-            header = data[at:at + 110]
+            header = data[at : at + 110]
             assert len(header) == 110 and header[:6] == b"070701", f"no cpio header at {at}"
-            fields = [int(header[6 + 8 * i:14 + 8 * i], 16) for i in range(13)]
+            fields = [int(header[6 + 8 * i : 14 + 8 * i], 16) for i in range(13)]
             size, namesize = fields[6], fields[11]
             name_end = at + 110 + namesize
-            name = data[at + 110:name_end - 1].decode()
+            name = data[at + 110 : name_end - 1].decode()
             start = name_end + (-name_end % 4)
             end = start + size
             assert end <= len(data), f"{name} is cut short"
@@ -83,8 +89,11 @@ def lookup(image: dict[str, bytes], path: str) -> bytes | None:
         entry = image.get("/".join(resolved))
         if entry is not None and entry.startswith(b"->") and hops < len(parts) - 1:
             target = entry[2:].decode()
-            resolved = target.strip("/").split("/") if target.startswith("/") else [
-                *resolved[:-1], *target.split("/")]
+            resolved = (
+                target.strip("/").split("/")
+                if target.startswith("/")
+                else [*resolved[:-1], *target.split("/")]
+            )
     return image.get("/".join(resolved))
 
 
@@ -93,8 +102,9 @@ def release_of(kernel: bytes) -> str:
     return kernel[pointer:].split(b" ", 1)[0].decode()
 
 
-def assert_bootable(directory: Path, kernels: dict[str, bytes], *, zstd: bool = False,
-                    module: bytes | None = None) -> str:
+def assert_bootable(
+    directory: Path, kernels: dict[str, bytes], *, zstd: bool = False, module: bytes | None = None
+) -> str:
     """The pair in ``directory`` is a whole kernel of ``kernels`` and a whole initramfs whose
     stage finds that kernel's own module list, and every module in it (``module``: what each
     holds; None: any ELF file); returns the release. ``zstd``: the initramfs is zstd frames."""

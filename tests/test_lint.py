@@ -1,7 +1,5 @@
-"""The linters as tests, over the whole repository, with the tools and settings of the venv.
-
-``ruff format --check`` is not among them yet: the tree is not formatted throughout.
-"""
+"""The linters as tests, over the whole repository, with the tools and settings of the venv:
+``ruff check``, ``ruff format --check`` and ``mypy`` (strict)."""
 
 from __future__ import annotations
 
@@ -30,6 +28,10 @@ def has_python(path: Path) -> bool:
 
 def test_ruff_check() -> None:
     run_tool("ruff", "check", "--no-cache", ".")
+
+
+def test_ruff_format() -> None:
+    run_tool("ruff", "format", "--check", "--no-cache", ".")
 
 
 def test_mypy_strict() -> None:

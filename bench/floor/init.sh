@@ -1,4 +1,5 @@
 #!/bin/busybox sh
+# shellcheck shell=dash
 # The floor of the stage-time ratio: the least a hand-written busybox shell /init can do to boot
 # the kind of root overlayroot boots. Load the modules, find the state filesystem by label, mount
 # it, loop-mount the erofs lower read-only, put an overlay with a persistent upper on /etc, bind

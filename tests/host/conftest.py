@@ -12,7 +12,6 @@ import io
 import json
 import os
 import shutil
-import stat
 import subprocess
 from collections.abc import Iterator
 from contextlib import redirect_stdout
@@ -21,14 +20,17 @@ from typing import Any
 
 import pytest
 
-from overlayroot import bootstate, cli, health, statefile, syscalls, target
-from overlayroot.assemble import Booted, assemble
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.deploy import deploy
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
+from overlayroot.boot import kexec
+from overlayroot.boot.assemble import Booted, assemble
+from overlayroot.boot.cmdline import parse_options
+from overlayroot.boot.console import Console
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.commands import bootpair, cli, health, target
+from overlayroot.commands.staging import deploy
+from overlayroot.core import bootstate, statefile, syscalls
+from overlayroot.core.layout import Manifest, StateLayout
 from qemu.mounts import mounts_under
+from tests.trees import make_tree
 
 CLONE_NEWNS = 0x00020000
 _entered = False
@@ -73,20 +75,6 @@ def require_tools(*tools: str) -> None:
         pytest.skip(f"needs {', '.join(missing)} (scripts/setup installs them)")
 
 
-def make_tree(root: Path, *, init: bool = True) -> Path:
-    """A minimal deployment tree: the mount points, some /etc and /var content, an init."""
-    for d in ("etc", "var/lib/testdata", "home", "run", "proc", "sys", "dev", "tmp", "sbin"):
-        (root / d).mkdir(parents=True, exist_ok=True)
-    (root / "etc/hostname").write_text("image\n")
-    (root / "var/lib/testdata/seed").write_text("from the image\n")
-    (root / "var/log").mkdir()
-    os.symlink("../run/lock", root / "var/lock")
-    if init:
-        (root / "sbin/init").write_text("#!/bin/sh\necho hello\n")
-        (root / "sbin/init").chmod(stat.S_IMODE(0o755))
-    return root
-
-
 def mkfs_ext4(image: Path, size_mb: int = 64, label: str = "state") -> None:
     with open(image, "wb") as f:
         f.truncate(size_mb << 20)
@@ -116,14 +104,16 @@ class Env:
         deploy(self.sysroot, tree, deployment_id=name, fmt=fmt, created=1_700_000_000)
         return name
 
-    def assemble(self, cmdline: str = "", deployment: str | None = None,
-                 repairs: list[str] | None = None) -> Booted:
+    def assemble(
+        self, cmdline: str = "", deployment: str | None = None, repairs: list[str] | None = None
+    ) -> Booted:
         """Assemble ``deployment`` (default: the only one, else the newest id)."""
         opts, _ = parse_options(cmdline)
         layout = StateLayout(self.sysroot)
         manifest = layout.read_manifest(deployment or max(layout.deployment_ids()))
-        return assemble(str(self.sysroot), str(self.run), opts, manifest, device="/dev/test",
-                        repairs=repairs)
+        return assemble(
+            str(self.sysroot), str(self.run), opts, manifest, device="/dev/test", repairs=repairs
+        )
 
     @property
     def state(self) -> Path:
@@ -139,27 +129,67 @@ def env(mount_ns: Path) -> Env:
 NO_WATCHDOG = "overlayroot.watchdog=0"
 
 
+class Kexeced(BaseException):
+    """The stage asked to start a deployment's own kernel (the fake ``kexec.restart``); like
+    the real restart it never returns to the stage (which takes any Exception for a failed
+    candidate)."""
+
+
 class System:
     """A machine booted from ``env``'s state filesystem: ``/`` is ``env.sysroot``, the state
-    filesystem is at ``env.run/state`` and ``booted.json`` in ``env.run``."""
+    filesystem is at ``env.run/state`` and ``booted.json`` in ``env.run``.
+
+    Its kernel: the bootloader starts the boot pair's (``overlayroot/boot`` on the state, what
+    ``bless`` promotes), or the host's when there is none; a kexec the stage asks for is
+    simulated (``kexec.load`` records the command line, ``kexec.restart`` ends the boot) and the
+    machine boots again under the deployment's kernel with that command line."""
 
     def __init__(self, env: Env, capsys: pytest.CaptureFixture[str]) -> None:
         self.env = env
         self.capsys = capsys
         self.console = ""
         self.up = False
+        self.loaded: tuple[str, str, str] | None = None  # deployment, its kernel, command line
+        self.kernel = os.uname().release  # what the last boot ran
 
     @property
     def state(self) -> StateLayout:
         return StateLayout(self.env.state if self.up else self.env.sysroot)
 
+    def firmware_kernel(self) -> str:
+        record = bootpair.read_record(Path(self.env.sysroot, "overlayroot", bootpair.BOOT_DIR))
+        version = (record or {}).get("version")
+        return version if isinstance(version, str) else os.uname().release
+
     def boot(self, cmdline: str = NO_WATCHDOG) -> dict[str, object]:
         assert not self.up
-        opts, _ = parse_options(cmdline)
-        out = io.StringIO()
-        with redirect_stdout(out):
-            prepare_root(str(self.env.sysroot), str(self.env.run), opts, "/dev/test", Console())
-        self.console = out.getvalue()
+        running = self.firmware_kernel()
+        console = ""
+        for _ in range(2):  # the bootloader's kernel, then at most one kexec
+            opts, _ = parse_options(cmdline)
+            out = io.StringIO()
+            self.loaded = None
+            try:
+                with redirect_stdout(out):
+                    prepare_root(
+                        str(self.env.sysroot),
+                        str(self.env.run),
+                        opts,
+                        "/dev/test",
+                        Console(),
+                        cmdline,
+                        running,
+                    )
+            except Kexeced:
+                console += out.getvalue()
+                assert self.loaded is not None
+                self.up = str(self.env.state) in mounts_under(self.env.run)
+                self.shutdown()
+                _, running, cmdline = self.loaded
+                continue
+            break
+        self.console = console + out.getvalue()
+        self.kernel = running
         self.up = True
         return self.booted()
 
@@ -175,7 +205,8 @@ class System:
         for point in reversed(mounts_under(self.env.sysroot)):
             syscalls.umount(point, syscalls.MNT_DETACH)
         syscalls.mount(str(self.env.state), str(self.env.sysroot), None, syscalls.MS_MOVE)
-        (self.env.run / "booted.json").unlink()
+        with contextlib.suppress(FileNotFoundError):
+            (self.env.run / "booted.json").unlink()
         self.up = False
 
     def reboot(self, cmdline: str = NO_WATCHDOG) -> dict[str, object]:
@@ -227,8 +258,9 @@ class System:
 
 
 @pytest.fixture
-def system(env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-           tmp_path: Path) -> Iterator[System]:
+def system(
+    env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[System]:
     monkeypatch.setattr(target, "BOOTED", str(env.run / "booted.json"))
     monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
     monkeypatch.setattr(health, "CHECK_DIR", str(tmp_path / "check.d"))
@@ -238,6 +270,16 @@ def system(env: Env, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Mon
     reboot.chmod(0o755)
     monkeypatch.setattr(health, "REBOOT", (str(reboot),))
     s = System(env, capsys)
+
+    def load(layout: StateLayout, manifest: Manifest, cmdline: str) -> None:
+        assert manifest.kernel is not None
+        s.loaded = (manifest.id, manifest.kernel.version, cmdline)
+
+    def restart(sysroot: str, command: int) -> None:
+        raise Kexeced(sysroot)
+
+    monkeypatch.setattr(kexec, "load", load)
+    monkeypatch.setattr(kexec, "restart", restart)
     yield s
     s.shutdown()
 

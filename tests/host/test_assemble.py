@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import syscalls
-from overlayroot.deploy import deploy
-from overlayroot.errors import BootError
+from overlayroot.commands.staging import deploy
+from overlayroot.core import syscalls
+from overlayroot.core.errors import BootError
 from qemu.mounts import mounts_under
-from tests.host.conftest import Env, make_tree
+from tests.host.conftest import Env
+from tests.trees import make_tree
 
 
 def mount_options(path: Path) -> str:
@@ -111,16 +112,22 @@ def test_an_image_that_is_not_a_filesystem(env: Env) -> None:
     env.deploy("v1")
     image = env.sysroot / "overlayroot/deployments/v1/root.erofs"
     image.write_bytes(b"\0" * 65536)
-    with pytest.raises(BootError, match=r"deployment 'v1': its image .*root.erofs does not mount"
-                       r" as erofs \(.*\); the image is damaged or not a filesystem"):
+    with pytest.raises(
+        BootError,
+        match=r"deployment 'v1': its image .*root.erofs does not mount"
+        r" as erofs \(.*\); the image is damaged or not a filesystem",
+    ):
         env.assemble()
     undone(env)
 
 
 def test_no_init_and_no_init_option(env: Env) -> None:
     env.deploy("v1", init=False)
-    with pytest.raises(BootError, match="deployment 'v1' has no executable /sbin/init: the image"
-                       " needs /sbin/init, or name its init with init="):
+    with pytest.raises(
+        BootError,
+        match="deployment 'v1' has no executable /sbin/init: the image"
+        " needs /sbin/init, or name its init with init=",
+    ):
         env.assemble()
     undone(env)
     with pytest.raises(BootError, match="has no executable /bin/nope: fix init="):

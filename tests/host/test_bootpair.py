@@ -1,5 +1,5 @@
-"""The boot pair (overlayroot.bootpair): promotion cut by a power cut after every write, on a
-real vfat filesystem, leaves a pair the bootloader can boot; the next promotion finishes it.
+"""The boot pair (overlayroot.commands.bootpair): promotion cut by a power cut after every write,
+on a real vfat filesystem, leaves a pair the bootloader can boot; the next promotion finishes it.
 
 A cut is simulated at the level of the calls a promotion makes (``bootpair.Disk``): after the
 first ``k`` calls the rest never happen, and either everything done so far is on the disk
@@ -20,9 +20,10 @@ from pathlib import Path
 import pytest
 
 from initrd.cpio import Member, write_cpio
-from overlayroot import bootpair, cli, digest
-from overlayroot.errors import BootError
-from overlayroot.layout import Kernel, Manifest, StateLayout
+from overlayroot.commands import bootpair, cli
+from overlayroot.core import digest
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import Kernel, Manifest, StateLayout
 from tests.host.conftest import require_tools
 from tests.kernelfakes import LIST_DIR, archives, assert_bootable, bzimage
 
@@ -37,27 +38,39 @@ def initramfs(release: str, stage: str) -> bytes:
 
     modules = [f"lib/modules/{release}/kernel/{name}.ko" for name in ("virtio_blk", "erofs")]
     listing = "".join(f"/{m}\n" for m in modules).encode()
-    members = [Member.file("init", f"#!/bin/sh\n# stage {stage}\n".encode(), 0o755),
-               Member.file("usr/lib/overlayroot/modules.list", listing),
-               Member.file(f"{LIST_DIR}/{release}.list", listing)]
-    members += [Member.file(m, FAKE_MODULE.replace(b"{release}", release.encode()))
-                for m in modules]
+    members = [
+        Member.file("init", f"#!/bin/sh\n# stage {stage}\n".encode(), 0o755),
+        Member.file("usr/lib/overlayroot/modules.list", listing),
+        Member.file(f"{LIST_DIR}/{release}.list", listing),
+    ]
+    members += [
+        Member.file(m, FAKE_MODULE.replace(b"{release}", release.encode())) for m in modules
+    ]
     out = io.BytesIO()
     write_cpio(out, members)
     return out.getvalue()
 
 
 def deployment(state: StateLayout, deployment_id: str, release: str, created: str) -> Manifest:
-    directory = state.deployment_dir(deployment_id)
+    directory = Path(state.deployment_dir(deployment_id))
     (directory / "root").mkdir(parents=True)
     (directory / "vmlinuz").write_bytes(bzimage(release, os.urandom(5000)))
     (directory / "initramfs.img").write_bytes(initramfs(release, deployment_id))
     manifest = Manifest(
-        id=deployment_id, created=created, format="dir", image="root", sha256="0" * 64, size=0,
-        origin="", kernel=Kernel(version=release,
-                                 vmlinuz_sha256=digest.file_sha256(directory / "vmlinuz"),
-                                 initramfs_sha256=digest.file_sha256(directory / "initramfs.img"),
-                                 kargs=["quiet"]))
+        id=deployment_id,
+        created=created,
+        format="dir",
+        image="root",
+        sha256="0" * 64,
+        size=0,
+        origin="",
+        kernel=Kernel(
+            version=release,
+            vmlinuz_sha256=digest.file_sha256(directory / "vmlinuz"),
+            initramfs_sha256=digest.file_sha256(directory / "initramfs.img"),
+            kargs=["quiet"],
+        ),
+    )
     (directory / "manifest.json").write_text(manifest.to_json())
     return manifest
 
@@ -155,8 +168,10 @@ class Cutting(bootpair.Disk):
 def esp(request: pytest.FixtureRequest, mount_ns: Path) -> Path:
     """A filesystem for the pair: vfat (an ESP) or ext4 (the state filesystem's kind)."""
     fs = request.param
-    if fs not in Path("/proc/filesystems").read_text().split() and subprocess.run(
-            ["modprobe", fs], capture_output=True).returncode != 0:
+    if (
+        fs not in Path("/proc/filesystems").read_text().split()
+        and subprocess.run(["modprobe", fs], capture_output=True).returncode != 0
+    ):
         pytest.skip(f"the running kernel has no {fs} filesystem")
     require_tools(f"mkfs.{fs}")
     image = mount_ns / "esp.img"
@@ -175,11 +190,12 @@ def state(tmp_path: Path) -> StateLayout:
     return StateLayout(tmp_path / "state")
 
 
-def test_a_promotion_cut_after_any_write_leaves_a_bootable_pair(esp: Path,
-                                                              state: StateLayout) -> None:
+def test_a_promotion_cut_after_any_write_leaves_a_bootable_pair(
+    esp: Path, state: StateLayout
+) -> None:
     v1 = deployment(state, "v1", A, "2024-01-01T00:00:00Z")
     v2 = deployment(state, "v2", B, "2024-01-02T00:00:00Z")
-    kernels = {k: state.kernel_path(m).read_bytes() for k, m in (("v1", v1), ("v2", v2))}
+    kernels = {k: Path(state.kernel_path(m)).read_bytes() for k, m in (("v1", v1), ("v2", v2))}
     pair = esp / "overlayroot"
     assert bootpair.promote(pair, state, v1)
     assert assert_bootable(pair, kernels, module=FAKE_MODULE) == A
@@ -208,7 +224,7 @@ def test_a_promotion_cut_after_any_write_leaves_a_bootable_pair(esp: Path,
             # The next bless finishes the promotion.
             bootpair.promote(pair, state, v2)
             assert assert_bootable(pair, kernels, module=FAKE_MODULE) == B, where
-            assert (pair / "initrd.img").read_bytes() == state.initramfs_path(v2).read_bytes()
+            assert (pair / "initrd.img").read_bytes() == Path(state.initramfs_path(v2)).read_bytes()
             assert sorted(os.listdir(pair)) == ["initrd.img", "pair.json", "vmlinuz"], where
             assert json.loads((pair / "pair.json").read_text())["deployment"] == "v2", where
     assert releases == {A, B}  # the cuts fell on both sides of the kernel's rename
@@ -231,19 +247,29 @@ def test_the_bridge_boots_both_kernels(tmp_path: Path, state: StateLayout) -> No
             bridge_done = tmp_path / "try"
             break
     assert bridge_done is not None
-    assert (bridge_done / "vmlinuz").read_bytes() == state.kernel_path(v1).read_bytes()
+    assert (bridge_done / "vmlinuz").read_bytes() == Path(state.kernel_path(v1)).read_bytes()
     assert f"{LIST_DIR}/{A}.list" in image  # A's list and modules are still there
     assert image["init"] == b"#!/bin/sh\n# stage v2\n"  # the new stage runs
     for release in (A, B):
-        (bridge_done / "vmlinuz").write_bytes(state.kernel_path(v1 if release == A else v2)
-                                              .read_bytes())
-        assert assert_bootable(bridge_done, {"a": state.kernel_path(v1).read_bytes(),
-                                             "b": state.kernel_path(v2).read_bytes()},
-                               module=FAKE_MODULE) == release
+        (bridge_done / "vmlinuz").write_bytes(
+            Path(state.kernel_path(v1 if release == A else v2)).read_bytes()
+        )
+        assert (
+            assert_bootable(
+                bridge_done,
+                {
+                    "a": Path(state.kernel_path(v1)).read_bytes(),
+                    "b": Path(state.kernel_path(v2)).read_bytes(),
+                },
+                module=FAKE_MODULE,
+            )
+            == release
+        )
 
 
-def test_promote_refuses_a_damaged_kernel_and_keeps_the_pair(tmp_path: Path,
-                                                             state: StateLayout) -> None:
+def test_promote_refuses_a_damaged_kernel_and_keeps_the_pair(
+    tmp_path: Path, state: StateLayout
+) -> None:
     v1 = deployment(state, "v1", A, "2024-01-01T00:00:00Z")
     v2 = deployment(state, "v2", B, "2024-01-02T00:00:00Z")
     pair = tmp_path / "pair"
@@ -252,19 +278,25 @@ def test_promote_refuses_a_damaged_kernel_and_keeps_the_pair(tmp_path: Path,
     with open(state.kernel_path(v2), "r+b") as f:
         f.seek(3000)
         f.write(b"damage")
-    with pytest.raises(BootError, match=rf"^{state.kernel_path(v2)} does not match the digest in"
-                       r" its deployment's manifest: it is damaged; the boot pair was left as it"
-                       r" was$"):
+    with pytest.raises(
+        BootError,
+        match=rf"^{state.kernel_path(v2)} does not match the digest in"
+        r" its deployment's manifest: it is damaged; the boot pair was left as it"
+        r" was$",
+    ):
         bootpair.promote(pair, state, v2)
-    assert assert_bootable(pair, {"a": state.kernel_path(v1).read_bytes()},
-                           module=FAKE_MODULE) == A
+    assert (
+        assert_bootable(pair, {"a": Path(state.kernel_path(v1)).read_bytes()}, module=FAKE_MODULE)
+        == A
+    )
     # The bridge was written before the kernel was found damaged: still a bootable pair, A's.
     assert (pair / "vmlinuz").read_bytes() == before["vmlinuz"]
     assert sorted(os.listdir(pair)) == ["initrd.img", "pair.json", "vmlinuz"]
 
 
-def test_a_second_promotion_of_the_same_kernel_writes_nothing(tmp_path: Path,
-                                                              state: StateLayout) -> None:
+def test_a_second_promotion_of_the_same_kernel_writes_nothing(
+    tmp_path: Path, state: StateLayout
+) -> None:
     v1 = deployment(state, "v1", A, "2024-01-01T00:00:00Z")
     pair = tmp_path / "pair"
     assert bootpair.promote(pair, state, v1)
@@ -273,12 +305,23 @@ def test_a_second_promotion_of_the_same_kernel_writes_nothing(tmp_path: Path,
     assert counting.calls == 0
 
 
-def test_promoting_a_deployment_without_a_kernel_is_refused(tmp_path: Path,
-                                                           state: StateLayout) -> None:
-    manifest = Manifest(id="v1", created="2024-01-01T00:00:00Z", format="dir", image="root",
-                        sha256="0" * 64, size=0, origin="")
-    with pytest.raises(BootError, match=r"^deployment 'v1' has no kernel of its own to"
-                       r" promote$"):
+def test_promoting_a_deployment_without_a_kernel_is_refused(
+    tmp_path: Path, state: StateLayout
+) -> None:
+    manifest = Manifest(
+        id="v1",
+        created="2024-01-01T00:00:00Z",
+        format="dir",
+        image="root",
+        sha256="0" * 64,
+        size=0,
+        origin="",
+    )
+    with pytest.raises(
+        BootError,
+        match=r"^deployment 'v1' has no kernel of its own to"
+        r" promote$",
+    ):
         bootpair.promote(tmp_path / "pair", state, manifest)
 
 
@@ -293,11 +336,17 @@ def test_describe_names_the_deployment_and_a_cut_short_promotion(
     assert bootpair.describe(pair, manifests) is None
     assert bootpair.summary(None, pair) == (
         f"boot pair: none yet in {pair} (bless or `overlayroot promote` a deployment with a"
-        " kernel of its own)")
+        " kernel of its own)"
+    )
     bootpair.promote(pair, state, v1)
     held = bootpair.describe(pair, manifests)
-    assert held == {"dir": str(pair), "deployment": "v1", "version": A, "complete": True,
-                    "recorded": "v1"}
+    assert held == {
+        "dir": str(pair),
+        "deployment": "v1",
+        "version": A,
+        "complete": True,
+        "recorded": "v1",
+    }
     assert bootpair.summary(held, pair) == f"boot pair in {pair}: the kernel {A} of v1"
     # Cut after the kernel's rename: B's kernel with the bridge.
     for after in range(1, 60):
@@ -305,59 +354,77 @@ def test_describe_names_the_deployment_and_a_cut_short_promotion(
         shutil.copytree(pair, tmp_path / "cut")
         with contextlib.suppress(PowerCut):
             bootpair.promote(tmp_path / "cut", state, v2, Cutting(after, "kept"))
-        if (tmp_path / "cut" / "vmlinuz").read_bytes() == state.kernel_path(v2).read_bytes():
+        if (tmp_path / "cut" / "vmlinuz").read_bytes() == Path(state.kernel_path(v2)).read_bytes():
             break
     cut = bootpair.describe(tmp_path / "cut", manifests)
     assert cut is not None and (cut["deployment"], cut["complete"]) == ("v2", False)
     assert bootpair.summary(cut, pair).endswith(
         f"the kernel {B} of v2 (a promotion was cut short: its initramfs is the bridge; the next"
-        " bless finishes it)")
+        " bless finishes it)"
+    )
     # gc removed v1: the pair still holds its kernel, and says so.
     gone = bootpair.describe(pair, {"v2": v2})
     assert gone is not None and (gone["deployment"], gone["version"]) == (None, A)
-    assert bootpair.summary(gone, pair) == (f"boot pair in {pair}: the kernel {A} of v1, a"
-                                            " deployment no longer on the state filesystem")
+    assert bootpair.summary(gone, pair) == (
+        f"boot pair in {pair}: the kernel {A} of v1, a deployment no longer on the state filesystem"
+    )
 
 
 def test_choose_prefers_the_blessed_then_the_newest_good_with_a_kernel(
     state: StateLayout,
 ) -> None:
-    from overlayroot.bootstate import BootState, Entry
+    from overlayroot.core.bootstate import BootState, Entry
 
     v1 = deployment(state, "v1", A, "2024-01-01T00:00:00Z")
     v2 = deployment(state, "v2", B, "2024-01-02T00:00:00Z")
-    v3 = Manifest(id="v3", created="2024-01-03T00:00:00Z", format="dir", image="root",
-                  sha256="0" * 64, size=0, origin="")
+    v3 = Manifest(
+        id="v3",
+        created="2024-01-03T00:00:00Z",
+        format="dir",
+        image="root",
+        sha256="0" * 64,
+        size=0,
+        origin="",
+    )
     v4 = deployment(state, "v4", C, "2024-01-04T00:00:00Z")
     manifests = {"v1": v1, "v2": v2, "v3": v3, "v4": v4}
-    good = BootState({"v1": Entry(priority=1, successful=True),
-                      "v2": Entry(priority=2, successful=True),
-                      "v3": Entry(priority=3, successful=True),
-                      "v4": Entry(priority=4)})  # on trial: never promoted
+    good = BootState(
+        {
+            "v1": Entry(priority=1, successful=True),
+            "v2": Entry(priority=2, successful=True),
+            "v3": Entry(priority=3, successful=True),
+            "v4": Entry(priority=4),
+        }
+    )  # on trial: never promoted
     assert bootpair.choose(good, manifests, "v3") is v2  # v3 has no kernel: the newest good one
     assert bootpair.choose(good, manifests, "v1") is v1
     assert bootpair.choose(good, manifests, "v4") is v2
     assert bootpair.choose(good, {"v3": v3}, "v3") is None
 
 
-def test_promote_command_offline(tmp_path: Path, state: StateLayout,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
-    from overlayroot import statefile
-    from overlayroot.bootstate import BootState, Entry
+def test_promote_command_offline(
+    tmp_path: Path, state: StateLayout, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from overlayroot.core import statefile
+    from overlayroot.core.bootstate import BootState, Entry
 
     deployment(state, "v1", A, "2024-01-01T00:00:00Z")
     deployment(state, "v2", B, "2024-01-02T00:00:00Z")
-    statefile.save(state, BootState({"v1": Entry(priority=1, successful=True),
-                                     "v2": Entry(priority=2)}))
+    statefile.save(
+        state, BootState({"v1": Entry(priority=1, successful=True), "v2": Entry(priority=2)})
+    )
     sysroot = str(state.root)
     assert cli.main(["promote", "--sysroot", sysroot]) == 0
-    pair = state.top / "boot"
-    assert capsys.readouterr().out == f"promoted: the boot pair in {pair} holds the kernel {A}" \
-        " of v1\n"
-    assert cli.main(["promote", "v2", "--sysroot", sysroot, "--boot-dir",
-                     str(tmp_path / "esp")]) == 0
+    pair = Path(state.top) / "boot"
+    assert (
+        capsys.readouterr().out == f"promoted: the boot pair in {pair} holds the kernel {A} of v1\n"
+    )
+    assert (
+        cli.main(["promote", "v2", "--sysroot", sysroot, "--boot-dir", str(tmp_path / "esp")]) == 0
+    )
     assert (tmp_path / "esp" / "vmlinuz").read_bytes() == (
-        state.deployment_dir("v2") / "vmlinuz").read_bytes()
+        Path(state.deployment_dir("v2")) / "vmlinuz"
+    ).read_bytes()
     capsys.readouterr()
     assert cli.main(["promote", "v9", "--sysroot", sysroot]) == 1
     assert "overlayroot: error: no deployment 'v9' on" in capsys.readouterr().err
@@ -366,6 +433,7 @@ def test_promote_command_offline(tmp_path: Path, state: StateLayout,
     assert f"boot pair in {pair}: the kernel {A} of v1" in out
     assert cli.main(["status", "--json", "--sysroot", sysroot]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert [d["kernel"] for d in data["deployments"]] == [A, B][::-1] or \
-        {d["id"]: d["kernel"] for d in data["deployments"]} == {"v1": A, "v2": B}
+    assert [d["kernel"] for d in data["deployments"]] == [A, B][::-1] or {
+        d["id"]: d["kernel"] for d in data["deployments"]
+    } == {"v1": A, "v2": B}
     assert data["boot_pair"]["deployment"] == "v1"

@@ -40,8 +40,10 @@ def test_the_disk_a_run_starts_from_keeps_every_promise(disk: Path, mount_ns: Pa
 def test_a_lost_boot_state_and_a_damaged_image_are_found(disk: Path, mount_ns: Path) -> None:
     checker = Checker(mount_ns / "check")
     reference = checker.check(disk, cut_of(disk), None, None)
-    with partition_device(disk, STATE) as device, mounted(device, "ext4",
-                                                         mount_ns / "damage") as top:
+    with (
+        partition_device(disk, STATE) as device,
+        mounted(device, "ext4", mount_ns / "damage") as top,
+    ):
         for name in ("boot.json", "boot.json.prev"):
             (top / "overlayroot" / name).unlink()
         image = top / "overlayroot/deployments/v1/root.erofs"
@@ -66,4 +68,5 @@ def test_a_disk_that_does_not_mount_is_unbootable(mount_ns: Path) -> None:
     assert outcome.unbootable
     assert [v.kind for v in outcome.violations] == [Kind.UNBOOTABLE]
     assert outcome.violations[0].message.startswith(
-        f"the state filesystem does not mount: mount -t ext4 {mount_ns}/check/cut.img:")
+        f"the state filesystem does not mount: mount -t ext4 {mount_ns}/check/cut.img:"
+    )

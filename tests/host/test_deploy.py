@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, digest, layout
-from overlayroot.errors import BootError
+from overlayroot.commands import images, staging
+from overlayroot.core import digest, layout
+from overlayroot.core.errors import BootError
+from tests import trees
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: owners, devices, loop mounts"),
@@ -27,8 +29,8 @@ CAPABILITY = bytes.fromhex("0000000200200000000000000000000000000000")
 
 
 def make_tree(root: Path) -> Path:
-    for name in deploy.MOUNT_POINTS:
-        (root / name).mkdir(parents=True)
+    """The shared minimal tree (tests.trees), and what these tests look for."""
+    trees.make_tree(root)
     (root / "etc" / "hostname").write_text("test\n")
     (root / "etc" / "shadow").write_text("root:*:1::::::\n")
     os.chown(root / "etc" / "shadow", 0, 42)
@@ -67,7 +69,8 @@ def mounted_digest(image: Path, tmp_path: Path) -> str:
     mountpoint.mkdir(exist_ok=True)
     script = (
         'mount -o ro,loop "$1" "$2" && exec "$3" -c'
-        ' "import sys; from overlayroot.digest import tree_sha256; print(tree_sha256(sys.argv[1]))"'
+        ' "import sys; from overlayroot.core.digest import tree_sha256;'
+        ' print(tree_sha256(sys.argv[1]))"'
         ' "$2"'
     )
     result = subprocess.run(
@@ -108,8 +111,8 @@ def sha256_file(path: Path) -> str:
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
 def test_image_deployment_mounts_as_the_source_tree(tree: Path, tmp_path: Path, fmt: str) -> None:
     sysroot = new_sysroot(tmp_path)
-    manifest, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt=fmt)
-    image = where / layout.FORMATS[fmt]
+    manifest, where = staging.deploy(sysroot, tree, deployment_id="one", fmt=fmt)
+    image = where / layout.FORMATS[fmt].image
     assert layout.StateLayout(sysroot).read_manifest("one") == manifest
     assert (manifest.id, manifest.format, manifest.image) == ("one", fmt, image.name)
     assert manifest.size == image.stat().st_size
@@ -121,17 +124,17 @@ def test_image_deployment_mounts_as_the_source_tree(tree: Path, tmp_path: Path, 
 
 
 def test_erofs_image_passes_fsck_and_carries_the_derived_uuid(tree: Path, tmp_path: Path) -> None:
-    _, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one")
+    _, where = staging.deploy(new_sysroot(tmp_path), tree, deployment_id="one")
     image = where / "root.erofs"
     subprocess.run(["fsck.erofs", image], check=True, capture_output=True)
     superblock = subprocess.run(
         ["dump.erofs", "-s", image], check=True, capture_output=True, text=True
     ).stdout
-    assert deploy.erofs_uuid("one") in superblock
+    assert images.erofs_uuid("one") in superblock
 
 
 def test_squashfs_image_lists_the_source(tree: Path, tmp_path: Path) -> None:
-    _, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt="squashfs")
+    _, where = staging.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt="squashfs")
     listing = subprocess.run(
         ["unsquashfs", "-lln", where / "root.squashfs"], check=True, capture_output=True, text=True
     ).stdout
@@ -145,10 +148,10 @@ def test_same_tree_created_and_id_give_identical_images(
 ) -> None:
     images = []
     for name in ("a", "b"):
-        _, where = deploy.deploy(
+        _, where = staging.deploy(
             new_sysroot(tmp_path, name), tree, deployment_id="one", fmt=fmt, created=EPOCH
         )
-        images.append(where / layout.FORMATS[fmt])
+        images.append(where / layout.FORMATS[fmt].image)
         # A rebuilt tree has new mtimes; a reproducible image must not see them.
         os.utime(tree / "etc" / "hostname", (EPOCH + 7, EPOCH + 7))
     assert filecmp.cmp(images[0], images[1], shallow=False)
@@ -158,12 +161,12 @@ def test_same_tree_created_and_id_give_identical_images(
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
 def test_without_created_file_mtimes_are_kept(tree: Path, tmp_path: Path, fmt: str) -> None:
     os.utime(tree / "etc" / "hostname", (EPOCH, EPOCH))
-    _, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt=fmt)
-    assert mounted_mtime(where / layout.FORMATS[fmt], "etc/hostname", tmp_path) == EPOCH
+    _, where = staging.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt=fmt)
+    assert mounted_mtime(where / layout.FORMATS[fmt].image, "etc/hostname", tmp_path) == EPOCH
 
 
 def test_dir_deployment_keeps_the_capability(tree: Path, tmp_path: Path) -> None:
-    manifest, where = deploy.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt="dir")
+    manifest, where = staging.deploy(new_sysroot(tmp_path), tree, deployment_id="one", fmt="dir")
     ping = where / "root" / "usr" / "bin" / "ping"
     assert os.getxattr(ping, "security.capability") == CAPABILITY
     assert manifest.sha256 == digest.tree_sha256(tree)
@@ -176,7 +179,7 @@ def test_image_source_is_detected_and_copied_as_is(tree: Path, tmp_path: Path, f
         subprocess.run(["mkfs.erofs", "--quiet", built, tree], check=True)
     else:
         subprocess.run(["mksquashfs", tree, built, "-quiet", "-no-progress"], check=True)
-    manifest, where = deploy.deploy(new_sysroot(tmp_path), built, deployment_id="one")
+    manifest, where = staging.deploy(new_sysroot(tmp_path), built, deployment_id="one")
     assert manifest.format == fmt
     assert filecmp.cmp(built, where / manifest.image, shallow=False)
     assert manifest.sha256 == sha256_file(built)
@@ -198,7 +201,7 @@ def test_image_without_mount_points_is_refused(tmp_path: Path, fmt: str) -> None
     with pytest.raises(
         BootError, match=f"{re.escape(str(built))} lacks the mount points .*: home, run, proc,"
     ):
-        deploy.deploy(sysroot, built)
+        staging.deploy(sysroot, built)
     assert not (sysroot / "overlayroot").exists()
 
 
@@ -206,7 +209,7 @@ def test_corrupt_image_with_a_valid_magic_is_refused(tmp_path: Path) -> None:
     image = tmp_path / "broken.erofs"
     image.write_bytes(bytes(1024) + (0xE0F5E1E2).to_bytes(4, "little") + os.urandom(8000))
     with pytest.raises(BootError, match=r"looks like erofs but dump\.erofs cannot read it"):
-        deploy.deploy(new_sysroot(tmp_path), image)
+        staging.deploy(new_sysroot(tmp_path), image)
 
 
 def run_cli_on_tiny_tmpfs(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, layout
-from overlayroot.errors import BootError
+from overlayroot.commands import images, staging
+from overlayroot.core import layout
+from overlayroot.core.errors import BootError
 from tests.host.conftest import require_tools
 from tests.kernelfakes import add_kernel
 from tests.unit.test_deploy import make_tree
@@ -55,46 +56,55 @@ def image_of(tree: Path, fmt: str, path: Path) -> Path:
         subprocess.run(["mkfs.erofs", "--quiet", str(path), str(tree)], check=True)
     else:
         require_tools("mksquashfs", "unsquashfs")
-        subprocess.run(["mksquashfs", str(tree), str(path), "-quiet", "-no-progress"],
-                       check=True)
+        subprocess.run(["mksquashfs", str(tree), str(path), "-quiet", "-no-progress"], check=True)
     return path
 
 
 @pytest.mark.parametrize("how", ["mounted", "extracted"])
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
-def test_an_image_source_keeps_its_kernel(tmp_path: Path, sysroot: Path, fmt: str, how: str,
-                                          monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_image_source_keeps_its_kernel(
+    tmp_path: Path, sysroot: Path, fmt: str, how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     mounts = []
-    real_mount = deploy.mount_image
+    real_mount = images.mount_image
 
     def mount_image(image: Path, fmt: str) -> Path | None:
         mounts.append(image)
         return real_mount(image, fmt) if how == "mounted" else None
 
-    monkeypatch.setattr(deploy, "mount_image", mount_image)
+    monkeypatch.setattr(staging, "mount_image", mount_image)
     tree = kernel_tree(tmp_path)
     image = image_of(tree, fmt, tmp_path / f"root.{fmt}")
-    manifest, final = deploy.deploy(sysroot, image, deployment_id="v1", created=EPOCH,
-                                     kernel=deploy.KernelChoice(kargs=["quiet"]))
+    manifest, final = staging.deploy(
+        sysroot,
+        image,
+        deployment_id="v1",
+        created=EPOCH,
+        kernel=staging.KernelChoice(kargs=["quiet"]),
+    )
     assert manifest.kernel is not None
-    assert (manifest.kernel.version, manifest.kernel.kargs) == (VERSION,
-                                                                ["console=ttyS0", "quiet"])
+    assert (manifest.kernel.version, manifest.kernel.kargs) == (VERSION, ["console=ttyS0", "quiet"])
     source = tree / "usr/lib/modules" / VERSION
     assert (final / "vmlinuz").read_bytes() == (source / "vmlinuz").read_bytes()
     assert (final / "initramfs.img").read_bytes() == (source / "initramfs.img").read_bytes()
     assert manifest.kernel.initramfs_sha256 == sha(final / "initramfs.img")
-    assert sorted(os.listdir(final)) == ["initramfs.img", "manifest.json", f"root.{fmt}",
-                                         "vmlinuz"]  # no scratch left
+    assert sorted(os.listdir(final)) == [
+        "initramfs.img",
+        "manifest.json",
+        f"root.{fmt}",
+        "vmlinuz",
+    ]  # no scratch left
     assert mounts == [image]
     with open("/proc/self/mounts") as f:
         assert "overlayroot-kernel-" not in f.read()  # unmounted again
 
 
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
-def test_an_image_without_a_kernel_deploys_as_before(tmp_path: Path, sysroot: Path,
-                                                     fmt: str) -> None:
+def test_an_image_without_a_kernel_deploys_as_before(
+    tmp_path: Path, sysroot: Path, fmt: str
+) -> None:
     image = image_of(make_tree(tmp_path / "tree"), fmt, tmp_path / f"root.{fmt}")
-    manifest, final = deploy.deploy(sysroot, image, deployment_id="v1", created=EPOCH)
+    manifest, final = staging.deploy(sysroot, image, deployment_id="v1", created=EPOCH)
     assert manifest.kernel is None
     assert sorted(os.listdir(final)) == ["manifest.json", f"root.{fmt}"]
 
@@ -103,17 +113,22 @@ def test_an_image_whose_tool_is_missing_is_refused_unless_no_kernel(
     tmp_path: Path, sysroot: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = image_of(kernel_tree(tmp_path), "squashfs", tmp_path / "root.squashfs")
-    monkeypatch.setattr(deploy, "mount_image", lambda image, fmt: None)  # no loop devices
+    monkeypatch.setattr(staging, "mount_image", lambda image, fmt: None)  # no loop devices
     real_which = shutil.which
-    monkeypatch.setattr(shutil, "which", lambda name: None if name == "unsquashfs"
-                        else real_which(name))
-    with pytest.raises(BootError, match=r"^unsquashfs not found: it looks for a kernel in"
-                       rf" squashfs images; apt-get install squashfs-tools, or give --no-kernel"
-                       rf" to deploy {image} without one$"):
-        deploy.deploy(sysroot, image, deployment_id="v1", created=EPOCH)
+    monkeypatch.setattr(
+        shutil, "which", lambda name: None if name == "unsquashfs" else real_which(name)
+    )
+    with pytest.raises(
+        BootError,
+        match=r"^unsquashfs not found: it looks for a kernel in"
+        rf" squashfs images; apt-get install squashfs-tools, or give --no-kernel"
+        rf" to deploy {image} without one$",
+    ):
+        staging.deploy(sysroot, image, deployment_id="v1", created=EPOCH)
     assert os.listdir(sysroot / "overlayroot/deployments") == []
-    manifest, _ = deploy.deploy(sysroot, image, deployment_id="v1", created=EPOCH,
-                                kernel=deploy.KernelChoice(skip=True))
+    manifest, _ = staging.deploy(
+        sysroot, image, deployment_id="v1", created=EPOCH, kernel=staging.KernelChoice(skip=True)
+    )
     assert manifest.kernel is None
 
 
@@ -121,15 +136,19 @@ def test_a_tar_source_keeps_its_kernel(tmp_path: Path, sysroot: Path) -> None:
     require_tools("tar", "mkfs.erofs")
     tree = kernel_tree(tmp_path)
     archive = tmp_path / "root.tar"
-    subprocess.run(["tar", "--create", f"--file={archive}", f"--directory={tree}", "."],
-                   check=True)
+    subprocess.run(["tar", "--create", f"--file={archive}", f"--directory={tree}", "."], check=True)
     for fmt in ("erofs", "dir"):
-        manifest, final = deploy.deploy(sysroot, archive, deployment_id=f"v-{fmt}", fmt=fmt,
-                                        created=EPOCH)
+        manifest, final = staging.deploy(
+            sysroot, archive, deployment_id=f"v-{fmt}", fmt=fmt, created=EPOCH
+        )
         assert manifest.kernel is not None and manifest.kernel.version == VERSION
         assert sha(final / "vmlinuz") == manifest.kernel.vmlinuz_sha256
-        assert sorted(os.listdir(final)) == ["initramfs.img", "manifest.json",
-                                             layout.FORMATS[fmt], "vmlinuz"]
+        assert sorted(os.listdir(final)) == [
+            "initramfs.img",
+            "manifest.json",
+            layout.FORMATS[fmt].image,
+            "vmlinuz",
+        ]
 
 
 def test_a_real_debian_kernel_without_initramfs_gets_one_from_our_builder(
@@ -145,19 +164,23 @@ def test_a_real_debian_kernel_without_initramfs_gets_one_from_our_builder(
     tree = make_tree(tmp_path / "tree")
     (tree / "boot").mkdir()
     shutil.copy(packages[0] / "boot" / f"vmlinuz-{version}", tree / "boot")
-    shutil.copytree(packages[0] / "lib/modules" / version, tree / "usr/lib/modules" / version,
-                    symlinks=True)
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", created=EPOCH)
+    shutil.copytree(
+        packages[0] / "lib/modules" / version, tree / "usr/lib/modules" / version, symlinks=True
+    )
+    manifest, final = staging.deploy(sysroot, tree, deployment_id="v1", created=EPOCH)
     assert manifest.kernel is not None and manifest.kernel.version == version
     assert sha(final / "initramfs.img") == manifest.kernel.initramfs_sha256
     listing = subprocess.run(
-        f"zstd -dc {final / 'initramfs.img'} | cpio -it --quiet", shell=True, check=True,
-        capture_output=True, text=True).stdout.splitlines()
+        f"zstd -dc {final / 'initramfs.img'} | cpio -it --quiet",
+        shell=True,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.splitlines()
     assert f"usr/lib/overlayroot/modules.d/{version}.list" in listing
     assert "init" in listing
     # /lib is a link to usr/lib in the image, as on the host.
-    assert any(p.startswith(f"usr/lib/modules/{version}/") and p.endswith(".ko")
-               for p in listing)
+    assert any(p.startswith(f"usr/lib/modules/{version}/") and p.endswith(".ko") for p in listing)
 
 
 def test_mount_image_gives_none_for_what_does_not_mount_and_leaves_nothing(
@@ -167,5 +190,5 @@ def test_mount_image_gives_none_for_what_does_not_mount_and_leaves_nothing(
     bogus.write_bytes(b"\0" * 8192)
     places = (Path("/run"), Path(tempfile.gettempdir()))
     before = {p for place in places for p in place.glob("overlayroot-kernel-*")}
-    assert deploy.mount_image(bogus, "erofs") is None
+    assert images.mount_image(bogus, "erofs") is None
     assert {p for place in places for p in place.glob("overlayroot-kernel-*")} == before

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot.blkid import probe
-from overlayroot.devices import find, scan
-from overlayroot.errors import BootError
+from overlayroot.boot.devices import find, scan
+from overlayroot.core.blkid import probe
+from overlayroot.core.errors import BootError
 from qemu.disks import make_state_disk
 from tests.host.conftest import require_tools
 
@@ -27,12 +27,19 @@ def disk(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     content = base / "content"
     content.mkdir()
     image = make_state_disk(
-        base / "disk.img", content, size_mb=16, fs_label="ortest-state", fs_uuid=FS_UUID,
-        partlabel="ortest part", partuuid=PARTUUID,
+        base / "disk.img",
+        content,
+        size_mb=16,
+        fs_label="ortest-state",
+        fs_uuid=FS_UUID,
+        partlabel="ortest part",
+        partuuid=PARTUUID,
     )
     loopdev = subprocess.run(
         ["losetup", "--find", "--show", "--partscan", "--read-only", str(image)],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout.strip()
     deadline = time.monotonic() + 2
     while not Path(f"{loopdev}p1").exists() and time.monotonic() < deadline:
@@ -102,10 +109,20 @@ def test_probe_reads_erofs_and_squashfs_images(tmp_path: Path) -> None:
     require_tools("mkfs.erofs", "mksquashfs")
     (tmp_path / "tree").mkdir()
     # erofs-utils 1.5 cannot set a volume label: only the UUID is checked.
-    subprocess.run(["mkfs.erofs", "--quiet", f"-U{FS_UUID}",
-                    str(tmp_path / "a.erofs"), str(tmp_path / "tree")], check=True)
-    subprocess.run(["mksquashfs", str(tmp_path / "tree"), str(tmp_path / "a.sqfs"), "-quiet",
-                    "-no-progress"], check=True)
+    subprocess.run(
+        [
+            "mkfs.erofs",
+            "--quiet",
+            f"-U{FS_UUID}",
+            str(tmp_path / "a.erofs"),
+            str(tmp_path / "tree"),
+        ],
+        check=True,
+    )
+    subprocess.run(
+        ["mksquashfs", str(tmp_path / "tree"), str(tmp_path / "a.sqfs"), "-quiet", "-no-progress"],
+        check=True,
+    )
     erofs = probe(str(tmp_path / "a.erofs"))
     assert erofs is not None and (erofs.fstype, erofs.uuid) == ("erofs", FS_UUID)
     squash = probe(str(tmp_path / "a.sqfs"))

@@ -15,20 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import cli, statefile, syscalls, target
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.deploy import deploy
-from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
+from overlayroot.boot.cmdline import parse_options
+from overlayroot.boot.console import Console
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.commands import cli, target
+from overlayroot.commands.staging import deploy
+from overlayroot.core import statefile, syscalls
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import StateLayout
 from qemu.mounts import mounts_under
 from tests.host.conftest import (
     enter_private_mount_namespace,
-    make_tree,
     mkfs_ext4,
     require_tools,
 )
+from tests.trees import make_tree
 
 PATHS = (
     "overlayroot",
@@ -133,8 +134,12 @@ def _alarm(signum: int, frame: object) -> None:
 @pytest.mark.parametrize("damage", DAMAGE)
 @pytest.mark.parametrize("where", PATHS)
 def test_a_boot_on_hostile_state_ends_well_or_clearly(
-        machine: tuple[Path, Path], where: str, damage: str,
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    machine: tuple[Path, Path],
+    where: str,
+    damage: str,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     sysroot, run = machine
     DAMAGE[damage](sysroot / where)
     previous = signal.signal(signal.SIGALRM, _alarm)
@@ -162,8 +167,7 @@ def test_a_boot_on_hostile_state_ends_well_or_clearly(
         assert where in ("overlayroot", "overlayroot/deployments"), outcomes[0]
     monkeypatch.setattr(target, "BOOTED", str(run / "booted.json"))
     monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
-    for command in (["status"], ["history"], ["gc", "--keep", "5", "--dry-run"],
-                    ["pin", "v1"]):
+    for command in (["status"], ["history"], ["gc", "--keep", "5", "--dry-run"], ["pin", "v1"]):
         capsys.readouterr()
         code = cli.main([*command, "--sysroot", str(sysroot)])
         err = capsys.readouterr().err

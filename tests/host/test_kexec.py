@@ -15,17 +15,19 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import kexec, statefile, syscalls
-from overlayroot.bootstate import USED_UP, BootState, bless, mark_bad
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.deploy import deploy
-from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
+from overlayroot.boot import kexec
+from overlayroot.boot.cmdline import parse_options
+from overlayroot.boot.console import Console
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.commands.staging import deploy
+from overlayroot.core import statefile, syscalls
+from overlayroot.core.bootstate import USED_UP, BootState, bless, mark_bad
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import StateLayout
 from qemu.mounts import mounts_under
-from tests.host.conftest import Env, make_tree
+from tests.host.conftest import Env
 from tests.kernelfakes import add_kernel
+from tests.trees import make_tree
 
 RUNNING = os.uname().release
 OTHER = "6.99.0-1-test" if RUNNING != "6.99.0-1-test" else "6.98.0-1-test"
@@ -33,7 +35,7 @@ BASE = "console=ttyS0 root=LABEL=state overlayroot.watchdog=0"
 
 
 class Restarts:
-    """Stands in for :func:`overlayroot.kexec.restart`: records the reboot asked for, and
+    """Stands in for :func:`overlayroot.boot.kexec.restart`: records the reboot asked for, and
     fails it as a reboot(2) that returns would."""
 
     def __init__(self) -> None:
@@ -99,13 +101,17 @@ def test_a_kernel_the_running_kernel_will_not_load_fails_its_deployment_in_the_s
     assert booted["deployment"] == "v1" and restarts.commands == []
     reason = state_of(env).entries["v2"].bad
     assert reason is not None
-    assert reason.startswith(f"deployment 'v2': its kernel {OTHER}"
-                             f" ({env.sysroot}/overlayroot/deployments/v2/vmlinuz) cannot be"
-                             " loaded: ")
+    assert reason.startswith(
+        f"deployment 'v2': its kernel {OTHER}"
+        f" ({env.sysroot}/overlayroot/deployments/v2/vmlinuz) cannot be"
+        " loaded: "
+    )
     assert f"overlayroot: error: {reason}" in console
     assert "falling back to deployment v1" in console
-    assert [(e["event"], e["deployment"]) for e in history(env)] == [("failed", "v2"),
-                                                                     ("boot", "v1")]
+    assert [(e["event"], e["deployment"]) for e in history(env)] == [
+        ("failed", "v2"),
+        ("boot", "v1"),
+    ]
     assert state_of(env).entries["v2"].verified  # its image passed before its kernel failed
 
 
@@ -123,7 +129,8 @@ def test_a_damaged_kernel_or_initramfs_fails_its_digest_check(
     what = "kernel" if damaged == "vmlinuz" else "initramfs"
     reason = state_of(env).entries["v2"].bad
     assert reason is not None and reason.startswith(
-        f"deployment 'v2': its {what} {path} fails its digest check (sha256 ")
+        f"deployment 'v2': its {what} {path} fails its digest check (sha256 "
+    )
     assert reason.endswith("the file is damaged; deploy it again")
 
 
@@ -136,7 +143,8 @@ def test_a_missing_kernel_file_is_named(env: Env, restarts: Restarts) -> None:
     assert booted["deployment"] == "v1"
     assert state_of(env).entries["v2"].bad == (
         f"deployment 'v2': cannot read its kernel {env.sysroot}/overlayroot/deployments/v2/vmlinuz:"
-        " No such file or directory")
+        " No such file or directory"
+    )
 
 
 def test_no_switch_when_the_try_cannot_be_recorded(env: Env, restarts: Restarts) -> None:
@@ -148,8 +156,9 @@ def test_no_switch_when_the_try_cannot_be_recorded(env: Env, restarts: Restarts)
             boot(env)
     finally:
         subprocess.run(["chattr", "-i", str(top)], check=True)
-    assert (f"deployment 'v2' needs its kernel {OTHER}, but its try could not be recorded"
-            in str(raised.value))
+    assert f"deployment 'v2' needs its kernel {OTHER}, but its try could not be recorded" in str(
+        raised.value
+    )
     assert "would repeat at every boot if that kernel fails" in str(raised.value)
     assert restarts.commands == []
 
@@ -186,7 +195,8 @@ def test_a_kexecd_boot_whose_kernel_is_not_the_manifests_fails_that_deployment(
     assert state_of(env).entries["v2"].bad == (
         f"deployment 'v2': this kernel was started for it with kexec, yet it is {RUNNING}, not"
         f" the {OTHER} its manifest names: its kernel file is another kernel than the manifest"
-        " says; deploy it again")
+        " says; deploy it again"
+    )
 
 
 def test_a_kexecd_boot_never_switches_again_it_reboots_through_the_firmware(
@@ -197,9 +207,11 @@ def test_a_kexecd_boot_never_switches_again_it_reboots_through_the_firmware(
     deploy_kernel(env, "v2", RUNNING, init=False)  # its kernel runs; its root has no init
     booted, console = boot(env, f"{BASE} overlayroot.kexec=v2")
     assert restarts.commands == [syscalls.RB_AUTOBOOT]  # never RB_KEXEC
-    assert (f"deployment v1 needs kernel {OTHER}; this kernel ({RUNNING}) was started with"
-            " kexec for v2, and a kexec'd boot does not switch again: rebooting through the"
-            " bootloader") in console
+    assert (
+        f"deployment v1 needs kernel {OTHER}; this kernel ({RUNNING}) was started with"
+        " kexec for v2, and a kexec'd boot does not switch again: rebooting through the"
+        " bootloader"
+    ) in console
     # The reboot failed (the test's stand-in): v1 is tried under this kernel rather than not.
     assert "reboot(2) failed: replaced by the test: trying v1 under this kernel" in console
     assert booted["deployment"] == "v1"
@@ -222,19 +234,33 @@ def test_a_kexecd_boot_of_a_bad_deployment_is_degraded(env: Env, restarts: Resta
 # -- the kexec module's own error paths --------------------------------------------------------
 
 
-@pytest.mark.parametrize(("err", "advice"), [
-    (errno.ENOEXEC, "it is not a kernel this machine can start (another architecture, or not a"
-                    " kernel image at all) [kexec_file_load: Exec format error]"),
-    (errno.EPERM, "the running kernel refuses to load another kernel (lockdown or Secure Boot"
-                  " without a signature it trusts, or kernel.kexec_load_disabled=1)"
-                  " [kexec_file_load: Operation not permitted]"),
-    (errno.EKEYREJECTED, "its signature was rejected (lockdown or Secure Boot accepts only"
-                         " kernels signed by a key the running kernel trusts)"),
-    (errno.ENOSYS, "the running kernel cannot load another kernel (built without"
-                   " CONFIG_KEXEC_FILE)"),
-    (errno.ENOMEM, "there is not enough memory to hold the kernel and its initramfs"),
-    (errno.EIO, "Input/output error [kexec_file_load: Input/output error]"),
-])
+@pytest.mark.parametrize(
+    ("err", "advice"),
+    [
+        (
+            errno.ENOEXEC,
+            "it is not a kernel this machine can start (another architecture, or not a"
+            " kernel image at all) [kexec_file_load: Exec format error]",
+        ),
+        (
+            errno.EPERM,
+            "the running kernel refuses to load another kernel (lockdown or Secure Boot"
+            " without a signature it trusts, or kernel.kexec_load_disabled=1)"
+            " [kexec_file_load: Operation not permitted]",
+        ),
+        (
+            errno.EKEYREJECTED,
+            "its signature was rejected (lockdown or Secure Boot accepts only"
+            " kernels signed by a key the running kernel trusts)",
+        ),
+        (
+            errno.ENOSYS,
+            "the running kernel cannot load another kernel (built without CONFIG_KEXEC_FILE)",
+        ),
+        (errno.ENOMEM, "there is not enough memory to hold the kernel and its initramfs"),
+        (errno.EIO, "Input/output error [kexec_file_load: Input/output error]"),
+    ],
+)
 def test_each_refusal_of_the_kernel_says_what_it_means(
     env: Env, monkeypatch: pytest.MonkeyPatch, err: int, advice: str
 ) -> None:
@@ -252,21 +278,29 @@ def test_each_refusal_of_the_kernel_says_what_it_means(
         kexec.load(layout, manifest, "console=ttyS0 overlayroot.kexec=v2")
     assert str(raised.value).startswith(
         f"deployment 'v2': its kernel {OTHER} ({layout.kernel_path(manifest)}) cannot be"
-        f" loaded: {advice}")
-    assert loaded == [(layout.kernel_path(manifest).stat().st_size,
-                       layout.initramfs_path(manifest).stat().st_size,
-                       "console=ttyS0 overlayroot.kexec=v2")]
+        f" loaded: {advice}"
+    )
+    assert loaded == [
+        (
+            os.stat(layout.kernel_path(manifest)).st_size,
+            os.stat(layout.initramfs_path(manifest)).st_size,
+            "console=ttyS0 overlayroot.kexec=v2",
+        )
+    ]
 
 
 def test_a_kernel_file_that_is_a_symlink_is_not_followed(env: Env) -> None:
     deploy_kernel(env, "v2", OTHER)
     layout = StateLayout(env.sysroot)
     manifest = layout.read_manifest("v2")
-    path = layout.kernel_path(manifest)
+    path = Path(layout.kernel_path(manifest))
     path.unlink()
     path.symlink_to("/bin/sh")
-    with pytest.raises(BootError, match=r"deployment 'v2': cannot open .*/vmlinuz: Too many"
-                       " levels of symbolic links"):
+    with pytest.raises(
+        BootError,
+        match=r"deployment 'v2': cannot open .*/vmlinuz: Too many"
+        " levels of symbolic links",
+    ):
         kexec.load(layout, manifest, "")
 
 

@@ -11,21 +11,31 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import bootstate, statefile, watchdog
+from overlayroot.core import bootstate, statefile, watchdog
 from tests.host.conftest import NO_WATCHDOG, System, add_check, good_v1
 
 # -- where the state is ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("command", [["status"], ["history"], ["rollback"], ["bless"],
-                                     ["gc", "--keep", "1"], ["etc", "diff"],
-                                     ["deploy", "/nonexistent-source"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["status"],
+        ["history"],
+        ["rollback"],
+        ["bless"],
+        ["gc", "--keep", "1"],
+        ["etc", "diff"],
+        ["deploy", "/nonexistent-source"],
+    ],
+)
 def test_without_a_booted_system_or_sysroot_every_command_says_so(
     system: System, command: list[str]
 ) -> None:
     assert system.fails(*command) == (
         "overlayroot: error: no state filesystem: not booted by overlayroot and no --sysroot"
-        " given\n")
+        " given\n"
+    )
 
 
 def test_a_sysroot_without_state_is_named(system: System, tmp_path: Path) -> None:
@@ -68,13 +78,25 @@ def test_status_marks_booted_default_rollback_and_an_unblessed_trial(system: Sys
 
     table = system.ok("status")
     lines = table.splitlines()
-    assert lines[0].split() == ["ID", "MARKS", "PRIO", "TRIES", "GOOD", "CREATED", "SIZE",
-                                "FORMAT", "KERNEL", "ORIGIN"]
+    assert lines[0].split() == [
+        "ID",
+        "MARKS",
+        "PRIO",
+        "TRIES",
+        "GOOD",
+        "CREATED",
+        "SIZE",
+        "FORMAT",
+        "KERNEL",
+        "ORIGIN",
+    ]
     assert lines[1].split()[8:10] == ["running", "kernel"]  # no kernel of its own
     assert lines[1].split()[:5] == ["v2", "booted,default", "2", "1", "no"]
     assert lines[2].split()[:5] == ["v1", "rollback", "1", "-", "yes"]
-    assert "note: the booted deployment v2 is on trial and NOT blessed: unless `overlayroot" \
-           " bless` runs" in table
+    assert (
+        "note: the booted deployment v2 is on trial and NOT blessed: unless `overlayroot"
+        " bless` runs" in table
+    )
     assert "it falls back after 1 more boot(s)" in table
 
 
@@ -93,8 +115,9 @@ def test_status_reports_a_fallback_of_this_boot(system: System) -> None:
     image.write_bytes(b"\0" * image.stat().st_size)
     system.boot()
     notes = system.status()["notes"]
-    assert any(n.startswith("this boot fell back from v2: deployment 'v2': its image")
-               for n in notes)
+    assert any(
+        n.startswith("this boot fell back from v2: deployment 'v2': its image") for n in notes
+    )
 
 
 def test_status_reports_the_recovery_of_this_boot(system: System) -> None:
@@ -129,7 +152,7 @@ def test_status_reports_the_boots_recovery_and_the_state_is_repaired(system: Sys
 
 
 def test_deploy_carries_etc_changes_forward_whiteouts_and_opaque_dirs_included(
-    system: System
+    system: System,
 ) -> None:
     tree = system.tree("v1")
     (tree / "etc/motd").write_text("from the image\n")
@@ -146,7 +169,7 @@ def test_deploy_carries_etc_changes_forward_whiteouts_and_opaque_dirs_included(
 
     out = system.ok("deploy", str(system.tree("v2")), "--id", "v2")
     assert "v2 is the default now, on trial: it boots next; /etc carried forward from v1" in out
-    upper = system.state.etc_upper("v2")
+    upper = Path(system.state.etc_upper("v2"))
     whiteout = os.lstat(upper / "motd")
     assert stat.S_ISCHR(whiteout.st_mode) and whiteout.st_rdev == 0
     assert os.getxattr(upper / "skel", "trusted.overlay.opaque") == b"y"
@@ -160,9 +183,7 @@ def test_deploy_carries_etc_changes_forward_whiteouts_and_opaque_dirs_included(
     assert (etc / "release").read_text() == "v2\n"  # the new image's own file
 
 
-def test_offline_deploy_registers_the_deployment_as_the_default_on_trial(
-    system: System
-) -> None:
+def test_offline_deploy_registers_the_deployment_as_the_default_on_trial(system: System) -> None:
     system.env.deploy("v1")
     system.env.deploy("v2")
     entries = system.entries()
@@ -180,9 +201,7 @@ def test_deploy_refuses_a_lower_without_mount_points(system: System) -> None:
     assert system.default() == "v1"
 
 
-def test_deploy_on_a_full_disk_leaves_nothing_half_staged(
-    system: System, tmp_path: Path
-) -> None:
+def test_deploy_on_a_full_disk_leaves_nothing_half_staged(system: System, tmp_path: Path) -> None:
     good_v1(system)
     generation = statefile.load(system.state)[0].generation
     tree = system.tree("big")
@@ -193,7 +212,7 @@ def test_deploy_on_a_full_disk_leaves_nothing_half_staged(
     assert "free space on the state filesystem and deploy again" in err
     layout = system.state
     assert os.listdir(layout.deployments) == ["v1"]
-    assert sorted(os.listdir(layout.top / "etc")) == ["v1"]
+    assert sorted(os.listdir(Path(layout.top) / "etc")) == ["v1"]
     state, notes = statefile.load(layout)
     assert (state.generation, notes, bootstate.default(state)) == (generation, [], "v1")
 
@@ -204,16 +223,13 @@ def test_deploy_in_the_booted_system_needs_root(
     good_v1(system)
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     err = system.fails("deploy", str(system.tree("v2")))
-    assert f"overlayroot deploy changes the boot state on {system.env.state}: run it as root" \
-        in err
+    assert f"overlayroot deploy changes the boot state on {system.env.state}: run it as root" in err
 
 
 # -- rollback, bless ---------------------------------------------------------------------------
 
 
-def test_rollback_returns_to_the_previous_good_deployment_with_its_own_etc(
-    system: System
-) -> None:
+def test_rollback_returns_to_the_previous_good_deployment_with_its_own_etc(system: System) -> None:
     good_v1(system)
     (system.env.sysroot / "etc/hostname").write_text("v1 edit\n")
     system.ok("deploy", str(system.tree("v2")), "--id", "v2")
@@ -231,8 +247,10 @@ def test_rollback_without_a_good_deployment_is_refused(system: System) -> None:
     system.boot()
     err = system.fails("rollback")
     assert "no deployment to roll back to on" in err
-    assert "none besides the booted v2 is known good (blessed); the others (v1) were never" \
+    assert (
+        "none besides the booted v2 is known good (blessed); the others (v1) were never"
         " blessed" in err
+    )
 
 
 def test_bless_runs_the_checks_then_marks_the_booted_deployment_good(
@@ -280,9 +298,7 @@ def test_no_reboot_marks_bad_without_rebooting(system: System, tmp_path: Path) -
     assert system.entries()["v2"].bad == "health check required/check failed (exit 1)"
 
 
-def test_a_failed_check_on_a_known_good_boot_marks_nothing(
-    system: System, tmp_path: Path
-) -> None:
+def test_a_failed_check_on_a_known_good_boot_marks_nothing(system: System, tmp_path: Path) -> None:
     good_v1(system)
     system.reboot()
     add_check(tmp_path, "required", "check", "exit 1")
@@ -326,8 +342,10 @@ def test_bless_says_when_the_watchdog_cannot_be_stopped(
     monkeypatch.setattr(watchdog, "disarm", broken)
     system.boot("overlayroot.watchdog=60")
     err = system.fails("bless")
-    assert "blessed v1, but cannot stop the trial boot's watchdog (Device or resource busy:" \
+    assert (
+        "blessed v1, but cannot stop the trial boot's watchdog (Device or resource busy:"
         " /dev/watchdog): the machine will be reset, and boots v1 again" in err
+    )
     assert system.entries()["v1"].successful
 
 
@@ -340,8 +358,9 @@ def test_bless_offline_is_refused(system: System) -> None:
 # -- deploy from a tar archive -----------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("fmt", "compress"), [("dir", ""), ("erofs", "--gzip"),
-                                               ("squashfs", "--zstd")])
+@pytest.mark.parametrize(
+    ("fmt", "compress"), [("dir", ""), ("erofs", "--gzip"), ("squashfs", "--zstd")]
+)
 def test_deploy_from_a_tar_archive_keeps_owners_and_xattrs(
     system: System, tmp_path: Path, fmt: str, compress: str
 ) -> None:
@@ -353,12 +372,24 @@ def test_deploy_from_a_tar_archive_keeps_owners_and_xattrs(
     os.chown(tool, 1234, 5678)
     os.setxattr(tool, "trusted.test", b"kept")
     archive = tmp_path / "v2.tar"
-    subprocess.run(["tar", "--create", f"--file={archive}", "--xattrs", "--xattrs-include=*",
-                    *([compress] if compress else []), f"--directory={tree}", "."], check=True)
+    subprocess.run(
+        [
+            "tar",
+            "--create",
+            f"--file={archive}",
+            "--xattrs",
+            "--xattrs-include=*",
+            *([compress] if compress else []),
+            f"--directory={tree}",
+            ".",
+        ],
+        check=True,
+    )
     system.ok("deploy", "--format", fmt, "--id", "v2", str(archive))
     layout = system.state
     assert sorted(os.listdir(layout.deployment_dir("v2"))) == sorted(
-        ["manifest.json", layout.read_manifest("v2").image])
+        ["manifest.json", layout.read_manifest("v2").image]
+    )
     assert system.reboot()["deployment"] == "v2"
     deployed = system.env.sysroot / "usr/bin/tool"
     assert (deployed.stat().st_uid, deployed.stat().st_gid) == (1234, 5678)
@@ -373,15 +404,15 @@ def test_a_tar_archive_without_mount_points_is_refused_and_nothing_is_left(
     tree = system.tree("v2")
     (tree / "run").rmdir()
     archive = tmp_path / "v2.tar"
-    subprocess.run(["tar", "--create", f"--file={archive}", f"--directory={tree}", "."],
-                   check=True)
+    subprocess.run(["tar", "--create", f"--file={archive}", f"--directory={tree}", "."], check=True)
     err = system.fails("deploy", "--id", "v2", str(archive))
     assert f"{archive} lacks the mount points the read-only root needs: run" in err
     assert os.listdir(system.state.deployments) == ["v1"] and system.default() == "v1"
 
 
-def test_a_file_that_is_neither_image_nor_archive_is_refused(system: System,
-                                                             tmp_path: Path) -> None:
+def test_a_file_that_is_neither_image_nor_archive_is_refused(
+    system: System, tmp_path: Path
+) -> None:
     good_v1(system)
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00" * 4096)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import pytest
 
@@ -33,8 +34,9 @@ def test_etc_diff_of_the_booted_deployment(system: System, fmt: str) -> None:
         (tree / "etc" / name).write_text(f"{name}\n")
     (tree / "etc/skel").mkdir()
     (tree / "etc/skel/.profile").write_text("profile\n")
-    system.ok("deploy", "--sysroot", str(system.env.sysroot), "--id", "v1", "--format", fmt,
-              str(tree))
+    system.ok(
+        "deploy", "--sysroot", str(system.env.sysroot), "--id", "v1", "--format", fmt, str(tree)
+    )
     system.boot()
     assert system.ok("etc", "diff") == "no changes to /etc in v1\n"
     edit_etc(system)
@@ -58,20 +60,22 @@ def test_etc_diff_of_the_booted_deployment(system: System, fmt: str) -> None:
 def test_etc_diff_of_another_deployment_offline(system: System) -> None:
     system.env.deploy("v1")
     system.env.deploy("v2")
-    upper = system.state.etc_upper("v1")
+    upper = Path(system.state.etc_upper("v1"))
     (upper / "extra").write_text("x\n")
     os.mknod(upper / "hostname", 0o600 | 0o020000, 0)  # a whiteout, written by hand
     out = system.ok("etc", "diff", "v1", "--sysroot", str(system.env.sysroot))
     assert out.splitlines() == ["A /etc/extra", "D /etc/hostname"]
     # Without an id and without a booted system: the default.
-    assert system.ok("etc", "diff", "--sysroot", str(system.env.sysroot)) == \
-        "no changes to /etc in v2\n"
+    assert (
+        system.ok("etc", "diff", "--sysroot", str(system.env.sysroot))
+        == "no changes to /etc in v2\n"
+    )
 
 
 def test_etc_diff_of_an_image_that_does_not_mount(system: System) -> None:
     system.env.deploy("v1")
-    image = system.state.deployment_dir("v1") / "root.erofs"
+    image = Path(system.state.deployment_dir("v1")) / "root.erofs"
     image.write_bytes(b"\0" * 8192)
-    (system.state.etc_upper("v1") / "x").write_text("x\n")
+    (Path(system.state.etc_upper("v1")) / "x").write_text("x\n")
     err = system.fails("etc", "diff", "--sysroot", str(system.env.sysroot))
     assert f"cannot mount the image {image} of v1 read-only" in err

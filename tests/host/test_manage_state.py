@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import statefile, target
-from overlayroot.bootstate import USED_UP
+from overlayroot.commands import target
+from overlayroot.core import statefile
+from overlayroot.core.bootstate import USED_UP
 from tests.host.conftest import System, good_v1
 
 
@@ -22,21 +23,41 @@ def three(system: System) -> None:
         system.bless_offline(name)
 
 
-@pytest.mark.parametrize("command", [["mark-bad", "v9"], ["set-default", "v9"],
-                                     ["set-default", "--once", "v9"], ["pin", "v9"],
-                                     ["unpin", "v9"], ["etc", "diff", "v9"]])
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["mark-bad", "v9"],
+        ["set-default", "v9"],
+        ["set-default", "--once", "v9"],
+        ["pin", "v9"],
+        ["unpin", "v9"],
+        ["etc", "diff", "v9"],
+    ],
+)
 def test_an_unknown_id_lists_the_known_ones(system: System, command: list[str]) -> None:
     three(system)
     err = system.fails(*command, "--sysroot", str(system.env.sysroot))
-    assert err == (f"overlayroot: error: no deployment 'v9' on {system.env.sysroot};"
-                   " deployments there: v1, v2, v3\n")
+    assert err == (
+        f"overlayroot: error: no deployment 'v9' on {system.env.sysroot};"
+        " deployments there: v1, v2, v3\n"
+    )
 
 
-@pytest.mark.parametrize("command", [["mark-bad", "v1"], ["set-default", "v1"], ["pin", "v1"],
-                                     ["unpin", "v1"], ["rollback"], ["gc", "--keep", "1"],
-                                     ["bless"]])
-def test_changing_the_state_needs_root(system: System, monkeypatch: pytest.MonkeyPatch,
-                                       command: list[str]) -> None:
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["mark-bad", "v1"],
+        ["set-default", "v1"],
+        ["pin", "v1"],
+        ["unpin", "v1"],
+        ["rollback"],
+        ["gc", "--keep", "1"],
+        ["bless"],
+    ],
+)
+def test_changing_the_state_needs_root(
+    system: System, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
     good_v1(system)  # booted: the commands work on the state the system booted from
     monkeypatch.setattr(os, "geteuid", lambda: 1000)
     err = system.fails(*command)
@@ -61,9 +82,7 @@ def test_a_held_lock_names_its_holder(system: System) -> None:
     system.ok("pin", "v1", "--sysroot", str(system.env.sysroot))  # released
 
 
-def test_mark_bad_records_the_reason_and_refuses_to_leave_nothing_bootable(
-    system: System
-) -> None:
+def test_mark_bad_records_the_reason_and_refuses_to_leave_nothing_bootable(system: System) -> None:
     good_v1(system)
     system.ok("deploy", str(system.tree("v2")), "--id", "v2")
     out = system.ok("mark-bad", "v2", "--reason", "eats disks")
@@ -113,7 +132,7 @@ def test_gc_keeps_the_newest_and_every_protected_deployment(system: System) -> N
         # Creation times in deploy order (Env.deploy fixes them all to one second).
         manifest = system.state.read_manifest(name)
         manifest.created = f"2024-01-0{name[1]}T00:00:00Z"
-        (system.state.deployment_dir(name) / "manifest.json").write_text(manifest.to_json())
+        (Path(system.state.deployment_dir(name)) / "manifest.json").write_text(manifest.to_json())
     system.bless_offline("v2")
     system.ok("pin", "v1", "--sysroot", str(system.env.sysroot))
     system.ok("set-default", "--once", "v3", "--sysroot", str(system.env.sysroot))
@@ -131,29 +150,34 @@ def test_gc_keeps_the_newest_and_every_protected_deployment(system: System) -> N
     assert "removed v5" in out
     layout = system.state
     assert sorted(os.listdir(layout.deployments)) == ["v1", "v2", "v3", "v4", "v6"]
-    assert sorted(os.listdir(layout.top / "etc")) == ["v1", "v2", "v3", "v4", "v6"]
+    assert sorted(os.listdir(Path(layout.top) / "etc")) == ["v1", "v2", "v3", "v4", "v6"]
     assert sorted(system.entries()) == ["v1", "v2", "v3", "v4", "v6"]
     assert system.ok("gc", "--keep", "5").startswith("keeping")
-    assert system.ok("gc", "--keep", "5").endswith(
-        "nothing to remove: 5 deployments, keeping 5\n")
+    assert system.ok("gc", "--keep", "5").endswith("nothing to remove: 5 deployments, keeping 5\n")
 
 
 def test_gc_clears_what_interrupted_commands_left_not_an_etc_placed_for_a_coming_deploy(
-        system: System) -> None:
+    system: System,
+) -> None:
     three(system)
     layout = system.state
-    for leftover in (layout.deployments / ".staging-v9", layout.deployments / ".removing-v0",
-                     layout.top / "etc" / ".staging-v9", layout.top / "etc" / "next"):
+    deployments = Path(layout.deployments)
+    for leftover in (
+        deployments / ".staging-v9",
+        deployments / ".removing-v0",
+        Path(layout.top) / "etc" / ".staging-v9",
+        Path(layout.top) / "etc" / "next",
+    ):
         leftover.mkdir()
-    (layout.top / "etc" / "next" / "hostname").write_text("placed by a pipeline\n")
+    (Path(layout.top) / "etc" / "next" / "hostname").write_text("placed by a pipeline\n")
     out = system.ok("gc", "--keep", "3", "--dry-run", "--sysroot", str(system.env.sysroot))
-    assert f"would remove {layout.deployments / '.staging-v9'}, left by an interrupted" in out
+    assert f"would remove {Path(layout.deployments) / '.staging-v9'}, left by an interrupted" in out
     assert "next" not in out
-    assert sorted(os.listdir(layout.top / "etc")) == [".staging-v9", "next", "v1", "v2", "v3"]
+    assert sorted(os.listdir(Path(layout.top) / "etc")) == [".staging-v9", "next", "v1", "v2", "v3"]
     system.ok("gc", "--keep", "3", "--sysroot", str(system.env.sysroot))
     assert sorted(os.listdir(layout.deployments)) == ["v1", "v2", "v3"]
-    assert sorted(os.listdir(layout.top / "etc")) == ["next", "v1", "v2", "v3"]
-    assert (layout.top / "etc" / "next" / "hostname").read_text() == "placed by a pipeline\n"
+    assert sorted(os.listdir(Path(layout.top) / "etc")) == ["next", "v1", "v2", "v3"]
+    assert (Path(layout.top) / "etc" / "next" / "hostname").read_text() == "placed by a pipeline\n"
 
 
 def test_gc_needs_a_sensible_keep(system: System) -> None:

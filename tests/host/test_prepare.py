@@ -11,13 +11,13 @@ from contextlib import redirect_stdout
 
 import pytest
 
-from overlayroot import statefile, syscalls
-from overlayroot.bootstate import BootState, add, bless, mark_bad
-from overlayroot.cmdline import parse_options
-from overlayroot.console import Console
-from overlayroot.errors import BootError
-from overlayroot.layout import StateLayout
-from overlayroot.prepare import prepare_root
+from overlayroot.boot.cmdline import parse_options
+from overlayroot.boot.console import Console
+from overlayroot.boot.prepare import prepare_root
+from overlayroot.core import statefile, syscalls
+from overlayroot.core.bootstate import BootState, add, bless, mark_bad
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import StateLayout
 from qemu.mounts import mounts_under
 from tests.host.conftest import Env
 
@@ -64,8 +64,9 @@ def test_an_unblessed_update_falls_back_after_its_tries(env: Env) -> None:
     state, _ = statefile.load(layout)
     statefile.save(layout, add(bless(state, "v1"), "v2"))
     env.deploy("v2")
-    booted_ids = [boot(env, "overlayroot.tries=2 overlayroot.watchdog=0")[0]["deployment"]
-                  for _ in range(4)]
+    booted_ids = [
+        boot(env, "overlayroot.tries=2 overlayroot.watchdog=0")[0]["deployment"] for _ in range(4)
+    ]
     assert booted_ids == ["v2", "v2", "v1", "v1"]
 
 
@@ -138,8 +139,7 @@ def test_a_counter_that_cannot_be_written_is_reported_not_ignored(env: Env) -> N
     assert "Operation not permitted" in str(booted["count_error"])
 
 
-def test_a_read_only_state_filesystem_still_boots_uncounted_with_a_transient_etc(
-        env: Env) -> None:
+def test_a_read_only_state_filesystem_still_boots_uncounted_with_a_transient_etc(env: Env) -> None:
     env.deploy("v1")
     syscalls.mount(None, str(env.sysroot), None, syscalls.MS_REMOUNT | syscalls.MS_RDONLY)
     booted, console = boot(env)
@@ -170,8 +170,11 @@ def test_nothing_bootable_and_no_last_resort_boots_is_a_clear_error(env: Env) ->
     layout = StateLayout(env.sysroot)
     state, _ = statefile.load(layout)
     statefile.save(layout, mark_bad(state, "v1", "hangs at boot"))
-    with pytest.raises(BootError, match="no deployment on /dev/test could boot, not even as a"
-                       r" last resort:\n  - deployment 'v1' has no executable /sbin/init"):
+    with pytest.raises(
+        BootError,
+        match="no deployment on /dev/test could boot, not even as a"
+        r" last resort:\n  - deployment 'v1' has no executable /sbin/init",
+    ):
         boot(env)
 
 

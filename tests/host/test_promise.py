@@ -14,8 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import assemble, digest, files, prepare, statefile, target, treecopy
-from overlayroot.deploy import deploy
+from overlayroot.boot import assemble, prepare
+from overlayroot.commands import target
+from overlayroot.commands.staging import deploy
+from overlayroot.core import digest, files, statefile, treecopy
 from qemu.mounts import mounts_under
 from tests.host.conftest import System, add_check
 
@@ -32,8 +34,9 @@ def v1_good_v2_trial(system: System) -> None:
 
 
 def as_nobody(*argv: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, user=NOBODY, group=NOBODY, extra_groups=[],
-                          capture_output=True, text=True)
+    return subprocess.run(
+        argv, user=NOBODY, group=NOBODY, extra_groups=[], capture_output=True, text=True
+    )
 
 
 def open_to_nobody(path: Path) -> None:
@@ -48,20 +51,20 @@ def open_to_nobody(path: Path) -> None:
 
 
 def _manifest_bad_utf8(system: System) -> str:
-    path = system.state.deployments / "v2/manifest.json"
+    path = Path(system.state.deployments) / "v2/manifest.json"
     path.write_bytes(path.read_bytes().replace(b'"origin": "', b'"origin": "\xff'))
     return "not UTF-8"
 
 
 def _manifest_huge_size(system: System) -> str:
-    path = system.state.deployments / "v2/manifest.json"
+    path = Path(system.state.deployments) / "v2/manifest.json"
     data = json.loads(path.read_text())
     path.write_text(path.read_text().replace(f'"size": {data["size"]}', '"size": 1e999'))
     return "not a valid deployment manifest"
 
 
 def _image_a_symlink(system: System) -> str:
-    image = system.state.deployments / "v2/root.erofs"
+    image = Path(system.state.deployments) / "v2/root.erofs"
     image.unlink()
     image.symlink_to("/dev/zero")
     return "it is a symlink"
@@ -85,47 +88,50 @@ def test_a_damaged_candidate_falls_back_in_the_same_boot(system: System, damage:
 
 
 def test_a_bug_in_a_candidate_falls_back_and_is_named_a_bug(
-        system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
     v1_good_v2_trial(system)
     real = assemble.assemble
 
-    def buggy(sysroot: str, run_dir: str, opts: object, manifest: object,
-              **kwargs: object) -> assemble.Booted:
+    def buggy(
+        sysroot: str, run_dir: str, opts: object, manifest: object, **kwargs: object
+    ) -> assemble.Booted:
         if getattr(manifest, "id", None) == "v2":
             raise TypeError("unsupported operand")
         return real(sysroot, run_dir, opts, manifest, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr("overlayroot.prepare.assemble", buggy)
+    monkeypatch.setattr("overlayroot.boot.prepare.assemble", buggy)
     booted = system.boot()
     assert booted["deployment"] == "v1"
-    assert system.entries()["v2"].bad == ("internal error (a bug in overlayroot) while booting"
-                                          " v2: TypeError: unsupported operand")
+    assert system.entries()["v2"].bad == (
+        "internal error (a bug in overlayroot) while booting v2: TypeError: unsupported operand"
+    )
     assert "internal error (a bug in overlayroot): TypeError" in system.console
 
 
 def _upper_a_file(system: System) -> Path:
-    upper = system.state.top / "etc/v2/upper"
+    upper = Path(system.state.top) / "etc/v2/upper"
     shutil.rmtree(upper)
     upper.write_text("not a directory\n")
     return upper
 
 
 def _upper_dangling(system: System) -> Path:
-    upper = system.state.top / "etc/v2/upper"
+    upper = Path(system.state.top) / "etc/v2/upper"
     shutil.rmtree(upper)
     upper.symlink_to("/nonexistent")
     return upper
 
 
 def _var_a_file(system: System) -> Path:
-    var = system.state.var
+    var = Path(system.state.var)
     shutil.rmtree(var)
     var.write_text("not a directory\n")
     return var
 
 
 def _home_a_symlink(system: System) -> Path:
-    home = system.state.home
+    home = Path(system.state.home)
     shutil.rmtree(home)
     home.symlink_to("/")
     return home
@@ -141,19 +147,24 @@ DAMAGED_SHARED = {
 
 @pytest.mark.parametrize("damage", DAMAGED_SHARED)
 def test_damaged_state_is_set_aside_not_blamed_on_the_deployment(
-        system: System, damage: str) -> None:
+    system: System, damage: str
+) -> None:
     v1_good_v2_trial(system)
     path = DAMAGED_SHARED[damage](system)
     booted = system.boot()
     assert booted["deployment"] == "v2" and not booted["failed"]
     repairs = [str(r) for r in booted["repairs"]]  # type: ignore[attr-defined]
-    assert repairs == [f"{system.env.state / path.relative_to(system.env.sysroot)} was not a"
-                       " directory: set it aside as"
-                       f" {system.env.state / path.relative_to(system.env.sysroot)}.damaged-1"
-                       " and made a new one"]
+    assert repairs == [
+        f"{system.env.state / path.relative_to(system.env.sysroot)} was not a"
+        " directory: set it aside as"
+        f" {system.env.state / path.relative_to(system.env.sysroot)}.damaged-1"
+        " and made a new one"
+    ]
     assert "was not a directory: set it aside" in system.console
-    assert any(note.startswith("this boot repaired the state filesystem")
-               for note in system.status()["notes"])
+    assert any(
+        note.startswith("this boot repaired the state filesystem")
+        for note in system.status()["notes"]
+    )
     assert system.state  # the history says so too
     assert statefile.read_history(system.state)[-2]["event"] == "repaired"
     system.shutdown()
@@ -165,7 +176,7 @@ def test_a_boot_json_nested_too_deep_is_recovered_from_its_backup(system: System
     v1_good_v2_trial(system)
     system.boot()
     system.shutdown()
-    (system.state.top / "boot.json").write_text("[" * 100_000)
+    (Path(system.state.top) / "boot.json").write_text("[" * 100_000)
     booted = system.boot()
     assert booted["deployment"] == "v2"
     assert "nested more than 16 levels" in system.console
@@ -173,13 +184,13 @@ def test_a_boot_json_nested_too_deep_is_recovered_from_its_backup(system: System
 
 
 def test_the_framework_entry_reports_a_bug_without_a_traceback(
-        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        tmp_path: Path) -> None:
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     def broken(*args: object) -> None:
         raise ValueError("boom")
 
     monkeypatch.setattr(prepare, "prepare_root", broken)
-    monkeypatch.setattr("overlayroot.syscalls.mount", lambda *args: None)
+    monkeypatch.setattr("overlayroot.core.syscalls.mount", lambda *args: None)
     assert prepare.main([str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "overlayroot: error: internal error (a bug in overlayroot): ValueError: boom" in out
@@ -196,8 +207,9 @@ def test_a_factory_image_whose_bless_never_runs_keeps_booting(system: System) ->
     assert booted["deployment"] == "v1"
     assert booted["degraded"] and booted["trial"] is False
     status = system.status()
-    assert any(note.startswith("DEGRADED BOOT: v1 was booted as a last resort")
-               for note in status["notes"])
+    assert any(
+        note.startswith("DEGRADED BOOT: v1 was booted as a last resort") for note in status["notes"]
+    )
     assert "DEGRADED, a last resort" in system.ok("history")
     system.ok("bless")  # a person fixed it: blessed, it is known good again
     assert system.entries()["v1"].successful
@@ -205,8 +217,15 @@ def test_a_factory_image_whose_bless_never_runs_keeps_booting(system: System) ->
 
 
 def test_deploy_known_good_registers_a_blessed_first_deployment(system: System) -> None:
-    out = system.ok("deploy", "--sysroot", str(system.env.sysroot), "--id", "factory",
-                    "--known-good", str(system.tree("factory")))
+    out = system.ok(
+        "deploy",
+        "--sysroot",
+        str(system.env.sysroot),
+        "--id",
+        "factory",
+        "--known-good",
+        str(system.tree("factory")),
+    )
     assert "factory is the default now, known good" in out
     entry = system.entries()["factory"]
     assert entry.successful and entry.verified
@@ -221,8 +240,9 @@ def _failing_copy(monkeypatch: pytest.MonkeyPatch, error: BaseException, at: int
     real = treecopy.copy_file
     calls = 0
 
-    def copy_file(src: str, dst: str, done: int = 0,
-                  report: Callable[[int], None] | None = None) -> int:
+    def copy_file(
+        src: str, dst: str, done: int = 0, report: Callable[[int], None] | None = None
+    ) -> int:
         nonlocal calls
         calls += 1
         if calls == at:
@@ -233,7 +253,8 @@ def _failing_copy(monkeypatch: pytest.MonkeyPatch, error: BaseException, at: int
 
 
 def test_a_power_cut_while_seeding_var_leaves_it_empty_and_the_next_boot_seeds_it(
-        system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
     tree = system.tree("v1")
     for n in range(5):
         (tree / f"var/file{n}").write_text(f"content {n}\n")
@@ -242,7 +263,7 @@ def test_a_power_cut_while_seeding_var_leaves_it_empty_and_the_next_boot_seeds_i
     with pytest.raises(KeyboardInterrupt):
         system.boot()
     assert os.listdir(system.state.var) == []  # never a half-seeded /var
-    assert os.path.isdir(system.state.top / ".var.seeding")
+    assert os.path.isdir(Path(system.state.top) / ".var.seeding")
     monkeypatch.undo()
     system.boot()
     var = system.env.state / "overlayroot/var"
@@ -253,7 +274,8 @@ def test_a_power_cut_while_seeding_var_leaves_it_empty_and_the_next_boot_seeds_i
 
 
 def test_a_full_disk_while_seeding_boots_with_an_empty_var_and_says_so(
-        system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
     system.env.deploy("v1")
     _failing_copy(monkeypatch, OSError(28, os.strerror(28)), at=1)
     booted = system.boot()
@@ -261,7 +283,8 @@ def test_a_full_disk_while_seeding_boots_with_an_empty_var_and_says_so(
     var = system.env.state / "overlayroot/var"
     assert os.listdir(var) == []
     assert "cannot seed the empty" in system.console and "the next boot tries again" in (
-        system.console)
+        system.console
+    )
     assert not os.path.lexists(system.env.state / "overlayroot/.var.seeding")
     monkeypatch.undo()
     system.reboot()
@@ -285,11 +308,11 @@ def test_seeding_keeps_xattrs_and_hardlinks(system: System) -> None:
 
 def test_the_repair_write_keeps_the_good_backup(system: System) -> None:
     v1_good_v2_trial(system)
-    state_path = system.state.top / "boot.json"
+    state_path = Path(system.state.top) / "boot.json"
     state_path.write_bytes(b"\0" * 512)  # zeroed by a crash
     system.boot()
     system.shutdown()
-    assert statefile.parses((system.state.top / "boot.json.prev").read_bytes())
+    assert statefile.parses((Path(system.state.top) / "boot.json.prev").read_bytes())
     state_path.write_bytes(b"\0" * 512)  # and again
     system.boot()
     assert "recovered the boot state from" in system.console
@@ -301,9 +324,10 @@ def test_the_repair_write_keeps_the_good_backup(system: System) -> None:
 
 
 def test_a_power_cut_while_hashing_an_image_does_not_skip_its_check(
-        system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
     v1_good_v2_trial(system)
-    with open(system.state.deployments / "v2/root.erofs", "ab") as f:
+    with open(Path(system.state.deployments) / "v2/root.erofs", "ab") as f:
         f.write(b"bit rot")  # still mounts, no longer matches its digest
 
     def cut(path: str) -> str:
@@ -320,7 +344,8 @@ def test_a_power_cut_while_hashing_an_image_does_not_skip_its_check(
 
 
 def test_a_passed_check_is_recorded_and_not_repeated(
-        system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
     v1_good_v2_trial(system)
     system.boot()
     assert system.entries()["v2"].verified
@@ -345,14 +370,15 @@ def _lock_held(layout_top: Path) -> bool:
 
 @pytest.mark.parametrize("command", [["mark-bad", "v2"], ["bless"]])
 def test_commands_write_the_history_holding_the_lock(
-        system: System, monkeypatch: pytest.MonkeyPatch, command: list[str]) -> None:
+    system: System, monkeypatch: pytest.MonkeyPatch, command: list[str]
+) -> None:
     v1_good_v2_trial(system)
     system.boot("overlayroot.deployment=v1 overlayroot.watchdog=0")
     held: list[bool] = []
     real = statefile.append_history
 
     def append(layout: object, event: str, deployment: str | None, **fields: object) -> None:
-        held.append(_lock_held(system.state.top))
+        held.append(_lock_held(Path(system.state.top)))
         real(layout, event, deployment, **fields)  # type: ignore[arg-type]
 
     monkeypatch.setattr(statefile, "append_history", append)
@@ -361,7 +387,8 @@ def test_commands_write_the_history_holding_the_lock(
 
 
 def test_concurrent_history_writers_lose_no_line(
-        system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
     system.env.deploy("v1")
     layout = system.state
     # Trim often, keeping everything: a trim that raced an append would drop the append.
@@ -384,7 +411,8 @@ def test_concurrent_history_writers_lose_no_line(
         os.waitpid(pid, 0)
     lines = statefile.read_history(layout)
     assert sorted((str(e["writer"]), int(str(e["n"]))) for e in lines) == sorted(
-        (w, n) for w in "ab" for n in range(150))
+        (w, n) for w in "ab" for n in range(150)
+    )
 
 
 # -- 7, 8, 9. nobody in -------------------------------------------------------------------------
@@ -392,12 +420,13 @@ def test_concurrent_history_writers_lose_no_line(
 
 def test_images_are_root_only_and_an_old_one_is_tightened_at_boot(system: System) -> None:
     system.env.deploy("v1")
-    image = system.state.deployments / "v1/root.erofs"
+    image = Path(system.state.deployments) / "v1/root.erofs"
     assert image.stat().st_mode & 0o777 == 0o600
     image.chmod(0o644)  # as deployed before the rule
     system.boot()
     assert (system.env.state / "overlayroot/deployments/v1/root.erofs").stat().st_mode & (
-        0o777) == 0o600
+        0o777
+    ) == 0o600
     open_to_nobody(system.env.state / "overlayroot/deployments/v1")
     refused = as_nobody("cat", str(system.env.state / "overlayroot/deployments/v1/root.erofs"))
     assert refused.returncode != 0 and "Permission denied" in refused.stderr
@@ -436,12 +465,12 @@ def test_setuid_programs_of_a_kept_deployment_do_not_work_for_others(system: Sys
 
 def test_nobody_can_hold_the_state_lock(system: System) -> None:
     v1_good_v2_trial(system)
-    lock = system.state.top / target.LOCK
+    lock = Path(system.state.top) / target.LOCK
     lock.chmod(0o644)  # as made before the rule
     with target.locked(system.state):
         pass
     assert lock.stat().st_mode & 0o777 == 0o600
-    open_to_nobody(system.state.top)
+    open_to_nobody(Path(system.state.top))
     held = as_nobody("flock", "--nonblock", str(lock), "true")
     assert held.returncode != 0 and "Permission denied" in held.stderr
 
@@ -451,8 +480,8 @@ def test_a_released_lock_names_nobody_and_a_dead_holder_is_not_blamed(system: Sy
     layout = system.state
     with target.locked(layout):
         pass
-    assert (layout.top / target.LOCK).read_text() == ""
-    fd = os.open(layout.top / target.LOCK, os.O_RDWR)
+    assert (Path(layout.top) / target.LOCK).read_text() == ""
+    fd = os.open(Path(layout.top) / target.LOCK, os.O_RDWR)
     try:
         os.write(fd, b"pid 999999999: overlayroot deploy x\n")
         fcntl.flock(fd, fcntl.LOCK_EX)  # held by something that does not say who it is
@@ -465,10 +494,12 @@ def test_a_released_lock_names_nobody_and_a_dead_holder_is_not_blamed(system: Sy
 # -- 10. health checks root may trust, with a time limit --------------------------------------
 
 
-@pytest.mark.parametrize("attack", ["owned by nobody", "world-writable",
-                                    "group-writable directory"])
+@pytest.mark.parametrize(
+    "attack", ["owned by nobody", "world-writable", "group-writable directory"]
+)
 def test_a_check_others_could_change_is_refused_and_fails(
-        system: System, tmp_path: Path, attack: str) -> None:
+    system: System, tmp_path: Path, attack: str
+) -> None:
     system.env.deploy("v1")
     system.boot()
     add_check(tmp_path, "required", "10-net", "exit 0")
@@ -492,8 +523,12 @@ def test_a_hung_check_is_killed_at_its_time_limit(system: System, tmp_path: Path
     system.env.deploy("v1")
     system.boot()
     marker = tmp_path / "child-alive"
-    add_check(tmp_path, "required", "10-hang",
-              f"# overlayroot-timeout=1\n(sleep 3; touch {marker}) &\nsleep 100")
+    add_check(
+        tmp_path,
+        "required",
+        "10-hang",
+        f"# overlayroot-timeout=1\n(sleep 3; touch {marker}) &\nsleep 100",
+    )
     start = time.monotonic()
     err = system.fails("bless", "--no-reboot")
     assert time.monotonic() - start < 10
@@ -526,11 +561,12 @@ def test_a_bad_time_limit_in_a_check_is_named(system: System, tmp_path: Path) ->
 
 @pytest.mark.parametrize("name", ["boot.json", "history.jsonl"])
 def test_a_fifo_in_a_state_file_s_place_neither_blocks_nor_stops_the_boot(
-        system: System, name: str) -> None:
+    system: System, name: str
+) -> None:
     v1_good_v2_trial(system)
     system.boot()
     system.shutdown()
-    path = system.state.top / name
+    path = Path(system.state.top) / name
     path.unlink()
     os.mkfifo(path)
     booted = system.boot()
@@ -542,7 +578,8 @@ def test_a_fifo_in_a_state_file_s_place_neither_blocks_nor_stops_the_boot(
 
 
 def test_an_image_being_deployed_is_never_open_to_others(
-        system: System, monkeypatch: pytest.MonkeyPatch) -> None:
+    system: System, monkeypatch: pytest.MonkeyPatch
+) -> None:
     seen: list[int] = []
     real = digest.image_sha256
 
@@ -553,4 +590,4 @@ def test_an_image_being_deployed_is_never_open_to_others(
     monkeypatch.setattr(digest, "image_sha256", hashing)
     system.env.deploy("v1")
     assert seen == [0o700]  # the staging directory, while mkfs wrote the image in it
-    assert (system.state.deployments / "v1").stat().st_mode & 0o777 == 0o755
+    assert (Path(system.state.deployments) / "v1").stat().st_mode & 0o777 == 0o755

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.deploy import deploy
+from overlayroot.commands.staging import deploy
 from qemu.disks import make_state_disk
 from qemu.kernel import Kernel
 from qemu.rootfs import make_test_root
@@ -25,8 +25,7 @@ BASE = f"console=ttyS0 root=LABEL={FS_LABEL} overlayroot.onfail=poweroff overlay
 def initramfs(kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Our standalone initramfs for the test kernel, built once per session."""
     out = tmp_path_factory.mktemp("initramfs") / "initrd.img"
-    build_initramfs(BuildConfig(modules_dir=kernel.modules, output=out,
-                                compress=Compression.ZSTD))
+    build_initramfs(BuildConfig(modules_dir=kernel.modules, output=out, compress=Compression.ZSTD))
     return out
 
 
@@ -43,8 +42,13 @@ def state_content(base: Path, deployments: list[tuple[str, str, Path]]) -> Path:
 def disk_from(base: Path, content: Path) -> Path:
     """A GPT disk whose one partition holds ``content`` as an ext4 filesystem."""
     return make_state_disk(
-        base / "state.img", content, size_mb=96, fs_label=FS_LABEL, fs_uuid=FS_UUID,
-        partlabel=PARTLABEL, partuuid=PARTUUID,
+        base / "state.img",
+        content,
+        size_mb=96,
+        fs_label=FS_LABEL,
+        fs_uuid=FS_UUID,
+        partlabel=PARTLABEL,
+        partuuid=PARTUUID,
     )
 
 

@@ -22,9 +22,11 @@ from pathlib import Path
 import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot import bootpair
-from overlayroot.deploy import Progress, build_image, deploy
-from overlayroot.layout import StateLayout
+from overlayroot.commands import bootpair
+from overlayroot.commands.fsops import Progress
+from overlayroot.commands.images import build_image
+from overlayroot.commands.staging import deploy
+from overlayroot.core.layout import StateLayout
 from qemu.cutcheck import cut_points, enter_private_mount_namespace
 from qemu.disks import make_state_disk, partition_offset, read_file
 from qemu.kernel import Kernel
@@ -58,11 +60,17 @@ def other_kernel(kernel: Kernel) -> Kernel:
         version = package.name.removeprefix("linux-image-")
         vmlinuz = package / "boot" / f"vmlinuz-{version}"
         modules = package / "lib" / "modules" / version
-        if (version != kernel.version and (package / ".complete").exists() and vmlinuz.exists()
-                and modules.is_dir()):
+        if (
+            version != kernel.version
+            and (package / ".complete").exists()
+            and vmlinuz.exists()
+            and modules.is_dir()
+        ):
             return Kernel(vmlinuz=vmlinuz, modules=modules, version=version)
-    pytest.skip("needs a second Debian kernel in .cache/kernels (the bookworm-backports cloud"
-                " kernel the kexec tests fetch)")
+    pytest.skip(
+        "needs a second Debian kernel in .cache/kernels (the bookworm-backports cloud"
+        " kernel the kexec tests fetch)"
+    )
 
 
 def test_the_bridge_initramfs_boots_under_both_kernels(
@@ -72,19 +80,31 @@ def test_the_bridge_initramfs_boots_under_both_kernels(
     images = []
     for k in (kernel, second):
         out = tmp_path / f"initrd-{k.version}.img"
-        build_initramfs(BuildConfig(modules_dir=k.modules, output=out,
-                                    compress=Compression.ZSTD))
+        build_initramfs(BuildConfig(modules_dir=k.modules, output=out, compress=Compression.ZSTD))
         images.append(out.read_bytes())
     bridge = tmp_path / "bridge.img"
     bridge.write_bytes(images[0] + images[1])  # the old pair's, then the new deployment's
     disk = state_disk(tmp_path, [("v1", "erofs", make_root(tmp_path))])
     for k in (kernel, second):
-        machine = Machine(k, bridge, log_path=tmp_path / f"boot-{k.version}.log", disks=[disk],
-                          cmdline=f"{BASE} overlayroot.debug", accel=qemu_accel)
+        machine = Machine(
+            k,
+            bridge,
+            log_path=tmp_path / f"boot-{k.version}.log",
+            disks=[disk],
+            cmdline=f"{BASE} overlayroot.debug",
+            accel=qemu_accel,
+        )
         try:
             machine.start()
-            machine.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
-                "Kernel panic - not syncing", "Attempted to kill init", "overlayroot: error:"))
+            machine.wait_for(
+                "OVERLAYROOT-TEST done",
+                BOOT_TIMEOUT,
+                failure=(
+                    "Kernel panic - not syncing",
+                    "Attempted to kill init",
+                    "overlayroot: error:",
+                ),
+            )
             machine.wait_exit(30)
         finally:
             if machine.started:
@@ -129,14 +149,28 @@ def test_a_kernel_deployed_and_promoted_from_inside(
     (v2 / "usr/lib/bootc/kargs.d/10-console.toml").write_text('kargs = ["console=ttyS0"]\n')
     (content / "updates").mkdir()
     build_image(v2, content / "updates/v2.erofs", "erofs", "v2", CREATED, Progress(None))
-    disk = make_state_disk(tmp_path / "state.img", content, size_mb=160, fs_label=FS_LABEL,
-                           fs_uuid=FS_UUID, partlabel=PARTLABEL, partuuid=PARTUUID)
+    disk = make_state_disk(
+        tmp_path / "state.img",
+        content,
+        size_mb=160,
+        fs_label=FS_LABEL,
+        fs_uuid=FS_UUID,
+        partlabel=PARTLABEL,
+        partuuid=PARTUUID,
+    )
 
-    m = machine(initrd=initramfs, disks=[disk], cmdline=f"{BASE} test.run=kernel-update",
-                name="kernel-update")
+    m = machine(
+        initrd=initramfs,
+        disks=[disk],
+        cmdline=f"{BASE} test.run=kernel-update",
+        name="kernel-update",
+    )
     m.start()
-    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
-        "Kernel panic - not syncing", "Attempted to kill init", "Traceback"))
+    m.wait_for(
+        "OVERLAYROOT-TEST done",
+        BOOT_TIMEOUT,
+        failure=("Kernel panic - not syncing", "Attempted to kill init", "Traceback"),
+    )
     m.wait_exit(60)
     markers = m.markers()
     assert (markers["deploy"], markers["promote"]) == ("0", "0"), m.console[-3000:]
@@ -144,8 +178,13 @@ def test_a_kernel_deployed_and_promoted_from_inside(
     kernels = {d["id"]: d["kernel"] for d in status["deployments"]}
     assert kernels == {"v1": None, "v2": FAKE}
     pair = "/run/overlayroot/state/overlayroot/boot"
-    assert status["boot_pair"] == {"dir": pair, "deployment": "v2", "version": FAKE,
-                                   "complete": True, "recorded": "v2"}
+    assert status["boot_pair"] == {
+        "dir": pair,
+        "deployment": "v2",
+        "version": FAKE,
+        "complete": True,
+        "recorded": "v2",
+    }
     assert f"boot pair in {pair}: the kernel {FAKE} of v2" in m.console
 
     offset = partition_offset(disk)
@@ -166,8 +205,9 @@ echo "OVERLAYROOT-TEST promote=$?"
 
 def kernel_root(base: Path, name: str, k: Kernel, initrd: bytes, payload: Path) -> Path:
     """A busybox test root that carries kernel ``k`` and ``initrd`` the bootc way."""
-    root = make_test_root(base / f"root-{name}", image=name, command=payload,
-                          scripts={"promote": PROMOTE})
+    root = make_test_root(
+        base / f"root-{name}", image=name, command=payload, scripts={"promote": PROMOTE}
+    )
     moddir = root / "usr/lib/modules" / k.version
     moddir.mkdir(parents=True)
     (moddir / "vmlinuz").write_bytes(k.vmlinuz.read_bytes())
@@ -180,8 +220,9 @@ def mounted_state(disk: Path, offset: int, where: Path) -> Iterator[Path]:
     """The state filesystem of ``disk`` (a copy: mounting replays its journal, as the next
     boot's mount would) mounted in this process's private mount namespace."""
     where.mkdir(exist_ok=True)
-    subprocess.run(["mount", "-t", "ext4", "-o", f"loop,offset={offset}", str(disk),
-                    str(where)], check=True)
+    subprocess.run(
+        ["mount", "-t", "ext4", "-o", f"loop,offset={offset}", str(disk), str(where)], check=True
+    )
     try:
         yield where
     finally:
@@ -202,30 +243,54 @@ def test_a_promotion_cut_at_every_flush_leaves_a_pair_that_boots(
     images = {}
     for k in (kernel, second):
         out = tmp_path / f"initrd-{k.version}.img"
-        build_initramfs(BuildConfig(modules_dir=k.modules, output=out,
-                                    compress=Compression.ZSTD))
+        build_initramfs(BuildConfig(modules_dir=k.modules, output=out, compress=Compression.ZSTD))
         images[k.version] = out.read_bytes()
     content = tmp_path / "state-content"
     content.mkdir()
-    deploy(content, kernel_root(tmp_path, "v2", second, images[second.version], payload),
-           deployment_id="v2", created=CREATED, known_good=True)
-    deploy(content, kernel_root(tmp_path, "v1", kernel, images[kernel.version], payload),
-           deployment_id="v1", created=CREATED + 1, known_good=True)  # the default
+    deploy(
+        content,
+        kernel_root(tmp_path, "v2", second, images[second.version], payload),
+        deployment_id="v2",
+        created=CREATED,
+        known_good=True,
+    )
+    deploy(
+        content,
+        kernel_root(tmp_path, "v1", kernel, images[kernel.version], payload),
+        deployment_id="v1",
+        created=CREATED + 1,
+        known_good=True,
+    )  # the default
     state = StateLayout(content)
-    bootpair.promote(state.top / "boot", state, state.read_manifest("v1"))
-    disk = make_state_disk(tmp_path / "state.img", content, size_mb=256, fs_label=FS_LABEL,
-                           fs_uuid=FS_UUID, partlabel=PARTLABEL, partuuid=PARTUUID)
+    bootpair.promote(Path(state.top) / "boot", state, state.read_manifest("v1"))
+    disk = make_state_disk(
+        tmp_path / "state.img",
+        content,
+        size_mb=256,
+        fs_label=FS_LABEL,
+        fs_uuid=FS_UUID,
+        partlabel=PARTLABEL,
+        partuuid=PARTUUID,
+    )
     offset = partition_offset(disk)
     pristine = tmp_path / "pristine.img"
     copy_sparse(disk, pristine)
 
     log = tmp_path / "promote.log"
-    m = Machine(kernel, tmp_path / f"initrd-{kernel.version}.img",
-                log_path=tmp_path / "promote-console.log", disks=[LoggedDisk(disk, log)],
-                cmdline=f"{BASE} test.run=promote", accel=qemu_accel)
+    m = Machine(
+        kernel,
+        tmp_path / f"initrd-{kernel.version}.img",
+        log_path=tmp_path / "promote-console.log",
+        disks=[LoggedDisk(disk, log)],
+        cmdline=f"{BASE} test.run=promote",
+        accel=qemu_accel,
+    )
     with m:
-        m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
-            "Kernel panic - not syncing", "overlayroot: error:", "Traceback"))
+        m.wait_for(
+            "OVERLAYROOT-TEST done",
+            BOOT_TIMEOUT,
+            failure=("Kernel panic - not syncing", "overlayroot: error:", "Traceback"),
+        )
         m.wait_exit(60)
     assert m.markers()["promote"] == "0"
 
@@ -245,8 +310,13 @@ def test_a_promotion_cut_at_every_flush_leaves_a_pair_that_boots(
             except AssertionError as e:
                 raise AssertionError(f"{where}: the pair is not bootable: {e}") from None
             initrd = (pair / "initrd.img").read_bytes()
-            kind = ("IA" if initrd == images[kernel.version] else
-                    "IB" if initrd == images[second.version] else "bridge")
+            kind = (
+                "IA"
+                if initrd == images[kernel.version]
+                else "IB"
+                if initrd == images[second.version]
+                else "bridge"
+            )
             files = {name: (pair / name).read_bytes() for name in ("vmlinuz", "initrd.img")}
         if (release, kind) not in seen:
             keep = tmp_path / f"pair-{len(seen)}"
@@ -261,12 +331,24 @@ def test_a_promotion_cut_at_every_flush_leaves_a_pair_that_boots(
     for release, kind in middles:
         keep = seen[(release, kind)]
         booting = Kernel(vmlinuz=keep / "vmlinuz", modules=kernel.modules, version=release)
-        machine = Machine(booting, keep / "initrd.img", log_path=keep / "console.log",
-                          disks=[keep / "disk.img"], cmdline=f"{BASE} overlayroot.debug",
-                          accel=qemu_accel)
+        machine = Machine(
+            booting,
+            keep / "initrd.img",
+            log_path=keep / "console.log",
+            disks=[keep / "disk.img"],
+            cmdline=f"{BASE} overlayroot.debug",
+            accel=qemu_accel,
+        )
         with machine:
-            machine.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
-                "Kernel panic - not syncing", "Attempted to kill init", "overlayroot: error:"))
+            machine.wait_for(
+                "OVERLAYROOT-TEST done",
+                BOOT_TIMEOUT,
+                failure=(
+                    "Kernel panic - not syncing",
+                    "Attempted to kill init",
+                    "overlayroot: error:",
+                ),
+            )
             machine.wait_exit(60)
         assert f"Linux version {release} " in machine.console
         assert "did not load" not in machine.console

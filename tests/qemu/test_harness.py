@@ -126,8 +126,9 @@ def test_a_logged_disk_records_every_write_and_flush_next_to_a_plain_disk(
         "poweroff -f\n"
     )
     log = tmp_path / "logged.log"
-    with machine(initrd=initramfs(tmp_path, script, kernel),
-                 disks=[LoggedDisk(logged, log), plain]) as guest:
+    with machine(
+        initrd=initramfs(tmp_path, script, kernel), disks=[LoggedDisk(logged, log), plain]
+    ) as guest:
         guest.wait_for(re.compile(r"OVERLAYROOT-TEST vdb=\d+"), BOOT_TIMEOUT)
         guest.wait_exit(30)
     assert guest.markers() == {"vdb": str(8 << 11)}

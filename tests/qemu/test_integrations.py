@@ -8,7 +8,7 @@ Each test boots twice on one disk: the first boot is the new deployment's trial,
 into /etc, /var, /home and /, and is blessed by overlayroot-bless.service after
 boot-complete.target; the second is an ordinary boot of a known-good deployment and reads the
 tokens back. Both report, from a unit that runs after multi-user.target and the bless
-(qemu.debian.REPORT_SCRIPT), what the booted system sees, `overlayroot status --json` included.
+(qemu/guest/debian-report.sh), what the booted system sees, `overlayroot status --json` included.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.deploy import deploy
+from overlayroot.commands.staging import deploy
 from qemu import debian, mkinitcpio
 from qemu.disks import make_state_disk
 from qemu.kernel import Kernel
@@ -76,36 +76,49 @@ def debian_disk(base: Path, root: Path) -> Path:
     content.mkdir()
     deploy(content, root, deployment_id=DEPLOYMENT, fmt="erofs", created=CREATED)
     return make_state_disk(
-        base / "state.img", content, size_mb=640, fs_label=FS_LABEL, fs_uuid=FS_UUID,
-        partlabel="overlayroot state", partuuid="c0ffee00-1234-4abc-8def-0000000000a1",
+        base / "state.img",
+        content,
+        size_mb=640,
+        fs_label=FS_LABEL,
+        fs_uuid=FS_UUID,
+        partlabel="overlayroot state",
+        partuuid="c0ffee00-1234-4abc-8def-0000000000a1",
     )
 
 
-def boot_debian(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str,
-                name: str) -> dict[str, str]:
-    m: Machine = machine(initrd=initrd, disks=[disk], cmdline=cmdline, name=name)
+def boot_debian(
+    machine: MachineFactory,
+    initrd: Path,
+    disk: Path,
+    cmdline: str,
+    name: str,
+    kernel: Kernel | None = None,
+) -> dict[str, str]:
+    m: Machine = machine(initrd=initrd, disks=[disk], cmdline=cmdline, name=name, kernel=kernel)
     with m:
         m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=FAILURES)
         # A clean shutdown through systemd: the state filesystem must let go too.
         assert m.wait_exit(SHUTDOWN_TIMEOUT) == 0
         markers = m.markers()
     # For `pytest -rP`: where the time goes, and what the image had to load itself.
-    print(f"{name}: multi-user.target at {int(markers['multi_user_us']) / 1e6:.1f} s,"
-          f" report at {markers['uptime']} s; modules: {markers['modules']}")
+    print(
+        f"{name}: multi-user.target at {int(markers['multi_user_us']) / 1e6:.1f} s,"
+        f" report at {markers['uptime']} s; modules: {markers['modules']}"
+    )
     return markers
 
 
-def check_read_only_system(markers: dict[str, str]) -> None:
+def check_read_only_system(markers: dict[str, str], deployment: str = DEPLOYMENT) -> None:
     assert markers["root_ro"] == "yes"
     assert markers["etc_writable"] == "yes"
     assert markers["tmp_writable"] == "yes"
     assert markers["mount_root"].split()[1] == "erofs"
     assert markers["mount_etc"].startswith("overlay overlay")
     assert markers["failed"] == ""
-    assert json.loads(markers["booted_json"])["deployment"] == DEPLOYMENT
+    assert json.loads(markers["booted_json"])["deployment"] == deployment
 
 
-def check_blessed(markers: dict[str, str]) -> None:
+def check_blessed(markers: dict[str, str], deployment: str = DEPLOYMENT) -> None:
     """overlayroot-bless.service ran after boot-complete.target, succeeded, and the booted
     deployment is known good (the report unit runs after the bless)."""
     assert markers["boot_complete"] == "active"
@@ -113,7 +126,7 @@ def check_blessed(markers: dict[str, str]) -> None:
     assert 0 < int(markers["boot_complete_us"]) <= int(markers["bless_start_us"])
     status: dict[str, Any] = json.loads(markers["status"])
     booted = [r for r in status["deployments"] if r["booted"]]
-    assert [(r["id"], r["successful"], r["bad"]) for r in booted] == [(DEPLOYMENT, True, None)]
+    assert [(r["id"], r["successful"], r["bad"]) for r in booted] == [(deployment, True, None)]
 
 
 def check_boots_twice(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str) -> None:
@@ -133,7 +146,10 @@ def check_boots_twice(machine: MachineFactory, initrd: Path, disk: Path, cmdline
     assert json.loads(second["booted_json"])["trial"] is False
     check_blessed(second)
     assert (second["etc_token"], second["var_token"], second["home_token"]) == (
-        "token-1", "token-1", "token-1")
+        "token-1",
+        "token-1",
+        "token-1",
+    )
     # systemd wrote the machine id into the persistent /etc on the first boot.
     assert len(first["machine_id"]) == 32
     assert second["machine_id"] == first["machine_id"]
@@ -143,8 +159,9 @@ Builder = Callable[[Kernel, Path], Path]
 
 
 def standalone(kernel: Kernel, output: Path) -> Path:
-    build_initramfs(BuildConfig(modules_dir=kernel.modules, output=output,
-                                compress=Compression.ZSTD))
+    build_initramfs(
+        BuildConfig(modules_dir=kernel.modules, output=output, compress=Compression.ZSTD)
+    )
     return output
 
 
@@ -170,8 +187,12 @@ def initramfs_tools(kernel: Kernel, output: Path) -> Path:
     ],
 )
 def test_debian_reaches_multi_user_read_only_with_persistent_state(
-    machine: MachineFactory, kernel: Kernel, debian_root: Path, tmp_path: Path,
-    build: Builder, framework: str,
+    machine: MachineFactory,
+    kernel: Kernel,
+    debian_root: Path,
+    tmp_path: Path,
+    build: Builder,
+    framework: str,
 ) -> None:
     try:
         initrd = build(kernel, tmp_path / "initrd.img")
@@ -182,8 +203,10 @@ def test_debian_reaches_multi_user_read_only_with_persistent_state(
 
 
 @pytest.fixture(scope="session")
-def mkinitcpio_image(kernel: Kernel, tmp_path_factory: pytest.TempPathFactory,
-                     ) -> Callable[[Variant], Path]:
+def mkinitcpio_image(
+    kernel: Kernel,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Callable[[Variant], Path]:
     """The real mkinitcpio's image with our hooks, per variant, built once per session."""
     built: dict[Variant, Path] = {}
 
@@ -206,8 +229,11 @@ VARIANTS = [pytest.param(v, id=f"mkinitcpio-{v}") for v in Variant]
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_debian_through_mkinitcpio(
-    machine: MachineFactory, mkinitcpio_image: Callable[[Variant], Path], debian_root: Path,
-    tmp_path: Path, variant: Variant,
+    machine: MachineFactory,
+    mkinitcpio_image: Callable[[Variant], Path],
+    debian_root: Path,
+    tmp_path: Path,
+    variant: Variant,
 ) -> None:
     initrd = mkinitcpio_image(variant)
     disk = debian_disk(tmp_path, debian_root)
@@ -227,8 +253,11 @@ def command_payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_busybox_root_through_mkinitcpio_is_tried_with_a_watchdog_and_blessed(
-    machine: MachineFactory, mkinitcpio_image: Callable[[Variant], Path],
-    command_payload: Path, tmp_path: Path, variant: Variant,
+    machine: MachineFactory,
+    mkinitcpio_image: Callable[[Variant], Path],
+    command_payload: Path,
+    tmp_path: Path,
+    variant: Variant,
 ) -> None:
     """The busybox test root, deployed as erofs: its first boot is a trial with the watchdog
     armed (softdog: the guest has no other), writes tokens and blesses itself; the second is no
@@ -259,8 +288,7 @@ def test_busybox_root_through_mkinitcpio_is_tried_with_a_watchdog_and_blessed(
     _, m2 = boot("test.read=1", "read")
     assert json.loads(m2["booted_json"])["trial"] is False
     assert (m2["root_ro"], m2["etc_writable"]) == ("yes", "yes")
-    assert (m2["etc_token"], m2["var_token"], m2["home_token"]) == (
-        "token-1", "token-1", "token-1")
+    assert (m2["etc_token"], m2["var_token"], m2["home_token"]) == ("token-1", "token-1", "token-1")
 
 
 # A runtime hook with an emergency function, as mkinitcpio's keymap-like hooks have: what the
@@ -274,14 +302,19 @@ EMERGENCY_SHELL = "You are now being dropped into an emergency shell"
 
 
 def test_a_deployment_that_cannot_boot_ends_in_mkinitcpios_emergency_path(
-    machine: MachineFactory, kernel: Kernel, tmp_path: Path,
+    machine: MachineFactory,
+    kernel: Kernel,
+    tmp_path: Path,
 ) -> None:
     """The only deployment has no init: the stage fails, and mkinitcpio's busybox /init runs
     its emergency hooks, then its shell — it does not boot the state filesystem."""
     try:
         initrd = mkinitcpio.mkinitcpio_initramfs(
-            kernel, tmp_path / "initrd.img", Variant.BUSYBOX,
-            runtime_hooks={"overlayroot-test-emergency": EMERGENCY_HOOK})
+            kernel,
+            tmp_path / "initrd.img",
+            Variant.BUSYBOX,
+            runtime_hooks={"overlayroot-test-emergency": EMERGENCY_HOOK},
+        )
     except mkinitcpio.MkinitcpioUnavailable as e:
         pytest.skip(str(e))
     except debian.GeneratorFailed as e:
@@ -295,5 +328,8 @@ def test_a_deployment_that_cannot_boot_ends_in_mkinitcpios_emergency_path(
     assert "overlayroot: error:" in console
     assert "OVERLAYROOT-TEST emergency_hook=ran" in console, "the emergency hooks did not run"
     ran = console.index("OVERLAYROOT-TEST emergency_hook=ran")
-    assert ran < console.index("overlayroot could not assemble the root") < console.index(
-        EMERGENCY_SHELL)
+    assert (
+        ran
+        < console.index("overlayroot could not assemble the root")
+        < console.index(EMERGENCY_SHELL)
+    )

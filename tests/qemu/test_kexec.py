@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.bootpair import BOOT_DIR, INITRD, KERNEL, promote
-from overlayroot.deploy import KernelChoice, deploy
+from overlayroot.commands.bootpair import BOOT_DIR, INITRD, KERNEL, promote
+from overlayroot.commands.staging import KernelChoice, deploy
 from qemu.kernel import Kernel
 from qemu.machine import Machine
 from qemu.plugin import MachineFactory
@@ -48,7 +48,8 @@ grep -q '^{MODULE} ' /proc/modules && echo "OVERLAYROOT-TEST module={MODULE}"
 KEXEC_SCRIPTS = {
     **SCRIPTS,
     "kexec-report": KEXEC_REPORT,
-    "rollback": KEXEC_REPORT + """\
+    "rollback": KEXEC_REPORT
+    + """\
 overlayroot rollback
 echo "OVERLAYROOT-TEST rollback=$?"
 """,
@@ -60,8 +61,9 @@ def second_initramfs(second_kernel: Kernel, tmp_path_factory: pytest.TempPathFac
     """Our standalone initramfs for kernel B: what a deployment built with
     ``overlayroot initrd build`` carries."""
     out = tmp_path_factory.mktemp("initramfs-b") / "initramfs.img"
-    build_initramfs(BuildConfig(modules_dir=second_kernel.modules, output=out,
-                                compress=Compression.ZSTD))
+    build_initramfs(
+        BuildConfig(modules_dir=second_kernel.modules, output=out, compress=Compression.ZSTD)
+    )
     return out
 
 
@@ -69,33 +71,61 @@ class KernelDisk(Disk):
     """A state disk whose deployments may carry a kernel of their own."""
 
     def root(self, name: str, fail: str | None = None) -> Path:
-        return make_test_root(self.base / f"root-{name}", image=name, fail=fail,
-                              command=self.payload, scripts=KEXEC_SCRIPTS)
+        return make_test_root(
+            self.base / f"root-{name}",
+            image=name,
+            fail=fail,
+            command=self.payload,
+            scripts=KEXEC_SCRIPTS,
+        )
 
-    def kernel_root(self, name: str, kernel: Kernel, initrd: Path, fail: str | None = None,
-                    ) -> Path:
+    def kernel_root(
+        self,
+        name: str,
+        kernel: Kernel,
+        initrd: Path,
+        fail: str | None = None,
+    ) -> Path:
         root = self.root(name, fail)
         add_kernel(root, kernel.vmlinuz, initrd, kernel.version, kernel.modules, (MODULE,))
         return root
 
-    def deploy_with_kernel(self, name: str, kernel: Kernel, initrd: Path,
-                           fail: str | None = None, kargs: tuple[str, ...] = ()) -> None:
+    def deploy_with_kernel(
+        self,
+        name: str,
+        kernel: Kernel,
+        initrd: Path,
+        fail: str | None = None,
+        kargs: tuple[str, ...] = (),
+    ) -> None:
         """Deploy a root that carries ``kernel`` and ``initrd`` the bootc way: deploy finds
         them and records them in the manifest."""
-        deploy(self.content, self.kernel_root(name, kernel, initrd, fail), deployment_id=name,
-               created=CREATED + self.count, kernel=KernelChoice(kargs=list(kargs)))
+        deploy(
+            self.content,
+            self.kernel_root(name, kernel, initrd, fail),
+            deployment_id=name,
+            created=CREATED + self.count,
+            kernel=KernelChoice(kargs=list(kargs)),
+        )
         self.count += 1
         manifest = self.layout.read_manifest(name)
         assert manifest.kernel is not None and manifest.kernel.version == kernel.version
 
 
-def boot(machine: MachineFactory, initrd: Path, disk: Path, name: str,
-         extra: str = "") -> Machine:
+def boot(machine: MachineFactory, initrd: Path, disk: Path, name: str, extra: str = "") -> Machine:
     m = machine(initrd=initrd, disks=[disk], cmdline=f"{CMDLINE} {extra}", name=name)
     m.start()
-    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT * 2, failure=(
-        "Kernel panic - not syncing", "Attempted to kill init", "overlayroot: error: no",
-        "OVERLAYROOT-TEST failing=", *BROKEN))
+    m.wait_for(
+        "OVERLAYROOT-TEST done",
+        BOOT_TIMEOUT * 2,
+        failure=(
+            "Kernel panic - not syncing",
+            "Attempted to kill init",
+            "overlayroot: error: no",
+            "OVERLAYROOT-TEST failing=",
+            *BROKEN,
+        ),
+    )
     m.wait_exit(60)
     return m
 
@@ -107,8 +137,13 @@ def booted_json(m: Machine) -> dict[str, object]:
 
 
 def test_a_deployment_with_its_own_kernel_runs_under_it_and_keeps_etc_var_home(
-    machine: MachineFactory, initramfs: Path, second_initramfs: Path, command_payload: Path,
-    kernel: Kernel, second_kernel: Kernel, tmp_path: Path
+    machine: MachineFactory,
+    initramfs: Path,
+    second_initramfs: Path,
+    command_payload: Path,
+    kernel: Kernel,
+    second_kernel: Kernel,
+    tmp_path: Path,
 ) -> None:
     disk = KernelDisk(tmp_path, command_payload)
     disk.deploy("v1")
@@ -116,8 +151,13 @@ def test_a_deployment_with_its_own_kernel_runs_under_it_and_keeps_etc_var_home(
     disk.deploy_with_kernel("v2", second_kernel, second_initramfs, kargs=("loglevel=6",))
     path = disk.make()
 
-    first = boot(machine, initramfs, path, "1-kexec",
-                 "test.write=kexec-token test.bless=1 test.run=kexec-report")
+    first = boot(
+        machine,
+        initramfs,
+        path,
+        "1-kexec",
+        "test.write=kexec-token test.bless=1 test.run=kexec-report",
+    )
     m = first.markers()
     assert f"switching to deployment v2's kernel {second_kernel.version}" in first.console
     assert booted(first) == "v2"
@@ -141,20 +181,24 @@ def test_a_deployment_with_its_own_kernel_runs_under_it_and_keeps_etc_var_home(
 
 
 def test_a_kernel_that_is_damaged_or_not_a_kernel_falls_back_in_the_same_boot(
-    machine: MachineFactory, initramfs: Path, second_initramfs: Path, command_payload: Path,
-    second_kernel: Kernel, tmp_path: Path
+    machine: MachineFactory,
+    initramfs: Path,
+    second_initramfs: Path,
+    command_payload: Path,
+    second_kernel: Kernel,
+    tmp_path: Path,
 ) -> None:
     disk = KernelDisk(tmp_path, command_payload)
     disk.deploy("v1")
     disk.bless("v1")
     disk.deploy_with_kernel("v2-damaged", second_kernel, second_initramfs)
     disk.deploy_with_kernel("v3-notakernel", second_kernel, second_initramfs)
-    damaged = disk.layout.deployment_dir("v2-damaged") / "vmlinuz"
+    damaged = Path(disk.layout.deployment_dir("v2-damaged")) / "vmlinuz"
     with open(damaged, "r+b") as f:
         f.seek(1 << 20)
         f.write(b"\xff" * 16)
     # A file the digest check passes, and that kexec_file_load refuses: not an x86 bzImage.
-    notakernel = disk.layout.deployment_dir("v3-notakernel") / "vmlinuz"
+    notakernel = Path(disk.layout.deployment_dir("v3-notakernel")) / "vmlinuz"
     notakernel.write_bytes(Path("/bin/busybox").read_bytes())
     manifest = disk.layout.read_manifest("v3-notakernel")
     assert manifest.kernel is not None
@@ -165,15 +209,18 @@ def test_a_kernel_that_is_damaged_or_not_a_kernel_falls_back_in_the_same_boot(
     m = boot(machine, initramfs, path, "fallback", "test.run=kexec-report")
     assert booted(m) == "v1"
     assert "kexec_core: Starting new kernel" not in m.console
-    notakernel_reason = (f"deployment 'v3-notakernel': its kernel {second_kernel.version}"
-                         " (/sysroot/overlayroot/deployments/v3-notakernel/vmlinuz) cannot be"
-                         " loaded: it is not a kernel this machine can start (another"
-                         " architecture, or not a kernel image at all) [kexec_file_load: Exec"
-                         " format error]")
+    notakernel_reason = (
+        f"deployment 'v3-notakernel': its kernel {second_kernel.version}"
+        " (/sysroot/overlayroot/deployments/v3-notakernel/vmlinuz) cannot be"
+        " loaded: it is not a kernel this machine can start (another"
+        " architecture, or not a kernel image at all) [kexec_file_load: Exec"
+        " format error]"
+    )
     assert f"overlayroot: error: {notakernel_reason}" in m.console
-    assert ("overlayroot: error: deployment 'v2-damaged': its kernel"
-            " /sysroot/overlayroot/deployments/v2-damaged/vmlinuz fails its digest check"
-            in m.console)
+    assert (
+        "overlayroot: error: deployment 'v2-damaged': its kernel"
+        " /sysroot/overlayroot/deployments/v2-damaged/vmlinuz fails its digest check" in m.console
+    )
     records = rows(m)
     assert records["v3-notakernel"]["bad"] == notakernel_reason
     assert "fails its digest check" in records["v2-damaged"]["bad"]
@@ -184,16 +231,19 @@ def test_a_kernel_that_is_damaged_or_not_a_kernel_falls_back_in_the_same_boot(
 
 
 def test_a_kernel_that_starts_and_then_fails_is_given_up_after_its_tries(
-    machine: MachineFactory, initramfs: Path, command_payload: Path, kernel: Kernel,
-    second_kernel: Kernel, tmp_path: Path
+    machine: MachineFactory,
+    initramfs: Path,
+    command_payload: Path,
+    kernel: Kernel,
+    second_kernel: Kernel,
+    tmp_path: Path,
 ) -> None:
     """v2's kernel loads and starts, but its initramfs has no virtio_blk (built without
     modules): it cannot find the state device, and its stage powers off (here; a reboot on a
     real machine, ``overlayroot.onfail=``). Each such boot used a try, taken before the kexec,
     so the bootloader's kernel falls back to v1 by itself."""
     no_modules = tmp_path / "initramfs-b-no-modules.img"
-    build_initramfs(BuildConfig(modules_dir=None, output=no_modules,
-                                compress=Compression.ZSTD))
+    build_initramfs(BuildConfig(modules_dir=None, output=no_modules, compress=Compression.ZSTD))
     disk = KernelDisk(tmp_path, command_payload)
     disk.deploy("v1")
     disk.bless("v1")
@@ -203,8 +253,11 @@ def test_a_kernel_that_starts_and_then_fails_is_given_up_after_its_tries(
     for attempt in (1, 2):
         m = machine(initrd=initramfs, disks=[path], cmdline=CMDLINE, name=f"v2-{attempt}")
         m.start()
-        m.wait_for(f"the state device LABEL={FS_LABEL} did not appear", BOOT_TIMEOUT * 2,
-                   failure=("OVERLAYROOT-TEST done", *BROKEN))
+        m.wait_for(
+            f"the state device LABEL={FS_LABEL} did not appear",
+            BOOT_TIMEOUT * 2,
+            failure=("OVERLAYROOT-TEST done", *BROKEN),
+        )
         m.wait_exit(60)
         assert f"switching to deployment v2's kernel {second_kernel.version}" in m.console
         assert f"Linux version {second_kernel.version}" in m.console
@@ -212,11 +265,17 @@ def test_a_kernel_that_starts_and_then_fails_is_given_up_after_its_tries(
     last = boot(machine, initramfs, path, "back-on-v1", "test.run=kexec-report")
     assert booted(last) == "v1" and last.markers()["uname"] == kernel.version
     assert "kexec_core: Starting new kernel" not in last.console
-    assert rows(last)["v2"]["bad"] == ("used up its tries without being blessed (it crashed,"
-                                       " hung or was reset)")
+    assert rows(last)["v2"]["bad"] == (
+        "used up its tries without being blessed (it crashed, hung or was reset)"
+    )
     events = [(e["event"], e["deployment"]) for e in history(last)]
-    assert events == [("blessed", "v1"), ("kexec", "v2"), ("kexec", "v2"), ("failed", "v2"),
-                      ("boot", "v1")]
+    assert events == [
+        ("blessed", "v1"),
+        ("kexec", "v2"),
+        ("kexec", "v2"),
+        ("failed", "v2"),
+        ("boot", "v1"),
+    ]
 
 
 def pair_on(disk: KernelDisk, where: Path) -> tuple[Kernel, Path]:
@@ -229,28 +288,40 @@ def pair_on(disk: KernelDisk, where: Path) -> tuple[Kernel, Path]:
     return Kernel(vmlinuz=vmlinuz, modules=where, version="(the boot pair)"), initrd
 
 
-def boot_pair(machine: MachineFactory, disk: KernelDisk, path: Path, name: str,
-              extra: str) -> Machine:
+def boot_pair(
+    machine: MachineFactory, disk: KernelDisk, path: Path, name: str, extra: str
+) -> Machine:
     pair, initrd = pair_on(disk, disk.base / f"pair-{name}")
-    m = machine(initrd=initrd, disks=[path], cmdline=f"{CMDLINE} {extra}", name=name,
-                kernel=pair)
+    m = machine(initrd=initrd, disks=[path], cmdline=f"{CMDLINE} {extra}", name=name, kernel=pair)
     m.start()
-    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT * 2, failure=(
-        "Kernel panic - not syncing", "Attempted to kill init", "overlayroot: error: no",
-        *BROKEN))
+    m.wait_for(
+        "OVERLAYROOT-TEST done",
+        BOOT_TIMEOUT * 2,
+        failure=(
+            "Kernel panic - not syncing",
+            "Attempted to kill init",
+            "overlayroot: error: no",
+            *BROKEN,
+        ),
+    )
     m.wait_exit(60)
     return m
 
 
 def test_bless_promotes_the_pair_so_the_next_boot_needs_no_kexec_and_rollback_boots_a_again(
-    machine: MachineFactory, initramfs: Path, second_initramfs: Path, command_payload: Path,
-    kernel: Kernel, second_kernel: Kernel, tmp_path: Path
+    machine: MachineFactory,
+    initramfs: Path,
+    second_initramfs: Path,
+    command_payload: Path,
+    kernel: Kernel,
+    second_kernel: Kernel,
+    tmp_path: Path,
 ) -> None:
     disk = KernelDisk(tmp_path, command_payload)
     disk.deploy_with_kernel("v1", kernel, initramfs)
     disk.bless("v1")
     layout = disk.layout
-    promote(layout.top / BOOT_DIR, layout, layout.read_manifest("v1"))  # the factory's pair
+    promote(Path(layout.top) / BOOT_DIR, layout, layout.read_manifest("v1"))  # the factory's pair
     disk.deploy_with_kernel("v2", second_kernel, second_initramfs)
     path = disk.make()
 
@@ -277,14 +348,21 @@ def test_bless_promotes_the_pair_so_the_next_boot_needs_no_kexec_and_rollback_bo
     assert m["module"] == MODULE
     boots = [e for e in history(third) if e["event"] in ("boot", "kexec")]
     assert [(e["event"], e["deployment"], e.get("kernel")) for e in boots] == [
-        ("kexec", "v2", second_kernel.version), ("boot", "v2", second_kernel.version),
+        ("kexec", "v2", second_kernel.version),
         ("boot", "v2", second_kernel.version),
-        ("kexec", "v1", kernel.version), ("boot", "v1", kernel.version)]
+        ("boot", "v2", second_kernel.version),
+        ("kexec", "v1", kernel.version),
+        ("boot", "v1", kernel.version),
+    ]
 
 
 def test_debian_with_systemd_boots_under_a_kernel_of_its_own(
-    machine: MachineFactory, initramfs: Path, second_initramfs: Path, kernel: Kernel,
-    second_kernel: Kernel, tmp_path: Path
+    machine: MachineFactory,
+    initramfs: Path,
+    second_initramfs: Path,
+    kernel: Kernel,
+    second_kernel: Kernel,
+    tmp_path: Path,
 ) -> None:
     """The Debian image (qemu.debian) carrying kernel B, its modules and our initramfs for B:
     the machine starts kernel A, the stage switches to B, Debian reaches multi-user.target
@@ -315,14 +393,23 @@ def test_debian_with_systemd_boots_under_a_kernel_of_its_own(
     check_blessed(first)
     info = json.loads(first["booted_json"])
     assert (info["kernel"], info["kexec"], info["trial"]) == (
-        second_kernel.version, "bookworm", True)
+        second_kernel.version,
+        "bookworm",
+        True,
+    )
     assert (first["write_etc"], first["write_var"], first["write_home"]) == ("ok", "ok", "ok")
 
     second = boot_debian(machine, initramfs, disk, f"{cmdline} test.read=1", "read")
     check_read_only_system(second)
     info = json.loads(second["booted_json"])
     assert (info["kernel"], info["kexec"], info["trial"]) == (
-        second_kernel.version, "bookworm", False)
+        second_kernel.version,
+        "bookworm",
+        False,
+    )
     assert (second["etc_token"], second["var_token"], second["home_token"]) == (
-        "token-1", "token-1", "token-1")
+        "token-1",
+        "token-1",
+        "token-1",
+    )
     assert kernel.version != second_kernel.version

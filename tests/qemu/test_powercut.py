@@ -27,8 +27,9 @@ pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="module")
-def outcomes(kernel: Kernel, qemu_accel: str, initramfs: Path,
-             tmp_path_factory: pytest.TempPathFactory) -> list[Outcome]:
+def outcomes(
+    kernel: Kernel, qemu_accel: str, initramfs: Path, tmp_path_factory: pytest.TempPathFactory
+) -> list[Outcome]:
     if os.geteuid() != 0:
         pytest.skip("power-cut checks need root: they loop-mount every cut's disk")
     require_tools("ext4")
@@ -41,8 +42,12 @@ def outcomes(kernel: Kernel, qemu_accel: str, initramfs: Path,
 
 def broken(outcomes: list[Outcome], *kinds: Kind) -> str:
     """Every violation of ``kinds``, one line each with its cut."""
-    return "\n".join(f"{o.cut.describe()}: {v.message}"
-                     for o in outcomes for v in o.violations if v.kind in kinds)
+    return "\n".join(
+        f"{o.cut.describe()}: {v.message}"
+        for o in outcomes
+        for v in o.violations
+        if v.kind in kinds
+    )
 
 
 def test_every_operation_and_boot_is_cut_at_flushes_and_between_them(

@@ -16,9 +16,11 @@ from typing import Any
 
 import pytest
 
-from overlayroot import bootstate, statefile
-from overlayroot.deploy import Progress, build_image, deploy
-from overlayroot.layout import StateLayout
+from overlayroot.commands.fsops import Progress
+from overlayroot.commands.images import build_image
+from overlayroot.commands.staging import deploy
+from overlayroot.core import bootstate, statefile
+from overlayroot.core.layout import StateLayout
 from qemu.disks import delete_file, make_state_disk, partition_offset, read_file, write_file
 from qemu.machine import Machine
 from qemu.plugin import MachineFactory
@@ -45,13 +47,16 @@ SCRIPTS = {
 echo carried > /etc/local.conf
 overlayroot deploy --id v2 /run/overlayroot/state/updates/v2.erofs
 echo "OVERLAYROOT-TEST deploy=$?"
-""" + REPORT,
+"""
+    + REPORT,
     # Boot 2: the update is on trial; after the bless, roll back.
     "check-update": """\
 echo "OVERLAYROOT-TEST local_conf=$(cat /etc/local.conf)"
 echo v2-only > /etc/v2.conf
 echo "OVERLAYROOT-TEST etc_diff=$(overlayroot etc diff | tr '\\n' ' ')"
-""" + REPORT + """\
+"""
+    + REPORT
+    + """\
 overlayroot rollback
 echo "OVERLAYROOT-TEST rollback=$?"
 """,
@@ -59,11 +64,13 @@ echo "OVERLAYROOT-TEST rollback=$?"
     "after-rollback": """\
 echo "OVERLAYROOT-TEST local_conf=$(cat /etc/local.conf)"
 echo "OVERLAYROOT-TEST v2_conf=$(cat /etc/v2.conf 2>/dev/null)"
-""" + REPORT,
+"""
+    + REPORT,
     "once": """\
 overlayroot set-default --once v2
 echo "OVERLAYROOT-TEST once=$?"
-""" + REPORT,
+"""
+    + REPORT,
 }
 
 
@@ -86,12 +93,14 @@ class Disk:
         self.offset = 0
 
     def root(self, name: str, fail: str | None = None) -> Path:
-        return make_test_root(self.base / f"root-{name}", image=name, fail=fail,
-                              command=self.payload, scripts=SCRIPTS)
+        return make_test_root(
+            self.base / f"root-{name}", image=name, fail=fail, command=self.payload, scripts=SCRIPTS
+        )
 
     def deploy(self, name: str, fail: str | None = None) -> None:
-        deploy(self.content, self.root(name, fail), deployment_id=name,
-               created=CREATED + self.count)
+        deploy(
+            self.content, self.root(name, fail), deployment_id=name, created=CREATED + self.count
+        )
         self.count += 1
 
     def change(self, apply: Any, *args: object) -> None:
@@ -103,8 +112,15 @@ class Disk:
         statefile.append_history(self.layout, "blessed", name)
 
     def make(self) -> Path:
-        make_state_disk(self.path, self.content, size_mb=320, fs_label=FS_LABEL,
-                        fs_uuid=FS_UUID, partlabel=PARTLABEL, partuuid=PARTUUID)
+        make_state_disk(
+            self.path,
+            self.content,
+            size_mb=320,
+            fs_label=FS_LABEL,
+            fs_uuid=FS_UUID,
+            partlabel=PARTLABEL,
+            partuuid=PARTUUID,
+        )
         self.offset = partition_offset(self.path)
         return self.path
 
@@ -115,25 +131,38 @@ class Disk:
         return bootstate.BootState.from_json(self.read("/overlayroot/boot.json").decode())
 
 
-def boot(machine: MachineFactory, initramfs: Path, disk: Path, name: str,
-         extra: str = "") -> Machine:
+def boot(
+    machine: MachineFactory, initramfs: Path, disk: Path, name: str, extra: str = ""
+) -> Machine:
     """A boot that reaches the test init's end and powers off."""
     m = machine(initrd=initramfs, disks=[disk], cmdline=f"{CMDLINE} {extra}", name=name)
     m.start()
-    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=(
-        "Kernel panic - not syncing", "Attempted to kill init", "overlayroot: error: no",
-        "OVERLAYROOT-TEST failing=", *BROKEN))
+    m.wait_for(
+        "OVERLAYROOT-TEST done",
+        BOOT_TIMEOUT,
+        failure=(
+            "Kernel panic - not syncing",
+            "Attempted to kill init",
+            "overlayroot: error: no",
+            "OVERLAYROOT-TEST failing=",
+            *BROKEN,
+        ),
+    )
     m.wait_exit(60)
     return m
 
 
-def boot_fails(machine: MachineFactory, initramfs: Path, disk: Path, name: str, extra: str,
-               failure: str) -> Machine:
+def boot_fails(
+    machine: MachineFactory, initramfs: Path, disk: Path, name: str, extra: str, failure: str
+) -> Machine:
     """A boot of a bad deployment: its init says how it fails, then QEMU ends by itself."""
     m = machine(initrd=initramfs, disks=[disk], cmdline=f"{CMDLINE} {extra}", name=name)
     m.start()
-    m.wait_for(f"OVERLAYROOT-TEST failing={failure}", BOOT_TIMEOUT,
-               failure=("OVERLAYROOT-TEST done", *BROKEN))
+    m.wait_for(
+        f"OVERLAYROOT-TEST failing={failure}",
+        BOOT_TIMEOUT,
+        failure=("OVERLAYROOT-TEST done", *BROKEN),
+    )
     m.wait_exit(120)  # a hang waits for the watchdog
     return m
 
@@ -184,7 +213,9 @@ def test_an_update_from_inside_is_tried_blessed_and_rolled_back_with_its_own_etc
     assert m["etc_diff"].split() == ["A", "/etc/local.conf", "A", "/etc/v2.conf"]
     assert m["bless"] == "0" and rows(second)["v2"]["successful"]
     assert [(e["event"], e["deployment"]) for e in history(second)][-2:] == [
-        ("boot", "v2"), ("blessed", "v2")]
+        ("boot", "v2"),
+        ("blessed", "v2"),
+    ]
     assert m["rollback"] == "0"
     assert "rolled back: v1 boots next (the default was v2)" in second.console
 
@@ -208,9 +239,11 @@ def test_bad_updates_that_exit_panic_or_hang_fall_back_by_themselves(
     extra = "overlayroot.watchdog=15 test.run=report"
 
     seen = []
-    for name, failure, crash in (("v4-hang", "hang", "softdog: Initiating system reboot"),
-                                 ("v3-panic", "panic", "sysrq triggered crash"),
-                                 ("v2-exit", "exit", "Attempted to kill init")):
+    for name, failure, crash in (
+        ("v4-hang", "hang", "softdog: Initiating system reboot"),
+        ("v3-panic", "panic", "sysrq triggered crash"),
+        ("v2-exit", "exit", "Attempted to kill init"),
+    ):
         for attempt in (1, 2):
             m = boot_fails(machine, initramfs, path, f"{name}-{attempt}", extra, failure)
             assert booted(m) == name
@@ -224,8 +257,9 @@ def test_bad_updates_that_exit_panic_or_hang_fall_back_by_themselves(
     records = rows(last)
     for name in ("v2-exit", "v3-panic", "v4-hang"):
         assert records[name]["tries_left"] == 0 and not records[name]["bootable"]
-        assert records[name]["bad"] == ("used up its tries without being blessed (it crashed,"
-                                        " hung or was reset)")
+        assert records[name]["bad"] == (
+            "used up its tries without being blessed (it crashed, hung or was reset)"
+        )
     boots = [e for e in history(last) if e["event"] == "boot"]
     assert [e["deployment"] for e in boots] == [*seen, "v1"]
     for event in boots[:-1]:
@@ -248,12 +282,12 @@ def test_an_image_that_does_not_mount_or_verify_falls_back_in_the_same_boot(
     disk.deploy("v2-nomount")
     disk.deploy("v3-damaged")
     garbage = b"not a filesystem\n" * 4096
-    nomount = disk.layout.deployment_dir("v2-nomount")
+    nomount = Path(disk.layout.deployment_dir("v2-nomount"))
     (nomount / "root.erofs").write_bytes(garbage)
     manifest = disk.layout.read_manifest("v2-nomount")
     manifest.sha256 = hashlib.sha256(garbage).hexdigest()
     (nomount / "manifest.json").write_text(manifest.to_json())  # it verifies, but does not mount
-    damaged = disk.layout.deployment_dir("v3-damaged") / "root.erofs"
+    damaged = Path(disk.layout.deployment_dir("v3-damaged")) / "root.erofs"
     with open(damaged, "r+b") as f:
         f.seek(8192)
         f.write(b"\xff" * 16)
@@ -292,8 +326,7 @@ def test_a_pin_on_the_command_line_and_a_one_shot_default(
 
 @pytest.mark.parametrize("damage", ["garbage", "truncated", "deleted"])
 def test_a_damaged_state_file_still_boots_a_good_deployment_and_says_so(
-    machine: MachineFactory, initramfs: Path, command_payload: Path, tmp_path: Path,
-    damage: str
+    machine: MachineFactory, initramfs: Path, command_payload: Path, tmp_path: Path, damage: str
 ) -> None:
     disk = Disk(tmp_path, command_payload)
     disk.deploy("v1")
@@ -307,8 +340,10 @@ def test_a_damaged_state_file_still_boots_a_good_deployment_and_says_so(
     text = disk.read(state_file)
     if damage == "garbage":
         write_file(path, disk.offset, state_file, b"\x00garbage{" * 40)
-        expected = ("recovered the boot state from /sysroot/overlayroot/boot.json.prev"
-                    " (generation 4); boot.json was unreadable")
+        expected = (
+            "recovered the boot state from /sysroot/overlayroot/boot.json.prev"
+            " (generation 4); boot.json was unreadable"
+        )
         # The stage writes the repaired state at once; status reports this boot's recovery.
         note = "boot.json.prev (generation 4); boot.json was unreadable"
     else:
@@ -339,16 +374,21 @@ def test_a_deployment_never_blessed_boots_degraded_instead_of_rebooting_forever(
     for attempt in (1, 2):
         m = boot(machine, initramfs, path, f"trial-{attempt}", "test.run=report")
         assert f"trial boot of factory: {2 - attempt} tries left after this one" in m.console
-    m = machine(initrd=initramfs, disks=[path], cmdline=f"{CMDLINE} test.run=report",
-                name="degraded")
+    m = machine(
+        initrd=initramfs, disks=[path], cmdline=f"{CMDLINE} test.run=report", name="degraded"
+    )
     m.start()
-    m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT,
-               failure=("Kernel panic - not syncing", "Attempted to kill init", *BROKEN))
+    m.wait_for(
+        "OVERLAYROOT-TEST done",
+        BOOT_TIMEOUT,
+        failure=("Kernel panic - not syncing", "Attempted to kill init", *BROKEN),
+    )
     m.wait_exit(60)
     assert booted(m) == "factory"
     assert "DEGRADED boot as a last resort" in m.console
     assert "DEGRADED boot of factory, a last resort, not counted and without a watchdog" in (
-        m.console)
+        m.console
+    )
     assert json.loads(m.markers()["booted_json"])["watchdog"] is None
     assert any(n.startswith("DEGRADED BOOT: factory") for n in status(m)["notes"])
     boots = [e for e in history(m) if e["event"] == "boot"]

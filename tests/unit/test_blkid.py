@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlayroot.blkid import (
+from overlayroot.core.blkid import (
     GPT_ENTRY,
     GPT_HEADER,
     PROBE_BYTES,
@@ -65,19 +65,45 @@ def test_guid_mixed_endian_matches_uuid_module() -> None:
     assert format_guid(U.bytes_le) == str(U)
 
 
-def make_gpt(path: Path, entries: list[tuple[uuid.UUID, uuid.UUID, str]], *, count: int = 128,
-             corrupt: str = "") -> None:
+def make_gpt(
+    path: Path,
+    entries: list[tuple[uuid.UUID, uuid.UUID, str]],
+    *,
+    count: int = 128,
+    corrupt: str = "",
+) -> None:
     sector = 512
     table = bytearray(count * GPT_ENTRY.size)
     for i, (type_guid, unique, name) in enumerate(entries):
-        GPT_ENTRY.pack_into(table, i * GPT_ENTRY.size, type_guid.bytes_le, unique.bytes_le,
-                            2048, 4095, 0, name.encode("utf-16-le"))
+        GPT_ENTRY.pack_into(
+            table,
+            i * GPT_ENTRY.size,
+            type_guid.bytes_le,
+            unique.bytes_le,
+            2048,
+            4095,
+            0,
+            name.encode("utf-16-le"),
+        )
     table_crc = binascii.crc32(table)
     if corrupt == "table":
         table[5] ^= 0xFF
     header = bytearray(sector)
-    fields = (b"EFI PART", b"\0\0\1\0", 92, 0, 1, 9999, 34, 9966, uuid.uuid4().bytes_le, 2,
-              count, GPT_ENTRY.size, table_crc)
+    fields = (
+        b"EFI PART",
+        b"\0\0\1\0",
+        92,
+        0,
+        1,
+        9999,
+        34,
+        9966,
+        uuid.uuid4().bytes_le,
+        2,
+        count,
+        GPT_ENTRY.size,
+        table_crc,
+    )
     GPT_HEADER.pack_into(header, 0, *fields)
     struct.pack_into("<I", header, 16, binascii.crc32(header[:92]))
     if corrupt == "header":
@@ -92,8 +118,7 @@ def test_gpt_entries(tmp_path: Path) -> None:
     a, b = uuid.uuid4(), uuid.uuid4()
     make_gpt(tmp_path / "d", [(LINUX, a, "root-a"), (uuid.UUID(int=0), b, ""), (LINUX, b, "é")])
     parts = gpt_partitions(str(tmp_path / "d"))
-    assert [(p.number, p.uuid, p.label) for p in parts] == [(1, str(a), "root-a"),
-                                                            (3, str(b), "é")]
+    assert [(p.number, p.uuid, p.label) for p in parts] == [(1, str(a), "root-a"), (3, str(b), "é")]
 
 
 @pytest.mark.parametrize("corrupt", ["header", "table"])
@@ -104,8 +129,9 @@ def test_gpt_with_a_bad_crc_is_no_gpt(tmp_path: Path, corrupt: str) -> None:
 
 @settings(max_examples=300)
 @given(st.binary(max_size=4096))
-def test_random_bytes_never_crash_the_readers(tmp_path_factory: pytest.TempPathFactory,
-                                              data: bytes) -> None:
+def test_random_bytes_never_crash_the_readers(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
     path = tmp_path_factory.mktemp("fuzz") / "d"
     path.write_bytes(data)
     assert gpt_partitions(str(path)) == [] or data[512:520] == b"EFI PART"
@@ -114,8 +140,9 @@ def test_random_bytes_never_crash_the_readers(tmp_path_factory: pytest.TempPathF
 
 @settings(max_examples=300)
 @given(st.binary(min_size=92, max_size=92))
-def test_random_gpt_headers_with_a_valid_signature(tmp_path_factory: pytest.TempPathFactory,
-                                                   tail: bytes) -> None:
+def test_random_gpt_headers_with_a_valid_signature(
+    tmp_path_factory: pytest.TempPathFactory, tail: bytes
+) -> None:
     header = bytearray(b"EFI PART" + tail[8:]) + bytes(420)
     struct.pack_into("<II", header, 12, 92, 0)
     struct.pack_into("<I", header, 16, binascii.crc32(header[:92]))  # get past the CRC check

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlayroot.bootstate import (
+from overlayroot.core.bootstate import (
     USED_UP,
     BootState,
     Entry,
@@ -100,8 +100,9 @@ def test_set_default_gives_a_failed_deployment_a_fresh_trial() -> None:
 
 
 def test_once_boots_first_a_single_time() -> None:
-    state = set_once(BootState({"v1": Entry(1, successful=True), "v2": Entry(2, successful=True)}),
-                     "v1")
+    state = set_once(
+        BootState({"v1": Entry(1, successful=True), "v2": Entry(2, successful=True)}), "v1"
+    )
     assert candidates(state) == ["v1", "v2"]
     state, _ = start_attempt(state, "v1", 3)
     assert state.once is None and candidates(state) == ["v2", "v1"]
@@ -118,8 +119,11 @@ def test_sync_forgets_missing_and_adds_unknown_below_all() -> None:
 
 
 def test_rebuild_keeps_what_history_knows() -> None:
-    state = rebuild([("old", "2024-01-01"), ("new", "2025-01-01"), ("mid", "2024-06-01")],
-                    blessed={"old"}, bad={"new": "kernel panic"})
+    state = rebuild(
+        [("old", "2024-01-01"), ("new", "2025-01-01"), ("mid", "2024-06-01")],
+        blessed={"old"},
+        bad={"new": "kernel panic"},
+    )
     assert state.entries["old"].successful
     assert state.entries["new"].bad == "kernel panic"
     assert candidates(state) == ["mid", "old"]
@@ -172,8 +176,9 @@ def test_a_candidate_always_gets_closer_to_not_being_tried(state: BootState, tri
 
 @settings(max_examples=500)
 @given(states, st.integers(1, 4))
-def test_a_successful_deployment_is_never_lost_to_failing_updates(state: BootState,
-                                                                  tries: int) -> None:
+def test_a_successful_deployment_is_never_lost_to_failing_updates(
+    state: BootState, tries: int
+) -> None:
     good = {k for k, e in state.entries.items() if e.successful}
     if not good:
         return
@@ -209,8 +214,13 @@ def test_policy_functions_do_not_modify_their_argument(state: BootState, k: str)
 
 
 def test_used_up_trials_are_marked_bad_once_with_the_reason() -> None:
-    state = BootState({"v1": Entry(1, successful=True), "v2": Entry(2, tries_left=0),
-                       "v3": Entry(3, tries_left=0, bad="digest")})
+    state = BootState(
+        {
+            "v1": Entry(1, successful=True),
+            "v2": Entry(2, tries_left=0),
+            "v3": Entry(3, tries_left=0, bad="digest"),
+        }
+    )
     marked, used_up = mark_used_up(state)
     assert used_up == ["v2"]
     assert marked.entries["v2"].bad == USED_UP
@@ -222,14 +232,16 @@ def test_used_up_trials_are_marked_bad_once_with_the_reason() -> None:
 
 
 @given(states, st.none() | ids)
-def test_the_plan_is_the_pin_then_the_candidates(state: BootState, pinned: str | None) -> None:
-    order = plan(state, pinned)
-    if pinned in state.entries:
-        assert order[0] == pinned and not counts(pinned, pinned)
-        assert order[1:] == [k for k in candidates(state) if k != pinned]
+def test_the_plan_is_the_chosen_one_then_the_candidates(
+    state: BootState, chosen: str | None
+) -> None:
+    order = plan(state, chosen)
+    if chosen in state.entries:
+        assert order[0] == chosen and not counts(chosen, chosen)
+        assert order[1:] == [k for k in candidates(state) if k != chosen]
     else:
-        assert order == candidates(state)  # a pin that is not on disk changes nothing
-    assert all(counts(k, pinned) for k in order if k != pinned)
+        assert order == candidates(state)  # a choice that is not on disk changes nothing
+    assert all(counts(k, chosen) for k in order if k != chosen)
 
 
 @given(entries)
@@ -244,25 +256,31 @@ def test_a_passed_check_is_all_verified_changes(state: BootState, k: str) -> Non
     after = verified(state, k)
     assert after.entries[k] == state.entries[k].replace(verified=True)
     assert {j: e for j, e in after.entries.items() if j != k} == {
-        j: e for j, e in state.entries.items() if j != k}
+        j: e for j, e in state.entries.items() if j != k
+    }
 
 
 @given(states, st.none() | ids, st.sets(ids))
 def test_the_last_resort_offers_every_untried_deployment_last_started_first(
-        state: BootState, last: str | None, tried: set[str]) -> None:
+    state: BootState, last: str | None, tried: set[str]
+) -> None:
     order = last_resort(state, last, tried)
     assert sorted(order) == sorted(set(state.entries) - tried)
     if last in order:
         assert order[0] == last
     rest = [k for k in order if k != last]
     used_up = [k for k in rest if state.entries[k].bad == USED_UP]
-    assert rest[:len(used_up)] == used_up  # those that reached their init before the others
+    assert rest[: len(used_up)] == used_up  # those that reached their init before the others
 
 
 def test_the_last_resort_prefers_what_last_reached_its_init_then_newest() -> None:
-    state = BootState({"v1": Entry(1, tries_left=0, bad=USED_UP),
-                       "v2": Entry(2, tries_left=0, bad="image does not mount"),
-                       "v3": Entry(3, tries_left=0, bad=USED_UP)})
+    state = BootState(
+        {
+            "v1": Entry(1, tries_left=0, bad=USED_UP),
+            "v2": Entry(2, tries_left=0, bad="image does not mount"),
+            "v3": Entry(3, tries_left=0, bad=USED_UP),
+        }
+    )
     assert last_resort(state, None, set()) == ["v3", "v1", "v2"]
     assert last_resort(state, "v1", set()) == ["v1", "v3", "v2"]
     assert last_resort(state, "v1", {"v1"}) == ["v3", "v2"]

@@ -7,7 +7,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlayroot.bootstate import (
+from overlayroot.core.bootstate import (
     BOOT,
     DEGRADED,
     KEXEC,
@@ -33,8 +33,9 @@ ids = st.sampled_from(["v1", "v2", "v3", "v4"])
 
 
 @given(ids, st.none() | kernels, kernels, st.none() | ids)
-def test_the_kernel_step_of_a_candidate(deployment: str, wanted: str | None, running: str,
-                                        kexec_for: str | None) -> None:
+def test_the_kernel_step_of_a_candidate(
+    deployment: str, wanted: str | None, running: str, kexec_for: str | None
+) -> None:
     step = kernel_step(deployment, wanted, running, kexec_for)
     if wanted is None or wanted == running:
         assert step == BOOT  # no kernel of its own, or this one: boot it here
@@ -79,8 +80,9 @@ OUTCOMES = (
 )
 
 
-def firmware_boot(state: BootState, kernel: dict[str, str | None], outcome: dict[str, str],
-                  tries: int) -> tuple[BootState, list[str], str | None]:
+def firmware_boot(
+    state: BootState, kernel: dict[str, str | None], outcome: dict[str, str], tries: int
+) -> tuple[BootState, list[str], str | None]:
     """One power-on, as the stage runs it (prepare.attempt), with kernels: returns the state,
     the kernels started (the bootloader's first) and the deployment that reached its init and
     stays up (None: the machine reset)."""
@@ -123,7 +125,8 @@ def firmware_boot(state: BootState, kernel: dict[str, str | None], outcome: dict
 
 machines = st.lists(
     st.tuples(st.sampled_from([None, "A", "B", "C"]), st.sampled_from(OUTCOMES)),
-    min_size=1, max_size=4,
+    min_size=1,
+    max_size=4,
 )
 
 

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import __version__, cli, deploy
+from overlayroot import __version__
+from overlayroot.commands import cli, deploy
+from overlayroot.core import layout
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -90,8 +92,19 @@ def test_initrd_build_without_the_builder_says_which_extra_to_install(
     assert "pip install 'overlayroot[build]'" in err
 
 
-@pytest.mark.parametrize("argv", [[], ["initrd"], ["frobnicate"], ["deploy"], ["etc"],
-                                  ["mark-bad"], ["gc"], ["set-default", "a", "b"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["initrd"],
+        ["frobnicate"],
+        ["deploy"],
+        ["etc"],
+        ["mark-bad"],
+        ["gc"],
+        ["set-default", "a", "b"],
+    ],
+)
 def test_usage_errors_exit_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(argv, capsys)
     assert code == 2
@@ -145,7 +158,7 @@ def test_deploy_json_prints_the_manifest_and_path(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     tree = tmp_path / "tree"
-    for name in deploy.MOUNT_POINTS:
+    for name in layout.MOUNT_POINTS:
         (tree / name).mkdir(parents=True)
     state = tmp_path / "state"
     state.mkdir()
@@ -171,8 +184,8 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch: pytest.MonkeyPatch)
 
 def test_importing_the_cli_stays_light() -> None:
     code = (
-        "import sys, overlayroot.cli; "
-        "print(sorted(m for m in ('subprocess', 'overlayroot.deploy', 'initrd', 'uuid', "
+        "import sys, overlayroot.commands.cli; "
+        "print(sorted(m for m in ('subprocess', 'overlayroot.commands.deploy', 'initrd', 'uuid', "
         "'hashlib', 'typing') if m in sys.modules))"
     )
     result = subprocess.run(
@@ -188,8 +201,21 @@ def test_python_dash_m_runs_the_cli() -> None:
     assert (result.returncode, result.stdout) == (0, f"overlayroot {__version__}\n")
 
 
-@pytest.mark.parametrize("command", ["status", "deploy", "rollback", "bless", "mark-bad",
-                                     "set-default", "pin", "unpin", "gc", "history"])
+@pytest.mark.parametrize(
+    "command",
+    [
+        "status",
+        "deploy",
+        "rollback",
+        "bless",
+        "mark-bad",
+        "set-default",
+        "pin",
+        "unpin",
+        "gc",
+        "history",
+    ],
+)
 def test_every_command_takes_a_sysroot(command: str, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         cli.main([command, "--help"])
@@ -202,7 +228,7 @@ def test_every_handler_module_is_frozen_with_the_command() -> None:
     def visit(parser: argparse.ArgumentParser) -> None:
         handler = parser.get_default("handler")
         if isinstance(handler, str):
-            modules.add(handler.split(":")[0])
+            modules.add(f"overlayroot.commands.{handler.split(':')[0]}")
         for action in parser._actions:
             if isinstance(action, argparse._SubParsersAction):
                 for sub in action.choices.values():
@@ -220,3 +246,23 @@ def test_the_bless_unit_runs_after_boot_complete() -> None:
     assert unit["Unit"]["ConditionPathExists"] == "/run/overlayroot/booted.json"
     assert unit["Service"]["ExecStart"] == "overlayroot bless"
     assert unit["Service"]["Type"] == "oneshot"
+
+
+def test_deploy_offers_exactly_the_formats_of_the_layout() -> None:
+    # cli does not import layout (it would cost every command its imports): a copy, checked.
+    parser = cli.build_parser()
+    deploy = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    choices = next(a.choices for a in deploy.choices["deploy"]._actions if a.dest == "format")
+    assert list(choices or ()) == list(layout.FORMATS)
+
+
+def test_a_builder_error_is_printed_like_every_error_of_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = cli.main(
+        ["initrd", "build", "--modules", str(tmp_path / "nope"), "-o", str(tmp_path / "initrd.img")]
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"overlayroot: error: {tmp_path / 'nope'}: no such modules directory")
+    assert "Traceback" not in err

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from overlayroot.cmdline import (
+from overlayroot.boot import cmdline
+from overlayroot.boot.cmdline import (
+    BREAK_STEPS,
     NOT_CARRIED,
     CmdlineError,
     kexec_cmdline,
@@ -14,7 +18,7 @@ from overlayroot.cmdline import (
     parse_options,
     split,
 )
-from overlayroot.errors import BootError
+from overlayroot.core.errors import BootError
 
 
 def kernel_parse(cmdline: str) -> tuple[list[tuple[str, str | None]], list[str]]:
@@ -186,10 +190,25 @@ def test_malformed_values_are_clear_errors(cmdline: str, message: str) -> None:
         parse_options(cmdline)
 
 
-@given(st.lists(st.sampled_from([
-    "ro", "rw", "root=/dev/vda", "overlayroot.etc=transient", "overlayroot.unknown=1",
-    "overlayroot.timeout=5", "rd.overlayroot.state=LABEL=x", "quiet", "init=/x", "--", "a=b",
-])))
+@given(
+    st.lists(
+        st.sampled_from(
+            [
+                "ro",
+                "rw",
+                "root=/dev/vda",
+                "overlayroot.etc=transient",
+                "overlayroot.unknown=1",
+                "overlayroot.timeout=5",
+                "rd.overlayroot.state=LABEL=x",
+                "quiet",
+                "init=/x",
+                "--",
+                "a=b",
+            ]
+        )
+    )
+)
 def test_valid_words_never_raise(words: list[str]) -> None:
     opts, _ = parse_options(" ".join(words))
     assert opts.etc in ("persistent", "transient")
@@ -201,6 +220,51 @@ def test_onfail_is_read_even_when_another_option_is_malformed() -> None:
         parse_options(cmdline)
     assert onfail_from(cmdline) == "poweroff"
     assert onfail_from("quiet") == "reboot"
+
+
+# What a number option takes, as the regular expressions the stage no longer imports re for.
+WHOLE = re.compile(r"[0-9]+")
+DECIMAL = re.compile(r"[0-9]+(?:\.[0-9]+)?")
+
+
+@given(st.text(alphabet=st.sampled_from("0123456789.٣²+-_ e\n") | st.characters(), max_size=8))
+def test_a_number_option_takes_exactly_ascii_digits(text: str) -> None:
+    assert cmdline._digits(text) == bool(WHOLE.fullmatch(text))
+    assert cmdline._decimal(text) == bool(DECIMAL.fullmatch(text))
+
+
+@pytest.mark.parametrize("text", ["٣", "1_0", " 3", "+3", "1e3", "inf", "²", "1.", ".5", "1.2.3"])
+def test_what_int_and_float_take_but_the_options_do_not(text: str) -> None:
+    for key in ("tries", "timeout"):
+        with pytest.raises(CmdlineError, match="is not a"):
+            parse_options(f'overlayroot.{key}="{text}"')
+
+
+def test_break_names_the_steps_to_stop_before() -> None:
+    assert parse_options("quiet")[0].breaks == frozenset()
+    assert parse_options("overlayroot.break")[0].breaks == {"switch"}
+    opts, warnings = parse_options("rd.overlayroot.break=mount,prepare")
+    assert opts.breaks == {"mount", "prepare"} and warnings == []
+    assert list(BREAK_STEPS) == ["modules", "device", "mount", "prepare", "switch"]
+
+
+@pytest.mark.parametrize(
+    ("option", "bad"),
+    [
+        ("overlayroot.break=pre-pivot", "'pre-pivot' is not a step"),
+        ("overlayroot.break=mount,nope,later", "'nope', 'later' are not steps"),
+        ("overlayroot.break=", "'' is not a step"),
+    ],
+)
+def test_a_break_that_names_no_step_is_a_warning_and_stops_nowhere(option: str, bad: str) -> None:
+    opts, warnings = parse_options(f"root=LABEL=s {option}")
+    assert opts.breaks == frozenset()
+    assert opts.state == "LABEL=s"  # the rest of the command line still counts
+    assert warnings == [
+        f"ignoring {option}: {bad} the boot can stop before (steps: modules, device, mount,"
+        " prepare, switch; several: overlayroot.break=mount,switch; a bare overlayroot.break"
+        " stops before the switch)"
+    ]
 
 
 def test_the_kexec_option_names_a_deployment() -> None:
@@ -223,12 +287,16 @@ def test_a_malformed_kexec_option_is_a_clear_error(cmdline: str, message: str) -
 
 
 def test_a_switched_kernel_gets_this_command_line_less_ours_plus_its_arguments() -> None:
-    cmdline = ('BOOT_IMAGE=/boot/vmlinuz initrd=/initrd.img console=ttyS0 root=LABEL=state'
-               ' overlayroot.deployment=v1 rd.overlayroot.kexec=v0 overlayroot.tries=2'
-               ' note="two words" ro panic=10 -- single x=1\n')
+    cmdline = (
+        "BOOT_IMAGE=/boot/vmlinuz initrd=/initrd.img console=ttyS0 root=LABEL=state"
+        " overlayroot.deployment=v1 rd.overlayroot.kexec=v0 overlayroot.tries=2"
+        ' note="two words" ro panic=10 -- single x=1\n'
+    )
     out = kexec_cmdline(cmdline, ["quiet", "panic=30"], "v2")
-    assert out == ('console=ttyS0 root=LABEL=state overlayroot.tries=2 note="two words" ro'
-                   ' panic=10 quiet panic=30 overlayroot.kexec=v2 -- single x=1')
+    assert out == (
+        'console=ttyS0 root=LABEL=state overlayroot.tries=2 note="two words" ro'
+        " panic=10 quiet panic=30 overlayroot.kexec=v2 -- single x=1"
+    )
     opts, warnings = parse_options(out)
     assert (opts.kexec, opts.deployment, opts.tries, warnings) == ("v2", None, 2, [])
     assert opts.init_args == ["single", "x=1"]
@@ -257,7 +325,7 @@ def test_a_switched_kernel_keeps_every_parameter_it_can_read_back(
     params, init_args = split(cmdline)
     out_params, out_init = split(kexec_cmdline(cmdline, kargs, "v2"))
     ours = [split(k)[0][0] for k in kargs] + [("overlayroot.kexec", "v2")]
-    assert out_params[len(out_params) - len(ours):] == ours
+    assert out_params[len(out_params) - len(ours) :] == ours
     kept = out_params[: len(out_params) - len(ours)]
     carried = [p for p in params if p[0] and p[0] not in NOT_CARRIED]
     remaining = iter(carried)

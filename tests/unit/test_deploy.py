@@ -13,15 +13,17 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, digest, layout, target, treecopy
-from overlayroot.errors import BootError
+from overlayroot.commands import deploy, fsops, images, sources, staging, target
+from overlayroot.core import digest, layout, treecopy
+from overlayroot.core.errors import BootError
+from tests import trees
 
 EPOCH = 1_700_000_000
 
 
 def make_tree(root: Path) -> Path:
-    for name in deploy.MOUNT_POINTS:
-        (root / name).mkdir(parents=True)
+    """The shared minimal tree (tests.trees), and what these tests look for."""
+    trees.make_tree(root)
     (root / "etc" / "hostname").write_text("test\n")
     (root / "usr" / "bin").mkdir(parents=True)
     tool = root / "usr" / "bin" / "tool"
@@ -71,13 +73,13 @@ def test_bad_source_date_epoch_is_named() -> None:
 
 
 def test_default_id_is_the_utc_time_and_a_valid_id() -> None:
-    assert deploy.default_id(EPOCH) == "20231114.221320"
-    layout.check_id(deploy.default_id(EPOCH))
+    assert staging.default_id(EPOCH) == "20231114.221320"
+    layout.check_id(staging.default_id(EPOCH))
 
 
 def test_erofs_uuid_depends_only_on_the_id() -> None:
-    assert deploy.erofs_uuid("a") == deploy.erofs_uuid("a")
-    assert deploy.erofs_uuid("a") != deploy.erofs_uuid("b")
+    assert images.erofs_uuid("a") == images.erofs_uuid("a")
+    assert images.erofs_uuid("a") != images.erofs_uuid("b")
 
 
 def test_detect_image_reads_the_superblock_magic(tmp_path: Path) -> None:
@@ -85,8 +87,8 @@ def test_detect_image_reads_the_superblock_magic(tmp_path: Path) -> None:
     erofs.write_bytes(bytes(1024) + struct.pack("<I", 0xE0F5E1E2) + bytes(100))
     squashfs = tmp_path / "s"
     squashfs.write_bytes(b"hsqs" + bytes(100))
-    assert deploy.detect_image(erofs) == "erofs"
-    assert deploy.detect_image(squashfs) == "squashfs"
+    assert sources.detect_image(erofs) == "erofs"
+    assert sources.detect_image(squashfs) == "squashfs"
 
 
 @pytest.mark.parametrize("content", [b"", b"hsq", bytes(1030), b"\x7fELF" + bytes(2000)])
@@ -96,35 +98,38 @@ def test_detect_image_refuses_anything_else(tmp_path: Path, content: bytes) -> N
     with pytest.raises(
         BootError, match=f"{re.escape(str(path))} is not an erofs or squashfs image"
     ):
-        deploy.detect_image(path)
+        sources.detect_image(path)
 
 
 def test_dir_deployment_is_laid_out_with_manifest_and_persistent_dirs(
     tree: Path, sysroot: Path
 ) -> None:
-    manifest, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    manifest, where = staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     state = layout.StateLayout(sysroot)
-    assert where == state.deployment_dir("one")
+    assert where == Path(state.deployment_dir("one"))
     assert state.read_manifest("one") == manifest
     assert manifest.format == "dir" and manifest.image == "root"
     assert manifest.origin == str(tree)
     assert manifest.sha256 == digest.tree_sha256(where / "root")
     assert manifest.sha256 == digest.tree_sha256(tree)
-    assert manifest.size == len("test\n") + len("#!/bin/sh\necho hi\n")
+    # The bytes of its regular files: the hostname, the setuid tool, the seed and the init.
+    assert manifest.size == len("test\n") + len("#!/bin/sh\necho hi\n") + len(
+        "from the image\n"
+    ) + len("#!/bin/sh\necho hello\n")
     for directory in (
         state.etc_upper("one"),
         state.etc_work("one"),
         state.var,
         state.home,
     ):
-        assert directory.is_dir()
-        assert stat.S_IMODE(directory.stat().st_mode) == 0o755
+        assert os.path.isdir(directory)
+        assert stat.S_IMODE(os.stat(directory).st_mode) == 0o755
     assert state.deployment_ids() == ["one"]
     assert os.listdir(state.deployments) == ["one"]
 
 
 def test_dir_copy_keeps_modes_links_hardlinks_and_special_files(tree: Path, sysroot: Path) -> None:
-    _, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    _, where = staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     root = where / "root"
     tool = root / "usr" / "bin" / "tool"
     assert stat.S_IMODE(tool.stat().st_mode) == 0o4755
@@ -135,7 +140,7 @@ def test_dir_copy_keeps_modes_links_hardlinks_and_special_files(tree: Path, sysr
 
 
 def test_created_fixes_the_manifest_time_and_every_mtime(tree: Path, sysroot: Path) -> None:
-    manifest, where = deploy.deploy(sysroot, tree, fmt="dir", created=EPOCH)
+    manifest, where = staging.deploy(sysroot, tree, fmt="dir", created=EPOCH)
     assert manifest.id == "20231114.221320"
     assert manifest.created == "2023-11-14T22:13:20Z"
     for directory, dirs, files in os.walk(where / "root"):
@@ -166,18 +171,18 @@ def test_missing_mount_points_are_named_with_the_source(tmp_path: Path, sysroot:
     with pytest.raises(
         BootError, match=f"{re.escape(str(tree))} lacks the mount points .*: home, run"
     ):
-        deploy.deploy(sysroot, tree, fmt="dir")
+        staging.deploy(sysroot, tree, fmt="dir")
     assert not (sysroot / "overlayroot").exists()
 
 
 def test_missing_source_is_refused(tmp_path: Path, sysroot: Path) -> None:
     with pytest.raises(BootError, match=f"source {tmp_path / 'nope'} does not exist"):
-        deploy.deploy(sysroot, tmp_path / "nope")
+        staging.deploy(sysroot, tmp_path / "nope")
 
 
 def test_source_that_is_neither_dir_nor_file_is_refused(sysroot: Path) -> None:
     with pytest.raises(BootError, match="/dev/null is neither a directory nor an image file"):
-        deploy.deploy(sysroot, Path("/dev/null"))
+        staging.deploy(sysroot, Path("/dev/null"))
 
 
 def test_sysroot_that_is_not_a_directory_is_refused(tree: Path, tmp_path: Path) -> None:
@@ -185,18 +190,18 @@ def test_sysroot_that_is_not_a_directory_is_refused(tree: Path, tmp_path: Path) 
     not_dir.write_text("")
     for sysroot in (not_dir, tmp_path / "missing"):
         with pytest.raises(BootError, match=f"sysroot {sysroot} is not a directory"):
-            deploy.deploy(sysroot, tree, fmt="dir")
+            staging.deploy(sysroot, tree, fmt="dir")
 
 
 def test_invalid_id_is_refused(tree: Path, sysroot: Path) -> None:
     with pytest.raises(BootError, match=re.escape("invalid deployment id '../x'")):
-        deploy.deploy(sysroot, tree, deployment_id="../x", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="../x", fmt="dir")
 
 
 def test_existing_id_is_refused_and_left_alone(tree: Path, sysroot: Path) -> None:
-    first, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    first, where = staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     with pytest.raises(BootError, match=f"deployment 'one' already exists at {where}"):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert layout.StateLayout(sysroot).read_manifest("one") == first
 
 
@@ -204,7 +209,7 @@ def test_image_format_mismatch_is_refused(tmp_path: Path, sysroot: Path) -> None
     image = tmp_path / "x.img"
     image.write_bytes(b"hsqs" + bytes(100))
     with pytest.raises(BootError, match="is a squashfs image, but --format erofs was given"):
-        deploy.deploy(sysroot, image, fmt="erofs")
+        staging.deploy(sysroot, image, fmt="erofs")
 
 
 def test_missing_mkfs_tool_says_what_to_install(
@@ -212,9 +217,9 @@ def test_missing_mkfs_tool_says_what_to_install(
 ) -> None:
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(BootError, match=r"mkfs.erofs not found: .*apt-get install erofs-utils"):
-        deploy.deploy(sysroot, tree, deployment_id="one")
+        staging.deploy(sysroot, tree, deployment_id="one")
     with pytest.raises(BootError, match=r"mksquashfs not found: .*apt-get install squashfs-tools"):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="squashfs")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="squashfs")
     assert os.listdir(layout.StateLayout(sysroot).deployments) == []
 
 
@@ -224,8 +229,9 @@ def test_disk_full_leaves_nothing_staged(
     real_copy_file = treecopy.copy_file
     calls = 0
 
-    def copy_file(src: str, dst: str, done: int = 0,
-                  report: Callable[[int], None] | None = None) -> int:
+    def copy_file(
+        src: str, dst: str, done: int = 0, report: Callable[[int], None] | None = None
+    ) -> int:
         nonlocal calls
         calls += 1
         if calls == 2:
@@ -234,7 +240,7 @@ def test_disk_full_leaves_nothing_staged(
 
     monkeypatch.setattr(treecopy, "copy_file", copy_file)
     with pytest.raises(BootError, match=r"No space left on device .*; free space"):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert os.listdir(layout.StateLayout(sysroot).deployments) == []
 
 
@@ -246,16 +252,16 @@ def test_interrupt_leaves_nothing_staged(
 
     monkeypatch.setattr(digest, "image_sha256", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert os.listdir(layout.StateLayout(sysroot).deployments) == []
 
 
 def test_leftover_staging_directory_is_replaced(tree: Path, sysroot: Path) -> None:
-    staging = sysroot / "overlayroot" / "deployments" / ".staging-one"
-    (staging / "root").mkdir(parents=True)
-    (staging / "root" / "junk").write_text("half")
-    _, where = deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
-    assert not staging.exists()
+    leftover = sysroot / "overlayroot" / "deployments" / ".staging-one"
+    (leftover / "root").mkdir(parents=True)
+    (leftover / "root" / "junk").write_text("half")
+    _, where = staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    assert not leftover.exists()
     assert not (where / "root" / "junk").exists()
 
 
@@ -263,21 +269,24 @@ def test_a_concurrent_deploy_is_refused(
     tree: Path, sysroot: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     state = layout.StateLayout(sysroot)
-    state.deployments.mkdir(parents=True)
+    Path(state.deployments).mkdir(parents=True)
     monkeypatch.setattr(target, "LOCK_WAIT", 0.0)
     with (
         target.locked(state),
-        pytest.raises(BootError, match=r"another overlayroot command \(pid \d+: .*\) is changing"
-                      f" the state on {sysroot}: wait for it"),
+        pytest.raises(
+            BootError,
+            match=r"another overlayroot command \(pid \d+: .*\) is changing"
+            f" the state on {sysroot}: wait for it",
+        ),
     ):
-        deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+        staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
 
 
 def test_existing_etc_upper_is_kept(tree: Path, sysroot: Path) -> None:
-    upper = layout.StateLayout(sysroot).etc_upper("one")
+    upper = Path(layout.StateLayout(sysroot).etc_upper("one"))
     upper.mkdir(parents=True)
     (upper / "hostname").write_text("kept\n")
-    deploy.deploy(sysroot, tree, deployment_id="one", fmt="dir")
+    staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert (upper / "hostname").read_text() == "kept\n"
 
 
@@ -288,12 +297,12 @@ class FakeTTY(io.StringIO):
 
 def test_progress_is_shown_on_a_terminal_only() -> None:
     tty = FakeTTY()
-    progress = deploy.Progress.for_stream(tty)
+    progress = fsops.Progress.for_stream(tty)
     with progress.task("hashing root.erofs", 2 << 20) as report:
         report(1 << 20)
     assert "hashing root.erofs" in tty.getvalue()
     assert tty.getvalue().endswith("s\n")
     pipe = io.StringIO()
-    with deploy.Progress.for_stream(pipe).task("hashing", 10) as report:
+    with fsops.Progress.for_stream(pipe).task("hashing", 10) as report:
         report(5)
     assert pipe.getvalue() == ""

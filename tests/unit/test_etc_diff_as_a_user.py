@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import cli, layout, statefile
-from overlayroot.bootstate import BootState, Entry
+from overlayroot.commands import cli
+from overlayroot.core import layout, statefile
+from overlayroot.core.bootstate import BootState, Entry
 
 NOBODY = 65534
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="drops from root to nobody")
@@ -55,12 +56,19 @@ def sysroot() -> Iterator[Path]:
     try:
         root.chmod(0o755)
         state = layout.StateLayout(root)
-        image = state.deployments / "v1" / "root"
+        image = Path(state.deployments) / "v1" / "root"
         (image / "etc").mkdir(parents=True)
-        manifest = layout.Manifest(id="v1", created="2024-01-01T00:00:00Z", format="dir",
-                                   image="root", sha256="0" * 64, size=0, origin="/x")
-        (state.deployments / "v1" / "manifest.json").write_text(manifest.to_json())
-        private = state.etc_upper("v1") / "ssl" / "private"
+        manifest = layout.Manifest(
+            id="v1",
+            created="2024-01-01T00:00:00Z",
+            format="dir",
+            image="root",
+            sha256="0" * 64,
+            size=0,
+            origin="/x",
+        )
+        (Path(state.deployments) / "v1" / "manifest.json").write_text(manifest.to_json())
+        private = Path(state.etc_upper("v1")) / "ssl" / "private"
         private.mkdir(parents=True)
         (private / "key.pem").write_text("secret\n")
         private.chmod(0o700)
@@ -78,12 +86,16 @@ def test_etc_diff_as_a_user_who_cannot_read_the_upper_says_to_run_it_as_root(
 ) -> None:
     code, err = as_nobody(["etc", "diff", "v1", "--sysroot", str(sysroot)])
     private = sysroot / "overlayroot/etc/v1/upper/ssl/private"
-    assert (code, err) == (1, f"overlayroot: error: cannot read {private}: Permission denied;"
-                              " etc diff reads every file of the /etc upper and of the image's"
-                              " /etc: run it as root\n")
+    assert (code, err) == (
+        1,
+        f"overlayroot: error: cannot read {private}: Permission denied;"
+        " etc diff reads every file of the /etc upper and of the image's"
+        " /etc: run it as root\n",
+    )
 
 
 def test_etc_diff_as_root_reads_it(sysroot: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["etc", "diff", "v1", "--sysroot", str(sysroot)]) == 0
-    assert capsys.readouterr().out == ("A /etc/ssl\nA /etc/ssl/private\n"
-                                       "A /etc/ssl/private/key.pem\n")
+    assert capsys.readouterr().out == (
+        "A /etc/ssl\nA /etc/ssl/private\nA /etc/ssl/private/key.pem\n"
+    )

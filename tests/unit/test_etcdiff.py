@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import etcdiff
+from overlayroot.commands import etcdiff
 
 
 def test_etc_diff_on_plain_directories(tmp_path: Path) -> None:
@@ -33,7 +33,9 @@ def test_etc_diff_without_the_lower_etc_is_all_added(tmp_path: Path) -> None:
     (tmp_path / "upper" / "d").mkdir(parents=True)
     (tmp_path / "upper" / "d" / "f").write_text("")
     assert etcdiff.diff(str(tmp_path / "upper"), str(tmp_path / "missing"))["added"] == [
-        "/d", "/d/f"]
+        "/d",
+        "/d/f",
+    ]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="whiteouts and trusted xattrs need root")
@@ -48,4 +50,7 @@ def test_etc_diff_understands_whiteouts_and_opaque_directories(tmp_path: Path) -
     os.setxattr(upper / "opaque", etcdiff.OPAQUE, b"y")
     (upper / "opaque" / "kept").write_text("k")
     assert etcdiff.diff(str(upper), str(lower)) == {
-        "added": ["/opaque/kept"], "modified": [], "deleted": ["/gone", "/opaque/hidden"]}
+        "added": ["/opaque/kept"],
+        "modified": [],
+        "deleted": ["/gone", "/opaque/hidden"],
+    }

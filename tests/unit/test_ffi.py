@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import overlayroot
-from overlayroot.ffi_build import generate
+from overlayroot.core import ffi_build
+from overlayroot.core.ffi_build import generate
 
 
 def test_the_generated_module_is_current(tmp_path: Path) -> None:
     fresh = tmp_path / "_syscalls_ffi.py"
     generate(fresh)
-    committed = Path(overlayroot.__file__).with_name("_syscalls_ffi.py")
+    committed = Path(ffi_build.__file__).with_name("_syscalls_ffi.py")
     assert fresh.read_text() == committed.read_text(), (
-        "overlayroot/_syscalls_ffi.py is stale: run `python -m overlayroot.ffi_build`"
+        "overlayroot/core/_syscalls_ffi.py is stale: run `python -m overlayroot.core.ffi_build`"
     )

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot.blkid import (
+from overlayroot.core.blkid import (
     GPT_ENTRY,
     GPT_HEADER,
     PROBE_BYTES,
@@ -33,18 +33,22 @@ def superblock(index: int, noise: bytes, cut: int) -> bytes:
     label are, cut to ``cut`` bytes."""
     _, base, magic_at, magic, uuid_at, label_at = SUPERBLOCKS[index]
     data = bytearray(PROBE_BYTES)
-    data[base + magic_at:base + magic_at + len(magic)] = magic
+    data[base + magic_at : base + magic_at + len(magic)] = magic
     for field in (uuid_at, label_at):
         if field is not None:
             at, size = base + field[0], field[1]
-            data[at:at + size] = noise[:size].ljust(size, b"\0")
+            data[at : at + size] = noise[:size].ljust(size, b"\0")
     return bytes(data[:cut])
 
 
 SUPERBLOCK_BYTES = st.one_of(
     st.binary(max_size=4096),
-    st.builds(superblock, st.integers(0, len(SUPERBLOCKS) - 1), st.binary(max_size=256),
-              st.integers(0, PROBE_BYTES)),
+    st.builds(
+        superblock,
+        st.integers(0, len(SUPERBLOCKS) - 1),
+        st.binary(max_size=256),
+        st.integers(0, PROBE_BYTES),
+    ),
 )
 
 
@@ -58,36 +62,74 @@ def feed_probe(data: bytes) -> None:
         probe(str(path))
 
 
-HEADER_FIELDS = ("signature", "revision", "header_size", "header_crc", "my_lba", "alternate_lba",
-                 "first_usable", "last_usable", "disk_guid", "entries_lba", "count",
-                 "entry_size", "entries_crc")
+HEADER_FIELDS = (
+    "signature",
+    "revision",
+    "header_size",
+    "header_crc",
+    "my_lba",
+    "alternate_lba",
+    "first_usable",
+    "last_usable",
+    "disk_guid",
+    "entries_lba",
+    "count",
+    "entry_size",
+    "entries_crc",
+)
 FIELD_VALUES = {
     "header_size": st.integers(0, 2**32 - 1),
-    "entries_lba": st.one_of(st.integers(0, 2**64 - 1), st.integers(0, 8),
-                             st.sampled_from([2**54 - 1, 2**54, 2**63, 2**64 - 1])),
+    "entries_lba": st.one_of(
+        st.integers(0, 2**64 - 1),
+        st.integers(0, 8),
+        st.sampled_from([2**54 - 1, 2**54, 2**63, 2**64 - 1]),
+    ),
     "count": st.one_of(st.integers(0, 2**32 - 1), st.integers(0, 1100)),
     "entry_size": st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([128, 127, 4096, 4097])),
 }
 
 
-def gpt_disk(changes: dict[str, int], names: list[bytes], fix_table_crc: bool,
-             sector: int) -> bytes:
+def gpt_disk(
+    changes: dict[str, int], names: list[bytes], fix_table_crc: bool, sector: int
+) -> bytes:
     """A valid GPT with ``changes`` to its header fields (the header CRC always recomputed,
     the table's when ``fix_table_crc`` and the table is not huge) and partitions named by raw
     UTF-16 ``names``."""
     count, entry_size = 4, GPT_ENTRY.size
     table = bytearray(count * entry_size)
     for i, name in enumerate(names[:count]):
-        GPT_ENTRY.pack_into(table, i * entry_size, LINUX.bytes_le, uuid.UUID(int=i + 1).bytes_le,
-                            2048, 4095, 0, name)
-    values = (b"EFI PART", b"\0\0\1\0", 92, 0, 1, 9999, 34, 9966, bytes(16), 2, count,
-              entry_size, binascii.crc32(table))
+        GPT_ENTRY.pack_into(
+            table,
+            i * entry_size,
+            LINUX.bytes_le,
+            uuid.UUID(int=i + 1).bytes_le,
+            2048,
+            4095,
+            0,
+            name,
+        )
+    values = (
+        b"EFI PART",
+        b"\0\0\1\0",
+        92,
+        0,
+        1,
+        9999,
+        34,
+        9966,
+        bytes(16),
+        2,
+        count,
+        entry_size,
+        binascii.crc32(table),
+    )
     fields: dict[str, Any] = dict(zip(HEADER_FIELDS, values, strict=True))
     fields.update(changes)
     if fix_table_crc and fields["count"] * fields["entry_size"] <= 1 << 20:
         table_length = fields["count"] * fields["entry_size"]
-        fields["entries_crc"] = binascii.crc32(bytes(table).ljust(table_length, b"\0")
-                                               [:table_length])
+        fields["entries_crc"] = binascii.crc32(
+            bytes(table).ljust(table_length, b"\0")[:table_length]
+        )
     header = bytearray(sector)
     GPT_HEADER.pack_into(header, 0, *fields.values())
     size = min(max(fields["header_size"], GPT_HEADER.size), sector)
@@ -97,14 +139,20 @@ def gpt_disk(changes: dict[str, int], names: list[bytes], fix_table_crc: bool,
 
 GPT_DISKS = st.one_of(
     st.binary(max_size=4096),
-    st.builds(gpt_disk,
-              st.fixed_dictionaries({}, optional=FIELD_VALUES),
-              st.lists(st.binary(max_size=72), max_size=4),
-              st.booleans(), st.just(512)).map(lambda disk: (disk, 512)),
-    st.builds(gpt_disk,
-              st.fixed_dictionaries({}, optional=FIELD_VALUES),
-              st.lists(st.binary(max_size=72), max_size=4),
-              st.booleans(), st.just(4096)).map(lambda disk: (disk, 4096)),
+    st.builds(
+        gpt_disk,
+        st.fixed_dictionaries({}, optional=FIELD_VALUES),
+        st.lists(st.binary(max_size=72), max_size=4),
+        st.booleans(),
+        st.just(512),
+    ).map(lambda disk: (disk, 512)),
+    st.builds(
+        gpt_disk,
+        st.fixed_dictionaries({}, optional=FIELD_VALUES),
+        st.lists(st.binary(max_size=72), max_size=4),
+        st.booleans(),
+        st.just(4096),
+    ).map(lambda disk: (disk, 4096)),
 ).map(lambda d: d if isinstance(d, tuple) else (d, 512))
 
 
@@ -140,5 +188,4 @@ def test_the_gpt_fixture_is_a_valid_gpt(tmp_path: Path) -> None:
     path = tmp_path / "disk"
     names = ["root".encode("utf-16-le"), b"\xff\xdb\x00\x00"]  # the second a lone surrogate
     path.write_bytes(gpt_disk({}, names, True, 512))
-    assert [(p.number, p.label) for p in gpt_partitions(str(path))] == [(1, "root"),
-                                                                         (2, "\ufffd")]
+    assert [(p.number, p.label) for p in gpt_partitions(str(path))] == [(1, "root"), (2, "\ufffd")]

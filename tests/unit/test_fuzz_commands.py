@@ -8,21 +8,31 @@ from __future__ import annotations
 import contextlib
 import io
 import tempfile
+from pathlib import Path
 
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot import cli
-from overlayroot.layout import StateLayout
-from overlayroot.statefile import HISTORY, PREVIOUS, STATE
+from overlayroot.commands import cli
+from overlayroot.core.layout import StateLayout
+from overlayroot.core.statefile import HISTORY, PREVIOUS, STATE
 from tests import fuzzing
 from tests.unit.test_fuzz_manifest import MANIFEST_BYTES
 from tests.unit.test_fuzz_state import BOOT_JSON_BYTES, HISTORY_BYTES
 
-COMMANDS = (["status"], ["status", "--json"], ["history"], ["history", "--json", "-n", "3"],
-            ["gc", "--keep", "1", "--dry-run"])
-STATES = st.tuples(BOOT_JSON_BYTES, st.none() | BOOT_JSON_BYTES, HISTORY_BYTES,
-                   st.lists(MANIFEST_BYTES, min_size=1, max_size=2))
+COMMANDS = (
+    ["status"],
+    ["status", "--json"],
+    ["history"],
+    ["history", "--json", "-n", "3"],
+    ["gc", "--keep", "1", "--dry-run"],
+)
+STATES = st.tuples(
+    BOOT_JSON_BYTES,
+    st.none() | BOOT_JSON_BYTES,
+    HISTORY_BYTES,
+    st.lists(MANIFEST_BYTES, min_size=1, max_size=2),
+)
 
 
 def feed_commands(files: tuple[bytes, bytes | None, bytes, list[bytes]]) -> None:
@@ -30,13 +40,13 @@ def feed_commands(files: tuple[bytes, bytes | None, bytes, list[bytes]]) -> None
     with tempfile.TemporaryDirectory() as tmp:
         layout = StateLayout(tmp)
         for number, manifest in enumerate(manifests, 1):
-            deployment = layout.deployments / f"v{number}"
+            deployment = Path(layout.deployments) / f"v{number}"
             (deployment / "root" / "etc").mkdir(parents=True)
             (deployment / "manifest.json").write_bytes(manifest)
-        (layout.top / STATE).write_bytes(state)
+        (Path(layout.top) / STATE).write_bytes(state)
         if previous is not None:
-            (layout.top / PREVIOUS).write_bytes(previous)
-        (layout.top / HISTORY).write_bytes(history)
+            (Path(layout.top) / PREVIOUS).write_bytes(previous)
+        (Path(layout.top) / HISTORY).write_bytes(history)
         for command in COMMANDS:
             out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8")  # strict, as on a terminal
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):

@@ -16,8 +16,8 @@ from hypothesis import strategies as st
 
 from initrd import cli as initrd_cli
 from initrd.cpio import CpioError, Member, read_cpio, write_cpio
+from initrd.errors import BuildError
 from initrd.kmod import ModuleError, decompress, parse_modinfo
-from overlayroot.errors import BootError
 from tests import fuzzing
 from tests.unit.test_initrd_kmod import fake_ko
 
@@ -43,9 +43,12 @@ CPIO_BYTES = st.one_of(
     st.binary(max_size=600),
     st.builds(changed, MEMBERS.map(archive), CHANGES, st.integers(0, 1000)),
     # A header field of ASCII that int(x, 16) would take but is not 8 hex digits.
-    st.builds(lambda a, field, text: a[:6 + 8 * field] + text + a[14 + 8 * field:],
-              MEMBERS.map(archive), st.integers(0, 12),
-              st.sampled_from([b" +000001", b"0x000001", b"0000_001", b"   -0001"])),
+    st.builds(
+        lambda a, field, text: a[: 6 + 8 * field] + text + a[14 + 8 * field :],
+        MEMBERS.map(archive),
+        st.integers(0, 12),
+        st.sampled_from([b" +000001", b"0x000001", b"0000_001", b"   -0001"]),
+    ),
 )
 
 
@@ -57,8 +60,12 @@ def feed_cpio(data: bytes) -> None:
 MODULES = st.one_of(
     st.binary(max_size=200),
     st.builds(lambda cut: b"\x7fELF\x02\x01"[:cut], st.integers(0, 6)),
-    st.builds(changed, st.lists(st.text(max_size=12), max_size=4).map(fake_ko), CHANGES,
-              st.integers(0, 1000)),
+    st.builds(
+        changed,
+        st.lists(st.text(max_size=12), max_size=4).map(fake_ko),
+        CHANGES,
+        st.integers(0, 1000),
+    ),
 )
 
 
@@ -70,9 +77,14 @@ COMPRESSED = st.tuples(
     st.sampled_from([".ko.xz", ".ko.gz", ".ko.zst"]),
     st.one_of(
         st.binary(max_size=100),
-        st.builds(changed, st.sampled_from([lzma.compress(b"\x7fELF" * 8),
-                                            gzip.compress(b"\x7fELF" * 8, mtime=0)]),
-                  CHANGES, st.integers(0, 200)),
+        st.builds(
+            changed,
+            st.sampled_from(
+                [lzma.compress(b"\x7fELF" * 8), gzip.compress(b"\x7fELF" * 8, mtime=0)]
+            ),
+            CHANGES,
+            st.integers(0, 200),
+        ),
     ),
 )
 
@@ -87,8 +99,11 @@ def feed_compressed(module: tuple[str, bytes]) -> None:
         decompress(path)
 
 
-EPOCHS = st.one_of(st.text(max_size=24), st.integers(-(10**25), 10**25).map(str),
-                   st.sampled_from(["٣", "1_0", " 1", "+1", "4294967296", "99999999999999999999"]))
+EPOCHS = st.one_of(
+    st.text(max_size=24),
+    st.integers(-(10**25), 10**25).map(str),
+    st.sampled_from(["٣", "1_0", " 1", "+1", "4294967296", "99999999999999999999"]),
+)
 
 
 def feed_epoch(value: str) -> None:
@@ -105,8 +120,9 @@ READERS = {
     "initrd.cpio.read_cpio": fuzzing.Reader(CPIO_BYTES, feed_cpio, (CpioError,)),
     "initrd.kmod.parse_modinfo": fuzzing.Reader(MODULES, feed_module, (ModuleError,)),
     "initrd.kmod.decompress": fuzzing.Reader(COMPRESSED, feed_compressed, (ModuleError,)),
-    "initrd.cli SOURCE_DATE_EPOCH": fuzzing.Reader(EPOCHS.filter(lambda v: "\0" not in v),
-                                                   feed_epoch, (BootError,)),
+    "initrd.cli SOURCE_DATE_EPOCH": fuzzing.Reader(
+        EPOCHS.filter(lambda v: "\0" not in v), feed_epoch, (BuildError,)
+    ),
 }
 
 
@@ -118,8 +134,11 @@ def test_the_builders_readers_raise_only_their_errors(name: str) -> None:
 
 def test_a_cut_archive_is_a_cpio_error_saying_where() -> None:
     data = archive([("etc/hostname", b"test\n")])
-    with pytest.raises(CpioError, match=r"^not a newc cpio archive, or one cut short: at byte"
-                       r" 132: "):
+    with pytest.raises(
+        CpioError,
+        match=r"^not a newc cpio archive, or one cut short: at byte"
+        r" 132: ",
+    ):
         list(read_cpio(data[:140]))
 
 
@@ -140,8 +159,11 @@ def test_a_section_table_offset_past_what_an_index_holds_is_a_module_error() -> 
     header[:6] = b"\x7fELF\x02\x01"
     header[40:48] = (2**63).to_bytes(8, "little")  # e_shoff
     header[60:62] = (1).to_bytes(2, "little")  # e_shnum
-    with pytest.raises(ModuleError, match=r"^m\.ko: not a kernel module \(bad ELF section"
-                       r" table: Python int too large to convert to C ssize_t\)$"):
+    with pytest.raises(
+        ModuleError,
+        match=r"^m\.ko: not a kernel module \(bad ELF section"
+        r" table: Python int too large to convert to C ssize_t\)$",
+    ):
         parse_modinfo(bytes(header), Path("m.ko"))
 
 
@@ -151,7 +173,7 @@ def test_a_source_date_epoch_a_cpio_archive_cannot_hold_is_refused(
 ) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", value)
     message = f"SOURCE_DATE_EPOCH={value!r} is not a number of seconds since 1970 up to 4294967295"
-    with pytest.raises(BootError, match="^" + re.escape(message + " (what a cpio archive holds)")):
+    with pytest.raises(BuildError, match="^" + re.escape(message + " (what a cpio archive holds)")):
         initrd_cli._source_date_epoch()
 
 
@@ -162,9 +184,14 @@ def test_the_last_second_a_cpio_archive_holds_is_taken(monkeypatch: pytest.Monke
     assert out.getvalue()[46:54] == b"ffffffff"  # the first header's mtime field
 
 
-@pytest.mark.parametrize(("suffix", "problem"), [(".ko.xz", "Input format not supported"),
-                                                 (".ko.gz", "Not a gzipped file"),
-                                                 (".ko.zst", "zstd: ")])
+@pytest.mark.parametrize(
+    ("suffix", "problem"),
+    [
+        (".ko.xz", "Input format not supported"),
+        (".ko.gz", "Not a gzipped file"),
+        (".ko.zst", "zstd: "),
+    ],
+)
 def test_a_module_that_does_not_decompress_is_a_module_error(
     tmp_path: Path, suffix: str, problem: str
 ) -> None:

@@ -11,16 +11,41 @@ from pathlib import Path
 import pytest
 from hypothesis import strategies as st
 
-from overlayroot import bootpair, kernels
-from overlayroot.errors import BootError
+from overlayroot.commands import bootpair, kernels
+from overlayroot.core.errors import BootError
 from tests import fuzzing
 from tests.kernelfakes import bzimage
 
-TOML_PIECES = st.sampled_from([
-    "kargs = ", "match-architectures = ", "[", "]", '"quiet"', '"root=/dev/sda"', ", ", "\n",
-    "'a b'", "1", "true", "{", "}", "x = 1", "[table]", "[[kargs]]", '"\\ud800"', '"é"', "=",
-    '"x86_64"', "inf", "nan", "1979-05-27", '"""', "#", "\0",
-])
+TOML_PIECES = st.sampled_from(
+    [
+        "kargs = ",
+        "match-architectures = ",
+        "[",
+        "]",
+        '"quiet"',
+        '"root=/dev/sda"',
+        ", ",
+        "\n",
+        "'a b'",
+        "1",
+        "true",
+        "{",
+        "}",
+        "x = 1",
+        "[table]",
+        "[[kargs]]",
+        '"\\ud800"',
+        '"é"',
+        "=",
+        '"x86_64"',
+        "inf",
+        "nan",
+        "1979-05-27",
+        '"""',
+        "#",
+        "\0",
+    ]
+)
 TOML_TEXT = st.one_of(
     st.text(max_size=200),
     st.lists(TOML_PIECES, max_size=30).map("".join),
@@ -41,9 +66,11 @@ def feed_kargs_file(data: bytes) -> None:
 HEADERS = st.one_of(
     st.binary(max_size=0x600),
     st.tuples(st.text(max_size=80), st.integers(0, 0xFFFF)).map(
-        lambda v: _with_pointer(bzimage(v[0].replace("\0", "")), v[1])),
+        lambda v: _with_pointer(bzimage(v[0].replace("\0", "")), v[1])
+    ),
     st.tuples(st.binary(min_size=0x210, max_size=0x800), st.integers(0, 0xFFFF)).map(
-        lambda v: _with_pointer(v[0][:0x202] + b"HdrS" + v[0][0x206:], v[1])),
+        lambda v: _with_pointer(v[0][:0x202] + b"HdrS" + v[0][0x206:], v[1])
+    ),
 )
 
 
@@ -79,13 +106,20 @@ def feed_pair_record(data: bytes) -> None:
 READERS = {
     "kernels.read_kargs_dir": fuzzing.Reader(TOML_BYTES, feed_kargs_file, (BootError,)),
     "kernels.check_image": fuzzing.Reader(HEADERS, feed_kernel_image, (BootError,)),
-    "kernels.check_kargs": fuzzing.Reader(st.lists(st.text(max_size=20), max_size=5), feed_kargs,
-                                          (BootError,)),
+    "kernels.check_kargs": fuzzing.Reader(
+        st.lists(st.text(max_size=20), max_size=5), feed_kargs, (BootError,)
+    ),
     "bootpair.read_record": fuzzing.Reader(
-        st.one_of(st.binary(max_size=200), st.text(max_size=200).map(str.encode),
-                  st.sampled_from([b'{"version": 1, "vmlinuz_sha256": 2}', b"[" * 5000,
-                                   b'{"deployment": {"a": []}}'])),
-        feed_pair_record, ()),
+        st.one_of(
+            st.binary(max_size=200),
+            st.text(max_size=200).map(str.encode),
+            st.sampled_from(
+                [b'{"version": 1, "vmlinuz_sha256": 2}', b"[" * 5000, b'{"deployment": {"a": []}}']
+            ),
+        ),
+        feed_pair_record,
+        (),
+    ),
 }
 
 

@@ -4,44 +4,88 @@ file, whatever bytes it holds, and ``status`` and ``gc`` say so instead of a tra
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
 from hypothesis import strategies as st
 
-from overlayroot import cli, layout
-from overlayroot.bootstate import BootState, Entry
-from overlayroot.errors import BootError
-from overlayroot.layout import Manifest, StateLayout, check_id
-from overlayroot.statefile import save
+from overlayroot.commands import cli
+from overlayroot.core import layout
+from overlayroot.core.bootstate import BootState, Entry
+from overlayroot.core.errors import BootError
+from overlayroot.core.layout import Manifest, StateLayout, check_id, is_id
+from overlayroot.core.statefile import save
 from tests import fuzzing
 from tests.unit.test_fuzz_state import DEEP, JSON_VALUES
 
-GOOD: dict[str, Any] = {"id": "v1", "created": "2024-01-01T00:00:00Z", "format": "erofs",
-                        "image": "root.erofs", "sha256": "0" * 64, "size": 4096, "origin": "/x"}
+GOOD: dict[str, Any] = {
+    "id": "v1",
+    "created": "2024-01-01T00:00:00Z",
+    "format": "erofs",
+    "image": "root.erofs",
+    "sha256": "0" * 64,
+    "size": 4096,
+    "origin": "/x",
+}
 # A good manifest with fields dropped or replaced by any JSON value, or a huge or odd number.
-ODD_NUMBERS = st.sampled_from(["1e999", "-1e999", "NaN", "Infinity", "1" * 400, "1" * 5000,
-                               "-1", "1.5", "true", "9223372036854775808", '"12"'])
+ODD_NUMBERS = st.sampled_from(
+    [
+        "1e999",
+        "-1e999",
+        "NaN",
+        "Infinity",
+        "1" * 400,
+        "1" * 5000,
+        "-1",
+        "1.5",
+        "true",
+        "9223372036854775808",
+        '"12"',
+    ]
+)
 MUTATED = st.tuples(
     st.dictionaries(st.sampled_from(sorted(GOOD)), JSON_VALUES, max_size=3),
     st.sets(st.sampled_from(sorted(GOOD)), max_size=2),
-).map(lambda change: json.dumps({k: v for k, v in {**GOOD, **change[0]}.items()
-                                 if k not in change[1]}))
-GOOD_KERNEL: dict[str, Any] = {"version": "6.1.0-27-cloud-amd64", "vmlinuz": "vmlinuz",
-                               "initramfs": "initramfs.img", "vmlinuz_sha256": "a" * 64,
-                               "initramfs_sha256": "b" * 64, "kargs": ["console=ttyS0", "quiet"]}
+).map(
+    lambda change: json.dumps(
+        {k: v for k, v in {**GOOD, **change[0]}.items() if k not in change[1]}
+    )
+)
+GOOD_KERNEL: dict[str, Any] = {
+    "version": "6.1.0-27-cloud-amd64",
+    "vmlinuz": "vmlinuz",
+    "initramfs": "initramfs.img",
+    "vmlinuz_sha256": "a" * 64,
+    "initramfs_sha256": "b" * 64,
+    "kargs": ["console=ttyS0", "quiet"],
+}
 # A good manifest with a kernel whose fields are dropped or replaced, or kargs made up.
-KARGS = st.lists(st.one_of(st.text(max_size=12), st.sampled_from(
-    ["root=/dev/sda", "overlayroot.deployment=v2", "--", "a b", 'x="y"', "é", "ok=1"])),
-    max_size=4)
+KARGS = st.lists(
+    st.one_of(
+        st.text(max_size=12),
+        st.sampled_from(
+            ["root=/dev/sda", "overlayroot.deployment=v2", "--", "a b", 'x="y"', "é", "ok=1"]
+        ),
+    ),
+    max_size=4,
+)
 MUTATED_KERNEL = st.tuples(
-    st.dictionaries(st.sampled_from(sorted(GOOD_KERNEL)), st.one_of(JSON_VALUES, KARGS),
-                    max_size=3),
+    st.dictionaries(
+        st.sampled_from(sorted(GOOD_KERNEL)), st.one_of(JSON_VALUES, KARGS), max_size=3
+    ),
     st.sets(st.sampled_from(sorted(GOOD_KERNEL)), max_size=2),
-).map(lambda change: json.dumps({**GOOD, "kernel": {
-    k: v for k, v in {**GOOD_KERNEL, **change[0]}.items() if k not in change[1]}}))
+).map(
+    lambda change: json.dumps(
+        {
+            **GOOD,
+            "kernel": {k: v for k, v in {**GOOD_KERNEL, **change[0]}.items() if k not in change[1]},
+        }
+    )
+)
 MANIFEST_TEXT = st.one_of(
     st.text(),
     DEEP,
@@ -54,29 +98,31 @@ MANIFEST_TEXT = st.one_of(
 MANIFEST_BYTES = st.one_of(
     st.binary(max_size=300),
     MANIFEST_TEXT.map(str.encode),
-    MANIFEST_TEXT.map(str.encode).flatmap(lambda b: st.integers(0, len(b)).map(
-        lambda i: b[:i] + b"\xff" + b[i:])),
+    MANIFEST_TEXT.map(str.encode).flatmap(
+        lambda b: st.integers(0, len(b)).map(lambda i: b[:i] + b"\xff" + b[i:])
+    ),
 )
 
 
 def feed_manifest_text(text: str) -> None:
     manifest = Manifest.from_json(text, Path("manifest.json"))
-    assert manifest.image == layout.FORMATS[manifest.format]
+    assert manifest.image == layout.FORMATS[manifest.format].image
     manifest.to_json().encode()
 
 
 def feed_manifest_file(data: bytes) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         state = StateLayout(tmp)
-        (state.deployments / "v1").mkdir(parents=True)
-        (state.deployments / "v1" / "manifest.json").write_bytes(data)
+        (Path(state.deployments) / "v1").mkdir(parents=True)
+        (Path(state.deployments) / "v1" / "manifest.json").write_bytes(data)
         state.read_manifest("v1")
 
 
 READERS = {
     "layout.Manifest.from_json": fuzzing.Reader(MANIFEST_TEXT, feed_manifest_text, (BootError,)),
-    "layout.StateLayout.read_manifest": fuzzing.Reader(MANIFEST_BYTES, feed_manifest_file,
-                                                       (BootError,)),
+    "layout.StateLayout.read_manifest": fuzzing.Reader(
+        MANIFEST_BYTES, feed_manifest_file, (BootError,)
+    ),
     "layout.check_id": fuzzing.Reader(st.text(), check_id, (BootError,)),
 }
 
@@ -90,22 +136,34 @@ def test_reading_a_manifest_raises_only_boot_errors(name: str) -> None:
 # -- the cases of issue 7 ----------------------------------------------------------------------
 
 DAMAGED = {
-    "invalid UTF-8": (json.dumps(GOOD).replace("/x", "/\udcff").encode("utf-8", "surrogateescape"),
-                      "(not UTF-8 text: invalid start byte at byte 194)"),
-    "size 1e999": (json.dumps(GOOD).replace("4096", "1e999").encode(),
-                   "1e999 is not a number JSON allows"),
-    "size a string": (json.dumps({**GOOD, "size": "4096"}).encode(),
-                      "'size' is not a whole number of bytes from 0 to 9223372036854775807"),
-    "size 10**400": (json.dumps({**GOOD, "size": 10**400}).encode(),
-                     "'size' is not a whole number of bytes"),
+    "invalid UTF-8": (
+        json.dumps(GOOD).replace("/x", "/\udcff").encode("utf-8", "surrogateescape"),
+        "(not UTF-8 text: invalid start byte at byte 194)",
+    ),
+    "size 1e999": (
+        json.dumps(GOOD).replace("4096", "1e999").encode(),
+        "1e999 is not a number JSON allows",
+    ),
+    "size a string": (
+        json.dumps({**GOOD, "size": "4096"}).encode(),
+        "'size' is not a whole number of bytes from 0 to 9223372036854775807",
+    ),
+    "size 10**400": (
+        json.dumps({**GOOD, "size": 10**400}).encode(),
+        "'size' is not a whole number of bytes",
+    ),
     "size -1": (json.dumps({**GOOD, "size": -1}).encode(), "'size' is not a whole number"),
     "size true": (json.dumps({**GOOD, "size": True}).encode(), "'size' is not a whole number"),
     "size 1.5": (json.dumps({**GOOD, "size": 1.5}).encode(), "'size' is not a whole number"),
-    "format a list": (json.dumps({**GOOD, "format": ["erofs"]}).encode(),
-                      "'format' is not a string"),
+    "format a list": (
+        json.dumps({**GOOD, "format": ["erofs"]}).encode(),
+        "'format' is not a string",
+    ),
     "origin an object": (json.dumps({**GOOD, "origin": {}}).encode(), "'origin' is not a string"),
-    "no sha256": (json.dumps({k: v for k, v in GOOD.items() if k != "sha256"}).encode(),
-                  "no 'sha256'"),
+    "no sha256": (
+        json.dumps({k: v for k, v in GOOD.items() if k != "sha256"}).encode(),
+        "no 'sha256'",
+    ),
     "a list": (b"[1, 2]", "not a JSON object"),
     "60000 [": (b"[" * 60_000, "nested more than 16 levels"),  # within the 64 KiB limit
 }
@@ -115,7 +173,7 @@ DAMAGED = {
 def test_a_damaged_manifest_is_a_boot_error_naming_the_file(tmp_path: Path, case: str) -> None:
     data, problem = DAMAGED[case]
     state = StateLayout(tmp_path)
-    path = state.deployments / "v1" / "manifest.json"
+    path = Path(state.deployments) / "v1" / "manifest.json"
     path.parent.mkdir(parents=True)
     path.write_bytes(data)
     with pytest.raises(BootError) as error:
@@ -125,9 +183,12 @@ def test_a_damaged_manifest_is_a_boot_error_naming_the_file(tmp_path: Path, case
 
 
 def test_a_manifest_of_wrong_fields_says_the_deployment_cannot_be_used() -> None:
-    with pytest.raises(BootError, match=r"^m: not a valid deployment manifest \('size' is not a"
-                       r" whole number of bytes from 0 to 9223372036854775807\); this deployment"
-                       r" cannot be used: deploy its image again$"):
+    with pytest.raises(
+        BootError,
+        match=r"^m: not a valid deployment manifest \('size' is not a"
+        r" whole number of bytes from 0 to 9223372036854775807\); this deployment"
+        r" cannot be used: deploy its image again$",
+    ):
         Manifest.from_json(json.dumps({**GOOD, "size": 1.5}), Path("m"))
 
 
@@ -139,12 +200,12 @@ def test_a_manifest_without_an_origin_is_still_read() -> None:
 def sysroot_with_a_damaged_manifest(root: Path, case: str) -> Path:
     state = StateLayout(root)
     for deployment_id in ("v1", "v2"):
-        (state.deployments / deployment_id / "root").mkdir(parents=True)
+        (Path(state.deployments) / deployment_id / "root").mkdir(parents=True)
         manifest = {**GOOD, "id": deployment_id, "format": "dir", "image": "root"}
-        (state.deployments / deployment_id / "manifest.json").write_text(json.dumps(manifest))
-    (state.deployments / "v1" / "manifest.json").write_bytes(DAMAGED[case][0])
+        (Path(state.deployments) / deployment_id / "manifest.json").write_text(json.dumps(manifest))
+    (Path(state.deployments) / "v1" / "manifest.json").write_bytes(DAMAGED[case][0])
     save(state, BootState({"v1": Entry(priority=1, successful=True), "v2": Entry(priority=2)}))
-    return state.deployments / "v1" / "manifest.json"
+    return Path(state.deployments) / "v1" / "manifest.json"
 
 
 @pytest.mark.parametrize("case", ["invalid UTF-8", "size 1e999", "size 10**400", "60000 ["])
@@ -177,8 +238,19 @@ def test_check_id_refuses_what_is_not_an_id(deployment_id: str) -> None:
         check_id(deployment_id)
 
 
+ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")  # what an id is, as a regular expression
+
+
+@given(
+    st.text(alphabet=st.sampled_from("aZ09._+-/\n é٣") | st.characters(), max_size=66)
+    | st.text(alphabet="ab1._", min_size=60, max_size=70)
+)
+def test_an_id_is_what_the_pattern_says(name: str) -> None:
+    assert is_id(name) == bool(ID.fullmatch(name))
+
+
 def test_a_directory_named_with_a_trailing_newline_is_no_deployment(tmp_path: Path) -> None:
     state = StateLayout(tmp_path)
     for name in ("v1", "v2\n"):
-        (state.deployments / name).mkdir(parents=True)
+        (Path(state.deployments) / name).mkdir(parents=True)
     assert state.deployment_ids() == ["v1"]

@@ -7,15 +7,19 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import health
+from overlayroot.commands import health
 
 
 def test_checks_run_required_first_in_name_order_executables_only(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for kind, name, mode in (("wanted", "a", 0o755), ("required", "20-b", 0o755),
-                             ("required", "10-a", 0o755), ("required", "30-off", 0o644),
-                             ("required", ".hidden", 0o755)):
+    for kind, name, mode in (
+        ("wanted", "a", 0o755),
+        ("required", "20-b", 0o755),
+        ("required", "10-a", 0o755),
+        ("required", "30-off", 0o644),
+        ("required", ".hidden", 0o755),
+    ):
         path = tmp_path / kind / name
         path.parent.mkdir(exist_ok=True)
         path.write_text("#!/bin/sh\n")
@@ -32,10 +36,12 @@ def test_a_checks_failure_names_it_and_the_tail_of_its_output(tmp_path: Path) ->
     check.chmod(0o755)
     result = health.run_check(health.Check("required", str(check), 10, None))
     assert not result.passed
-    assert result.describe() == ("health check required/net failed (exit 4): line 3 / line 4 /"
-                                 " line 5 / line 6 / line 7")
+    assert result.describe() == (
+        "health check required/net failed (exit 4): line 3 / line 4 / line 5 / line 6 / line 7"
+    )
     broken = tmp_path / "broken"
     broken.write_text("#!/nonexistent/interpreter\n")
     broken.chmod(0o755)
     assert health.run_check(health.Check("wanted", str(broken), 10, None)).describe() == (
-        "health check wanted/broken failed (cannot run it: No such file or directory)")
+        "health check wanted/broken failed (cannot run it: No such file or directory)"
+    )

@@ -36,15 +36,23 @@ systemdsystemunitdir=/usr/lib/systemd/system
 """
 
 
-def dracut(tmp_path: Path, calls: str, *, included: str = "", builder: str = str(BUILDER)) -> \
-        tuple[subprocess.CompletedProcess[str], list[str], Path]:
+def dracut(
+    tmp_path: Path, calls: str, *, included: str = "", builder: str = str(BUILDER)
+) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
     log, initdir, tmpdir = tmp_path / "log", tmp_path / "initramfs", tmp_path / "dracut-tmp"
     initdir.mkdir()
     tmpdir.mkdir()
     (initdir / "lib").symlink_to("usr/lib")
-    script = f"{STANDINS}\n. \"$MODULE/module-setup.sh\"\n{calls}\n"
-    env = dict(os.environ, LOG=str(log), MODULE=str(MODULE), initdir=str(initdir),
-               DRACUT_TMPDIR=str(tmpdir), INCLUDED=included, OVERLAYROOT_COMMAND=builder)
+    script = f'{STANDINS}\n. "$MODULE/module-setup.sh"\n{calls}\n'
+    env = dict(
+        os.environ,
+        LOG=str(log),
+        MODULE=str(MODULE),
+        initdir=str(initdir),
+        DRACUT_TMPDIR=str(tmpdir),
+        INCLUDED=included,
+        OVERLAYROOT_COMMAND=builder,
+    )
     proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
     return proc, log.read_text().splitlines() if log.exists() else [], initdir
 
@@ -63,8 +71,9 @@ def test_check_includes_the_module_only_when_asked(tmp_path: Path) -> None:
 def test_check_refuses_without_the_builder(tmp_path: Path) -> None:
     proc, calls, _ = dracut(tmp_path, 'PATH=/nonexistent; check; echo "check=$?"', builder="")
     assert "check=1" in proc.stdout
-    assert any(c.startswith("derror overlayroot: the overlayroot command is not installed")
-               for c in calls)
+    assert any(
+        c.startswith("derror overlayroot: the overlayroot command is not installed") for c in calls
+    )
 
 
 def test_installkernel_adds_the_modules_even_in_host_only_mode(tmp_path: Path) -> None:
@@ -88,10 +97,14 @@ def test_install_for_the_shell_init_adds_an_early_pre_pivot_hook(tmp_path: Path)
 def test_install_for_the_systemd_initrd_adds_the_unit_to_initrd_root_fs(tmp_path: Path) -> None:
     proc, calls, _ = dracut(tmp_path, "install; echo install=$?", included="systemd")
     assert "install=0" in proc.stdout, proc.stderr
-    assert (f"inst_simple {MODULE}/overlayroot-prepare.service"
-            " /usr/lib/systemd/system/overlayroot-prepare.service") in calls
-    assert (f"systemctl -q --root {tmp_path}/initramfs add-wants initrd-root-fs.target"
-            " overlayroot-prepare.service") in calls
+    assert (
+        f"inst_simple {MODULE}/overlayroot-prepare.service"
+        " /usr/lib/systemd/system/overlayroot-prepare.service"
+    ) in calls
+    assert (
+        f"systemctl -q --root {tmp_path}/initramfs add-wants initrd-root-fs.target"
+        " overlayroot-prepare.service"
+    ) in calls
     assert not any(c.startswith("inst_hook") for c in calls)
 
 
@@ -123,8 +136,13 @@ source_hook() {{ . "$1"; }}
 source_hook {tmp_path}/hook.sh
 record init goes on
 """
-    proc = subprocess.run(["sh", "-c", script], env=dict(os.environ, LOG=str(log)),
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        ["sh", "-c", script],
+        env=dict(os.environ, LOG=str(log)),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return log.read_text().splitlines(), proc.stdout
 
 
@@ -138,15 +156,17 @@ def test_pre_pivot_hook_prepares_newroot_and_returns(tmp_path: Path) -> None:
 
 def test_pre_pivot_hook_sends_a_failure_to_dracuts_emergency_path(tmp_path: Path) -> None:
     calls, _ = pre_pivot(tmp_path, 1)
-    assert ("emergency_shell -n overlayroot overlayroot could not assemble the root; the"
-            " reason is above") in calls
+    assert (
+        "emergency_shell -n overlayroot overlayroot could not assemble the root; the"
+        " reason is above"
+    ) in calls
     assert calls[-1] == "init goes on"  # returned, not exited
 
 
 def test_a_deployed_state_filesystem_passes_dracuts_root_check(tmp_path: Path) -> None:
     # dracut's shell init unmounts a root= without proc, sys and dev (usable_root in
     # dracut-lib.sh) before any pre-pivot hook runs; the state filesystem is that root=.
-    from overlayroot.deploy import deploy
+    from overlayroot.commands.staging import deploy
 
     tree = tmp_path / "tree"
     for name in ("etc", "var", "home", "run", "proc", "sys", "dev"):

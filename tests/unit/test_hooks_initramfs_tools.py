@@ -48,8 +48,13 @@ def run_build_hook(tmp_path: Path, builder: str) -> tuple[int, list[str], Path]:
     functions = tmp_path / "hook-functions"
     functions.write_text('manual_add_modules() { echo "manual_add_modules $*" >> "$LOG"; }\n')
     hook = with_standins(BUILD_HOOK, tmp_path, {HOOK_FUNCTIONS: str(functions)})
-    env = dict(os.environ, LOG=str(log), DESTDIR=str(destdir), OVERLAYROOT_COMMAND=builder,
-               TMPDIR=str(tmp_path))
+    env = dict(
+        os.environ,
+        LOG=str(log),
+        DESTDIR=str(destdir),
+        OVERLAYROOT_COMMAND=builder,
+        TMPDIR=str(tmp_path),
+    )
     proc = subprocess.run([str(hook)], env=env, capture_output=True, text=True)
     return proc.returncode, log.read_text().splitlines() if log.exists() else [], destdir
 
@@ -78,15 +83,15 @@ def test_build_hook_fails_mkinitramfs_when_the_builder_fails(tmp_path: Path) -> 
 def run_local_bottom(tmp_path: Path, prepare_status: int) -> list[str]:
     log = tmp_path / "log"
     functions = tmp_path / "functions"
-    functions.write_text('panic() { echo "panic $*" >> "$LOG"; }\n'
-                         'modprobe() { echo "modprobe $*" >> "$LOG"; }\n')
+    functions.write_text(
+        'panic() { echo "panic $*" >> "$LOG"; }\nmodprobe() { echo "modprobe $*" >> "$LOG"; }\n'
+    )
     stub = tmp_path / "prepare"
     stub.write_text(f'#!/bin/sh\necho "prepare $*" >> "$LOG"\nexit {prepare_status}\n')
     stub.chmod(0o755)
     script = with_standins(BOTTOM, tmp_path, {FUNCTIONS: str(functions), PREPARE: str(stub)})
     # initramfs-tools' /init exports rootmnt and runs local-bottom scripts as programs.
-    subprocess.run([str(script)], env=dict(os.environ, LOG=str(log), rootmnt="/root"),
-                   check=True)
+    subprocess.run([str(script)], env=dict(os.environ, LOG=str(log), rootmnt="/root"), check=True)
     return log.read_text().splitlines()
 
 

@@ -54,9 +54,13 @@ trap '(( $? )) && [[ $FUNCNAME == add_* ]] && record builderror "$FUNCNAME"' RET
 MKINITCPIO_PATH = "/usr/bin:/bin"
 
 
-def build(tmp_path: Path, *, systemd: bool, builder: str | None = str(BUILDER),
-          local_bin: Path | None = None) -> tuple[
-        subprocess.CompletedProcess[str], list[str], Path]:
+def build(
+    tmp_path: Path,
+    *,
+    systemd: bool,
+    builder: str | None = str(BUILDER),
+    local_bin: Path | None = None,
+) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
     """Run the build hook. ``builder`` is $OVERLAYROOT_COMMAND (None: unset, and PATH is
     mkinitcpio's); ``local_bin`` is mounted on /usr/local/bin in a private mount namespace."""
     log, root = tmp_path / "log", tmp_path / "buildroot"
@@ -64,8 +68,9 @@ def build(tmp_path: Path, *, systemd: bool, builder: str | None = str(BUILDER),
     standins = BUILD_STANDINS
     if systemd:
         standins += 'add_systemd_unit() { record add_systemd_unit "$@"; }\n'
-    script = (f"{standins}\n{ERROR_ACCOUNTING}\n. {HOOKS}/install/overlayroot\n"
-              "build\necho build=$?\n")
+    script = (
+        f"{standins}\n{ERROR_ACCOUNTING}\n. {HOOKS}/install/overlayroot\nbuild\necho build=$?\n"
+    )
     env = dict(os.environ, LOG=str(log), BUILDROOT=str(root), TMPDIR=str(tmp_path))
     if builder is None:
         env.pop("OVERLAYROOT_COMMAND", None)
@@ -74,9 +79,15 @@ def build(tmp_path: Path, *, systemd: bool, builder: str | None = str(BUILDER),
         env["OVERLAYROOT_COMMAND"] = builder
     command = ["bash", "-c", script]
     if local_bin is not None:
-        command = ["unshare", "--mount", "sh", "-c",
-                   'mount --make-rprivate / && mount --bind "$0" /usr/local/bin && exec "$@"',
-                   str(local_bin), *command]
+        command = [
+            "unshare",
+            "--mount",
+            "sh",
+            "-c",
+            'mount --make-rprivate / && mount --bind "$0" /usr/local/bin && exec "$@"',
+            str(local_bin),
+            *command,
+        ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     calls = log.read_text().splitlines() if log.exists() else []
     return proc, calls, root
@@ -127,8 +138,11 @@ def test_the_systemd_unit_is_the_dracut_one_but_for_the_softdog(tmp_path: Path) 
     dracut = (HOOKS.parent / "dracut/90overlayroot/overlayroot-prepare.service").read_text()
 
     def settings(text: str) -> list[str]:
-        return [line for line in text.splitlines() if line and not line.startswith("#")
-                and "softdog" not in line]
+        return [
+            line
+            for line in text.splitlines()
+            if line and not line.startswith("#") and "softdog" not in line
+        ]
 
     assert settings(ours) == settings(dracut)
 
@@ -163,8 +177,10 @@ def test_build_fails_through_an_add_function_when_the_builder_fails(tmp_path: Pa
 def test_build_names_the_missing_builder(tmp_path: Path) -> None:
     _, calls, _ = build(tmp_path, systemd=False, builder="no-such-overlayroot")
     # mkinitcpio's error takes one format string: the message must read whole.
-    assert ("error overlayroot: 'no-such-overlayroot' is not installed (pip install"
-            " 'overlayroot[build]'), or set OVERLAYROOT_COMMAND") in calls
+    assert (
+        "error overlayroot: 'no-such-overlayroot' is not installed (pip install"
+        " 'overlayroot[build]'), or set OVERLAYROOT_COMMAND"
+    ) in calls
     assert "builderror add_overlayroot_stage" in calls
 
 
@@ -190,15 +206,21 @@ def test_build_without_any_builder_names_where_pip_puts_it(tmp_path: Path) -> No
     local_bin = tmp_path / "local-bin"
     local_bin.mkdir()
     _, calls, root = build(tmp_path, systemd=False, builder=None, local_bin=local_bin)
-    assert any(c.startswith("error overlayroot: '/usr/local/bin/overlayroot' is not installed")
-               for c in calls)
+    assert any(
+        c.startswith("error overlayroot: '/usr/local/bin/overlayroot' is not installed")
+        for c in calls
+    )
     assert "builderror add_overlayroot_stage" in calls
     assert not (root / PREPARE.lstrip("/")).exists()
 
 
 def test_help_says_where_the_hook_goes() -> None:
-    proc = subprocess.run(["bash", "-c", f". {HOOKS}/install/overlayroot; help"],
-                          capture_output=True, text=True, check=True)
+    proc = subprocess.run(
+        ["bash", "-c", f". {HOOKS}/install/overlayroot; help"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert "after 'filesystems'" in proc.stdout
     assert "'systemd'" in proc.stdout
 
@@ -228,8 +250,9 @@ run_hook
 "$mount_handler" /new_root
 record init goes on
 """
-    subprocess.run([str(BUSYBOX), "sh", "-c", script], env=dict(os.environ, LOG=str(log)),
-                   check=True)
+    subprocess.run(
+        [str(BUSYBOX), "sh", "-c", script], env=dict(os.environ, LOG=str(log)), check=True
+    )
     return log.read_text().splitlines()
 
 
@@ -238,7 +261,8 @@ def test_runtime_hook_prepares_the_root_the_mount_handler_mounted(tmp_path: Path
     assert calls[0] == "mount /new_root"
     assert "modprobe -qa overlay loop erofs squashfs" in calls
     assert calls.index("modprobe -qa overlay loop erofs squashfs") < calls.index(
-        "prepare /new_root")
+        "prepare /new_root"
+    )
     assert not any(c.startswith(("err", "shell", "run_hookfunctions")) for c in calls)
     assert calls[-1] == "init goes on"
 
@@ -260,5 +284,7 @@ def test_runtime_hook_runs_the_emergency_hooks_before_the_shell(tmp_path: Path) 
 def test_hooks_need_no_mkinitcpio_code_in_the_repository() -> None:
     # The stand-ins above are all there is: nothing of mkinitcpio is vendored.
     assert sorted(p.relative_to(HOOKS).as_posix() for p in HOOKS.rglob("*") if p.is_file()) == [
-        "hooks/overlayroot", "install/overlayroot"]
+        "hooks/overlayroot",
+        "install/overlayroot",
+    ]
     assert shutil.which("bash")

@@ -83,6 +83,31 @@ def test_dependencies_and_soft_pre_dependencies_load_first(kdir: Path) -> None:
     ]
 
 
+def test_filesystems_and_softdog_are_loaded_for_their_needs_the_rest_at_the_start(
+    kdir: Path,
+) -> None:
+    add(kdir, "kernel/fs/xfs/xfs.ko", depends=["libcrc32c"], alias=["fs-xfs"])
+    add(kdir, "kernel/drivers/watchdog/watchdog.ko")
+    add(kdir, "kernel/drivers/watchdog/softdog.ko", depends=["watchdog"])
+    add(kdir, "kernel/drivers/block/loop.ko", alias=["devname:loop-control"])
+    needs = {
+        m.name: m.needs for m in resolve_modules(kdir, ["erofs", "xfs", "softdog", "loop"]).modules
+    }
+    assert needs == {
+        "crc32c_intel": ("fs-erofs", "fs-xfs"),
+        "libcrc32c": ("fs-erofs", "fs-xfs"),
+        "erofs": ("fs-erofs",),
+        "xfs": ("fs-xfs",),
+        "watchdog": ("watchdog",),
+        "softdog": ("watchdog",),
+        "loop": (),
+    }
+    # A dependency that something loaded at the start needs is loaded at the start.
+    add(kdir, "kernel/drivers/md/needs_crc.ko", depends=["libcrc32c"])
+    needs = {m.name: m.needs for m in resolve_modules(kdir, ["erofs", "needs_crc"]).modules}
+    assert needs == {"crc32c_intel": (), "libcrc32c": (), "erofs": ("fs-erofs",), "needs_crc": ()}
+
+
 def test_dash_and_underscore_are_the_same_name(kdir: Path) -> None:
     assert names(kdir, "crc32c-intel") == names(kdir, "crc32c_intel") == ["crc32c_intel"]
 

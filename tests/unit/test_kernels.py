@@ -10,8 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import deploy, kernels, layout, modload
-from overlayroot.errors import BootError
+from overlayroot.boot import modload
+from overlayroot.commands import kernels, staging
+from overlayroot.core import layout
+from overlayroot.core.errors import BootError
 from tests.kernelfakes import add_kernel, bzimage
 from tests.unit.test_deploy import make_tree
 
@@ -32,11 +34,20 @@ def sysroot(tmp_path: Path) -> Path:
 
 
 def test_version_sort_compares_numbers_as_numbers() -> None:
-    versions = ["6.12.9+bpo-cloud-amd64", "6.1.0-9-cloud-amd64", "6.1.0-27-cloud-amd64",
-                "5.10.0-30-amd64", "6.9.1"]
+    versions = [
+        "6.12.9+bpo-cloud-amd64",
+        "6.1.0-9-cloud-amd64",
+        "6.1.0-27-cloud-amd64",
+        "5.10.0-30-amd64",
+        "6.9.1",
+    ]
     assert sorted(versions, key=kernels.version_key) == [
-        "5.10.0-30-amd64", "6.1.0-9-cloud-amd64", "6.1.0-27-cloud-amd64", "6.9.1",
-        "6.12.9+bpo-cloud-amd64"]
+        "5.10.0-30-amd64",
+        "6.1.0-9-cloud-amd64",
+        "6.1.0-27-cloud-amd64",
+        "6.9.1",
+        "6.12.9+bpo-cloud-amd64",
+    ]
 
 
 def test_find_reads_both_conventions_newest_last(tree: Path) -> None:
@@ -44,10 +55,18 @@ def test_find_reads_both_conventions_newest_last(tree: Path) -> None:
     add_kernel(tree, OLD, convention="debian")
     found = kernels.find(tree)
     assert [(k.version, k.vmlinuz, k.initramfs, k.modules) for k in found] == [
-        (OLD, tree / f"boot/vmlinuz-{OLD}", tree / f"boot/initrd.img-{OLD}",
-         tree / "usr/lib/modules" / OLD),
-        (NEW, tree / "usr/lib/modules" / NEW / "vmlinuz",
-         tree / "usr/lib/modules" / NEW / "initramfs.img", tree / "usr/lib/modules" / NEW),
+        (
+            OLD,
+            tree / f"boot/vmlinuz-{OLD}",
+            tree / f"boot/initrd.img-{OLD}",
+            tree / "usr/lib/modules" / OLD,
+        ),
+        (
+            NEW,
+            tree / "usr/lib/modules" / NEW / "vmlinuz",
+            tree / "usr/lib/modules" / NEW / "initramfs.img",
+            tree / "usr/lib/modules" / NEW,
+        ),
     ]
     assert kernels.choose(found, None, tree) is found[1]
     assert kernels.choose(found, OLD, tree) is found[0]
@@ -76,9 +95,12 @@ def test_find_ignores_symlinks_and_what_is_no_kernel(tree: Path, tmp_path: Path)
 
 def test_choose_refuses_a_version_the_root_lacks(tree: Path) -> None:
     add_kernel(tree, OLD)
-    with pytest.raises(BootError, match=rf"^--kernel 7\.0: {tree} has no such kernel \(kernels"
-                       rf" there: {OLD}; looked for /usr/lib/modules/<version>/vmlinuz and"
-                       r" /boot/vmlinuz-<version>\)$"):
+    with pytest.raises(
+        BootError,
+        match=rf"^--kernel 7\.0: {tree} has no such kernel \(kernels"
+        rf" there: {OLD}; looked for /usr/lib/modules/<version>/vmlinuz and"
+        r" /boot/vmlinuz-<version>\)$",
+    ):
         kernels.choose(kernels.find(tree), "7.0", tree)
 
 
@@ -91,13 +113,19 @@ def test_check_image_takes_a_bzimage_of_its_version(tmp_path: Path) -> None:
 def test_check_image_refuses_what_is_not_a_kernel_of_this_architecture(tmp_path: Path) -> None:
     path = tmp_path / "vmlinuz"
     path.write_bytes(b"\x7fELF" + b"\0" * 2000)
-    with pytest.raises(BootError, match=rf"^{path} is not an x86 bzImage, the kernel format of"
-                       r" this machine \(x86_64\): deploy a root built for it, or give"
-                       r" --no-kernel to boot it under the running kernel$"):
+    with pytest.raises(
+        BootError,
+        match=rf"^{path} is not an x86 bzImage, the kernel format of"
+        r" this machine \(x86_64\): deploy a root built for it, or give"
+        r" --no-kernel to boot it under the running kernel$",
+    ):
         kernels.check_image(path, OLD, "x86_64")
     path.write_bytes(bzimage(OLD))
-    with pytest.raises(BootError, match=r"is not an arm64 Image or EFI zboot image, the kernel"
-                       r" format of this machine \(aarch64\)"):
+    with pytest.raises(
+        BootError,
+        match=r"is not an arm64 Image or EFI zboot image, the kernel"
+        r" format of this machine \(aarch64\)",
+    ):
         kernels.check_image(path, OLD, "aarch64")
     kernels.check_image(path, OLD, "s390x")  # no magic known: left to the stage
 
@@ -105,8 +133,11 @@ def test_check_image_refuses_what_is_not_a_kernel_of_this_architecture(tmp_path:
 def test_check_image_refuses_a_kernel_named_for_another_version(tmp_path: Path) -> None:
     path = tmp_path / "vmlinuz"
     path.write_bytes(bzimage(NEW))
-    with pytest.raises(BootError, match=rf"^{path} is kernel {re.escape(NEW)}, not {OLD} as its"
-                       r" name says: the root's kernel files are mixed up; rebuild the image$"):
+    with pytest.raises(
+        BootError,
+        match=rf"^{path} is kernel {re.escape(NEW)}, not {OLD} as its"
+        r" name says: the root's kernel files are mixed up; rebuild the image$",
+    ):
         kernels.check_image(path, OLD, "x86_64")
 
 
@@ -133,25 +164,43 @@ def test_kargs_d_files_are_read_in_name_order_for_this_architecture(tree: Path) 
     write_kargs(tree, "40-x86.toml", 'kargs = ["x86=1"]\nmatch-architectures = ["x86_64"]\n')
     write_kargs(tree, "README", "not read")
     assert kernels.read_kargs_dir(tree, "x86_64") == [
-        "quiet", "loglevel=3", "console=ttyS0,115200n8", "x86=1"]
+        "quiet",
+        "loglevel=3",
+        "console=ttyS0,115200n8",
+        "x86=1",
+    ]
     assert kernels.read_kargs_dir(tree, "aarch64")[-1] == "arm=1"
 
 
 BAD_KARGS_FILES: dict[str, tuple[str | bytes, str]] = {
     "not TOML": ("kargs = [", r" is not TOML \(.*\): write it as kargs = \[\"arg\", \.\.\.\]$"),
-    "no kargs": ("other = 1", r": unknown key\(s\) other: a kargs\.d file holds kargs = \[\.\.\.\]"
-                 r" and, optionally, match-architectures = \[\.\.\.\]$"),
+    "no kargs": (
+        "other = 1",
+        r": unknown key\(s\) other: a kargs\.d file holds kargs = \[\.\.\.\]"
+        r" and, optionally, match-architectures = \[\.\.\.\]$",
+    ),
     "empty": ("", r": kargs is missing or not a list of strings"),
-    "kargs a string": ('kargs = "quiet"', r": kargs is missing or not a list of strings: write"
-                       r" it as kargs = \[\"arg\", \.\.\.\]$"),
-    "arches a string": ('kargs = []\nmatch-architectures = "x86_64"',
-                        r": match-architectures is not a list of strings"),
-    "a machine's karg": ('kargs = ["root=/dev/sda"]', r": kernel argument 'root=/dev/sda' is the"
-                         r" machine's, not a deployment's"),
+    "kargs a string": (
+        'kargs = "quiet"',
+        r": kargs is missing or not a list of strings: write"
+        r" it as kargs = \[\"arg\", \.\.\.\]$",
+    ),
+    "arches a string": (
+        'kargs = []\nmatch-architectures = "x86_64"',
+        r": match-architectures is not a list of strings",
+    ),
+    "a machine's karg": (
+        'kargs = ["root=/dev/sda"]',
+        r": kernel argument 'root=/dev/sda' is the"
+        r" machine's, not a deployment's",
+    ),
     "two words": ('kargs = ["a b"]', r": kernel argument 'a b' is not one word"),
     "not UTF-8": (b"kargs = ['\xff']", r" is not TOML \("),
-    "nested 5000 deep": ("kargs = " + "[" * 5000 + "]" * 5000, r" nests arrays or tables too deep"
-                         r" for a kargs file: write it as kargs = \[\"arg\", \.\.\.\]$"),
+    "nested 5000 deep": (
+        "kargs = " + "[" * 5000 + "]" * 5000,
+        r" nests arrays or tables too deep"
+        r" for a kargs file: write it as kargs = \[\"arg\", \.\.\.\]$",
+    ),
 }
 
 
@@ -160,16 +209,20 @@ def test_a_bad_kargs_file_is_refused_naming_it(tree: Path, case: str) -> None:
     text, problem = BAD_KARGS_FILES[case]
     path = write_kargs(tree, "10-bad.toml", "")
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
-    with pytest.raises(BootError, match=rf"^/usr/lib/bootc/kargs\.d/10-bad\.toml in {tree}"
-                       + problem):
+    with pytest.raises(
+        BootError, match=rf"^/usr/lib/bootc/kargs\.d/10-bad\.toml in {tree}" + problem
+    ):
         kernels.read_kargs_dir(tree, "x86_64")
 
 
 def test_a_kargs_file_that_is_a_symlink_is_refused(tree: Path) -> None:
     write_kargs(tree, "10-real.toml", 'kargs = ["quiet"]')
     (tree / kernels.KARGS_DIR / "20-link.toml").symlink_to("10-real.toml")
-    with pytest.raises(BootError, match=r"^cannot read /usr/lib/bootc/kargs\.d/20-link\.toml in"
-                       rf" {tree}: it is a symlink$"):
+    with pytest.raises(
+        BootError,
+        match=r"^cannot read /usr/lib/bootc/kargs\.d/20-link\.toml in"
+        rf" {tree}: it is a symlink$",
+    ):
         kernels.read_kargs_dir(tree, "x86_64")
 
 
@@ -187,8 +240,14 @@ def test_deploy_stores_the_newest_kernel_with_the_deployment(
     add_kernel(tree, OLD, convention=convention)
     source_kernel = add_kernel(tree, NEW, convention=convention)
     write_kargs(tree, "10-console.toml", 'kargs = ["console=ttyS0"]')
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
-                                    kernel=deploy.KernelChoice(kargs=["quiet"]))
+    manifest, final = staging.deploy(
+        sysroot,
+        tree,
+        deployment_id="v1",
+        fmt="dir",
+        created=EPOCH,
+        kernel=staging.KernelChoice(kargs=["quiet"]),
+    )
     assert manifest.kernel is not None
     assert manifest.kernel.version == NEW
     assert manifest.kernel.kargs == ["console=ttyS0", "quiet"]
@@ -199,7 +258,7 @@ def test_deploy_stores_the_newest_kernel_with_the_deployment(
     assert os.stat(final / "vmlinuz").st_mode & 0o777 == 0o644
     state = layout.StateLayout(sysroot)
     assert state.read_manifest("v1") == manifest
-    assert state.kernel_path(manifest) == final / "vmlinuz"
+    assert state.kernel_path(manifest) == str(final / "vmlinuz")
     on_disk = json.loads((final / "manifest.json").read_text())["kernel"]
     assert on_disk["version"] == NEW and on_disk["vmlinuz"] == "vmlinuz"
 
@@ -207,38 +266,65 @@ def test_deploy_stores_the_newest_kernel_with_the_deployment(
 def test_deploy_kernel_chooses_the_named_version(tree: Path, sysroot: Path) -> None:
     add_kernel(tree, OLD)
     add_kernel(tree, NEW)
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
-                                    kernel=deploy.KernelChoice(OLD))
+    manifest, final = staging.deploy(
+        sysroot,
+        tree,
+        deployment_id="v1",
+        fmt="dir",
+        created=EPOCH,
+        kernel=staging.KernelChoice(OLD),
+    )
     assert manifest.kernel is not None and manifest.kernel.version == OLD
     assert (final / "initramfs.img").read_bytes().endswith(OLD.encode())
 
 
 def test_deploy_no_kernel_leaves_the_deployment_without_one(tree: Path, sysroot: Path) -> None:
     add_kernel(tree, OLD)
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
-                                    kernel=deploy.KernelChoice(skip=True))
+    manifest, final = staging.deploy(
+        sysroot,
+        tree,
+        deployment_id="v1",
+        fmt="dir",
+        created=EPOCH,
+        kernel=staging.KernelChoice(skip=True),
+    )
     assert manifest.kernel is None
     assert sorted(os.listdir(final)) == ["manifest.json", "root"]
     assert "kernel" not in json.loads((final / "manifest.json").read_text())
 
 
 def test_a_root_without_a_kernel_deploys_as_before(tree: Path, sysroot: Path) -> None:
-    manifest, final = deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+    manifest, final = staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
     assert manifest.kernel is None
     assert sorted(os.listdir(final)) == ["manifest.json", "root"]
 
 
-@pytest.mark.parametrize(("choice", "message"), [
-    (lambda: deploy.KernelChoice(OLD, skip=True), r"^--no-kernel leaves the deployment without a"
-     r" kernel of its own: drop --kernel and --karg, or --no-kernel$"),
-    (lambda: deploy.KernelChoice(skip=True, kargs=["quiet"]), r"^--no-kernel leaves"),
-    (lambda: deploy.KernelChoice("../x"), r"^--kernel '\.\./x' is not a kernel release \(what"
-     r" `uname -r` prints, e\.g\. 6\.1\.0-27-cloud-amd64\)$"),
-    (lambda: deploy.KernelChoice(kargs=["root=/dev/vda"]), r"^--karg 'root=/dev/vda': kernel"
-     r" argument 'root=/dev/vda' is the machine's, not a deployment's"),
-    (lambda: deploy.KernelChoice(kargs=["x" * 600, "y" * 600]), r"^the deployment's kernel"
-     r" arguments are longer than 1024 characters: x"),
-])
+@pytest.mark.parametrize(
+    ("choice", "message"),
+    [
+        (
+            lambda: staging.KernelChoice(OLD, skip=True),
+            r"^--no-kernel leaves the deployment without a"
+            r" kernel of its own: drop --kernel and --karg, or --no-kernel$",
+        ),
+        (lambda: staging.KernelChoice(skip=True, kargs=["quiet"]), r"^--no-kernel leaves"),
+        (
+            lambda: staging.KernelChoice("../x"),
+            r"^--kernel '\.\./x' is not a kernel release \(what"
+            r" `uname -r` prints, e\.g\. 6\.1\.0-27-cloud-amd64\)$",
+        ),
+        (
+            lambda: staging.KernelChoice(kargs=["root=/dev/vda"]),
+            r"^--karg 'root=/dev/vda': kernel"
+            r" argument 'root=/dev/vda' is the machine's, not a deployment's",
+        ),
+        (
+            lambda: staging.KernelChoice(kargs=["x" * 600, "y" * 600]),
+            r"^the deployment's kernel"
+            r" arguments are longer than 1024 characters: x",
+        ),
+    ],
+)
 def test_kernel_options_that_contradict_are_refused(choice: object, message: str) -> None:
     assert callable(choice)
     with pytest.raises(BootError, match=message):
@@ -246,11 +332,20 @@ def test_kernel_options_that_contradict_are_refused(choice: object, message: str
 
 
 def test_deploy_karg_without_a_kernel_is_refused(tree: Path, sysroot: Path) -> None:
-    with pytest.raises(BootError, match=rf"^--karg: {tree} has no kernel of its own \(no"
-                       r" /usr/lib/modules/<version>/vmlinuz nor /boot/vmlinuz-<version>\) for"
-                       r" the arguments to go with; drop --karg$"):
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH,
-                      kernel=deploy.KernelChoice(kargs=["quiet"]))
+    with pytest.raises(
+        BootError,
+        match=rf"^--karg: {tree} has no kernel of its own \(no"
+        r" /usr/lib/modules/<version>/vmlinuz nor /boot/vmlinuz-<version>\) for"
+        r" the arguments to go with; drop --karg$",
+    ):
+        staging.deploy(
+            sysroot,
+            tree,
+            deployment_id="v1",
+            fmt="dir",
+            created=EPOCH,
+            kernel=staging.KernelChoice(kargs=["quiet"]),
+        )
     assert layout.StateLayout(sysroot).deployment_ids() == []
     assert os.listdir(sysroot / "overlayroot/deployments") == []
 
@@ -261,7 +356,7 @@ def test_deploy_refuses_a_kernel_that_is_not_one_and_stages_nothing(
     kernel = add_kernel(tree, OLD)
     kernel.write_bytes(b"garbage" * 300)
     with pytest.raises(BootError, match=rf"^{kernel} is not an x86 bzImage"):
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+        staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
     assert os.listdir(sysroot / "overlayroot/deployments") == []
 
 
@@ -271,17 +366,19 @@ def test_a_kernel_without_initramfs_and_no_builder_is_refused_saying_how_to_add_
     add_kernel(tree, OLD, initramfs=None)
     monkeypatch.setitem(__import__("sys").modules, "initrd.build", None)
     with pytest.raises(BootError) as error:
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+        staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
     assert str(error.value).startswith(
         f"{tree} has kernel {OLD} ({tree}/usr/lib/modules/{OLD}/vmlinuz) but no initramfs for it"
         " (/usr/lib/modules/<version>/initramfs.img or /boot/initrd.img-<version>), and the"
-        " initramfs builder is not installed (")
+        " initramfs builder is not installed ("
+    )
     assert str(error.value).endswith(
         f"build one inside the image when it is built (`overlayroot initrd build --modules"
         f" /usr/lib/modules/{OLD} -o /usr/lib/modules/{OLD}/initramfs.img`, or dracut with the"
         " overlayroot module), install the builder where deploy runs (pip install"
         " 'overlayroot[build]') so that deploy builds one, or give --no-kernel to boot the root"
-        " under the running kernel")
+        " under the running kernel"
+    )
     assert os.listdir(sysroot / "overlayroot/deployments") == []
 
 
@@ -289,9 +386,12 @@ def test_a_debian_kernel_without_initramfs_nor_modules_is_refused(
     tree: Path, sysroot: Path
 ) -> None:
     add_kernel(tree, OLD, convention="debian", initramfs=None, modules=False)
-    with pytest.raises(BootError, match=rf"but no initramfs for it .*, nor its modules"
-                       rf" \(/usr/lib/modules/{OLD}\) to build one from: build one inside"):
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+    with pytest.raises(
+        BootError,
+        match=rf"but no initramfs for it .*, nor its modules"
+        rf" \(/usr/lib/modules/{OLD}\) to build one from: build one inside",
+    ):
+        staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
 
 
 # -- the stage's module list for the running kernel ---------------------------------------------
@@ -315,9 +415,12 @@ def test_an_initramfs_the_builder_cannot_build_is_refused_with_its_reason(
     tree: Path, sysroot: Path
 ) -> None:
     add_kernel(tree, OLD, initramfs=None)  # a modules directory without modules
-    with pytest.raises(BootError, match=rf"^{tree} has kernel {OLD} \(.*\) but no initramfs for"
-                       r" it \(.*\); building one failed: kernel module overlay \(requested\) is"
-                       rf" neither a file in {tree}/usr/lib/modules/{OLD} nor listed in its"
-                       r" modules\.builtin"):
-        deploy.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
+    with pytest.raises(
+        BootError,
+        match=rf"^{tree} has kernel {OLD} \(.*\) but no initramfs for"
+        r" it \(.*\); building one failed: kernel module overlay \(requested\) is"
+        rf" neither a file in {tree}/usr/lib/modules/{OLD} nor listed in its"
+        r" modules\.builtin",
+    ):
+        staging.deploy(sysroot, tree, deployment_id="v1", fmt="dir", created=EPOCH)
     assert os.listdir(sysroot / "overlayroot/deployments") == []

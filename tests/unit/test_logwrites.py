@@ -25,9 +25,15 @@ def sector(byte: int, count: int = 1) -> bytes:
     return bytes([byte]) * (SECTOR * count)
 
 
-def make_log(path: Path, entries: list[tuple[int, int, Flag, bytes]], *,
-             count: int | None = None, sectorsize: int = SECTOR, magic: int = MAGIC,
-             version: int = VERSION) -> Path:
+def make_log(
+    path: Path,
+    entries: list[tuple[int, int, Flag, bytes]],
+    *,
+    count: int | None = None,
+    sectorsize: int = SECTOR,
+    magic: int = MAGIC,
+    version: int = VERSION,
+) -> Path:
     """A log of (sector, nr_sectors, flags, data) entries, as blklogwrites writes one."""
     body = b""
     for target, nr_sectors, flags, data in entries:
@@ -50,13 +56,18 @@ def base_disk(path: Path, sectors: int = 16) -> Path:
 def test_a_cut_at_a_flush_keeps_what_came_before_and_drops_what_came_after(
     tmp_path: Path,
 ) -> None:
-    log = read_log(make_log(tmp_path / "log", [
-        (1, 1, Flag(0), sector(1)),
-        (0, 0, Flag.FLUSH, b""),
-        (2, 2, Flag(0), sector(2, 2)),
-        (3, 1, Flag.FUA, sector(3)),
-        (4, 1, Flag(0), sector(4)),  # never flushed
-    ]))
+    log = read_log(
+        make_log(
+            tmp_path / "log",
+            [
+                (1, 1, Flag(0), sector(1)),
+                (0, 0, Flag.FLUSH, b""),
+                (2, 2, Flag(0), sector(2, 2)),
+                (3, 1, Flag.FUA, sector(3)),
+                (4, 1, Flag(0), sector(4)),  # never flushed
+            ],
+        )
+    )
     assert log.durable_points() == [1, 3]
     replay = Replayer(log, base_disk(tmp_path / "base"), tmp_path / "disk")
     replay.advance(1)
@@ -70,25 +81,36 @@ def test_a_cut_at_a_flush_keeps_what_came_before_and_drops_what_came_after(
 
 
 def test_a_discard_leaves_zeros_and_a_mark_writes_nothing(tmp_path: Path) -> None:
-    log = read_log(make_log(tmp_path / "log", [
-        (2, 2, Flag.DISCARD, b""),
-        (0, 0, Flag.MARK, b"before-deploy"),
-        (5, 1, Flag(0), sector(5)),
-        (0, 0, Flag.FLUSH, b""),
-    ]))
+    log = read_log(
+        make_log(
+            tmp_path / "log",
+            [
+                (2, 2, Flag.DISCARD, b""),
+                (0, 0, Flag.MARK, b"before-deploy"),
+                (5, 1, Flag(0), sector(5)),
+                (0, 0, Flag.FLUSH, b""),
+            ],
+        )
+    )
     assert [e.mark for e in log.entries] == [None, "before-deploy", None, None]
     replay = Replayer(log, base_disk(tmp_path / "base", 8), tmp_path / "disk")
     replay.advance(3)
-    assert replay.image.read_bytes() == (sector(0xAA, 2) + sector(0, 2) + sector(0xAA)
-                                         + sector(5) + sector(0xAA, 2))
+    assert replay.image.read_bytes() == (
+        sector(0xAA, 2) + sector(0, 2) + sector(0xAA) + sector(5) + sector(0xAA, 2)
+    )
 
 
 def test_the_writes_to_a_range_of_sectors_are_found_with_their_data(tmp_path: Path) -> None:
-    log = read_log(make_log(tmp_path / "log", [
-        (0, 4, Flag(0), sector(1) + sector(2) + sector(3) + sector(4)),
-        (9, 1, Flag(0), sector(9)),
-        (0, 0, Flag.FLUSH, b""),
-    ]))
+    log = read_log(
+        make_log(
+            tmp_path / "log",
+            [
+                (0, 4, Flag(0), sector(1) + sector(2) + sector(3) + sector(4)),
+                (9, 1, Flag(0), sector(9)),
+                (0, 0, Flag.FLUSH, b""),
+            ],
+        )
+    )
     hits = list(sectors_written(log, 2, 8))
     assert [(e.index, first, count) for e, first, count in hits] == [(0, 2, 2), (1, 9, 1)]
     entry, first, count = hits[0]
@@ -101,9 +123,17 @@ def test_the_writes_to_a_range_of_sectors_are_found_with_their_data(tmp_path: Pa
 
 def test_entries_past_the_super_blocks_count_are_not_read(tmp_path: Path) -> None:
     # QEMU rewrites the count at each flush: writes after the last one are not counted yet.
-    log = read_log(make_log(tmp_path / "log", [
-        (1, 1, Flag(0), sector(1)), (0, 0, Flag.FLUSH, b""), (2, 1, Flag(0), sector(2)),
-    ], count=2))
+    log = read_log(
+        make_log(
+            tmp_path / "log",
+            [
+                (1, 1, Flag(0), sector(1)),
+                (0, 0, Flag.FLUSH, b""),
+                (2, 1, Flag(0), sector(2)),
+            ],
+            count=2,
+        )
+    )
     assert len(log.entries) == 2
 
 
@@ -120,22 +150,33 @@ def test_the_replay_only_goes_forward_and_not_past_the_log(tmp_path: Path) -> No
 def test_a_write_past_the_end_of_the_base_disk_says_so(tmp_path: Path) -> None:
     log = read_log(make_log(tmp_path / "log", [(20, 1, Flag(0), sector(1))]))
     replay = Replayer(log, base_disk(tmp_path / "base", 8), tmp_path / "disk")
-    with pytest.raises(LogFormatError, match=r"entry 0 writes bytes 10240\.\.10752, past the end"
-                       r" of the 4096-byte disk .*wrong base disk\?"):
+    with pytest.raises(
+        LogFormatError,
+        match=r"entry 0 writes bytes 10240\.\.10752, past the end"
+        r" of the 4096-byte disk .*wrong base disk\?",
+    ):
         replay.advance(0)
 
 
-@pytest.mark.parametrize(("make", "message"), [
-    (lambda p: p.write_bytes(b"short"), "5 bytes is too short for a write log's super block"),
-    (lambda p: p.write_bytes(b"\xff" * 4096), "not a write log \\(magic 0xffffffffffffffff"),
-    (lambda p: make_log(p, [], version=2), "write log version 2; only 1 is known"),
-    (lambda p: make_log(p, [], sectorsize=24), "sector size 24 is not a power of two"),
-    (lambda p: make_log(p, [(0, 0, Flag.FLUSH, b"")], count=3),
-     "torn write log: the super block counts 3 entries, but the file ends \\(1024 bytes\\)"
-     " inside entry 1"),
-    (lambda p: make_log(p, [(0, 0, Flag(64), b"")]),
-     "entry 0 at byte 512 has unknown flags 0x40: the log is damaged"),
-], ids=["short", "garbage", "version", "sectorsize", "torn", "flags"])
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda p: p.write_bytes(b"short"), "5 bytes is too short for a write log's super block"),
+        (lambda p: p.write_bytes(b"\xff" * 4096), "not a write log \\(magic 0xffffffffffffffff"),
+        (lambda p: make_log(p, [], version=2), "write log version 2; only 1 is known"),
+        (lambda p: make_log(p, [], sectorsize=24), "sector size 24 is not a power of two"),
+        (
+            lambda p: make_log(p, [(0, 0, Flag.FLUSH, b"")], count=3),
+            "torn write log: the super block counts 3 entries, but the file ends \\(1024 bytes\\)"
+            " inside entry 1",
+        ),
+        (
+            lambda p: make_log(p, [(0, 0, Flag(64), b"")]),
+            "entry 0 at byte 512 has unknown flags 0x40: the log is damaged",
+        ),
+    ],
+    ids=["short", "garbage", "version", "sectorsize", "torn", "flags"],
+)
 def test_a_damaged_log_is_a_clear_error(tmp_path: Path, make: object, message: str) -> None:
     path = tmp_path / "log"
     assert callable(make)
@@ -147,14 +188,18 @@ def test_a_damaged_log_is_a_clear_error(tmp_path: Path, make: object, message: s
 def test_data_cut_short_by_the_end_of_the_file_is_a_torn_log(tmp_path: Path) -> None:
     path = make_log(tmp_path / "log", [(0, 4, Flag(0), sector(1, 4))])
     path.write_bytes(path.read_bytes()[:-SECTOR])
-    with pytest.raises(LogFormatError, match="torn write log: entry 0 writes 4 sectors that run"
-                       " past the end of the file \\(2560 bytes\\)"):
+    with pytest.raises(
+        LogFormatError,
+        match="torn write log: entry 0 writes 4 sectors that run"
+        " past the end of the file \\(2560 bytes\\)",
+    ):
         read_log(path)
 
 
 def test_a_missing_log_names_the_file(tmp_path: Path) -> None:
-    with pytest.raises(LogFormatError, match=f"{tmp_path}/nope: cannot read the write log: No"
-                       " such file"):
+    with pytest.raises(
+        LogFormatError, match=f"{tmp_path}/nope: cannot read the write log: No such file"
+    ):
         read_log(tmp_path / "nope")
 
 

@@ -7,21 +7,26 @@ from pathlib import Path
 
 import pytest
 
-from overlayroot import target
-from overlayroot.errors import BootError
+from overlayroot.commands import target
+from overlayroot.core.errors import BootError
 
 
-def test_without_booted_json_a_sysroot_is_needed(monkeypatch: pytest.MonkeyPatch,
-                                                 tmp_path: Path) -> None:
+def test_without_booted_json_a_sysroot_is_needed(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setattr(target, "BOOTED", str(tmp_path / "booted.json"))
-    with pytest.raises(BootError, match=r"^no state filesystem: not booted by overlayroot and no"
-                       r" --sysroot given$"):
+    with pytest.raises(
+        BootError,
+        match=r"^no state filesystem: not booted by overlayroot and no"
+        r" --sysroot given$",
+    ):
         target.find(None)
     assert target.find(str(tmp_path)).booted is None
 
 
-def test_booted_json_counts_only_for_the_state_it_names(monkeypatch: pytest.MonkeyPatch,
-                                                        tmp_path: Path) -> None:
+def test_booted_json_counts_only_for_the_state_it_names(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     booted = tmp_path / "booted.json"
     (tmp_path / "state").mkdir()
     booted.write_text(json.dumps({"deployment": "v1", "state": str(tmp_path / "state")}))
@@ -35,10 +40,10 @@ def test_booted_json_counts_only_for_the_state_it_names(monkeypatch: pytest.Monk
 
 
 def test_the_lock_excludes_a_second_holder(tmp_path: Path) -> None:
-    from overlayroot.layout import StateLayout
+    from overlayroot.core.layout import StateLayout
 
     layout = StateLayout(tmp_path)
-    layout.top.mkdir()
+    Path(layout.top).mkdir()
     with (
         target.locked(layout),
         pytest.raises(BootError, match="another overlayroot command"),

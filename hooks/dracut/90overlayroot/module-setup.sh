@@ -48,7 +48,7 @@ install() {
     payload=$(mktemp -d "$DRACUT_TMPDIR/overlayroot-payload.XXXXXX")
     # dracut ignores what install() returns: a stage that is not in the image must stop the
     # build, or the machine would boot the state filesystem as its root.
-    if ! "$builder" initrd build --payload-dir "$payload" --entry overlayroot.prepare > /dev/null; then
+    if ! "$builder" initrd build --payload-dir "$payload" --entry overlayroot.boot.prepare > /dev/null; then
         dfatal "overlayroot: '$builder initrd build' failed; the error is above"
         exit 1
     fi

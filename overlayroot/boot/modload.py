@@ -1,0 +1,142 @@
+"""Load the kernel modules the builder listed, in its order, with finit_module(2).
+
+Each line of the listing is a module's path, then the needs it is loaded for, if any: a module
+without needs is loaded at the start of every boot (:func:`load_listed`); one with needs only
+when the boot comes to one of them (:func:`need`): ``fs-<type>`` before the stage mounts a
+filesystem of that type, ``watchdog`` before it arms a watchdog on a machine without one. A
+module's signature check and relocation cost the boot time in proportion to its size, so a
+normal boot of an erofs deployment does not pay for squashfs or softdog. Last come the
+``cpu:`` modalias patterns of a module for a CPU feature (crc32c-intel: SSE 4.2): it is skipped
+on a CPU whose ``/sys/devices/system/cpu/modalias`` matches none, where it would refuse to load.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from overlayroot.boot.console import Console
+from overlayroot.core import syscalls
+
+MODULES_LIST = "/usr/lib/overlayroot/modules.list"
+# The same list for one kernel release, named by it: an initramfs that carries the modules of two
+# kernels (the boot pair's while it changes kernels, docs/kernels.md) has one list for each.
+RELEASE_LIST = "/usr/lib/overlayroot/modules.d/{release}.list"
+
+
+def listing_for(release: str) -> str:
+    """The running kernel's own list when the initramfs has one, else the single list."""
+    own = RELEASE_LIST.format(release=release)
+    return own if os.path.exists(own) else MODULES_LIST
+
+
+CPU_MODALIAS = "/sys/devices/system/cpu/modalias"
+
+
+class Listing:
+    """The modules of one listing, and which of them were tried already."""
+
+    __slots__ = ("cpu", "done", "lines")
+
+    def __init__(self, path: str, cpu: str = CPU_MODALIAS) -> None:
+        try:
+            with open(path) as f:
+                self.lines = [line.split() for line in f if line.strip()]
+        except FileNotFoundError:
+            self.lines = []
+        self.done: set[str] = set()
+        self.cpu = cpu
+
+    def load(self, wanted: str | None) -> tuple[list[str], list[str]]:
+        """Load the modules without needs (``wanted`` None) or those for ``wanted``, each once;
+        returns the names loaded and warnings for the ones that failed."""
+        loaded: list[str] = []
+        warnings: list[str] = []
+        for path, *tokens in self.lines:
+            needs = [t for t in tokens if not t.startswith("cpu:")]
+            if path in self.done or (needs and wanted not in needs) or (wanted and not needs):
+                continue
+            self.done.add(path)
+            cpus = [t for t in tokens if t.startswith("cpu:")]
+            if cpus and not self._for_this_cpu(cpus):
+                continue
+            name = _load(path, warnings)
+            if name is not None:
+                loaded.append(name)
+        return loaded, warnings
+
+    def _for_this_cpu(self, patterns: list[str]) -> bool:
+        try:
+            with open(self.cpu) as f:
+                modalias = f.read().strip()
+        except OSError:
+            return True  # nothing to tell by: let the module decide
+        # A pattern with ? or [ ] (none of the kernel's cpu: aliases) is not judged here either.
+        return any("?" in p or "[" in p or glob_match(p, modalias) for p in patterns)
+
+
+def glob_match(pattern: str, text: str) -> bool:
+    """Whether ``text`` matches ``pattern``, in which ``*`` stands for any characters (all a
+    modalias pattern of a CPU feature uses; ``fnmatch`` would import ``re``)."""
+    first, *middle_and_last = pattern.split("*")
+    if not middle_and_last:
+        return text == pattern
+    *middle, last = middle_and_last
+    if not text.startswith(first) or len(text) < len(first) + len(last):
+        return False
+    at, end = len(first), len(text) - len(last)
+    for part in middle:
+        found = text.find(part, at, end)
+        if found < 0:
+            return False
+        at = found + len(part)
+    return text.endswith(last)
+
+
+_listings: dict[str, Listing] = {}
+
+
+def _listing(path: str) -> Listing:
+    if path not in _listings:
+        _listings[path] = Listing(path)
+    return _listings[path]
+
+
+def load_listed(listing: str | None = None) -> tuple[list[str], list[str]]:
+    """Load every module of ``listing`` (default: the running kernel's, :func:`listing_for`)
+    that has no needs, in order (dependencies first).
+
+    Returns the names loaded and warnings for the ones that failed: a module that does not load
+    (say, a driver for hardware this machine lacks) must not stop the boot by itself; the step
+    that needs it fails later with a message about what is missing.
+    """
+    return _listing(listing or listing_for(os.uname().release)).load(None)
+
+
+def need(what: str, listing: str | None = None) -> None:
+    """Load the modules listed for ``what`` (``fs-erofs``, ``watchdog``) that were not loaded
+    yet; a warning on the console for each that fails (the step that needed it then fails with
+    its own message). Nothing to do where the listing names none: under another initramfs
+    generator, the kernel asks modprobe by itself."""
+    for warning in _listing(listing or listing_for(os.uname().release)).load(what)[1]:
+        Console().warn(warning)
+
+
+def _load(path: str, warnings: list[str]) -> str | None:
+    name = os.path.basename(path).split(".", 1)[0]
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as e:
+        warnings.append(f"cannot open kernel module {path}: {e.strerror}")
+        return None
+    try:
+        syscalls.finit_module(fd, name)
+        return name
+    except OSError as e:
+        # EEXIST: already loaded. ENODEV: a driver or an alternative implementation (e.g.
+        # crc32c-intel on a CPU without SSE 4.2) for hardware this machine does not have.
+        if e.errno not in (errno.EEXIST, errno.ENODEV):
+            warnings.append(f"kernel module {name} did not load: {e.strerror}")
+        return None
+    finally:
+        os.close(fd)

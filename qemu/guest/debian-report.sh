@@ -1,0 +1,57 @@
+#!/bin/sh
+# /usr/lib/overlayroot-test/report of the Debian test images (qemu/debian.py, qemu/trixie.py),
+# run once multi-user.target is reached: what the booted system sees, in OVERLAYROOT-TEST
+# markers straight on the console (not through journald), then a poweroff.
+exec >/dev/console 2>&1
+# shellcheck source=common.sh
+. /usr/lib/overlayroot-test/common.sh
+
+mark multi_user_us "$(systemctl show -P ActiveEnterTimestampMonotonic multi-user.target)"
+mark initrd_us "$(systemctl show -P InitRDTimestampMonotonic)"
+mark userspace_us "$(systemctl show -P UserspaceTimestampMonotonic)"
+read -r uptime _ < /proc/uptime
+mark uptime "$uptime"
+mark kernel "$(uname -r)"
+
+if [ "$(try_write /.overlayroot-test-probe x)" = ok ]; then
+    rm -f /.overlayroot-test-probe
+    mark root_ro no
+else
+    mark root_ro yes
+fi
+probe tmp_writable /tmp/.overlayroot-test-probe
+probe etc_writable /etc/.overlayroot-test-probe
+mark_mounts
+
+failed=$(systemctl list-units --state=failed --plain --no-legend --no-pager |
+    while read -r unit _; do printf '%s ' "$unit"; done)
+mark failed "$failed"
+mark machine_id "$(cat /etc/machine-id)"
+mark hostname "$(cat /etc/hostname)"
+if [ -f /run/overlayroot/booted.json ]; then
+    mark booted_json "$(tr -d '\n' < /run/overlayroot/booted.json)"
+fi
+# The bless: this unit runs after it (After=), which runs after boot-complete.target.
+mark boot_complete "$(systemctl is-active boot-complete.target)"
+mark boot_complete_us "$(systemctl show -P ActiveEnterTimestampMonotonic boot-complete.target)"
+mark bless_active "$(systemctl is-active overlayroot-bless.service)"
+mark bless_result "$(systemctl show -P Result overlayroot-bless.service)"
+mark bless_start_us \
+    "$(systemctl show -P ExecMainStartTimestampMonotonic overlayroot-bless.service)"
+if command -v overlayroot > /dev/null && [ -f /run/overlayroot/booted.json ]; then
+    mark status "$(overlayroot status --json | tr -d '\n')"
+fi
+mark modules "$(while read -r name _; do printf '%s ' "$name"; done < /proc/modules)"
+
+read_test_options
+write_tokens
+# test.deploy=ID: deploy the update the test put on the state filesystem at updates/ID.erofs
+# (after the bless: the unit runs after it), as an update service would.
+if [ -n "$deploy_id" ]; then
+    overlayroot deploy --id "$deploy_id" "/run/overlayroot/state/updates/$deploy_id.erofs"
+    mark deploy "$?"
+fi
+read_tokens_back
+
+echo "OVERLAYROOT-TEST done"
+systemctl --no-block poweroff

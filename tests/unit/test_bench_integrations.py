@@ -1,0 +1,69 @@
+"""bench.integrations: the split of a boot and the table, on made-up consoles (the boots
+themselves are the benchmark's)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from bench.integrations import main, phases, table
+from qemu.machine import BootFailure
+
+CONSOLE = "[    0.000000] Linux version 6.12\n[    7.126712] Run /init as init process\n"
+MARKERS = {"userspace_us": "26595051", "multi_user_us": "149759750"}
+
+
+def test_a_boot_is_split_at_run_init_and_the_real_inits_start() -> None:
+    split = phases(MARKERS, CONSOLE, Path("boot.log"))
+    assert split == pytest.approx(
+        {
+            "kernel_s": 7.126712,
+            "initramfs_s": 26.595051 - 7.126712,
+            "userspace_s": 149.759750 - 26.595051,
+            "multi_user_s": 149.759750,
+        }
+    )
+
+
+def test_a_console_without_run_init_is_a_boot_failure_naming_the_log() -> None:
+    with pytest.raises(BootFailure) as error:
+        phases(MARKERS, "[    0.000000] Linux version 6.12\n", Path("boot.log"))
+    assert error.value.reason == "no 'Run /init as init process' line with a timestamp"
+    assert error.value.log_path == Path("boot.log")
+
+
+def test_the_table_gives_ratios_to_plain_dracut_of_the_same_suite_and_boot_kind() -> None:
+    def config(suite: str, name: str, boot: str, initrd: float, total: float) -> dict[str, object]:
+        return {
+            "suite": suite,
+            "name": name,
+            "boot": boot,
+            "initramfs_bytes": 2**20,
+            "median": {
+                "kernel_s": 1.0,
+                "initramfs_s": initrd,
+                "userspace_s": total - 1.0 - initrd,
+                "multi_user_s": total,
+            },
+        }
+
+    report = {
+        "accel": "tcg",
+        "runs": 3,
+        "configurations": [
+            config("trixie", "standalone", "later", 2.0, 30.0),
+            config("trixie", "dracut", "later", 10.0, 60.0),
+            config("bookworm", "standalone", "first", 5.0, 40.0),
+        ],
+    }
+    lines = table(report).splitlines()
+    assert lines[2].split()[-2:] == ["0.20", "0.50"]
+    assert lines[3].split()[-2:] == ["1.00", "1.00"]
+    assert lines[4].split()[-1] == "40.0"  # no bookworm baseline ran: no ratios
+
+
+def test_an_unknown_suite_is_refused_with_the_choices(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["--suites", "bookworm,sid"])
+    assert "sid: not one of bookworm, trixie" in capsys.readouterr().err

@@ -1,0 +1,148 @@
+"""Kernel modules at the start of a boot and on demand, from the builder's listing."""
+
+from __future__ import annotations
+
+import errno
+import fnmatch
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from overlayroot.boot import modload
+from overlayroot.core import syscalls
+
+
+@pytest.fixture
+def loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """finit_module(2) stands in: records the names; 'absent' has no device (ENODEV), 'broken'
+    a bad signature (EKEYREJECTED), 'twice' is loaded already (EEXIST)."""
+    calls: list[str] = []
+    failures = {"absent": errno.ENODEV, "broken": errno.EKEYREJECTED, "twice": errno.EEXIST}
+
+    def finit_module(fd: int, name: str, params: str = "") -> None:
+        os.fstat(fd)  # an open descriptor
+        calls.append(name)
+        if name in failures:
+            raise OSError(failures[name], os.strerror(failures[name]), name)
+
+    monkeypatch.setattr(syscalls, "finit_module", finit_module)
+    monkeypatch.setattr(modload, "_listings", {})
+    return calls
+
+
+def listing(tmp_path: Path, *lines: str) -> str:
+    """A listing of stand-in modules: ``"name need need"`` a line."""
+    written = []
+    for line in lines:
+        name, *needs = line.split()
+        (tmp_path / f"{name}.ko").write_bytes(b"\x7fELF")
+        written.append(" ".join((str(tmp_path / f"{name}.ko"), *needs)) + "\n")
+    path = tmp_path / "modules.list"
+    path.write_text("".join(written))
+    return str(path)
+
+
+def test_the_start_loads_the_modules_without_needs_in_order(
+    tmp_path: Path, loaded: list[str]
+) -> None:
+    path = listing(
+        tmp_path,
+        "virtio",
+        "libcrc32c fs-erofs fs-xfs",
+        "erofs fs-erofs",
+        "loop",
+        "watchdog watchdog",
+        "softdog watchdog",
+    )
+    assert modload.load_listed(path) == (["virtio", "loop"], [])
+    assert loaded == ["virtio", "loop"]
+
+
+def test_a_need_loads_its_modules_once_and_in_order(
+    tmp_path: Path, loaded: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = listing(
+        tmp_path,
+        "virtio",
+        "libcrc32c fs-erofs fs-xfs",
+        "erofs fs-erofs",
+        "xfs fs-xfs",
+        "watchdog watchdog",
+        "softdog watchdog",
+    )
+    modload.load_listed(path)
+    modload.need("fs-erofs", path)
+    modload.need("fs-erofs", path)
+    modload.need("fs-xfs", path)  # libcrc32c is in already
+    modload.need("fs-ext4", path)  # built in, or not listed: nothing to do
+    modload.need("watchdog", path)
+    assert loaded == ["virtio", "libcrc32c", "erofs", "xfs", "watchdog", "softdog"]
+    assert capsys.readouterr().out == ""
+
+
+def test_a_need_without_a_listing_is_nothing_to_do(tmp_path: Path, loaded: list[str]) -> None:
+    modload.need("fs-erofs", str(tmp_path / "missing"))
+    assert modload.load_listed(str(tmp_path / "missing")) == ([], [])
+    assert loaded == []
+
+
+def test_modules_that_fail_are_warnings_and_the_boot_goes_on(
+    tmp_path: Path, loaded: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = listing(
+        tmp_path,
+        "absent",
+        "broken",
+        "twice",
+        "virtio",
+        "gone fs-erofs",
+        "softdog watchdog",
+        "broken2 watchdog",
+    )
+    os.unlink(tmp_path / "gone.ko")
+    (tmp_path / "broken2.ko").rename(tmp_path / "broken2.ko.x")
+    assert modload.load_listed(path) == (
+        ["virtio"],
+        ["kernel module broken did not load: Key was rejected by service"],
+    )
+    modload.need("fs-erofs", path)
+    modload.need("watchdog", path)
+    assert loaded == ["absent", "broken", "twice", "virtio", "softdog"]
+    assert capsys.readouterr().out == (
+        f"overlayroot: warning: cannot open kernel module {tmp_path}/gone.ko: No such file or"
+        " directory\n"
+        f"overlayroot: warning: cannot open kernel module {tmp_path}/broken2.ko: No such file or"
+        " directory\n"
+    )
+
+
+SSE42 = "cpu:type:x86,ven*fam*mod*:feature:*0094*"
+
+
+@pytest.mark.parametrize(
+    ("features", "expected"),
+    [
+        (",0000,0001,0094,00E7", ["virtio", "crc32c_intel", "erofs"]),
+        (",0000,0001,0095,00E7", ["virtio", "erofs"]),  # no SSE 4.2: it would refuse (ENODEV)
+        (None, ["virtio", "crc32c_intel", "erofs"]),  # no modalias to tell by: try it
+    ],
+)
+def test_a_module_for_a_cpu_feature_is_skipped_on_a_cpu_without_it(
+    tmp_path: Path, loaded: list[str], features: str | None, expected: list[str]
+) -> None:
+    path = listing(tmp_path, "virtio", f"crc32c_intel fs-erofs {SSE42}", "erofs fs-erofs")
+    cpu = tmp_path / "modalias"
+    if features is not None:
+        cpu.write_text(f"cpu:type:x86,ven0000fam0006mod0006:feature:{features}\n")
+    modload._listings[path] = modload.Listing(path, str(cpu))
+    modload.load_listed(path)
+    modload.need("fs-erofs", path)
+    assert loaded == expected
+
+
+@given(st.text(alphabet="ab*", max_size=8), st.text(alphabet="ab", max_size=8))
+def test_glob_match_is_fnmatch_for_stars(pattern: str, text: str) -> None:
+    assert modload.glob_match(pattern, text) == fnmatch.fnmatchcase(text, pattern)
