@@ -338,8 +338,13 @@ def test_a_reboot_that_fails_when_the_state_cannot_be_made_writable_again_says_b
     real_mount = syscalls.mount
     remounts: list[int] = []
 
-    def mount(source: str | None, target: str, fstype: str | None = None, flags: int = 0,
-              data: str | None = None) -> None:
+    def mount(
+        source: str | None,
+        target: str,
+        fstype: str | None = None,
+        flags: int = 0,
+        data: str | None = None,
+    ) -> None:
         remounts.append(flags)
         if not flags & syscalls.MS_RDONLY:
             raise OSError(errno.EROFS, os.strerror(errno.EROFS), target)
@@ -351,8 +356,11 @@ def test_a_reboot_that_fails_when_the_state_cannot_be_made_writable_again_says_b
     monkeypatch.setattr(syscalls, "mount", mount)
     monkeypatch.setattr(syscalls, "reboot", fail)
     try:
-        with pytest.raises(BootError, match=r"^reboot\(2\) failed: Invalid argument; and the"
-                           " state filesystem stays read-only: Read-only file system$"):
+        with pytest.raises(
+            BootError,
+            match=r"^reboot\(2\) failed: Invalid argument; and the"
+            " state filesystem stays read-only: Read-only file system$",
+        ):
             kexec.restart(str(env.sysroot), syscalls.RB_KEXEC)
     finally:
         real_mount(None, str(env.sysroot), None, syscalls.MS_REMOUNT)
