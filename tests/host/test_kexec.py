@@ -330,3 +330,50 @@ def test_kexec_file_load_reports_the_kernels_errno() -> None:
         syscalls.kexec_file_load(f.fileno(), -1, "", syscalls.KEXEC_FILE_NO_INITRAMFS)
     assert raised.value.errno in (errno.ENOEXEC, errno.ENOSYS, errno.EPERM)
     assert raised.value.strerror == os.strerror(raised.value.errno or 0)
+
+
+def test_a_reboot_that_fails_when_the_state_cannot_be_made_writable_again_says_both(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_mount = syscalls.mount
+    remounts: list[int] = []
+
+    def mount(
+        source: str | None,
+        target: str,
+        fstype: str | None = None,
+        flags: int = 0,
+        data: str | None = None,
+    ) -> None:
+        remounts.append(flags)
+        if not flags & syscalls.MS_RDONLY:
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), target)
+        real_mount(source, target, fstype, flags, data)
+
+    def fail(command: int) -> None:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(syscalls, "mount", mount)
+    monkeypatch.setattr(syscalls, "reboot", fail)
+    try:
+        with pytest.raises(
+            BootError,
+            match=r"^reboot\(2\) failed: Invalid argument; and the"
+            " state filesystem stays read-only: Read-only file system$",
+        ):
+            kexec.restart(str(env.sysroot), syscalls.RB_KEXEC)
+    finally:
+        real_mount(None, str(env.sysroot), None, syscalls.MS_REMOUNT)
+    assert remounts == [syscalls.MS_REMOUNT | syscalls.MS_RDONLY, syscalls.MS_REMOUNT]
+
+
+def test_kexec_file_load_on_a_machine_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.uname()
+
+    class Uname:
+        machine = "s390x"
+        release = real.release
+
+    monkeypatch.setattr(os, "uname", Uname)
+    with pytest.raises(OSError, match="kexec_file_load: no such system call on s390x"):
+        syscalls.kexec_file_load(0, -1, "")
