@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import zipfile
@@ -74,6 +75,8 @@ def test_installing_next_to_qemus_own_library_leaves_it_working(
 ) -> None:
     """`pip install` of our wheel into an environment that has QEMU's Python library
     (qemu-qmp, from PyPI): `import qemu.qmp` still works, and so does our command."""
+    # Nothing of this checkout on the path: its folder qemu/ would hide the installed qemu.qmp.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", str(venv)], check=True)
     pip = [
@@ -84,11 +87,13 @@ def test_installing_next_to_qemus_own_library_leaves_it_working(
         "--quiet",
         "--disable-pip-version-check",
     ]
-    got = subprocess.run([*pip, "qemu.qmp"], capture_output=True, text=True)
+    got = subprocess.run([*pip, "qemu.qmp"], capture_output=True, text=True, env=env)
     if got.returncode != 0 and "No matching distribution" not in got.stderr:
         pytest.skip(f"PyPI is not reachable to install qemu.qmp: {got.stderr.strip()[-300:]}")
     assert got.returncode == 0, got.stderr
-    installed = subprocess.run([*pip, "--no-deps", str(wheel)], capture_output=True, text=True)
+    installed = subprocess.run(
+        [*pip, "--no-deps", str(wheel)], capture_output=True, text=True, env=env
+    )
     assert installed.returncode == 0, installed.stderr
     ran = subprocess.run(
         [
@@ -99,9 +104,10 @@ def test_installing_next_to_qemus_own_library_leaves_it_working(
         capture_output=True,
         text=True,
         cwd=tmp_path,
+        env=env,
     )
     assert (ran.returncode, ran.stdout) == (0, "QMPClient\n"), ran.stderr
     version = subprocess.run(
-        [str(venv / "bin/overlayroot"), "--version"], capture_output=True, text=True
+        [str(venv / "bin/overlayroot"), "--version"], capture_output=True, text=True, env=env
     )
     assert version.returncode == 0 and "overlayroot" in version.stdout, version.stderr
