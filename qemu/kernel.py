@@ -51,33 +51,25 @@ class Kernel:
 
 def kernel_from_env() -> Kernel | None:
     """`OVERLAYROOT_KERNEL=/path/vmlinuz` and `OVERLAYROOT_KERNEL_MODULES=/lib/modules/<kver>`."""
-    vmlinuz = os.environ.get("OVERLAYROOT_KERNEL")
-    if not vmlinuz:
-        return None
-    modules = os.environ.get("OVERLAYROOT_KERNEL_MODULES")
-    if not modules:
-        raise KernelUnavailable(
-            "OVERLAYROOT_KERNEL is set but OVERLAYROOT_KERNEL_MODULES is not: "
-            "point it at the kernel's /lib/modules/<kver> directory"
-        )
-    kernel = Kernel(Path(vmlinuz), Path(modules), Path(modules).name)
-    for path in (kernel.vmlinuz, kernel.modules):
-        if not path.exists():
-            raise KernelUnavailable(f"{path} (from the environment) does not exist")
-    return kernel
+    return _kernel_named_by("OVERLAYROOT_KERNEL", "the kernel's")
 
 
 def second_kernel_from_env() -> Kernel | None:
     """`OVERLAYROOT_KERNEL_B=/path/vmlinuz` and `OVERLAYROOT_KERNEL_B_MODULES=/lib/modules/<kver>`:
     the kernel a deployment carries, instead of Debian's 6.12 cloud kernel."""
-    vmlinuz = os.environ.get("OVERLAYROOT_KERNEL_B")
+    return _kernel_named_by("OVERLAYROOT_KERNEL_B", "that kernel's")
+
+
+def _kernel_named_by(variable: str, whose: str) -> Kernel | None:
+    """The kernel `$variable` and `${variable}_MODULES` name, None when the first is unset."""
+    vmlinuz = os.environ.get(variable)
     if not vmlinuz:
         return None
-    modules = os.environ.get("OVERLAYROOT_KERNEL_B_MODULES")
+    modules = os.environ.get(f"{variable}_MODULES")
     if not modules:
         raise KernelUnavailable(
-            "OVERLAYROOT_KERNEL_B is set but OVERLAYROOT_KERNEL_B_MODULES is not: "
-            "point it at that kernel's /lib/modules/<kver> directory"
+            f"{variable} is set but {variable}_MODULES is not: "
+            f"point it at {whose} /lib/modules/<kver> directory"
         )
     kernel = Kernel(Path(vmlinuz), Path(modules), Path(modules).name)
     for path in (kernel.vmlinuz, kernel.modules):
