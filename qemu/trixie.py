@@ -31,7 +31,6 @@ import hashlib
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +38,7 @@ from pathlib import Path
 from qemu import debian
 from qemu.kernel import Kernel
 from qemu.paths import REPO_ROOT, cache_dir, cache_entry
+from qemu.wheel import WheelBuildFailed, build_wheel
 
 SUITE = "trixie"
 # On top of bookworm's list: the kernel (which depends on initramfs-tools), zstd (initramfs-tools
@@ -137,7 +137,10 @@ def _build(base: Path, staging: Path) -> None:
     (version,) = [p.name.removeprefix("vmlinuz-") for p in (root / "boot").glob("vmlinuz-*")]
 
     # 2. The wheel, installed by the image's pip from a file, its dependencies already there.
-    wheel = _build_wheel(staging / "wheel")
+    try:
+        wheel = build_wheel(staging / "wheel")
+    except WheelBuildFailed as e:
+        raise TrixieUnavailable(str(e)) from None
     shutil.copy2(wheel, root / "tmp" / wheel.name)
     in_chroot(
         root,
@@ -188,41 +191,6 @@ def _build(base: Path, staging: Path) -> None:
         root, PYTHON, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"
     ).strip()
     (staging / "python-version").write_text(python + "\n")
-
-
-def _build_wheel(out: Path) -> Path:
-    """This checkout's wheel, built from a copy of what goes into it: setuptools leaves a
-    ``build/`` directory in the tree it builds, and a stale one would leak into the next."""
-    out.mkdir()
-    source = out / "source"
-    source.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(REPO_ROOT / name, source / name)
-    for package in ("overlayroot", "initrd"):
-        shutil.copytree(
-            REPO_ROOT / package, source / package, ignore=shutil.ignore_patterns("__pycache__")
-        )
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--quiet",
-            "--wheel-dir",
-            str(out),
-            str(source),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=out,
-    )
-    if result.returncode != 0:
-        raise TrixieUnavailable(f"pip wheel failed:\n{result.stderr[-2000:]}")
-    (wheel,) = out.glob("overlayroot-*.whl")
-    return wheel
 
 
 CHROOT = Path(__file__).resolve().parent / "guest" / "chroot.sh"

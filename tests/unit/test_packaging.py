@@ -10,32 +10,12 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from qemu.wheel import build_wheel
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("wheel")
-    built = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "--no-deps",
-            "--no-build-isolation",
-            "--quiet",
-            "--wheel-dir",
-            str(out),
-            str(ROOT),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=out,
-    )
-    assert built.returncode == 0, built.stderr
-    (path,) = out.glob("overlayroot-*.whl")
-    return path
+    return build_wheel(tmp_path_factory.mktemp("wheel") / "out")
 
 
 def test_the_wheel_installs_only_our_own_top_level_packages(wheel: Path) -> None:
