@@ -5,20 +5,28 @@ What it measures
     overlayroot-bless.service), booted by the harness kernel:
 
     standalone       our initramfs (initrd.build, zstd), the root deployed as erofs on a state disk;
-    dracut+overlayroot  Debian's dracut (systemd initrd, generic) with hooks/dracut, same disk;
-    dracut           the same dracut without our module, the root as an ordinary ext4 root
-                     (no overlay, ``rw``): what the integration costs on top of dracut;
+    dracut+overlayroot, dracut-shell+overlayroot
+                     Debian's dracut (generic) with hooks/dracut, same disk: its systemd initrd,
+                     and its shell /init (the systemd modules omitted);
+    initramfs-tools+overlayroot
+                     Debian's initramfs-tools (MODULES=most) with hooks/initramfs-tools;
     mkinitcpio+overlayroot, mkinitcpio-systemd+overlayroot
                      the real mkinitcpio 41 (qemu.mkinitcpio) with hooks/mkinitcpio, its busybox
                      /init (with ``init=/lib/systemd/systemd``: docs/integrations.md) and its
-                     systemd hook, same disk; left out, with a note, where its tarball is not.
+                     systemd hook, same disk; left out, with a note, where its tarball is not;
+    dracut, dracut-shell, initramfs-tools
+                     the same generators without our hook, the root as an ordinary ext4 root
+                     (no overlay, ``rw``): the baselines, and what our hook costs on each.
+                     ``dracut`` (systemd initrd) is the reference of the ratio columns.
 
     trixie: the Debian 13 image of qemu.trixie, booted by its own 6.12 kernel:
 
     standalone, initramfs-tools+overlayroot
                      the two images built inside it by its own Python 3.13 (qemu.trixie);
-    dracut           the host's dracut without our module for that kernel, the root as an
-                     ordinary ext4 root: the baseline.
+    dracut+overlayroot
+                     the host's dracut with our module for that kernel;
+    dracut           the host's dracut without our module, the root as an ordinary ext4 root:
+                     the baseline.
 
     Each boot is split, in guest seconds since the kernel started: *kernel* up to its
     ``Run /init as init process`` line, *initramfs* from there to the real init's start
@@ -29,6 +37,7 @@ What it measures
     as one first boot left it (blessed: no trial, no digest, no watchdog), which is every boot
     of a machine after its deployment's first. Configurations alternate within a run. TCG guest
     clocks run at host real time: a busy host lengthens every figure; compare ratios of one run.
+    Each boot records the host's 1-minute load and how many other QEMU guests ran beside it.
 
     .venv/bin/python -m bench.integrations [--suites bookworm,trixie] [--boots first,later]
         [--only NAME,...] [--runs 3] [--json]
@@ -48,6 +57,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.boot_time import other_qemu_processes
 from initrd.build import BuildConfig, Compression, build_initramfs
 from overlayroot.commands.staging import deploy
 from qemu import debian, mkinitcpio, trixie
@@ -91,7 +101,9 @@ def progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
-def bookworm_setups(kernel: Kernel, root: Path, work: Path) -> list[Setup]:
+def bookworm_setups(
+    kernel: Kernel, root: Path, work: Path, only: Sequence[str] = ()
+) -> list[Setup]:
     progress("bookworm: building the state disk and the ordinary root disk")
     content = work / "state-content"
     content.mkdir()
@@ -116,6 +128,19 @@ def bookworm_setups(kernel: Kernel, root: Path, work: Path) -> list[Setup]:
             lambda out: debian.dracut_initramfs(kernel, out, systemd=True, overlayroot=False),
         ),
         (
+            "dracut-shell+overlayroot",
+            lambda out: debian.dracut_initramfs(kernel, out, systemd=False),
+        ),
+        (
+            "dracut-shell",
+            lambda out: debian.dracut_initramfs(kernel, out, systemd=False, overlayroot=False),
+        ),
+        ("initramfs-tools+overlayroot", lambda out: debian.initramfs_tools_initramfs(kernel, out)),
+        (
+            "initramfs-tools",
+            lambda out: debian.initramfs_tools_initramfs(kernel, out, overlayroot=False),
+        ),
+        (
             "mkinitcpio+overlayroot",
             lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.BUSYBOX),
         ),
@@ -126,25 +151,33 @@ def bookworm_setups(kernel: Kernel, root: Path, work: Path) -> list[Setup]:
     ]
     result = []
     for name, build in images:
+        if not wanted("bookworm", name, only):
+            continue
         progress(f"bookworm: building the {name} initramfs")
         try:
             initrd = build(work / f"{name}.img")
         except mkinitcpio.MkinitcpioUnavailable as e:
             progress(f"left out {name}: {e}")
             continue
-        if name == "dracut":
+        ours = name == "standalone" or name.endswith("+overlayroot")
+        if not ours:
             cmdline = f"root=LABEL={ROOT_LABEL} rw"
         elif name == "mkinitcpio+overlayroot":
             cmdline = f"root=LABEL={STATE_LABEL} ro init=/lib/systemd/systemd"
         else:
             cmdline = f"root=LABEL={STATE_LABEL} ro"
-        result.append(
-            Setup("bookworm", name, kernel, initrd, plain if name == "dracut" else state, cmdline)
-        )
+        if name.startswith("initramfs-tools"):
+            cmdline += " panic=-1"  # its failure path is a shell, not a panic: reboot instead
+        result.append(Setup("bookworm", name, kernel, initrd, state if ours else plain, cmdline))
     return result
 
 
-def trixie_setups(work: Path) -> list[Setup]:
+def wanted(suite: str, name: str, only: Sequence[str]) -> bool:
+    """Whether ``--only`` (names, or suite/name) keeps this configuration."""
+    return not only or name in only or f"{suite}/{name}" in only
+
+
+def trixie_setups(work: Path, only: Sequence[str] = ()) -> list[Setup]:
     """The trixie image's own kernel and the images built inside it, and plain dracut."""
     progress("trixie: building (or finding) the image, then its disks")
     image = trixie.trixie_image()
@@ -164,12 +197,8 @@ def trixie_setups(work: Path) -> list[Setup]:
     plain = make_raw_fs_disk(
         work / "trixie-root.img", root, 768, ROOT_LABEL, "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d4"
     )
-    progress("trixie: building plain dracut for its kernel")
-    dracut = debian.dracut_initramfs(
-        image.kernel, work / "trixie-dracut.img", systemd=True, overlayroot=False
-    )
     on_state = f"root=LABEL={STATE_LABEL} ro"
-    return [
+    found = [
         Setup("trixie", "standalone", image.kernel, image.standalone, state, on_state),
         Setup(
             "trixie",
@@ -179,8 +208,25 @@ def trixie_setups(work: Path) -> list[Setup]:
             state,
             f"{on_state} panic=-1",
         ),
-        Setup("trixie", "dracut", image.kernel, dracut, plain, f"root=LABEL={ROOT_LABEL} rw"),
     ]
+    for name, overlayroot in (("dracut+overlayroot", True), ("dracut", False)):
+        if not wanted("trixie", name, only):
+            continue
+        progress(f"trixie: building {name} for its kernel with the host's dracut")
+        initrd = debian.dracut_initramfs(
+            image.kernel, work / f"trixie-{name}.img", systemd=True, overlayroot=overlayroot
+        )
+        found.append(
+            Setup(
+                "trixie",
+                name,
+                image.kernel,
+                initrd,
+                state if overlayroot else plain,
+                on_state if overlayroot else f"root=LABEL={ROOT_LABEL} rw",
+            )
+        )
+    return [s for s in found if wanted("trixie", s.name, only)]
 
 
 def _standalone(kernel: Kernel, output: Path) -> Path:
@@ -207,9 +253,11 @@ def boot_once(
     machine = Machine(
         setup.kernel, setup.initrd, log_path=log, disks=[disk], cmdline=setup.cmdline, accel=accel
     )
+    others = other_qemu_processes()
     try:
         with machine:
             machine.wait_for("OVERLAYROOT-TEST done", timeout, failure=FAILURES)
+            others = max(others, other_qemu_processes() - 1)  # not this boot's own
             # The disk is kept only from a clean shutdown: a cut one is no machine's state.
             if keep_disk is not None:
                 machine.wait_exit(timeout)
@@ -220,7 +268,11 @@ def boot_once(
         disk.unlink(missing_ok=True)
     if markers.get("failed"):
         raise BootFailure(f"failed units: {markers['failed']}", log, machine.console)
-    return phases(markers, machine.console, log)
+    return {
+        **phases(markers, machine.console, log),
+        "load_1m": os.getloadavg()[0],
+        "other_qemu": float(others),
+    }
 
 
 def phases(markers: dict[str, str], console: str, log: Path) -> dict[str, float]:
@@ -249,11 +301,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
             progress("bookworm: building the Debian image")
             command = build_command_payload(work / "overlayroot-command")
             root = debian.debian_image(kernel, work / "debian" / "root", command)
-            configs += bookworm_setups(kernel, root, work)
+            configs += bookworm_setups(kernel, root, work, args.only)
         if "trixie" in args.suites:
-            configs += trixie_setups(work)
-        if args.only:
-            configs = [c for c in configs if c.name in args.only or c.label in args.only]
+            configs += trixie_setups(work, args.only)
         times: dict[tuple[str, str], list[dict[str, float]]] = {
             (s.label, boot): [] for s in configs for boot in args.boots
         }
@@ -296,7 +346,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
                     done.append(split)
                     progress(
                         f"{setup.label} {boot} boot {len(done)}: "
-                        + ", ".join(f"{k.removesuffix('_s')} {v:.1f}" for k, v in split.items())
+                        + ", ".join(f"{k.removesuffix('_s')} {split[k]:.1f}" for k in PHASES)
+                        + f" (load {split['load_1m']:.1f}, {split['other_qemu']:g} other QEMU)"
                     )
         return {
             "accel": accel,
@@ -327,32 +378,47 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
 
 def table(report: dict[str, object]) -> str:
     """Medians per configuration and boot kind, with ratios against plain dracut (the same
-    suite and boot kind) and our hook's cost on its generator where both ran."""
+    suite and boot kind), and our hook's cost on its generator (``X+overlayroot`` against
+    ``X``, same suite and boot kind) where both ran."""
     configurations = report["configurations"]
     assert isinstance(configurations, list)
+    loads = [b["load_1m"] for c in configurations for b in c.get("boots", []) if "load_1m" in b]
+    others = [
+        b["other_qemu"] for c in configurations for b in c.get("boots", []) if "other_qemu" in b
+    ]
     lines = [
         f"{report['accel']}, {report['runs']} boots each; medians in guest seconds; x: ratio"
-        f" to plain {BASELINE} (same suite, same boot kind)",
-        f"{'suite/initramfs':<40} {'boot':<6} {'size':>8} {'kernel':>7} {'initrd':>7}"
-        f" {'user':>7} {'multi-user':>10} {'initrd x':>8} {'total x':>8}",
+        f" to plain {BASELINE} (same suite, same boot kind); hook x: to the same generator"
+        " without our hook",
     ]
-    base = {(c["suite"], c["boot"]): c["median"] for c in configurations if c["name"] == BASELINE}
+    if loads:
+        lines.append(
+            f"host load (1 min) during the boots: median {statistics.median(loads):.1f},"
+            f" max {max(loads):.1f}; other QEMU guests beside a boot: max {max(others):g}"
+        )
+    lines.append(
+        f"{'suite/initramfs':<40} {'boot':<6} {'size':>8} {'kernel':>7} {'initrd':>7}"
+        f" {'user':>7} {'multi-user':>10} {'initrd x':>8} {'total x':>8} {'hook x':>7}"
+    )
+    medians = {(c["suite"], c["name"], c["boot"]): c["median"] for c in configurations}
     for c in configurations:
         m = c["median"]
-        b = base.get((c["suite"], c["boot"]))
-        ratios = (
-            (
-                f" {m['initramfs_s'] / b['initramfs_s']:>8.2f} "
-                f"{m['multi_user_s'] / b['multi_user_s']:>8.2f}"
-            )
-            if b
-            else ""
-        )
+        b = medians.get((c["suite"], BASELINE, c["boot"]))
+        plain = medians.get((c["suite"], c["name"].removesuffix("+overlayroot"), c["boot"]))
+        cells = [
+            f"{m['initramfs_s'] / b['initramfs_s']:>8.2f}" if b else f"{'':>8}",
+            f"{m['multi_user_s'] / b['multi_user_s']:>8.2f}" if b else f"{'':>8}",
+            f"{m['multi_user_s'] / plain['multi_user_s']:>7.2f}"
+            if plain and c["name"].endswith("+overlayroot")
+            else f"{'':>7}",
+        ]
         lines.append(
-            f"{c['suite'] + '/' + c['name']:<40} {c['boot']:<6}"
-            f" {c['initramfs_bytes'] / 2**20:>4.1f} MiB {m['kernel_s']:>7.1f}"
-            f" {m['initramfs_s']:>7.1f} {m['userspace_s']:>7.1f}"
-            f" {m['multi_user_s']:>10.1f}{ratios}"
+            (
+                f"{c['suite'] + '/' + c['name']:<40} {c['boot']:<6}"
+                f" {c['initramfs_bytes'] / 2**20:>4.1f} MiB {m['kernel_s']:>7.1f}"
+                f" {m['initramfs_s']:>7.1f} {m['userspace_s']:>7.1f}"
+                f" {m['multi_user_s']:>10.1f} " + " ".join(cells)
+            ).rstrip()
         )
     return "\n".join(lines)
 

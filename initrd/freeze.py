@@ -6,11 +6,12 @@ root first on ``sys.path`` followed by the interpreter's normal path — ``site`
 Debian's ``dist-packages``, where ``_cffi_backend`` lives, so that path is asked for in a first,
 separate run and the import run itself never executes ``site``. Every module in ``sys.modules``
 afterwards that came from a file is frozen: ``.py`` sources become unchecked hash-based ``.pyc``
-(no mtimes, compiled by the target for its own bytecode version) in a stored zip, extension
-modules go to ``lib-dynload``. Built-in and frozen modules live in the interpreter binary.
+(no mtimes, compiled by the target for its own bytecode version, as ``-OO`` compiles: no
+docstrings and no asserts, less to load at boot) in a stored zip, extension modules go to
+``lib-dynload``. Built-in and frozen modules live in the interpreter binary.
 
 Only imports that happen at import time are seen: a function-level ``import`` that runs later
-must be listed as an extra entry module.
+must be listed as an extra entry module (the stage's own are in ``LAZY_IMPORTS``).
 """
 
 from __future__ import annotations
@@ -28,6 +29,16 @@ from typing import Any
 from initrd.errors import BuildError
 
 DEFAULT_ENTRIES = ("overlayroot.boot.init",)
+# Stage modules imported inside the functions that need them, so that a normal boot does not
+# pay for loading them: frozen with any entry of the stage (tests/unit/test_layering.py checks
+# that every module the stage imports, at the top or in a function, is frozen).
+LAZY_IMPORTS = (
+    "overlayroot.boot.kexec",
+    "overlayroot.boot.rescue",
+    "overlayroot.core.digest",
+    "overlayroot.core.treecopy",
+    "overlayroot.core.watchdog",
+)
 
 # Runs in the target interpreter. The modules present before the entries are imported are the
 # ones startup itself loads (encodings…): they are frozen too. Nothing is imported by the probe
@@ -55,7 +66,9 @@ for name, origin, package in found:
         arcname = name.replace(".", "/") + ("/__init__.pyc" if package else ".pyc")
         with open(origin, "rb") as f:
             source = f.read()
-        code = compile(source, zip_path + "/" + arcname[:-1], "exec", dont_inherit=True)
+        code = compile(
+            source, zip_path + "/" + arcname[:-1], "exec", dont_inherit=True, optimize=2
+        )
         entry["arcname"] = arcname
         entry["pyc"] = bytes(_code_to_hash_pyc(code, source_hash(source), False)).hex()
     out.append(entry)
@@ -109,6 +122,12 @@ def freeze(
     if not os.access(python, os.X_OK) or not python.is_file():
         raise BuildError(
             f"{python}: no such Python interpreter; pass the target's python3 with --python"
+        )
+    if any(e.startswith("overlayroot.") for e in entries):
+        entries += tuple(
+            m
+            for m in LAZY_IMPORTS
+            if m not in entries and source_root.joinpath(*m.split(".")).with_suffix(".py").exists()
         )
     real = Path(os.path.realpath(python))
     info = _run(real, ["-E", "-s", "-c", _PATHS], "read sys.path")

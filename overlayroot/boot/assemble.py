@@ -27,7 +27,7 @@ import stat
 
 from overlayroot.boot import modload
 from overlayroot.boot.cmdline import Options
-from overlayroot.core import files, loop, syscalls, treecopy
+from overlayroot.core import files, loop, syscalls
 from overlayroot.core.errors import BootError
 from overlayroot.core.layout import FORMATS, MOUNT_POINTS, Manifest, StateLayout
 
@@ -353,6 +353,8 @@ def _seed(image_dir: str, persistent: str, repairs: list[str]) -> None:
     try:
         if os.path.lexists(seeding):
             files.remove_tree(seeding)  # an earlier seeding that a power cut interrupted
+        from overlayroot.core import treecopy  # a first boot's seeding only
+
         treecopy.copy_tree(image_dir, seeding)
         syscalls.sync()
         os.rename(seeding, persistent)  # over the empty directory, atomically

@@ -28,7 +28,6 @@ from overlayroot.boot import devices, modload
 from overlayroot.boot.cmdline import BREAK_STEPS, Options, onfail_from, parse_options
 from overlayroot.boot.console import Console, describe_bug, now
 from overlayroot.boot.prepare import prepare_root
-from overlayroot.boot.rescue import rescue_shell
 from overlayroot.boot.switchroot import switch_root
 from overlayroot.core import syscalls
 from overlayroot.core.errors import BootError
@@ -149,6 +148,8 @@ def stop(console: Console, opts: Options, step: str) -> None:
             "; on a trial boot the watchdog is already running (overlayroot.watchdog=):"
             " a long stop resets the machine"
         )
+    from overlayroot.boot.rescue import rescue_shell  # imported when used: most boots never are
+
     rescue_shell(console, why, "to go on with the boot")
 
 
@@ -157,6 +158,8 @@ def fail(console: Console, onfail: str, why: str = "") -> None:
     first line, for the rescue shell's greeting. Never returns."""
     syscalls.sync()
     if onfail == "shell":
+        from overlayroot.boot.rescue import rescue_shell
+
         rescue_shell(console, f"the boot failed: {why}" if why else "the boot failed", "to reboot")
         onfail = "reboot"
     if onfail == "reboot":

@@ -42,11 +42,11 @@ from __future__ import annotations
 import os
 import sys
 
-from overlayroot.boot import kexec, modload
+from overlayroot.boot import modload
 from overlayroot.boot.assemble import Booted, assemble
 from overlayroot.boot.cmdline import Options, kexec_cmdline, parse_options
 from overlayroot.boot.console import Console, describe_bug
-from overlayroot.core import bootstate, digest, files, statefile, syscalls, watchdog
+from overlayroot.core import bootstate, files, statefile, syscalls
 from overlayroot.core.bootstate import BootState
 from overlayroot.core.errors import BootError
 from overlayroot.core.layout import Manifest, StateLayout
@@ -273,6 +273,8 @@ def take_try(boot: Boot, deployment_id: str) -> None:
 
 def switch_kernel(boot: Boot, manifest: Manifest, sysroot: str) -> None:
     """Step 3c: start the deployment's own kernel; returns only by raising a BootError."""
+    from overlayroot.boot import kexec  # only a deployment with its own kernel needs it
+
     kernel = manifest.kernel
     assert kernel is not None
     if boot.count_error is not None:
@@ -327,6 +329,8 @@ def reboot_for_kernel(boot: Boot, deployment_id: str, sysroot: str) -> None:
         reason=f"needs kernel {wanted}, not the kexec'd {boot.running}",
         fallback_from=[f["deployment"] for f in boot.failed] or None,
     )
+    from overlayroot.boot import kexec
+
     try:
         kexec.restart(sysroot, syscalls.RB_AUTOBOOT)
     except BootError as e:
@@ -337,6 +341,8 @@ def verify(layout: StateLayout, manifest: Manifest) -> None:
     """Step 3b: the image's sha256 against its manifest's."""
     if manifest.format == "dir":
         return  # a tree is checked by its mount points and init; hashing it costs a full walk
+    from overlayroot.core import digest  # first boots only
+
     image = layout.image_path(manifest)
     try:
         actual = digest.file_sha256(image)
@@ -392,6 +398,8 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
     boot.report_repairs()
     armed = None
     if trial and boot.opts.watchdog:
+        from overlayroot.core import watchdog  # trial boots only
+
         try:
             if not os.path.exists(watchdog.DEVICE):
                 modload.need("watchdog")  # softdog, when the image lists it

@@ -67,3 +67,37 @@ def test_an_unknown_suite_is_refused_with_the_choices(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         main(["--suites", "bookworm,sid"])
     assert "sid: not one of bookworm, trixie" in capsys.readouterr().err
+
+
+def test_the_table_gives_our_hooks_cost_on_its_generator_and_the_hosts_load() -> None:
+    def config(name: str, total: float, load: float) -> dict[str, object]:
+        return {
+            "suite": "bookworm",
+            "name": name,
+            "boot": "later",
+            "initramfs_bytes": 2**20,
+            "boots": [{"load_1m": load, "other_qemu": 1.0}],
+            "median": {
+                "kernel_s": 1.0,
+                "initramfs_s": 4.0,
+                "userspace_s": total - 5.0,
+                "multi_user_s": total,
+            },
+        }
+
+    report = {
+        "accel": "tcg",
+        "runs": 3,
+        "configurations": [
+            config("dracut", 50.0, 1.0),
+            config("initramfs-tools", 40.0, 3.0),
+            config("initramfs-tools+overlayroot", 42.0, 2.0),
+        ],
+    }
+    lines = table(report).splitlines()
+    assert lines[1] == (
+        "host load (1 min) during the boots: median 2.0, max 3.0; other QEMU guests beside a"
+        " boot: max 1"
+    )
+    assert lines[5].split()[-3:] == ["1.00", "0.84", "1.05"]  # hook x: 42 / 40
+    assert lines[4].split()[-1] == "0.80"  # a plain generator has no hook column

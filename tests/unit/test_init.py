@@ -71,7 +71,7 @@ def test_with_busybox_the_rescue_shell_is_busybox_sh_with_its_applets(
 def test_a_break_opens_the_rescue_shell_only_at_its_step(monkeypatch: pytest.MonkeyPatch) -> None:
     opened: list[tuple[str, str]] = []
     monkeypatch.setattr(
-        init, "rescue_shell", lambda console, why, leaving: opened.append((why, leaving))
+        rescue, "rescue_shell", lambda console, why, leaving: opened.append((why, leaving))
     )
     opts, _ = parse_options("overlayroot.break=mount,switch")
     for step in ("modules", "device", "mount", "prepare", "switch"):

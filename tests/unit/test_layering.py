@@ -107,3 +107,29 @@ def test_the_frozen_stage_holds_only_boot_and_core() -> None:
     ]
     assert not outside, f"the stage's import closure leaves boot + core: {outside}"
     assert "overlayroot.core.ffi_build" not in ours
+
+
+@pytest.mark.skipif(not PYTHON.exists(), reason="no /usr/bin/python3 to freeze the stage with")
+@pytest.mark.parametrize("entry", [DEFAULT_ENTRIES[0], PREPARE_ENTRY])
+def test_every_stage_module_the_stage_can_import_is_frozen(entry: str) -> None:
+    """Modules imported inside a function (so that a normal boot does not load them) are not
+    seen by the freeze's import run: initrd.freeze.LAZY_IMPORTS adds them. A new lazy import
+    that is not listed there would fail only on the boot that needs it."""
+    frozen = set(freeze(PYTHON, ROOT, entries=(entry,)).modules)
+    reachable: set[str] = set()
+    todo = [entry]
+    while todo:
+        name = todo.pop()
+        if name in reachable:
+            continue
+        reachable.add(name)
+        path = ROOT.joinpath(*name.split("."))
+        source = path / "__init__.py" if path.is_dir() else path.with_suffix(".py")
+        todo += [
+            m
+            for m in imports(source)
+            if within(m, ("overlayroot.boot", "overlayroot.core"))
+            and (ROOT.joinpath(*m.split(".")).with_suffix(".py")).exists()
+        ]
+    missing = sorted(reachable - frozen)
+    assert not missing, f"imported by the stage but not frozen: {missing} (add to LAZY_IMPORTS)"
