@@ -53,6 +53,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -275,6 +276,19 @@ def boot_once(
     }
 
 
+def keep_log(log: Path) -> Path:
+    """A failed boot's console log, moved out of the work directory (removed at the end) to
+    .cache/bench-logs."""
+    logs = cache_dir() / "bench-logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    kept = logs / f"integrations-{time.strftime('%Y%m%d-%H%M%S')}-{log.name}"
+    try:
+        shutil.copyfile(log, kept)
+    except OSError:
+        return log
+    return kept
+
+
 def phases(markers: dict[str, str], console: str, log: Path) -> dict[str, float]:
     """The split of one boot; BootFailure when the console lacks what it needs."""
     run_init = RUN_INIT.search(console)
@@ -307,48 +321,46 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
         times: dict[tuple[str, str], list[dict[str, float]]] = {
             (s.label, boot): [] for s in configs for boot in args.boots
         }
+        failed: dict[str, str] = {}  # label -> why and where its console log is
+
+        def attempt(setup: Setup, source: Path, name: str, keep: Path | None = None) -> bool:
+            """One boot; a failure drops the configuration (said, its log kept), not the run."""
+            try:
+                split = boot_once(accel, setup, source, work, name, args.timeout, keep)
+            except BootFailure as e:
+                kept = keep_log(e.log_path)
+                failed[setup.label] = f"{e.reason} (console log: {kept})"
+                progress(f"{setup.label}: boot {name} FAILED, left out: {failed[setup.label]}")
+                return False
+            boot = "first" if keep is not None or "-first-" in name else "later"
+            done = times[(setup.label, boot)]
+            if boot in args.boots:
+                done.append(split)
+            progress(
+                f"{setup.label} {boot} boot {len(done)}"
+                + (" (its disk kept for the later boots)" if keep is not None else "")
+                + ": "
+                + ", ".join(f"{k.removesuffix('_s')} {split[k]:.1f}" for k in PHASES)
+                + f" (load {split['load_1m']:.1f}, {split['other_qemu']:g} other QEMU)"
+            )
+            return True
+
         later_disks: dict[str, Path] = {}
         if "later" in args.boots:
             # One first boot each leaves the disk blessed (and its machine id and /var made).
             for setup in configs:
                 later = work / f"later-{setup.label.replace('/', '-')}.img"
-                split = boot_once(
-                    accel,
-                    setup,
-                    setup.disk,
-                    work,
-                    f"{setup.label.replace('/', '-')}-prime",
-                    args.timeout,
-                    keep_disk=later,
-                )
-                later_disks[setup.label] = later
-                if "first" in args.boots:
-                    times[(setup.label, "first")].append(split)
-                progress(
-                    f"{setup.label} first boot (kept for later boots):"
-                    f" {split['multi_user_s']:.1f} s"
-                )
+                name = f"{setup.label.replace('/', '-')}-first-prime"
+                if attempt(setup, setup.disk, name, keep=later):
+                    later_disks[setup.label] = later
         for run in range(args.runs):
             for boot in args.boots:
                 for setup in configs:
-                    done = times[(setup.label, boot)]
-                    if len(done) >= args.runs:
+                    if setup.label in failed or len(times[(setup.label, boot)]) >= args.runs:
                         continue
                     source = later_disks[setup.label] if boot == "later" else setup.disk
-                    split = boot_once(
-                        accel,
-                        setup,
-                        source,
-                        work,
-                        f"{setup.label.replace('/', '-')}-{boot}-{run}",
-                        args.timeout,
-                    )
-                    done.append(split)
-                    progress(
-                        f"{setup.label} {boot} boot {len(done)}: "
-                        + ", ".join(f"{k.removesuffix('_s')} {split[k]:.1f}" for k in PHASES)
-                        + f" (load {split['load_1m']:.1f}, {split['other_qemu']:g} other QEMU)"
-                    )
+                    attempt(setup, source, f"{setup.label.replace('/', '-')}-{boot}-{run}")
+        configs = [s for s in configs if s.label not in failed]
         return {
             "accel": accel,
             "runs": args.runs,
@@ -368,6 +380,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
                 for s in configs
                 for boot in args.boots
             ],
+            "failed": failed,
         }
     finally:
         if args.keep:
@@ -420,6 +433,9 @@ def table(report: dict[str, object]) -> str:
                 f" {m['multi_user_s']:>10.1f} " + " ".join(cells)
             ).rstrip()
         )
+    failed = report.get("failed") or {}
+    assert isinstance(failed, dict)
+    lines += [f"{label}: FAILED, left out: {why}" for label, why in sorted(failed.items())]
     return "\n".join(lines)
 
 
@@ -472,7 +488,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"bench.integrations: {e}", file=sys.stderr)
         return 1
     print(json.dumps(report, indent=2) if args.json else table(report))
-    return 0
+    return 1 if report["failed"] else 0
 
 
 def _words(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:

@@ -101,3 +101,15 @@ def test_the_table_gives_our_hooks_cost_on_its_generator_and_the_hosts_load() ->
     )
     assert lines[5].split()[-3:] == ["1.00", "0.84", "1.05"]  # hook x: 42 / 40
     assert lines[4].split()[-1] == "0.80"  # a plain generator has no hook column
+
+
+def test_the_table_names_a_configuration_that_failed_and_where_its_log_is() -> None:
+    report = {
+        "accel": "tcg",
+        "runs": 3,
+        "configurations": [],
+        "failed": {"trixie/dracut": "failed units: x.service (console log: /logs/a.log)"},
+    }
+    assert table(report).splitlines()[-1] == (
+        "trixie/dracut: FAILED, left out: failed units: x.service (console log: /logs/a.log)"
+    )
