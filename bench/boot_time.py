@@ -361,48 +361,92 @@ def wait_idle(limit: float) -> int:
             said = True
 
 
-def boot_once(
-    kernel: Kernel, accel: str, setup: Setup, run: int, work: Path, logs: Path,
-    *, timeout: float, idle_limit: float,
-) -> Boot:  # fmt: skip
-    disk = work / f"{setup.name}-boot.img"
-    subprocess.run(["cp", "--sparse=always", str(setup.disk), str(disk)], check=True)
-    log_path = logs / f"{setup.name}-{run}.log"
+@dataclass
+class Run:
+    """One boot under a benchmark: how busy the host was as it began, and what came out."""
+
+    load1: float
+    other_qemu: int
+    log: Path
+    wall_seconds: float | None = None
+    busy_cpus: float | None = None
+    console: str = ""
+    marker: re.Match[str] | None = None
+    """The ``OVERLAYROOT-TEST uptime=`` line, when the boot reached it."""
+    error: str | None = None
+
+
+def run_boot(
+    kernel: Kernel,
+    initrd: Path,
+    disk_image: Path,
+    work: Path,
+    log: Path,
+    *,
+    cmdline: str,
+    failures: tuple[Pattern, ...],
+    accel: str,
+    timeout: float,
+    idle_limit: float,
+) -> Run:
+    """Boot ``initrd`` on a fresh (sparse) copy of ``disk_image`` once the host is idle (up to
+    ``idle_limit`` s), until the deployment's init prints its uptime marker; QEMU is killed
+    then. What every boot benchmark measures from (bench.boot_time, bench.kexec_time)."""
+    disk = work / f"{log.stem}-disk.img"
+    subprocess.run(["cp", "--sparse=always", str(disk_image), str(disk)], check=True)
     others = wait_idle(idle_limit)
-    boot = Boot(
-        setup=setup.name,
-        run=run,
-        ok=False,
-        load1=round(os.getloadavg()[0], 2),
-        other_qemu=others,
-        log=str(log_path),
-    )
-    machine = Machine(
-        kernel,
-        setup.image.path,
-        log_path=log_path,
-        disks=[disk],
-        cmdline=setup.cmdline,
-        accel=accel,
-    )
+    run = Run(load1=round(os.getloadavg()[0], 2), other_qemu=others, log=log)
+    machine = Machine(kernel, initrd, log_path=log, disks=[disk], cmdline=cmdline, accel=accel)
     meter = CpuMeter()
     started = time.monotonic()
     try:
         with machine:
-            found = machine.wait_for(UPTIME_MARKER, timeout, failure=setup.failures)
-            boot.wall_seconds = round(time.monotonic() - started, 2)
-            boot.busy_cpus = round(meter.busy(), 2)
+            run.marker = machine.wait_for(UPTIME_MARKER, timeout, failure=failures)
+            run.wall_seconds = round(time.monotonic() - started, 2)
+            run.busy_cpus = round(meter.busy(), 2)
     except BootFailure as failure:
-        boot.error = failure.reason
-        return boot
+        run.error = failure.reason
     finally:
         disk.unlink(missing_ok=True)
-    run_init = RUN_INIT.search(machine.console)
+    run.console = machine.console
+    return run
+
+
+def boot_once(
+    kernel: Kernel, accel: str, setup: Setup, run: int, work: Path, logs: Path,
+    *, timeout: float, idle_limit: float,
+) -> Boot:  # fmt: skip
+    done = run_boot(
+        kernel,
+        setup.image.path,
+        setup.disk,
+        work,
+        logs / f"{setup.name}-{run}.log",
+        cmdline=setup.cmdline,
+        failures=setup.failures,
+        accel=accel,
+        timeout=timeout,
+        idle_limit=idle_limit,
+    )
+    boot = Boot(
+        setup=setup.name,
+        run=run,
+        ok=False,
+        load1=done.load1,
+        other_qemu=done.other_qemu,
+        log=str(done.log),
+        wall_seconds=done.wall_seconds,
+        busy_cpus=done.busy_cpus,
+        error=done.error,
+    )
+    if done.marker is None:
+        return boot
+    run_init = RUN_INIT.search(done.console)
     if run_init is None:
         boot.error = "no 'Run /init as init process' line with a timestamp (printk.time=1?)"
         return boot
     boot.run_init = float(run_init.group(1))
-    boot.marker_uptime = float(found.group(1))
+    boot.marker_uptime = float(done.marker.group(1))
     boot.initramfs_seconds = round(boot.marker_uptime - boot.run_init, 3)
     boot.ok = True
     return boot

@@ -40,30 +40,25 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from bench.boot_time import (
     RUN_INIT,
-    UPTIME_MARKER,
-    CpuMeter,
     Stats,
     harness_kernel,
     make_state,
     progress,
-    wait_idle,
+    run_boot,
 )
 from initrd.build import BuildConfig, Compression, build_initramfs
 from qemu.accel import choose_accel
 from qemu.kernel import Kernel, second_cloud_kernel, second_kernel_from_env
-from qemu.machine import DEFAULT_FAILURES, BootFailure, Machine
+from qemu.machine import DEFAULT_FAILURES
 from qemu.paths import cache_dir
 from qemu.rootfs import add_kernel, make_test_root
 
@@ -109,41 +104,39 @@ def boot_once(
     timeout: float,
     idle_limit: float,
 ) -> Boot:
-    disk = work / f"{setup.name}-boot.img"
-    subprocess.run(["cp", "--sparse=always", str(disk_image), str(disk)], check=True)
-    log_path = logs / f"{setup.name}-{run}.log"
-    others = wait_idle(idle_limit)
+    done = run_boot(
+        setup.kernel,
+        setup.initrd,
+        disk_image,
+        work,
+        logs / f"{setup.name}-{run}.log",
+        cmdline=CMDLINE,
+        failures=FAILURES,
+        accel=accel,
+        timeout=timeout,
+        idle_limit=idle_limit,
+    )
     boot = Boot(
         config=setup.name,
         run=run,
         ok=False,
-        load1=round(os.getloadavg()[0], 2),
-        other_qemu=others,
-        log=str(log_path),
+        load1=done.load1,
+        other_qemu=done.other_qemu,
+        log=str(done.log),
+        wall_seconds=done.wall_seconds,
+        busy_cpus=done.busy_cpus,
+        error=done.error,
     )
-    machine = Machine(
-        setup.kernel, setup.initrd, log_path=log_path, disks=[disk], cmdline=CMDLINE, accel=accel
-    )
-    meter = CpuMeter()
-    started = time.monotonic()
-    try:
-        with machine:
-            found = machine.wait_for(UPTIME_MARKER, timeout, failure=FAILURES)
-            boot.wall_seconds = round(time.monotonic() - started, 2)
-            boot.busy_cpus = round(meter.busy(), 2)
-    except BootFailure as failure:
-        boot.error = failure.reason
+    if done.marker is None:
         return boot
-    finally:
-        disk.unlink(missing_ok=True)
-    uptime = float(found.group(1))
-    switch = STARTING.search(machine.console)
+    uptime = float(done.marker.group(1))
+    switch = STARTING.search(done.console)
     if setup.name == "kexec":
         if switch is None:
             boot.error = "the stage did not switch kernels (no 'kexec_core: Starting new kernel')"
             return boot
         boot.first_kernel_seconds = float(switch.group(1))
-        run_init = RUN_INIT.search(machine.console)
+        run_init = RUN_INIT.search(done.console)
         if run_init is not None:
             boot.stage_a_seconds = round(boot.first_kernel_seconds - float(run_init.group(1)), 3)
         boot.guest_seconds = round(boot.first_kernel_seconds + uptime, 3)
