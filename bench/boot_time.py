@@ -83,6 +83,7 @@ from qemu.rootfs import make_test_root
 
 RUN_INIT = re.compile(r"\[\s*(\d+\.\d+)\] Run /init as init process")
 UPTIME_MARKER = re.compile(r"OVERLAYROOT-TEST uptime=(\d+(?:\.\d+)?)")
+STARTED = re.compile(r"overlayroot: \[\s*(\d+\.\d+)\] the interpreter started and imported")
 STATE_LABEL = "or-bench"
 STATE_UUID = "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7c1"
 ROOT_LABEL = "bench-root"
@@ -141,6 +142,9 @@ class Boot:
     """/proc/uptime as the deployment's init printed it."""
     initramfs_seconds: float | None = None
     """marker_uptime - run_init: the figure."""
+    started_seconds: float | None = None
+    """Ours: from "Run /init" to ``overlayroot.debug``'s first stamp, when the interpreter had
+    started and imported the stage; the rest of the figure is the stage's work."""
     wall_seconds: float | None = None
     """QEMU start to the marker on the console, host time."""
     load1: float = 0.0
@@ -448,6 +452,9 @@ def boot_once(
     boot.run_init = float(run_init.group(1))
     boot.marker_uptime = float(done.marker.group(1))
     boot.initramfs_seconds = round(boot.marker_uptime - boot.run_init, 3)
+    started = STARTED.search(done.console)
+    if started is not None:
+        boot.started_seconds = round(float(started.group(1)) - boot.run_init, 3)
     boot.ok = True
     return boot
 
@@ -462,8 +469,10 @@ def setups(
     progress(f"  {ours.size} bytes, {result.frozen_modules} frozen modules")
     progress("making the test root and its erofs deployments, on trial and known good")
     root = make_test_root(work / "root", image="bench")
+    # overlayroot.debug: the stamp of the interpreter's start (a few console lines more).
     ours_cmdline = (
-        f"printk.time=1 root=LABEL={STATE_LABEL} overlayroot.onfail=poweroff overlayroot.timeout=30"
+        f"printk.time=1 root=LABEL={STATE_LABEL} overlayroot.onfail=poweroff"
+        " overlayroot.timeout=30 overlayroot.debug"
     )
     ours_failures = (*DEFAULT_FAILURES, "overlayroot: error:")
     found: list[Setup] = [
@@ -582,8 +591,18 @@ def summarize(
         mine = [b for b in boots if b.setup == setup.name]
         guest = Stats.of([b.initramfs_seconds for b in mine if b.initramfs_seconds is not None])
         wall = Stats.of([b.wall_seconds for b in mine if b.wall_seconds is not None])
+        started = Stats.of([b.started_seconds for b in mine if b.started_seconds is not None])
+        rest = Stats.of(
+            [
+                b.initramfs_seconds - b.started_seconds
+                for b in mine
+                if b.initramfs_seconds is not None and b.started_seconds is not None
+            ]
+        )
         stats[setup.name] = {
             "guest_seconds": asdict(guest) if guest else None,
+            "started_seconds": asdict(started) if started else None,
+            "after_start_seconds": asdict(rest) if rest else None,
             "wall_seconds": asdict(wall) if wall else None,
             "boots": len(mine),
             "failed": sum(not b.ok for b in mine),
@@ -701,6 +720,14 @@ def table(report: dict[str, object]) -> str:
     assert isinstance(ratios, dict)
     for name, value in ratios.items():
         lines.append(f"ratio {name} of the guest medians: {'-' if value is None else value}")
+    for name, entry in stats.items():
+        started, rest = entry.get("started_seconds"), entry.get("after_start_seconds")
+        if isinstance(started, dict) and isinstance(rest, dict):
+            lines.append(
+                f"{name}: the interpreter's start and the stage's imports"
+                f" {started['median']:.2f} s, the stage's work after them"
+                f" {rest['median']:.2f} s (medians)"
+            )
     if report["dracut_error"]:
         lines.append(f"no dracut reference: {report['dracut_error']}")
     lines += [
