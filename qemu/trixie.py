@@ -32,6 +32,7 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -107,16 +108,34 @@ def trixie_image(cache: Path | None = None) -> TrixieImage:
             raise TrixieUnavailable(str(e)) from None
         with cache_entry(entry) as staging:
             _build(base, staging)
-        _prune(entry)
+    (entry / USED).touch()
+    prune(entry)
     return _image(entry)
 
 
-def _prune(current: Path) -> None:
-    """Remove the images built from other sources: each is a couple of hundred MB, and a
-    checkout under development makes one per change of the packages or hooks."""
+USED = ".used"
+UNUSED_FOR = 24 * 3600.0  # seconds
+
+
+def prune(current: Path, now: float | None = None) -> list[Path]:
+    """Remove the images built from other sources that no one has asked for in UNUSED_FOR
+    seconds: each is a couple of hundred MB, and a checkout under development makes one per
+    change of the packages or hooks. One in use (a benchmark, a test run, another checkout
+    sharing the cache) was asked for recently and stays. Returns what was removed."""
+    now = time.time() if now is None else now
+    removed = []
     for other in current.parent.iterdir():
-        if other != current and (other / ".complete").exists():
-            shutil.rmtree(other, ignore_errors=True)
+        if other == current or not (other / ".complete").exists():
+            continue
+        stamp = other / USED if (other / USED).exists() else other / ".complete"
+        try:
+            if now - stamp.stat().st_mtime < UNUSED_FOR:
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(other, ignore_errors=True)
+        removed.append(other)
+    return removed
 
 
 def _image(entry: Path) -> TrixieImage:
