@@ -18,13 +18,10 @@ from tests.qemu.stage import (
     PARTLABEL,
     PARTUUID,
     disk_from,
-    initramfs,
     make_root,
     state_content,
     state_disk,
 )
-
-__all__ = ["initramfs"]  # the fixture, imported so pytest finds it here
 
 BOOT_TIMEOUT = 120  # seconds of TCG time from power-on to the test init's last word
 

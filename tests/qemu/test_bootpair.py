@@ -34,7 +34,7 @@ from qemu.logwrites import Replayer, copy_sparse, read_log
 from qemu.machine import LoggedDisk, Machine
 from qemu.paths import cache_dir
 from qemu.plugin import MachineFactory
-from qemu.rootfs import build_command_payload, make_test_root
+from qemu.rootfs import make_test_root
 from tests.kernelfakes import add_kernel, assert_bootable
 from tests.qemu.stage import (
     BASE,
@@ -43,12 +43,9 @@ from tests.qemu.stage import (
     FS_UUID,
     PARTLABEL,
     PARTUUID,
-    initramfs,
     make_root,
     state_disk,
 )
-
-__all__ = ["initramfs"]  # the fixture, imported so pytest finds it here
 
 BOOT_TIMEOUT = 150
 
@@ -131,21 +128,15 @@ overlayroot status
 """
 
 
-@pytest.fixture(scope="module")
-def payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The frozen ``overlayroot`` command for the test roots, built once for this module."""
-    return build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
-
-
 def test_a_kernel_deployed_and_promoted_from_inside(
-    machine: MachineFactory, initramfs: Path, tmp_path: Path, payload: Path
+    machine: MachineFactory, initramfs: Path, tmp_path: Path, command_payload: Path
 ) -> None:
     scripts = {"kernel-update": KERNEL_UPDATE}
     content = tmp_path / "state-content"
     content.mkdir()
-    v1 = make_test_root(tmp_path / "root-v1", image="v1", command=payload, scripts=scripts)
+    v1 = make_test_root(tmp_path / "root-v1", image="v1", command=command_payload, scripts=scripts)
     deploy(content, v1, deployment_id="v1", created=CREATED, known_good=True)
-    v2 = make_test_root(tmp_path / "root-v2", image="v2", command=payload, scripts=scripts)
+    v2 = make_test_root(tmp_path / "root-v2", image="v2", command=command_payload, scripts=scripts)
     add_kernel(v2, FAKE)
     (v2 / "usr/lib/bootc/kargs.d").mkdir(parents=True)
     (v2 / "usr/lib/bootc/kargs.d/10-console.toml").write_text('kargs = ["console=ttyS0"]\n')
@@ -232,7 +223,7 @@ def mounted_state(disk: Path, offset: int, where: Path) -> Iterator[Path]:
 
 
 def test_a_promotion_cut_at_every_flush_leaves_a_pair_that_boots(
-    kernel: Kernel, qemu_accel: str, tmp_path: Path, payload: Path
+    kernel: Kernel, qemu_accel: str, tmp_path: Path, command_payload: Path
 ) -> None:
     """The guest, booted from the pair (kernel A), promotes deployment v2's kernel B; its state
     disk's writes are logged, and the disk every flush point (and every torn half between two)
@@ -251,14 +242,14 @@ def test_a_promotion_cut_at_every_flush_leaves_a_pair_that_boots(
     content.mkdir()
     deploy(
         content,
-        kernel_root(tmp_path, "v2", second, images[second.version], payload),
+        kernel_root(tmp_path, "v2", second, images[second.version], command_payload),
         deployment_id="v2",
         created=CREATED,
         known_good=True,
     )
     deploy(
         content,
-        kernel_root(tmp_path, "v1", kernel, images[kernel.version], payload),
+        kernel_root(tmp_path, "v1", kernel, images[kernel.version], command_payload),
         deployment_id="v1",
         created=CREATED + 1,
         known_good=True,

@@ -16,117 +16,40 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from initrd.build import BuildConfig, Compression, build_initramfs
-from overlayroot.commands.staging import deploy
 from qemu import debian, mkinitcpio
-from qemu.disks import make_state_disk
 from qemu.kernel import Kernel
 from qemu.machine import Machine
 from qemu.mkinitcpio import Variant
 from qemu.plugin import MachineFactory
-from qemu.rootfs import build_command_payload, make_broken_root, make_test_root
+from qemu.rootfs import make_broken_root, make_test_root
 from tests.qemu import stage
-
-FS_LABEL = "or-state"
-FS_UUID = "5e1f0a4c-7a2b-4c3d-9e8f-0123456789ab"
-CREATED = 1_700_000_000
-DEPLOYMENT = "bookworm"
-# `ro`: with `rw` and no / in fstab, systemd-remount-fs would try to make the erofs root
-# writable and fail (docs/integrations.md).
-BASE = f"root=LABEL={FS_LABEL} ro"
-# Every failure ends QEMU at once instead of waiting in an emergency shell.
-ON_FAILURE = {
-    "standalone": "overlayroot.onfail=poweroff",
-    "dracut": "rd.shell=0 rd.emergency=poweroff",
-    "initramfs-tools": "panic=-1",
-    # mkinitcpio has no such switch: its shells are in FAILURES.
-    "mkinitcpio": "",
-}
-FAILURES = (
-    "Kernel panic - not syncing",
-    "Attempted to kill init",
-    "overlayroot: error:",
-    "Entering emergency mode",
-    "Press Enter for maintenance",
-    "Traceback (most recent call last)",
-    "You are now being dropped into an emergency shell",
-    "Bailing out, you are on your own",
+from tests.qemu.debianboot import (
+    BASE,
+    DEPLOYMENT,
+    FAILURES,
+    ON_FAILURE,
+    boot_debian,
+    check_blessed,
+    check_read_only_system,
+    debian_disk,
 )
-BOOT_TIMEOUT = 420  # seconds from power-on to the report, under TCG on a busy host
-SHUTDOWN_TIMEOUT = 180
 
 
 @pytest.fixture(scope="session")
-def debian_root(kernel: Kernel, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def debian_root(
+    kernel: Kernel, command_payload: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Path:
     """The Debian image, with this checkout's `overlayroot` command and bless unit."""
-    command = build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
     try:
-        return debian.debian_image(kernel, tmp_path_factory.mktemp("debian") / "root", command)
+        return debian.debian_image(
+            kernel, tmp_path_factory.mktemp("debian") / "root", command_payload
+        )
     except debian.DebianUnavailable as e:
         pytest.skip(str(e))
-
-
-def debian_disk(base: Path, root: Path) -> Path:
-    """A state disk with the Debian root deployed as erofs, by `overlayroot deploy`."""
-    content = base / "state-content"
-    content.mkdir()
-    deploy(content, root, deployment_id=DEPLOYMENT, fmt="erofs", created=CREATED)
-    return make_state_disk(
-        base / "state.img",
-        content,
-        size_mb=640,
-        fs_label=FS_LABEL,
-        fs_uuid=FS_UUID,
-        partlabel="overlayroot state",
-        partuuid="c0ffee00-1234-4abc-8def-0000000000a1",
-    )
-
-
-def boot_debian(
-    machine: MachineFactory,
-    initrd: Path,
-    disk: Path,
-    cmdline: str,
-    name: str,
-    kernel: Kernel | None = None,
-) -> dict[str, str]:
-    m: Machine = machine(initrd=initrd, disks=[disk], cmdline=cmdline, name=name, kernel=kernel)
-    with m:
-        m.wait_for("OVERLAYROOT-TEST done", BOOT_TIMEOUT, failure=FAILURES)
-        # A clean shutdown through systemd: the state filesystem must let go too.
-        assert m.wait_exit(SHUTDOWN_TIMEOUT) == 0
-        markers = m.markers()
-    # For `pytest -rP`: where the time goes, and what the image had to load itself.
-    print(
-        f"{name}: multi-user.target at {int(markers['multi_user_us']) / 1e6:.1f} s,"
-        f" report at {markers['uptime']} s; modules: {markers['modules']}"
-    )
-    return markers
-
-
-def check_read_only_system(markers: dict[str, str], deployment: str = DEPLOYMENT) -> None:
-    assert markers["root_ro"] == "yes"
-    assert markers["etc_writable"] == "yes"
-    assert markers["tmp_writable"] == "yes"
-    assert markers["mount_root"].split()[1] == "erofs"
-    assert markers["mount_etc"].startswith("overlay overlay")
-    assert markers["failed"] == ""
-    assert json.loads(markers["booted_json"])["deployment"] == deployment
-
-
-def check_blessed(markers: dict[str, str], deployment: str = DEPLOYMENT) -> None:
-    """overlayroot-bless.service ran after boot-complete.target, succeeded, and the booted
-    deployment is known good (the report unit runs after the bless)."""
-    assert markers["boot_complete"] == "active"
-    assert (markers["bless_active"], markers["bless_result"]) == ("active", "success")
-    assert 0 < int(markers["boot_complete_us"]) <= int(markers["bless_start_us"])
-    status: dict[str, Any] = json.loads(markers["status"])
-    booted = [r for r in status["deployments"] if r["booted"]]
-    assert [(r["id"], r["successful"], r["bad"]) for r in booted] == [(deployment, True, None)]
 
 
 def check_boots_twice(machine: MachineFactory, initrd: Path, disk: Path, cmdline: str) -> None:
@@ -134,17 +57,17 @@ def check_boots_twice(machine: MachineFactory, initrd: Path, disk: Path, cmdline
     /etc /var /home across a reboot, no failed unit, the trial blessed after
     boot-complete.target and the next boot no trial."""
     first = boot_debian(machine, initrd, disk, f"{cmdline} test.write=token-1", "write")
-    check_read_only_system(first)
+    check_read_only_system(first, DEPLOYMENT)
     assert json.loads(first["booted_json"])["trial"] is True
-    check_blessed(first)
+    check_blessed(first, DEPLOYMENT)
     assert (first["write_etc"], first["write_var"], first["write_home"]) == ("ok", "ok", "ok")
     assert first["write_root"] == "Read-only file system"
 
     second = boot_debian(machine, initrd, disk, f"{cmdline} test.read=1", "read")
-    check_read_only_system(second)
+    check_read_only_system(second, DEPLOYMENT)
     # Blessed on the first boot: no trial any more, and still known good.
     assert json.loads(second["booted_json"])["trial"] is False
-    check_blessed(second)
+    check_blessed(second, DEPLOYMENT)
     assert (second["etc_token"], second["var_token"], second["home_token"]) == (
         "token-1",
         "token-1",
@@ -244,11 +167,6 @@ def test_debian_through_mkinitcpio(
         # it points at nothing (docs/integrations.md).
         cmdline += " init=/lib/systemd/systemd"
     check_boots_twice(machine, initrd, disk, cmdline)
-
-
-@pytest.fixture(scope="session")
-def command_payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

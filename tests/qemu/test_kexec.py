@@ -23,20 +23,18 @@ from qemu.kernel import Kernel
 from qemu.machine import Machine
 from qemu.plugin import MachineFactory
 from qemu.rootfs import add_kernel, make_test_root
-from tests.qemu.stage import CREATED, FS_LABEL, initramfs
-from tests.qemu.test_selfheal import (
+from tests.qemu.stage import (
     BOOT_TIMEOUT,
     BROKEN,
     CMDLINE,
+    CREATED,
+    FS_LABEL,
     SCRIPTS,
     Disk,
     booted,
-    command_payload,
     history,
     rows,
 )
-
-__all__ = ["command_payload", "initramfs"]  # the fixtures, imported so pytest finds them here
 
 MODULE = "dummy"  # in both kernels as a module, with no dependencies
 KEXEC_REPORT = f"""\
@@ -370,8 +368,9 @@ def test_debian_with_systemd_boots_under_a_kernel_of_its_own(
     switches to B again, known good, with /etc /var /home kept."""
     from qemu import debian
     from qemu.rootfs import build_command_payload
-    from tests.qemu.test_integrations import (
+    from tests.qemu.debianboot import (
         BASE,
+        DEPLOYMENT,
         ON_FAILURE,
         boot_debian,
         check_blessed,
@@ -389,8 +388,8 @@ def test_debian_with_systemd_boots_under_a_kernel_of_its_own(
     cmdline = f"{BASE} {ON_FAILURE['standalone']}"
 
     first = boot_debian(machine, initramfs, disk, f"{cmdline} test.write=token-1", "write")
-    check_read_only_system(first)
-    check_blessed(first)
+    check_read_only_system(first, DEPLOYMENT)
+    check_blessed(first, DEPLOYMENT)
     info = json.loads(first["booted_json"])
     assert (info["kernel"], info["kexec"], info["trial"]) == (
         second_kernel.version,
@@ -400,7 +399,7 @@ def test_debian_with_systemd_boots_under_a_kernel_of_its_own(
     assert (first["write_etc"], first["write_var"], first["write_home"]) == ("ok", "ok", "ok")
 
     second = boot_debian(machine, initramfs, disk, f"{cmdline} test.read=1", "read")
-    check_read_only_system(second)
+    check_read_only_system(second, DEPLOYMENT)
     info = json.loads(second["booted_json"])
     assert (info["kernel"], info["kexec"], info["trial"]) == (
         second_kernel.version,

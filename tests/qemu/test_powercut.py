@@ -18,9 +18,6 @@ from qemu.cutcheck import Kind, Outcome, enter_private_mount_namespace, simulate
 from qemu.kernel import Kernel
 from qemu.powercut import BOOTS, OPERATION_NAMES, record_scenario, require_tools
 from qemu.rootfs import build_command_payload
-from tests.qemu.stage import initramfs
-
-__all__ = ["initramfs"]  # the fixture (ext4 needs no extra modules), imported so pytest finds it
 
 EVERY = 4
 pytestmark = pytest.mark.qemu

@@ -12,123 +12,26 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from overlayroot.commands.fsops import Progress
 from overlayroot.commands.images import build_image
-from overlayroot.commands.staging import deploy
 from overlayroot.core import bootstate, statefile
-from overlayroot.core.layout import StateLayout
-from qemu.disks import delete_file, make_state_disk, partition_offset, read_file, write_file
+from qemu.disks import delete_file, write_file
 from qemu.machine import Machine
 from qemu.plugin import MachineFactory
-from qemu.rootfs import build_command_payload, make_test_root
-from tests.qemu.stage import BASE, CREATED, FS_LABEL, FS_UUID, PARTLABEL, PARTUUID, initramfs
-
-__all__ = ["initramfs"]  # the fixture, imported so pytest finds it here
-
-BOOT_TIMEOUT = 180  # seconds of TCG time from power-on to the test init's last word
-CMDLINE = f"{BASE} overlayroot.tries=2"
-BROKEN = ("Traceback", "internal error")
-
-# Scripts every test root carries; `test.run=NAME` runs one. Markers are one line each.
-REPORT = """\
-echo "OVERLAYROOT-TEST status=$(overlayroot status --json | tr -d '\\n')"
-echo "OVERLAYROOT-TEST history=$(overlayroot history --json | tr -d '\\n')"
-overlayroot status
-overlayroot history
-"""
-SCRIPTS = {
-    "report": REPORT,
-    # Boot 1 of the update story: edit /etc, bless, deploy the update from inside.
-    "update": """\
-echo carried > /etc/local.conf
-overlayroot deploy --id v2 /run/overlayroot/state/updates/v2.erofs
-echo "OVERLAYROOT-TEST deploy=$?"
-"""
-    + REPORT,
-    # Boot 2: the update is on trial; after the bless, roll back.
-    "check-update": """\
-echo "OVERLAYROOT-TEST local_conf=$(cat /etc/local.conf)"
-echo v2-only > /etc/v2.conf
-echo "OVERLAYROOT-TEST etc_diff=$(overlayroot etc diff | tr '\\n' ' ')"
-"""
-    + REPORT
-    + """\
-overlayroot rollback
-echo "OVERLAYROOT-TEST rollback=$?"
-""",
-    # Boot 3: back on v1, with v1's own /etc.
-    "after-rollback": """\
-echo "OVERLAYROOT-TEST local_conf=$(cat /etc/local.conf)"
-echo "OVERLAYROOT-TEST v2_conf=$(cat /etc/v2.conf 2>/dev/null)"
-"""
-    + REPORT,
-    "once": """\
-overlayroot set-default --once v2
-echo "OVERLAYROOT-TEST once=$?"
-"""
-    + REPORT,
-}
-
-
-@pytest.fixture(scope="session")
-def command_payload(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_command_payload(tmp_path_factory.mktemp("overlayroot-command"))
-
-
-class Disk:
-    """A state disk made on the host: deploy, bless, mark bad offline, then boot it."""
-
-    def __init__(self, base: Path, payload: Path) -> None:
-        self.base = base
-        self.payload = payload
-        self.content = base / "state-content"
-        self.content.mkdir()
-        self.layout = StateLayout(self.content)
-        self.count = 0
-        self.path = base / "state.img"
-        self.offset = 0
-
-    def root(self, name: str, fail: str | None = None) -> Path:
-        return make_test_root(
-            self.base / f"root-{name}", image=name, fail=fail, command=self.payload, scripts=SCRIPTS
-        )
-
-    def deploy(self, name: str, fail: str | None = None) -> None:
-        deploy(
-            self.content, self.root(name, fail), deployment_id=name, created=CREATED + self.count
-        )
-        self.count += 1
-
-    def change(self, apply: Any, *args: object) -> None:
-        state, _ = statefile.load(self.layout)
-        statefile.save(self.layout, apply(state, *args))
-
-    def bless(self, name: str) -> None:
-        self.change(bootstate.bless, name)
-        statefile.append_history(self.layout, "blessed", name)
-
-    def make(self) -> Path:
-        make_state_disk(
-            self.path,
-            self.content,
-            size_mb=320,
-            fs_label=FS_LABEL,
-            fs_uuid=FS_UUID,
-            partlabel=PARTLABEL,
-            partuuid=PARTUUID,
-        )
-        self.offset = partition_offset(self.path)
-        return self.path
-
-    def read(self, path: str) -> bytes:
-        return read_file(self.path, self.offset, path)
-
-    def state(self) -> bootstate.BootState:
-        return bootstate.BootState.from_json(self.read("/overlayroot/boot.json").decode())
+from tests.qemu.stage import (
+    BOOT_TIMEOUT,
+    BROKEN,
+    CMDLINE,
+    CREATED,
+    Disk,
+    booted,
+    history,
+    rows,
+    status,
+)
 
 
 def boot(
@@ -165,26 +68,6 @@ def boot_fails(
     )
     m.wait_exit(120)  # a hang waits for the watchdog
     return m
-
-
-def booted(m: Machine) -> str:
-    return str(json.loads(m.markers()["booted_json"])["deployment"])
-
-
-def status(m: Machine) -> dict[str, Any]:
-    data = json.loads(m.markers()["status"])
-    assert isinstance(data, dict)
-    return data
-
-
-def rows(m: Machine) -> dict[str, dict[str, Any]]:
-    return {r["id"]: r for r in status(m)["deployments"]}
-
-
-def history(m: Machine) -> list[dict[str, Any]]:
-    data = json.loads(m.markers()["history"])
-    assert isinstance(data, list)
-    return data
 
 
 def test_an_update_from_inside_is_tried_blessed_and_rolled_back_with_its_own_etc(

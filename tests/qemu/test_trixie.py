@@ -21,15 +21,8 @@ from qemu import trixie
 from qemu.disks import make_state_disk
 from qemu.plugin import MachineFactory
 from qemu.rootfs import make_test_root
-from tests.qemu.test_integrations import (
-    BOOT_TIMEOUT,
-    CREATED,
-    FS_LABEL,
-    FS_UUID,
-    boot_debian,
-    check_blessed,
-    check_read_only_system,
-)
+from tests.qemu.debianboot import BOOT_TIMEOUT, boot_debian, check_blessed, check_read_only_system
+from tests.qemu.stage import CREATED, FS_LABEL, FS_UUID
 
 DEPLOYMENT = "trixie"
 UPDATE = "update"
