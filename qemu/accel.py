@@ -39,7 +39,10 @@ def _cached_probe(kernel: Kernel) -> str:
         return verdict.read_text().strip()
     accel = "kvm" if kvm_boots(kernel) else "tcg"
     verdict.parent.mkdir(parents=True, exist_ok=True)
-    verdict.write_text(accel + "\n")
+    # Written beside it, then renamed: a test process reading it meanwhile sees all or nothing.
+    partial = verdict.with_name(f".{verdict.name}.{os.getpid()}")
+    partial.write_text(accel + "\n")
+    partial.rename(verdict)
     return accel
 
 

@@ -32,7 +32,7 @@ import tempfile
 from pathlib import Path
 
 from qemu.kernel import Kernel
-from qemu.paths import REPO_ROOT, cache_dir, cache_entry
+from qemu.paths import REPO_ROOT, build_once, cache_dir, is_complete
 
 SUITE = "bookworm"
 VARIANT = "minbase"
@@ -93,7 +93,7 @@ def debian_base(
     not modify it: ``debian_image`` (and ``qemu.trixie``) make a copy to change."""
     base = (cache or cache_dir()) / "debian" / recipe_key(suite, packages)
     root = base / "root"
-    if not (base / ".complete").exists():
+    if not is_complete(base):
         _build(base, suite, packages)
     return root
 
@@ -119,10 +119,12 @@ def debian_image(
 
 
 def _build(base: Path, suite: str, packages: tuple[str, ...]) -> None:
-    """mmdebstrap into a staging directory, then rename: a crash leaves no half-built root."""
+    """mmdebstrap into a staging directory, then rename (``build_once``): a crash leaves no
+    half-built root, and a second process that wants it meanwhile waits for this build."""
     if shutil.which("mmdebstrap") is None:
         raise DebianUnavailable("mmdebstrap is not installed: apt-get install mmdebstrap")
-    with cache_entry(base) as staging:
+
+    def fill(staging: Path) -> None:
         command = [
             "mmdebstrap",
             "--quiet",
@@ -146,6 +148,8 @@ def _build(base: Path, suite: str, packages: tuple[str, ...]) -> None:
         (staging / "recipe.json").write_text(
             json.dumps(recipe(suite, packages), indent=2, sort_keys=True)
         )
+
+    build_once(base, fill)
 
 
 def _add_modules(root: Path, kernel: Kernel) -> None:

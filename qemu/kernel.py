@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from qemu.paths import cache_dir, cache_entry
+from qemu.paths import build_once, cache_dir, entry_lock, is_complete
 
 METAPACKAGE = "linux-image-cloud-amd64"
 SECOND_METAPACKAGE = "linux-image-6.12-cloud-amd64"  # bookworm-security
@@ -98,7 +98,7 @@ def second_cloud_kernel(cache: Path | None = None) -> Kernel:
     package = names[0]
     kver = package.removeprefix("linux-image-")
     root = cache / "kernels" / package
-    if not (root / ".complete").exists():
+    if not is_complete(root):
         _unpack(package, kver, root, apt)
     return Kernel(root / "boot" / f"vmlinuz-{kver}", root / "lib" / "modules" / kver, kver)
 
@@ -124,7 +124,6 @@ def _backports_apt(directory: Path) -> list[str]:
     ):
         sub.mkdir(parents=True, exist_ok=True)
     sources = directory / "sources.list"
-    sources.write_text(BACKPORTS_SOURCE)
     options = [
         "-o",
         f"Dir::Etc::SourceList={sources}",
@@ -137,9 +136,14 @@ def _backports_apt(directory: Path) -> list[str]:
         "-o",
         "APT::Sandbox::User=root",
     ]
-    fetched = [p for p in lists.glob("*_Packages*") if p.is_file()]
-    if not fetched or min(time.time() - p.stat().st_mtime for p in fetched) > LISTS_MAX_AGE:
-        _run_apt(["apt-get", *options, "-q", "update"])
+    # One writer at a time: apt refuses a second update on the same lists, and the sources
+    # are rewritten only when they differ, never under a reader.
+    with entry_lock(directory):
+        if not sources.exists() or sources.read_text() != BACKPORTS_SOURCE:
+            sources.write_text(BACKPORTS_SOURCE)
+        fetched = [p for p in lists.glob("*_Packages*") if p.is_file()]
+        if not fetched or min(time.time() - p.stat().st_mtime for p in fetched) > LISTS_MAX_AGE:
+            _run_apt(["apt-get", *options, "-q", "update"])
     return options
 
 
@@ -156,7 +160,7 @@ def debian_cloud_kernel(cache: Path | None = None) -> Kernel:
     package = _cloud_kernel_package()
     kver = package.removeprefix("linux-image-")
     root = cache / "kernels" / package
-    if not (root / ".complete").exists():
+    if not is_complete(root):
         _unpack(package, kver, root)
     return Kernel(root / "boot" / f"vmlinuz-{kver}", root / "lib" / "modules" / kver, kver)
 
@@ -191,13 +195,17 @@ def _apt_cache(*args: str) -> str:
 
 
 def _unpack(package: str, kver: str, root: Path, apt: list[str] | None = None) -> None:
-    """Download, extract and depmod into a temp dir, then rename: a crash leaves no half kernel."""
-    downloads = root.parent / "debs"
-    downloads.mkdir(parents=True, exist_ok=True)
-    deb = _download(package, downloads, apt or [])
-    with cache_entry(root) as staging:
+    """Download, extract and depmod into a temp dir, then rename (``build_once``): a crash
+    leaves no half kernel, and a second process that wants it meanwhile waits for this one."""
+
+    def fill(staging: Path) -> None:
+        downloads = root.parent / "debs"
+        downloads.mkdir(parents=True, exist_ok=True)
+        deb = _download(package, downloads, apt or [])
         subprocess.run(["dpkg-deb", "-x", str(deb), str(staging)], check=True)
         subprocess.run(["depmod", "-b", str(staging), kver], check=True)
+
+    build_once(root, fill)
 
 
 def _download(package: str, downloads: Path, apt: list[str]) -> Path:

@@ -40,7 +40,7 @@ from pathlib import Path
 from initrd.cpio import MAGIC, TRAILER, Entry, read_cpio
 from qemu.debian import GeneratorFailed, overlayroot_command
 from qemu.kernel import Kernel
-from qemu.paths import REPO_ROOT, cache_dir, cache_entry
+from qemu.paths import REPO_ROOT, build_once, cache_dir
 
 TARBALL = REPO_ROOT.parent / "shared" / "vendor" / "mkinitcpio-41.tar.gz"
 HOOKS = REPO_ROOT / "hooks" / "mkinitcpio"
@@ -120,38 +120,36 @@ def install_tree(cache: Path | None = None) -> Path:
     digest = hashlib.sha256(TARBALL.read_bytes())
     digest.update(json.dumps(recipe(), sort_keys=True).encode())
     base = (cache or cache_dir()) / "mkinitcpio" / digest.hexdigest()[:16]
-    if not (base / ".complete").exists():
-        _install(base)
-    return base / "tree"
+    return build_once(base, _install) / "tree"
 
 
-def _install(base: Path) -> None:
-    """Unpack, fill the placeholders, add the busybox, then rename: a crash leaves nothing."""
-    with cache_entry(base) as staging:
-        source = staging / "source"
-        source.mkdir()
-        subprocess.run(
-            ["tar", "-xzf", str(TARBALL), "-C", str(source), "--strip-components=1"], check=True
-        )
-        tree = staging / "tree"
-        for name, target in INSTALL.items():
-            if (source / name).is_dir():
-                files = [
-                    (path, tree / target / path.name)
-                    for path in sorted((source / name).iterdir())
-                    if path.name != "meson.build"
-                ]
-            else:
-                files = [(source / name, tree / target)]
-            for path, dest in files:
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_text(_configure(path.read_text()))
-                dest.chmod(0o755 if target in EXECUTABLE else 0o644)
-        for directory in ("etc/initcpio/hooks", "etc/initcpio/install", "etc/mkinitcpio.conf.d"):
-            (tree / directory).mkdir(parents=True, exist_ok=True)
-        _add_busybox(staging, tree / "usr" / "lib" / "initcpio" / "busybox")
-        (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
-        shutil.rmtree(source)
+def _install(staging: Path) -> None:
+    """Unpack, fill the placeholders, add the busybox (``build_once`` renames it into place:
+    a crash leaves nothing)."""
+    source = staging / "source"
+    source.mkdir()
+    subprocess.run(
+        ["tar", "-xzf", str(TARBALL), "-C", str(source), "--strip-components=1"], check=True
+    )
+    tree = staging / "tree"
+    for name, target in INSTALL.items():
+        if (source / name).is_dir():
+            files = [
+                (path, tree / target / path.name)
+                for path in sorted((source / name).iterdir())
+                if path.name != "meson.build"
+            ]
+        else:
+            files = [(source / name, tree / target)]
+        for path, dest in files:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            dest.write_text(_configure(path.read_text()))
+            dest.chmod(0o755 if target in EXECUTABLE else 0o644)
+    for directory in ("etc/initcpio/hooks", "etc/initcpio/install", "etc/mkinitcpio.conf.d"):
+        (tree / directory).mkdir(parents=True, exist_ok=True)
+    _add_busybox(staging, tree / "usr" / "lib" / "initcpio" / "busybox")
+    (staging / "recipe.json").write_text(json.dumps(recipe(), indent=2, sort_keys=True))
+    shutil.rmtree(source)
 
 
 def _configure(text: str) -> str:

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -20,23 +21,44 @@ def cache_dir() -> Path:
     return path
 
 
+def is_complete(final: Path) -> bool:
+    """Whether the cache entry ``final`` was published whole (see :func:`build_once`)."""
+    return (final / ".complete").exists()
+
+
 @contextlib.contextmanager
-def cache_entry(final: Path) -> Iterator[Path]:
-    """A staging directory beside ``final`` to fill. When the block ends without an error it
-    becomes ``final``, marked ``.complete`` and replacing an older one, in one rename: a crash
-    leaves no half entry. When another process publishes the same entry between the removal
-    and the rename, the rename fails and that entry stands."""
+def entry_lock(final: Path) -> Iterator[None]:
+    """Hold the lock of the cache entry ``final``: an exclusive ``flock`` on the file
+    ``.<name>.lock`` beside it, waited for as long as another process holds it. The kernel
+    lets go of it when its holder ends, however it ends."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
-    try:
-        yield staging
-        (staging / ".complete").touch()
-        if final.exists():
-            shutil.rmtree(final)
+    with open(final.parent / f".{final.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
         try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def build_once(final: Path, fill: Callable[[Path], None]) -> Path:
+    """The cache entry ``final``, built on first use: ``fill`` fills a staging directory beside
+    it, which becomes ``final``, marked ``.complete``, in one rename, so a crash leaves no half
+    entry. The build runs under :func:`entry_lock`: a second process that wants the same entry
+    meanwhile waits for the first and then uses its entry. A failed ``fill`` leaves nothing (its
+    error goes to the caller) and the next call tries again; an incomplete ``final`` (left by
+    an older harness) is replaced."""
+    if is_complete(final):
+        return final
+    with entry_lock(final):
+        if is_complete(final):
+            return final
+        staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+        try:
+            fill(staging)
+            (staging / ".complete").touch()
+            if final.exists():
+                shutil.rmtree(final)
             staging.rename(final)
-        except OSError:
-            if not (final / ".complete").exists():
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return final

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from qemu import debian
 from qemu.kernel import Kernel
-from qemu.paths import REPO_ROOT, cache_dir, cache_entry
+from qemu.paths import REPO_ROOT, build_once, cache_dir, is_complete
 from qemu.wheel import WheelBuildFailed, build_wheel
 
 SUITE = "trixie"
@@ -101,13 +101,12 @@ def trixie_image(cache: Path | None = None) -> TrixieImage:
     install and the two initramfs builds inside)."""
     cache = cache or cache_dir()
     entry = cache / "trixie" / source_key()
-    if not (entry / ".complete").exists():
+    if not is_complete(entry):
         try:
             base = debian.debian_base(cache, SUITE, PACKAGES)
         except debian.DebianUnavailable as e:
             raise TrixieUnavailable(str(e)) from None
-        with cache_entry(entry) as staging:
-            _build(base, staging)
+        build_once(entry, lambda staging: _build(base, staging))
     (entry / USED).touch()
     prune(entry)
     return _image(entry)
@@ -125,7 +124,7 @@ def prune(current: Path, now: float | None = None) -> list[Path]:
     now = time.time() if now is None else now
     removed = []
     for other in current.parent.iterdir():
-        if other == current or not (other / ".complete").exists():
+        if other == current or not is_complete(other):
             continue
         stamp = other / USED if (other / USED).exists() else other / ".complete"
         try:
