@@ -40,7 +40,7 @@ def entry_lock(final: Path) -> Iterator[None]:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
-def build_once(final: Path, fill: Callable[[Path], None]) -> Path:
+def build_once(final: Path, fill: Callable[[Path], object]) -> Path:
     """The cache entry ``final``, built on first use: ``fill`` fills a staging directory beside
     it, which becomes ``final``, marked ``.complete``, in one rename, so a crash leaves no half
     entry. The build runs under :func:`entry_lock`: a second process that wants the same entry
