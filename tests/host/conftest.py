@@ -39,7 +39,8 @@ HERE = Path(__file__).resolve().parent
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test of this directory is a host test (``-m host`` selects them, ``-m 'not host'``
-    leaves them out)."""
+    leaves them out). When tests are spread over workers, one worker runs them all
+    (tests/workers.py)."""
     for item in items:
         if HERE in Path(str(item.path)).resolve().parents:
             item.add_marker(pytest.mark.host)

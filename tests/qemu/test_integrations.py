@@ -38,6 +38,9 @@ from tests.qemu.debianboot import (
     debian_disk,
 )
 
+# Mostly Debian boots, minutes each.
+pytestmark = pytest.mark.slow
+
 
 @pytest.fixture(scope="session")
 def debian_root(

@@ -354,6 +354,7 @@ def test_bless_promotes_the_pair_so_the_next_boot_needs_no_kexec_and_rollback_bo
     ]
 
 
+@pytest.mark.slow
 def test_debian_with_systemd_boots_under_a_kernel_of_its_own(
     machine: MachineFactory,
     initramfs: Path,

@@ -20,7 +20,8 @@ from qemu.powercut import BOOTS, OPERATION_NAMES, record_scenario, require_tools
 from qemu.rootfs import build_command_payload
 
 EVERY = 4
-pytestmark = pytest.mark.qemu
+# Minutes of boots, recorded once for the module (one worker runs it all: tests/workers.py).
+pytestmark = [pytest.mark.qemu, pytest.mark.slow]
 
 
 @pytest.fixture(scope="module")

@@ -24,6 +24,10 @@ from qemu.rootfs import make_test_root
 from tests.qemu.debianboot import BOOT_TIMEOUT, boot_debian, check_blessed, check_read_only_system
 from tests.qemu.stage import CREATED, FS_LABEL, FS_UUID
 
+# Minutes each, and the first builds the image (minutes more on a clean clone; one worker runs
+# both: tests/workers.py).
+pytestmark = pytest.mark.slow
+
 DEPLOYMENT = "trixie"
 UPDATE = "update"
 # tries=1: a trial that crashes once is given up on, so the fallback takes one failed boot.
