@@ -78,13 +78,16 @@ def cores() -> int:
 
 
 def schedule_rank(item: pytest.Item) -> int:
-    """Where a test goes in the workers' queue: the tests marked ``slow`` (minutes each) first,
-    then the other QEMU tests, then the rest (seconds each): the longest work is handed out
-    while there is still short work to even out the workers' ends."""
+    """Where a test goes in the workers' queue: the longest work is handed out while there is
+    still short work to even out the workers' ends. First the tests marked ``slow`` (minutes
+    each) of a group of :data:`GROUPS` (the biggest units: the trixie image, the power-cut
+    recording; on a clean clone the trixie image and the Debian 12 tree of the other slow tests
+    are then built at once, by different workers), then the other ``slow`` tests, then the other
+    QEMU tests, then the rest (seconds each)."""
     if item.get_closest_marker("slow") is not None:
-        return 0
+        return 0 if group_of(item.nodeid) != item.nodeid else 1
     path = Path(str(item.path)).resolve()
-    return 1 if QEMU_TESTS in path.parents else 2
+    return 2 if QEMU_TESTS in path.parents else 3
 
 
 def group_of(nodeid: str) -> str:

@@ -147,14 +147,16 @@ def test_workers_hand_out_the_slow_tests_first(tmp_path: Path) -> None:
     assert "2 workers" in out, out
     gw0, gw1 = ((tmp_path / w).read_text().splitlines() for w in ("gw0", "gw1"))
     assert gw0 == gw1  # pytest-xdist requires the same list, in the same order
-    # The slow tests (minutes each) come first, then the other QEMU tests, then the host ones.
+    # The slow groups first, then the other slow tests (minutes each), then the other QEMU
+    # tests, then the host ones.
+    groups = [i for i in gw0 if "test_powercut.py" in i or "test_trixie.py" in i]
     slow = [
         i
         for i in gw0
-        if any(m in i for m in ("test_integrations", "test_trixie", "test_powercut"))
-        or "test_kexec.py::test_debian_with_systemd" in i
+        if "test_integrations.py" in i or "test_kexec.py::test_debian_with_systemd" in i
     ]
     host = [i for i in gw0 if i.startswith("tests/host/")]
-    assert slow and host
-    assert gw0[: len(slow)] == slow, gw0[: len(slow)]
+    assert groups and slow and host
+    assert gw0[: len(groups)] == groups, gw0[: len(groups)]
+    assert gw0[len(groups) : len(groups) + len(slow)] == slow, gw0[: len(groups) + len(slow)]
     assert gw0[-len(host) :] == host
