@@ -3,7 +3,9 @@ themselves are the benchmark's)."""
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -113,3 +115,58 @@ def test_the_table_names_a_configuration_that_failed_and_where_its_log_is() -> N
     assert table(report).splitlines()[-1] == (
         "trixie/dracut: FAILED, left out: failed units: x.service (console log: /logs/a.log)"
     )
+
+
+def test_later_boots_only_and_a_failing_configuration_left_out(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The run loop with the boots faked: ``--boots later`` still primes each disk with a first
+    boot (not reported), and a configuration whose boot fails is left out, named with its log,
+    while the others are measured."""
+    from bench import integrations
+    from qemu.kernel import Kernel
+
+    kernel = Kernel(tmp_path / "vmlinuz", tmp_path / "modules", "6.12")
+    disk, initrd = tmp_path / "disk.img", tmp_path / "initrd.img"
+    disk.write_bytes(b"")
+    initrd.write_bytes(b"x")
+    setups = [
+        integrations.Setup("trixie", name, kernel, initrd, disk, "ro") for name in ("good", "bad")
+    ]
+    booted: list[str] = []
+
+    def boot_once(accel: str, setup: object, source: Path, work: Path, name: str,
+                  timeout: float, keep: Path | None = None) -> dict[str, float]:  # fmt: skip
+        booted.append(name)
+        if name.startswith("trixie-bad-later"):
+            log = tmp_path / "bad.log"
+            log.write_text("console")
+            raise BootFailure("failed units: x.service", log, "console")
+        if keep is not None:
+            keep.write_bytes(b"")
+        return {"kernel_s": 1.0, "initramfs_s": 2.0, "userspace_s": 3.0, "multi_user_s": 6.0,
+                "load_1m": 0.5, "other_qemu": 0.0}  # fmt: skip
+
+    monkeypatch.setattr(integrations, "kernel_from_env", lambda: kernel)
+    monkeypatch.setattr(integrations, "choose_accel", lambda k: "tcg")
+    monkeypatch.setattr(integrations, "cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(integrations, "trixie_setups", lambda work, only: setups)
+    monkeypatch.setattr(integrations, "boot_once", boot_once)
+    args = argparse.Namespace(
+        suites=["trixie"], boots=["later"], only=[], runs=2, timeout=1.0, keep=False
+    )
+    report = integrations.run_benchmark(args)
+    assert booted == [
+        "trixie-good-first-prime",
+        "trixie-bad-first-prime",
+        "trixie-good-later-0",
+        "trixie-bad-later-0",
+        "trixie-good-later-1",
+    ]
+    configurations: Any = report["configurations"]
+    assert [(c["name"], c["boot"], len(c["boots"])) for c in configurations] == [
+        ("good", "later", 2)
+    ]
+    failed: Any = report["failed"]
+    assert list(failed) == ["trixie/bad"]
+    assert "failed units: x.service (console log: " in failed["trixie/bad"]
