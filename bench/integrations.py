@@ -245,14 +245,18 @@ def boot_once(
     name: str,
     timeout: float,
     keep_disk: Path | None = None,
+    analysis: list[str] | None = None,
 ) -> dict[str, float]:
     """One boot of a fresh copy of ``source``: its phases in guest seconds. ``keep_disk``: keep
-    the disk as the boot left it there (the base of the later boots)."""
+    the disk as the boot left it there (the base of the later boots). ``analysis``: a list the
+    guest's ``systemd-analyze blame`` and ``critical-chain`` lines are added to (asked for
+    with ``test.analyze=1``, after the boot's figures are taken)."""
     disk = work / f"boot-{name}.img"
     shutil.copyfile(source, disk)
     log = work / "logs" / f"{name}.log"
+    cmdline = setup.cmdline + (" test.analyze=1" if analysis is not None else "")
     machine = Machine(
-        setup.kernel, setup.initrd, log_path=log, disks=[disk], cmdline=setup.cmdline, accel=accel
+        setup.kernel, setup.initrd, log_path=log, disks=[disk], cmdline=cmdline, accel=accel
     )
     others = other_qemu_processes()
     try:
@@ -269,11 +273,22 @@ def boot_once(
         disk.unlink(missing_ok=True)
     if markers.get("failed"):
         raise BootFailure(f"failed units: {markers['failed']}", log, machine.console)
+    if analysis is not None:
+        analysis.extend(analysis_lines(machine.console))
     return {
         **phases(markers, machine.console, log),
         "load_1m": os.getloadavg()[0],
         "other_qemu": float(others),
     }
+
+
+ANALYSIS = re.compile(r"^overlayroot-test-(blame|chain): (.*?)\r?$", re.MULTILINE)
+
+
+def analysis_lines(console: str) -> list[str]:
+    """The guest's ``systemd-analyze`` output (qemu/guest/debian-report.sh, ``test.analyze=1``),
+    each line headed by the part it came from."""
+    return [f"{m.group(1)}: {m.group(2)}" for m in ANALYSIS.finditer(console)]
 
 
 def keep_log(log: Path) -> Path:
@@ -322,13 +337,15 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
             (s.label, boot): [] for s in configs for boot in BOOTS
         }  # the report shows the kinds asked for; a prime boot is a first boot either way
         failed: dict[str, str] = {}  # label -> why and where its console log is
+        analyses: dict[str, list[str]] = {}  # label/boot -> the last such boot's analysis
 
         def attempt(
             setup: Setup, source: Path, boot: str, name: str, keep: Path | None = None
         ) -> bool:
             """One boot; a failure drops the configuration (said, its log kept), not the run."""
+            analysis: list[str] | None = [] if args.analyze else None
             try:
-                split = boot_once(accel, setup, source, work, name, args.timeout, keep)
+                split = boot_once(accel, setup, source, work, name, args.timeout, keep, analysis)
             except BootFailure as e:
                 kept = keep_log(e.log_path)
                 failed[setup.label] = f"{e.reason} (console log: {kept})"
@@ -336,6 +353,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
                 return False
             done = times[(setup.label, boot)]
             done.append(split)
+            if analysis is not None:
+                analyses[f"{setup.label}/{boot}"] = analysis
             progress(
                 f"{setup.label} {boot} boot {len(done)}"
                 + (" (its disk kept for the later boots)" if keep is not None else "")
@@ -381,6 +400,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
                 for boot in args.boots
             ],
             "failed": failed,
+            **({"analysis": analyses} if args.analyze else {}),
         }
     finally:
         if args.keep:
@@ -470,6 +490,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per boot (600)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    parser.add_argument(
+        "--analyze",
+        action="store_true",
+        help="also show where systemd's part of each configuration's last boot went"
+        " (systemd-analyze blame and critical-chain in the guest, after the figures are taken)",
+    )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print(
@@ -487,8 +513,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     ) as e:
         print(f"bench.integrations: {e}", file=sys.stderr)
         return 1
-    print(json.dumps(report, indent=2) if args.json else table(report))
+    print(json.dumps(report, indent=2) if args.json else table(report) + analysis_text(report))
     return 1 if report["failed"] else 0
+
+
+def analysis_text(report: dict[str, object]) -> str:
+    """``--analyze``'s part of the table output: each boot's systemd-analyze lines."""
+    analyses = report.get("analysis")
+    if not isinstance(analyses, dict):
+        return ""
+    return "".join(
+        f"\n{label}: systemd-analyze\n" + "".join(f"  {line}\n" for line in lines)
+        for label, lines in analyses.items()
+    )
 
 
 def _words(allowed: tuple[str, ...]) -> Callable[[str], list[str]]:

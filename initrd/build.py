@@ -236,9 +236,22 @@ def init_script(python: PurePosixPath) -> bytes:
 
 def prepare_script(python: PurePosixPath) -> bytes:
     """``/usr/lib/overlayroot/prepare SYSROOT``: what the dracut, initramfs-tools and mkinitcpio
-    hooks run (``-m`` would need runpy, which is not frozen)."""
+    hooks run (``-m`` would need runpy, which is not frozen).
+
+    The hooks start it with ``PYTHONHASHSEED=0`` (the standalone image's file of zeros cannot
+    help here: the generator's devtmpfs has the real /dev/urandom). Without a seed, Python
+    reads its ``str`` hash seed from /dev/urandom, which early in a boot waits for the kernel's
+    random pool: over a second under QEMU without RDRAND. ``-I`` would ignore the variable, so
+    the script runs with ``-sSP`` (no user site, no site, no script directory on the path) and
+    starts itself again isolated (``-IS``, paying the wait) when the environment holds any other
+    ``PYTHON*`` variable, which could change what it imports or how it runs."""
     return (
-        f"#!{python} -IS\nimport sys\n\nfrom overlayroot.boot.prepare import main\n\n"
+        f"#!{python} -sSP\nimport os\nimport sys\n\n"
+        "if not sys.flags.ignore_environment and any(\n"
+        '    name.startswith("PYTHON") and name != "PYTHONHASHSEED" for name in os.environ\n'
+        "):\n"
+        '    os.execv(sys.executable, [sys.executable, "-IS", *sys.argv])\n'
+        "from overlayroot.boot.prepare import main\n\n"
         "sys.exit(main())\n"
     ).encode()
 

@@ -42,8 +42,8 @@ mark_mounts() {
 # read_test_options: the test.* words of the kernel command line, as variables for the script
 # that sources this file (each script uses its own).
 read_test_options() {
-    # shellcheck disable=SC2034  # run, bless, deploy_id: read by the sourcing script
-    token="" read_tokens="" run="" bless="" deploy_id=""
+    # shellcheck disable=SC2034  # run, bless, deploy_id, analyze: read by the sourcing script
+    token="" read_tokens="" run="" bless="" deploy_id="" analyze=""
     read -r cmdline < /proc/cmdline
     for word in $cmdline; do
         # shellcheck disable=SC2034
@@ -53,6 +53,7 @@ read_test_options() {
             test.run=*) run=${word#test.run=} ;;
             test.bless=1) bless=1 ;;
             test.deploy=*) deploy_id=${word#test.deploy=} ;;
+            test.analyze=1) analyze=1 ;;
         esac
     done
 }

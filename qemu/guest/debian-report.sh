@@ -44,6 +44,13 @@ fi
 mark modules "$(while read -r name _; do printf '%s ' "$name"; done < /proc/modules)"
 
 read_test_options
+# test.analyze=1 (bench.integrations --analyze): where systemd's part of the boot went, for the
+# log; after the markers above, so it does not count in the boot's figures.
+if [ -n "$analyze" ]; then
+    systemd-analyze blame --no-pager 2>&1 | head -n 25 | sed 's/^/overlayroot-test-blame: /'
+    systemd-analyze critical-chain --no-pager multi-user.target 2>&1 |
+        sed 's/^/overlayroot-test-chain: /'
+fi
 write_tokens
 # test.deploy=ID: deploy the update the test put on the state filesystem at updates/ID.erofs
 # (after the bless: the unit runs after it), as an update service would.

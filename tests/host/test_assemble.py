@@ -74,6 +74,16 @@ def test_booted_says_what_was_booted(env: Env) -> None:
     assert booted["manifest"]["sha256"]  # type: ignore[index]
 
 
+def test_the_image_is_read_with_direct_io(env: Env) -> None:
+    """One copy of each block in memory, not two (overlayroot/core/loop.py): the kernel took
+    the loop device's direct I/O on the state's ext4."""
+    env.deploy("v1")
+    loop = str(env.assemble().to_dict()["loop"])
+    name = os.path.basename(loop)
+    assert Path(f"/sys/block/{name}/loop/dio").read_text().strip() == "1"
+    assert Path(f"/sys/block/{name}/ro").read_text().strip() == "1"
+
+
 def test_transient_etc_forgets_and_readonly_etc_refuses(env: Env) -> None:
     env.deploy("v1")
     env.assemble("overlayroot.etc=transient")

@@ -265,3 +265,34 @@ def tree(root: Path) -> dict[str, tuple[int, object]]:
         else:
             out[key] = (st.st_mode, st.st_rdev)
     return out
+
+
+@pytest.mark.skipif(platform.machine() != "x86_64", reason="the filter knows x86-64 only")
+def test_the_hooks_prepare_takes_its_hash_seed_from_the_environment(tmp_path: Path) -> None:
+    """Under a generator's devtmpfs, /dev/urandom is the device, which early in a boot waits
+    for the kernel's random pool; the hooks start prepare with PYTHONHASHSEED=0 instead, and
+    any other PYTHON* variable makes it start itself again isolated (``-IS``). Here, with no
+    /dev/urandom at all, a Python that wants random bytes cannot start: which runs shows which
+    read its seed where."""
+    payload = tmp_path / "hooks-payload"
+    build(payload, payload=True, entries=("overlayroot.boot.prepare",))
+    (payload / "dev/urandom").unlink()
+    assert (payload / "usr/lib/overlayroot/prepare").read_text().startswith(f"#!{PYTHON} -sSP\n")
+
+    def prepare(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [CHROOT, str(payload), "/usr/lib/overlayroot/prepare"],
+            capture_output=True,
+            text=True,
+            env=env,
+            preexec_fn=_getrandom_not_ready,
+            check=False,
+        )
+
+    seeded = prepare({"PYTHONHASHSEED": "0"})
+    assert seeded.returncode == 2
+    assert seeded.stderr.startswith("usage: python -m overlayroot.boot.prepare SYSROOT\n")
+    for env in ({}, {"PYTHONHASHSEED": "0", "PYTHONPATH": "/elsewhere"}):
+        unseeded = prepare(env)
+        assert unseeded.returncode != 0 and "Fatal Python error" in unseeded.stderr, env
+        assert "random" in unseeded.stderr, env

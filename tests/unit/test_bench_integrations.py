@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench.integrations import main, phases, table
+from bench.integrations import analysis_lines, main, phases, table
 from qemu.machine import BootFailure
 
 CONSOLE = "[    0.000000] Linux version 6.12\n[    7.126712] Run /init as init process\n"
@@ -136,8 +136,11 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
     booted: list[str] = []
 
     def boot_once(accel: str, setup: object, source: Path, work: Path, name: str,
-                  timeout: float, keep: Path | None = None) -> dict[str, float]:  # fmt: skip
+                  timeout: float, keep: Path | None = None,
+                  analysis: list[str] | None = None) -> dict[str, float]:  # fmt: skip
         booted.append(name)
+        if analysis is not None:
+            analysis.append(f"blame: 1.0s {name}.service")
         if name.startswith("trixie-bad-later"):
             log = tmp_path / "bad.log"
             log.write_text("console")
@@ -153,8 +156,9 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
     monkeypatch.setattr(integrations, "trixie_setups", lambda work, only: setups)
     monkeypatch.setattr(integrations, "boot_once", boot_once)
     args = argparse.Namespace(
-        suites=["trixie"], boots=["later"], only=[], runs=2, timeout=1.0, keep=False
-    )
+        suites=["trixie"], boots=["later"], only=[], runs=2, timeout=1.0, keep=False,
+        analyze=True,
+    )  # fmt: skip
     report = integrations.run_benchmark(args)
     assert booted == [
         "trixie-good-first-prime",
@@ -170,3 +174,23 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
     failed: Any = report["failed"]
     assert list(failed) == ["trixie/bad"]
     assert "failed units: x.service (console log: " in failed["trixie/bad"]
+    # --analyze: the last boot of each kind that ran, under its label.
+    assert report["analysis"] == {
+        "trixie/good/first": ["blame: 1.0s trixie-good-first-prime.service"],
+        "trixie/bad/first": ["blame: 1.0s trixie-bad-first-prime.service"],
+        "trixie/good/later": ["blame: 1.0s trixie-good-later-1.service"],
+    }
+    assert "trixie/good/later: systemd-analyze\n  blame: 1.0s" in integrations.analysis_text(report)
+
+
+def test_the_guests_analysis_lines_are_read_from_the_console() -> None:
+    console = (
+        "OVERLAYROOT-TEST uptime=40\r\n"
+        "overlayroot-test-blame: 5.1s systemd-udev-settle.service\r\n"
+        "[  41.0] some kernel line\n"
+        "overlayroot-test-chain: multi-user.target @40.2s\n"
+    )
+    assert analysis_lines(console) == [
+        "blame: 5.1s systemd-udev-settle.service",
+        "chain: multi-user.target @40.2s",
+    ]

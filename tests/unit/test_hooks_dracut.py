@@ -121,7 +121,11 @@ def pre_pivot(tmp_path: Path, prepare_status: int) -> tuple[list[str], str]:
     """The pre-pivot hook sourced as dracut's /init sources it, prepare replaced by a stub."""
     log = tmp_path / "log"
     stub = tmp_path / "prepare"
-    stub.write_text(f'#!/bin/sh\necho "prepare $*" >> "$LOG"\nexit {prepare_status}\n')
+    stub.write_text(
+        '#!/bin/sh\necho "prepare $*" >> "$LOG"\n'
+        'echo "hash seed ${PYTHONHASHSEED-unset}" >> "$LOG"\n'
+        f"exit {prepare_status}\n"
+    )
     stub.chmod(0o755)
     hook = (MODULE / "overlayroot-prepare.sh").read_text()
     assert hook.count(PREPARE) == 1
@@ -148,8 +152,10 @@ record init goes on
 
 def test_pre_pivot_hook_prepares_newroot_and_returns(tmp_path: Path) -> None:
     calls, _ = pre_pivot(tmp_path, 0)
-    assert calls[0] == "modprobe -a -q overlay loop erofs squashfs"
+    assert calls[0] == "modprobe -a -q overlay loop erofs"
     assert "prepare /sysroot" in calls
+    # No wait for the kernel's random pool (initrd/build.py, prepare_script).
+    assert calls[calls.index("prepare /sysroot") + 1] == "hash seed 0"
     assert not any(c.startswith("emergency_shell") for c in calls)
     assert calls[-1] == "init goes on"
 

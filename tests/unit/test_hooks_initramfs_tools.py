@@ -87,7 +87,11 @@ def run_local_bottom(tmp_path: Path, prepare_status: int) -> list[str]:
         'panic() { echo "panic $*" >> "$LOG"; }\nmodprobe() { echo "modprobe $*" >> "$LOG"; }\n'
     )
     stub = tmp_path / "prepare"
-    stub.write_text(f'#!/bin/sh\necho "prepare $*" >> "$LOG"\nexit {prepare_status}\n')
+    stub.write_text(
+        '#!/bin/sh\necho "prepare $*" >> "$LOG"\n'
+        'echo "hash seed ${PYTHONHASHSEED-unset}" >> "$LOG"\n'
+        f"exit {prepare_status}\n"
+    )
     stub.chmod(0o755)
     script = with_standins(BOTTOM, tmp_path, {FUNCTIONS: str(functions), PREPARE: str(stub)})
     # initramfs-tools' /init exports rootmnt and runs local-bottom scripts as programs.
@@ -97,8 +101,10 @@ def run_local_bottom(tmp_path: Path, prepare_status: int) -> list[str]:
 
 def test_local_bottom_prepares_rootmnt(tmp_path: Path) -> None:
     calls = run_local_bottom(tmp_path, 0)
-    assert calls[0] == "modprobe -a overlay loop erofs squashfs"
+    assert calls[0] == "modprobe -a overlay loop erofs"
     assert "prepare /root" in calls
+    # No wait for the kernel's random pool (initrd/build.py, prepare_script).
+    assert calls[calls.index("prepare /root") + 1] == "hash seed 0"
     assert not any(c.startswith("panic") for c in calls)
 
 

@@ -128,6 +128,7 @@ def test_build_for_the_systemd_hook_adds_a_unit_before_initrd_root_fs(tmp_path: 
     assert "After=sysroot.mount" in unit
     assert "Before=initrd-root-fs.target" in unit
     assert f"ExecStart={PREPARE} /sysroot" in unit
+    assert "Environment=PYTHONHASHSEED=0" in unit  # initrd/build.py, prepare_script
     wants = root / "usr/lib/systemd/system/initrd-root-fs.target.wants/overlayroot-prepare.service"
     assert os.readlink(wants) == "../overlayroot-prepare.service"
 
@@ -231,7 +232,11 @@ def boot(tmp_path: Path, prepare_status: int) -> list[str]:
         pytest.skip("busybox is not installed")
     log = tmp_path / "log"
     stub = tmp_path / "prepare"
-    stub.write_text(f'#!/bin/sh\necho "prepare $*" >> "$LOG"\nexit {prepare_status}\n')
+    stub.write_text(
+        '#!/bin/sh\necho "prepare $*" >> "$LOG"\n'
+        'echo "hash seed ${PYTHONHASHSEED-unset}" >> "$LOG"\n'
+        f"exit {prepare_status}\n"
+    )
     stub.chmod(0o755)
     hook = (HOOKS / "hooks/overlayroot").read_text()
     assert hook.count(PREPARE) == 1
@@ -259,10 +264,10 @@ record init goes on
 def test_runtime_hook_prepares_the_root_the_mount_handler_mounted(tmp_path: Path) -> None:
     calls = boot(tmp_path, 0)
     assert calls[0] == "mount /new_root"
-    assert "modprobe -qa overlay loop erofs squashfs" in calls
-    assert calls.index("modprobe -qa overlay loop erofs squashfs") < calls.index(
-        "prepare /new_root"
-    )
+    assert "modprobe -qa overlay loop erofs" in calls
+    assert calls.index("modprobe -qa overlay loop erofs") < calls.index("prepare /new_root")
+    # No wait for the kernel's random pool (initrd/build.py, prepare_script).
+    assert calls[calls.index("prepare /new_root") + 1] == "hash seed 0"
     assert not any(c.startswith(("err", "shell", "run_hookfunctions")) for c in calls)
     assert calls[-1] == "init goes on"
 

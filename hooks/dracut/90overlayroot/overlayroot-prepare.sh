@@ -5,10 +5,13 @@
 # shellcheck source=/dev/null
 type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
 
-modprobe -a -q overlay loop erofs squashfs
+# squashfs: the kernel asks modprobe for it (fs-squashfs) when a deployment of that kind is
+# mounted; most are erofs, and every module loaded costs the boot time.
+modprobe -a -q overlay loop erofs
 [ -e /dev/watchdog ] || modprobe -q softdog
 
-if ! /usr/lib/overlayroot/prepare "$NEWROOT"; then
+# PYTHONHASHSEED=0: no wait for the kernel's random pool (initrd/build.py, prepare_script).
+if ! PYTHONHASHSEED=0 /usr/lib/overlayroot/prepare "$NEWROOT"; then
     # Honours rd.shell and rd.emergency=reboot|poweroff|halt.
     emergency_shell -n overlayroot "overlayroot could not assemble the root; the reason is above"
 fi
