@@ -180,12 +180,14 @@ def test_busybox_root_through_mkinitcpio_is_tried_with_a_watchdog_and_blessed(
     tmp_path: Path,
     variant: Variant,
 ) -> None:
-    """The busybox test root, deployed as erofs: its first boot is a trial with the watchdog
-    armed (softdog: the guest has no other), writes tokens and blesses itself; the second is no
-    trial and reads them back."""
+    """The busybox test root: its first boot is a trial with the watchdog armed (softdog: the
+    guest has no other), writes tokens and blesses itself; the second is no trial and reads them
+    back. Deployed as erofs for the busybox hook and as squashfs for the systemd one: the hooks
+    leave squashfs to the kernel's module autoload (fs-squashfs, through modprobe)."""
     initrd = mkinitcpio_image(variant)
     root = make_test_root(tmp_path / "root", image="v1", command=command_payload)
-    disk = stage.state_disk(tmp_path, [("v1", "erofs", root)])
+    fmt = "squashfs" if variant is Variant.SYSTEMD else "erofs"
+    disk = stage.state_disk(tmp_path, [("v1", fmt, root)])
 
     def boot(extra: str, name: str) -> tuple[Machine, dict[str, str]]:
         m = machine(initrd=initrd, disks=[disk], cmdline=f"{stage.BASE} {extra}", name=name)
@@ -198,7 +200,7 @@ def test_busybox_root_through_mkinitcpio_is_tried_with_a_watchdog_and_blessed(
 
     first, m1 = boot("test.write=token-1 test.bless=1", "write")
     assert (m1["root_ro"], m1["etc_writable"]) == ("yes", "yes")
-    assert m1["mount_root"].split()[1] == "erofs"
+    assert m1["mount_root"].split()[1] == fmt
     booted = json.loads(m1["booted_json"])
     assert (booted["deployment"], booted["trial"]) == ("v1", True)
     assert booted["watchdog"], "the trial boot got no watchdog"
