@@ -249,8 +249,8 @@ def boot_once(
 ) -> dict[str, float]:
     """One boot of a fresh copy of ``source``: its phases in guest seconds. ``keep_disk``: keep
     the disk as the boot left it there (the base of the later boots). ``analysis``: a list the
-    guest's ``systemd-analyze blame`` and ``critical-chain`` lines are added to (asked for
-    with ``test.analyze=1``, after the boot's figures are taken)."""
+    guest's analysis lines are added to (:func:`analysis_lines`; asked for with
+    ``test.analyze=1``, after the boot's figures are taken)."""
     disk = work / f"boot-{name}.img"
     shutil.copyfile(source, disk)
     log = work / "logs" / f"{name}.log"
@@ -282,12 +282,12 @@ def boot_once(
     }
 
 
-ANALYSIS = re.compile(r"^overlayroot-test-(blame|chain): (.*?)\r?$", re.MULTILINE)
+ANALYSIS = re.compile(r"^overlayroot-test-(blame|bless): (.*?)\r?$", re.MULTILINE)
 
 
 def analysis_lines(console: str) -> list[str]:
-    """The guest's ``systemd-analyze`` output (qemu/guest/debian-report.sh, ``test.analyze=1``),
-    each line headed by the part it came from."""
+    """The guest's analysis (qemu/guest/debian-report.sh, ``test.analyze=1``): each unit's
+    activation time (``blame:``) and the bless's journal (``bless:``)."""
     return [f"{m.group(1)}: {m.group(2)}" for m in ANALYSIS.finditer(console)]
 
 
@@ -493,8 +493,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument(
         "--analyze",
         action="store_true",
-        help="also show where systemd's part of each configuration's last boot went"
-        " (systemd-analyze blame and critical-chain in the guest, after the figures are taken)",
+        help="also show where systemd's part of each configuration's last boot went (each"
+        " unit's activation time, the bless's journal; taken in the guest after the figures)",
     )
     args = parser.parse_args(argv)
     if os.geteuid() != 0:

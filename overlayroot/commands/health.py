@@ -1,8 +1,9 @@
 """``overlayroot bless``: run the health checks, then mark the booted deployment good.
 
-``overlayroot-bless.service`` runs it once ``boot-complete.target`` is reached. The checks are
-greenboot's idea: executables in ``/etc/overlayroot/check.d/required/`` and ``wanted/``, run in
-name order, each judged by its exit status.
+``overlayroot-bless.service`` runs it once ``boot-complete.target`` and ``multi-user.target``
+are reached. The checks are greenboot's idea: executables in
+``/etc/overlayroot/check.d/required/`` and ``wanted/``, run in name order, each judged by its
+exit status.
 
 - Every required check passes: the booted deployment is marked successful (it boots without
   counting from now on, and is a rollback target), the trial boot's watchdog is stopped and the

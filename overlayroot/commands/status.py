@@ -117,7 +117,8 @@ def booted_notes(
             notes.append(
                 f"the booted deployment {deployment} is on trial and NOT blessed: unless"
                 f" `overlayroot bless` runs (overlayroot-bless.service does, after"
-                f" boot-complete.target), it falls back after {left} more boot(s)"
+                f" boot-complete.target and multi-user.target), it falls back after {left} more"
+                " boot(s)"
             )
         else:
             notes.append(

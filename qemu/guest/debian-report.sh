@@ -47,7 +47,8 @@ read_test_options
 # test.analyze=1 (bench.integrations --analyze): where systemd's part of the boot went, for the
 # log; after the markers above, so it does not count in the boot's figures. What
 # `systemd-analyze blame` shows, which refuses to run before the boot has finished (this unit
-# is part of it): each unit's activation time, the slowest first, with when it began.
+# is part of it): each unit's activation time, the slowest first, with when it began (not
+# devices: theirs is the wait for udev to announce them).
 if [ -n "$analyze" ]; then
     systemctl show --no-pager -p Id -p InactiveExitTimestampMonotonic \
         -p ActiveEnterTimestampMonotonic '*' |
@@ -60,10 +61,12 @@ if [ -n "$analyze" ]; then
                     if (kv[1] == "InactiveExitTimestampMonotonic") began = kv[2]
                     if (kv[1] == "ActiveEnterTimestampMonotonic") active = kv[2]
                 }
-                if (began > 0 && active > began)
+                if (began > 0 && active > began && id !~ /\.device$/)
                     printf "%7.2fs  from %6.2fs  %s\n", (active - began) / 1e6, began / 1e6, id
             }' |
         sort -rn | head -n 30 | sed 's/^/overlayroot-test-blame: /'
+    journalctl -b -u overlayroot-bless.service -o short-monotonic --no-pager 2>&1 |
+        tail -n 15 | sed 's/^/overlayroot-test-bless: /'
 fi
 write_tokens
 # test.deploy=ID: deploy the update the test put on the state filesystem at updates/ID.erofs

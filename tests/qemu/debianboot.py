@@ -74,11 +74,13 @@ def check_read_only_system(markers: dict[str, str], deployment: str) -> None:
 
 
 def check_blessed(markers: dict[str, str], deployment: str) -> None:
-    """overlayroot-bless.service ran after boot-complete.target, succeeded, and the booted
-    deployment is known good (the report unit runs after the bless)."""
+    """overlayroot-bless.service ran after boot-complete.target and multi-user.target (which
+    does not wait for it), succeeded, and the booted deployment is known good (the report unit
+    runs after the bless)."""
     assert markers["boot_complete"] == "active"
     assert (markers["bless_active"], markers["bless_result"]) == ("active", "success")
     assert 0 < int(markers["boot_complete_us"]) <= int(markers["bless_start_us"])
+    assert 0 < int(markers["multi_user_us"]) <= int(markers["bless_start_us"])
     status: dict[str, Any] = json.loads(markers["status"])
     booted = [r for r in status["deployments"] if r["booted"]]
     assert [(r["id"], r["successful"], r["bad"]) for r in booted] == [(deployment, True, None)]

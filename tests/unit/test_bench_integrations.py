@@ -188,9 +188,9 @@ def test_the_guests_analysis_lines_are_read_from_the_console() -> None:
         "OVERLAYROOT-TEST uptime=40\r\n"
         "overlayroot-test-blame: 5.1s systemd-udev-settle.service\r\n"
         "[  41.0] some kernel line\n"
-        "overlayroot-test-chain: multi-user.target @40.2s\n"
+        "overlayroot-test-bless: [   48.1] overlayroot[612]: overlayroot: blessed v1\n"
     )
     assert analysis_lines(console) == [
         "blame: 5.1s systemd-udev-settle.service",
-        "chain: multi-user.target @40.2s",
+        "bless: [   48.1] overlayroot[612]: overlayroot: blessed v1",
     ]

@@ -238,10 +238,12 @@ def test_every_handler_module_is_frozen_with_the_command() -> None:
     assert modules == {m for m in cli.FROZEN_MODULES if m.startswith("overlayroot.")}
 
 
-def test_the_bless_unit_runs_after_boot_complete() -> None:
+def test_the_bless_unit_runs_after_boot_complete_and_multi_user() -> None:
     unit = configparser.ConfigParser(strict=False, interpolation=None)
     unit.read(REPO / "hooks/systemd/overlayroot-bless.service")
-    assert unit["Unit"]["After"] == "boot-complete.target"
+    # multi-user.target wants it, and would wait for it if it were not ordered after it.
+    assert unit["Unit"]["After"] == "boot-complete.target multi-user.target"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
     assert unit["Unit"]["Requires"] == "boot-complete.target"
     assert unit["Unit"]["ConditionPathExists"] == "/run/overlayroot/booted.json"
     assert unit["Service"]["ExecStart"] == "overlayroot bless"

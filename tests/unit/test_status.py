@@ -45,8 +45,8 @@ def test_an_unblessed_trial_boot_is_called_out() -> None:
     notes = status.booted_notes({"deployment": "v2", "trial": True}, records, False)
     assert notes == [
         "the booted deployment v2 is on trial and NOT blessed: unless `overlayroot"
-        " bless` runs (overlayroot-bless.service does, after boot-complete.target),"
-        " it falls back after 1 more boot(s)"
+        " bless` runs (overlayroot-bless.service does, after boot-complete.target and"
+        " multi-user.target), it falls back after 1 more boot(s)"
     ]
     notes = status.booted_notes({"deployment": "v2", "trial": False}, records, False)
     assert "not known good (never blessed), and this boot was not counted" in notes[0]
