@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from bench.boot_time import other_qemu_processes
@@ -333,6 +333,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
             configs += bookworm_setups(kernel, root, work, args.only)
         if "trixie" in args.suites:
             configs += trixie_setups(work, args.only)
+        if args.append:
+            configs = [replace(s, cmdline=f"{s.cmdline} {args.append}") for s in configs]
         times: dict[tuple[str, str], list[dict[str, float]]] = {
             (s.label, boot): [] for s in configs for boot in BOOTS
         }  # the report shows the kinds asked for; a prime boot is a first boot either way
@@ -490,6 +492,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600, help="seconds per boot (600)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
+    parser.add_argument(
+        "--append",
+        default="",
+        metavar="ARGS",
+        help="kernel arguments added to every configuration's command line"
+        " (e.g. overlayroot.debug, for the stage's timed steps on the console; with --keep)",
+    )
     parser.add_argument(
         "--analyze",
         action="store_true",

@@ -134,11 +134,14 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
         integrations.Setup("trixie", name, kernel, initrd, disk, "ro") for name in ("good", "bad")
     ]
     booted: list[str] = []
+    cmdlines: set[str] = set()
 
     def boot_once(accel: str, setup: object, source: Path, work: Path, name: str,
                   timeout: float, keep: Path | None = None,
                   analysis: list[str] | None = None) -> dict[str, float]:  # fmt: skip
         booted.append(name)
+        assert isinstance(setup, integrations.Setup)
+        cmdlines.add(setup.cmdline)
         if analysis is not None:
             analysis.append(f"blame: 1.0s {name}.service")
         if name.startswith("trixie-bad-later"):
@@ -157,7 +160,7 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
     monkeypatch.setattr(integrations, "boot_once", boot_once)
     args = argparse.Namespace(
         suites=["trixie"], boots=["later"], only=[], runs=2, timeout=1.0, keep=False,
-        analyze=True,
+        analyze=True, append="overlayroot.debug",
     )  # fmt: skip
     report = integrations.run_benchmark(args)
     assert booted == [
@@ -174,6 +177,7 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
     failed: Any = report["failed"]
     assert list(failed) == ["trixie/bad"]
     assert "failed units: x.service (console log: " in failed["trixie/bad"]
+    assert cmdlines == {"ro overlayroot.debug"}  # --append
     # --analyze: the last boot of each kind that ran, under its label.
     assert report["analysis"] == {
         "trixie/good/first": ["blame: 1.0s trixie-good-first-prime.service"],
