@@ -45,7 +45,7 @@ import sys
 from overlayroot.boot import modload
 from overlayroot.boot.assemble import Booted, assemble
 from overlayroot.boot.cmdline import Options, kexec_cmdline, parse_options
-from overlayroot.boot.console import Console, describe_bug
+from overlayroot.boot.console import Console, describe_bug, now
 from overlayroot.core import bootstate, files, statefile, syscalls
 from overlayroot.core.bootstate import BootState
 from overlayroot.core.errors import BootError
@@ -456,7 +456,13 @@ def write_booted(run_dir: str, data: dict[str, object]) -> None:
     files.write_atomically(os.path.join(run_dir, BOOTED_FILE), text.encode())
 
 
+def read_cmdline() -> str:
+    with open("/proc/cmdline") as f:
+        return f.read()
+
+
 def main(argv: list[str] | None = None) -> int:
+    started = now()
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or args[0].startswith("-"):
         print(
@@ -467,10 +473,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     console = Console()
     try:
-        with open("/proc/cmdline") as f:
-            cmdline = f.read()
+        cmdline = read_cmdline()
         opts, warnings = parse_options(cmdline)
         console.debug = opts.debug
+        # overlayroot.debug: the same stamps as the standalone /init's, for a hook's share.
+        console.step("the interpreter started and imported the stage", at=started)
         for warning in warnings:
             console.warn(warning)
         if not opts.enabled:
@@ -491,7 +498,9 @@ def main(argv: list[str] | None = None) -> int:
             raise BootError(
                 f"cannot remount the state filesystem on {sysroot} read-write: {e.strerror}"
             ) from None
+        console.step(f"re-mounted {sysroot} read-write")
         booted = prepare_root(sysroot, RUN_DIR, opts, opts.state, console, cmdline)
+        console.step(f"assembled deployment {booted.deployment.id}")
     except BootError as e:
         console.error(str(e))
         return 1

@@ -11,6 +11,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -195,6 +196,30 @@ def test_the_framework_entry_reports_a_bug_without_a_traceback(
     out = capsys.readouterr().out
     assert "overlayroot: error: internal error (a bug in overlayroot): ValueError: boom" in out
     assert "Traceback" not in out
+
+
+def test_the_framework_entry_stamps_its_steps_with_overlayroot_debug(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A hook's share of the boot, on the console with the kernel's clock (bench.integrations
+    --append overlayroot.debug), as the standalone /init stamps its steps."""
+    booted = SimpleNamespace(deployment=SimpleNamespace(id="v1"))
+    monkeypatch.setattr(prepare, "prepare_root", lambda *args: booted)
+    monkeypatch.setattr(prepare, "read_cmdline", lambda: "root=LABEL=s overlayroot.debug\n")
+    monkeypatch.setattr("overlayroot.core.syscalls.mount", lambda *args: None)
+    assert prepare.main([str(tmp_path)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stamped = [line.split("] ", 1)[1] for line in lines if line.startswith("overlayroot: [")]
+    assert stamped == [
+        "the interpreter started and imported the stage",
+        f"re-mounted {tmp_path} read-write",
+        "assembled deployment v1",
+    ]
+    assert lines[-1] == f"overlayroot: prepared deployment v1 on {tmp_path}"
+    # Without the option: no stamps.
+    monkeypatch.setattr(prepare, "read_cmdline", lambda: "root=LABEL=s\n")
+    assert prepare.main([str(tmp_path)]) == 0
+    assert "overlayroot: [" not in capsys.readouterr().out
 
 
 # -- 2. nothing bootable: a degraded last resort, and factory images known good ----------------
