@@ -27,7 +27,7 @@ import time
 from overlayroot.boot import devices, modload
 from overlayroot.boot.cmdline import BREAK_STEPS, Options, onfail_from, parse_options
 from overlayroot.boot.console import Console, describe_bug, now
-from overlayroot.boot.prepare import prepare_root
+from overlayroot.boot.prepare import prepare_root, read_cmdline
 from overlayroot.boot.switchroot import switch_root
 from overlayroot.core import syscalls
 from overlayroot.core.errors import BootError
@@ -59,11 +59,6 @@ def mount_api_filesystems() -> None:
         os.makedirs(target, exist_ok=True)
         syscalls.mount(source, target, fstype, flags, data)
     syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
-
-
-def read_cmdline() -> str:
-    with open("/proc/cmdline") as f:
-        return f.read()
 
 
 def mount_state(device: devices.BlockDevice, opts: Options, read_only: bool) -> None:

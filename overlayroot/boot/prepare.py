@@ -457,6 +457,7 @@ def write_booted(run_dir: str, data: dict[str, object]) -> None:
 
 
 def read_cmdline() -> str:
+    """The kernel's command line (``/proc/cmdline``), for /init and for the hooks' entry."""
     with open("/proc/cmdline") as f:
         return f.read()
 
