@@ -249,14 +249,13 @@ def boot_once(
 ) -> dict[str, float]:
     """One boot of a fresh copy of ``source``: its phases in guest seconds. ``keep_disk``: keep
     the disk as the boot left it there (the base of the later boots). ``analysis``: a list the
-    guest's analysis lines are added to (:func:`analysis_lines`; asked for with
-    ``test.analyze=1``, after the boot's figures are taken)."""
+    guest's analysis lines are added to (:func:`analysis_lines`; the guest writes them when the
+    command line has ``test.analyze=1``, after the boot's figures are taken)."""
     disk = work / f"boot-{name}.img"
     shutil.copyfile(source, disk)
     log = work / "logs" / f"{name}.log"
-    cmdline = setup.cmdline + (" test.analyze=1" if analysis is not None else "")
     machine = Machine(
-        setup.kernel, setup.initrd, log_path=log, disks=[disk], cmdline=cmdline, accel=accel
+        setup.kernel, setup.initrd, log_path=log, disks=[disk], cmdline=setup.cmdline, accel=accel
     )
     others = other_qemu_processes()
     try:
@@ -333,8 +332,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
             configs += bookworm_setups(kernel, root, work, args.only)
         if "trixie" in args.suites:
             configs += trixie_setups(work, args.only)
-        if args.append:
-            configs = [replace(s, cmdline=f"{s.cmdline} {args.append}") for s in configs]
+        extra = " ".join(filter(None, (args.append, "test.analyze=1" if args.analyze else "")))
+        if extra:
+            configs = [replace(s, cmdline=f"{s.cmdline} {extra}") for s in configs]
         times: dict[tuple[str, str], list[dict[str, float]]] = {
             (s.label, boot): [] for s in configs for boot in BOOTS
         }  # the report shows the kinds asked for; a prime boot is a first boot either way

@@ -177,7 +177,7 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
     failed: Any = report["failed"]
     assert list(failed) == ["trixie/bad"]
     assert "failed units: x.service (console log: " in failed["trixie/bad"]
-    assert cmdlines == {"ro overlayroot.debug"}  # --append
+    assert cmdlines == {"ro overlayroot.debug test.analyze=1"}  # --append, --analyze
     # --analyze: the last boot of each kind that ran, under its label.
     assert report["analysis"] == {
         "trixie/good/first": ["blame: 1.0s trixie-good-first-prime.service"],
