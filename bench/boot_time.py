@@ -75,7 +75,7 @@ from overlayroot.commands.staging import deploy
 from overlayroot.core import treecopy
 from qemu import debian
 from qemu.accel import choose_accel
-from qemu.disks import make_raw_fs_disk, make_state_disk
+from qemu.disks import copy_for_boot, make_raw_fs_disk, make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env
 from qemu.machine import DEFAULT_FAILURES, BootFailure, Machine, Pattern
 from qemu.paths import cache_dir
@@ -393,11 +393,12 @@ def run_boot(
     timeout: float,
     idle_limit: float,
 ) -> Run:
-    """Boot ``initrd`` on a fresh (sparse) copy of ``disk_image`` once the host is idle (up to
-    ``idle_limit`` s), until the deployment's init prints its uptime marker; QEMU is killed
-    then. What every boot benchmark measures from (bench.boot_time, bench.kexec_time)."""
+    """Boot ``initrd`` on a fresh copy of ``disk_image`` (:func:`qemu.disks.copy_for_boot`)
+    once the host is idle (up to ``idle_limit`` s), until the deployment's init prints its
+    uptime marker; QEMU is killed then. What every boot benchmark measures from
+    (bench.boot_time, bench.kexec_time)."""
     disk = work / f"{log.stem}-disk.img"
-    subprocess.run(["cp", "--sparse=always", str(disk_image), str(disk)], check=True)
+    copy_for_boot(disk_image, disk)
     others = wait_idle(idle_limit)
     run = Run(load1=round(os.getloadavg()[0], 2), other_qemu=others, log=log)
     machine = Machine(kernel, initrd, log_path=log, disks=[disk], cmdline=cmdline, accel=accel)

@@ -63,7 +63,7 @@ from initrd.build import BuildConfig, Compression, build_initramfs
 from overlayroot.commands.staging import deploy
 from qemu import debian, mkinitcpio, trixie
 from qemu.accel import choose_accel
-from qemu.disks import make_raw_fs_disk, make_state_disk
+from qemu.disks import copy_for_boot, make_raw_fs_disk, make_state_disk
 from qemu.kernel import Kernel, debian_cloud_kernel, kernel_from_env
 from qemu.machine import BootFailure, Machine
 from qemu.paths import cache_dir
@@ -247,12 +247,13 @@ def boot_once(
     keep_disk: Path | None = None,
     analysis: list[str] | None = None,
 ) -> dict[str, float]:
-    """One boot of a fresh copy of ``source``: its phases in guest seconds. ``keep_disk``: keep
-    the disk as the boot left it there (the base of the later boots). ``analysis``: a list the
-    guest's analysis lines are added to (:func:`analysis_lines`; the guest writes them when the
-    command line has ``test.analyze=1``, after the boot's figures are taken)."""
+    """One boot of a fresh copy of ``source`` (:func:`qemu.disks.copy_for_boot`): its phases in
+    guest seconds. ``keep_disk``: keep the disk as the boot left it there (the base of the later
+    boots). ``analysis``: a list the guest's analysis lines are added to
+    (:func:`analysis_lines`; the guest writes them when the command line has
+    ``test.analyze=1``, after the boot's figures are taken)."""
     disk = work / f"boot-{name}.img"
-    shutil.copyfile(source, disk)
+    copy_for_boot(source, disk)
     log = work / "logs" / f"{name}.log"
     machine = Machine(
         setup.kernel, setup.initrd, log_path=log, disks=[disk], cmdline=setup.cmdline, accel=accel

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import tempfile
@@ -45,6 +46,24 @@ def make_state_disk(
     )  # fmt: skip
     _mkfs(path, content_dir, ALIGN, (size_mb - 2) * ALIGN, fs_label, fs_uuid)
     return path
+
+
+def copy_for_boot(source: Path, dest: Path) -> Path:
+    """``dest``: a copy of the disk image ``source`` for one boot, its holes kept, and already on
+    the host's disk (fsync) when the guest starts.
+
+    A boot benchmark must not time the host's own writeback: a fresh copy sits dirty in the
+    host's page cache (writeback starts only after 30 s), so the guest's first cache flush (an
+    ``fsync``, ext4's remount read-write, journald's flush) would wait while QEMU's
+    ``fdatasync`` writes the whole copy out, and whoever flushes first in the boot pays for it.
+    """
+    subprocess.run(["cp", "--sparse=always", "--", str(source), str(dest)], check=True)
+    fd = os.open(dest, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return dest
 
 
 def make_raw_fs_disk(path: Path, content_dir: Path, size_mb: int, label: str, uuid: str) -> Path:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qemu.disks import make_state_disk, partition_offset, read_file
+from qemu.disks import copy_for_boot, make_state_disk, partition_offset, read_file
 from qemu.initramfs import make_busybox_initramfs
 from qemu.kernel import Kernel
 from qemu.logwrites import read_log
@@ -175,6 +175,22 @@ def test_state_disk_carries_its_names_and_content(tmp_path: Path) -> None:
     assert read_file(disk, offset, "/overlayroot/boot.json") == b'{"generation": 1}\n'
     with pytest.raises(FileNotFoundError):
         read_file(disk, offset, "/overlayroot/missing")
+
+
+def test_a_disk_copied_for_a_boot_keeps_its_content_and_its_holes(tmp_path: Path) -> None:
+    content = tmp_path / "content"
+    (content / "overlayroot").mkdir(parents=True)
+    (content / "overlayroot" / "boot.json").write_text('{"generation": 7}\n')
+    disk = state_disk(tmp_path, content)
+
+    copy = copy_for_boot(disk, tmp_path / "copy.img")
+
+    assert copy.read_bytes() == disk.read_bytes()
+    # 32 MiB of disk, nearly all of it holes: a benchmark's fsync must not write them all.
+    assert copy.stat().st_blocks * 512 < disk.stat().st_size // 4
+    assert read_file(copy, partition_offset(copy), "/overlayroot/boot.json") == (
+        b'{"generation": 7}\n'
+    )
 
 
 def test_test_root_reports_a_read_only_root(
