@@ -113,13 +113,44 @@ def load_listed(listing: str | None = None) -> tuple[list[str], list[str]]:
     return _listing(listing or listing_for(os.uname().release)).load(None)
 
 
+# What a need loads through the generator's modprobe where the initramfs has no listing of ours.
+MODPROBE_FOR = {"watchdog": "softdog"}
+MODPROBE = ("/usr/sbin/modprobe", "/sbin/modprobe", "/usr/bin/modprobe", "/bin/modprobe")
+
+
 def need(what: str, listing: str | None = None) -> None:
     """Load the modules listed for ``what`` (``fs-erofs``, ``watchdog``) that were not loaded
     yet; a warning on the console for each that fails (the step that needed it then fails with
-    its own message). Nothing to do where the listing names none: under another initramfs
-    generator, the kernel asks modprobe by itself."""
-    for warning in _listing(listing or listing_for(os.uname().release)).load(what)[1]:
+    its own message).
+
+    Under another initramfs generator (dracut, initramfs-tools, mkinitcpio) there is no listing
+    of ours: the kernel asks modprobe for a filesystem by itself, but nothing asks for a
+    watchdog, so :data:`MODPROBE_FOR` names what the generator's ``modprobe`` loads then. Only a
+    trial boot needs one: a blessed boot spends nothing on it."""
+    found = _listing(listing or listing_for(os.uname().release))
+    warnings = found.load(what)[1]
+    if not found.lines and what in MODPROBE_FOR:
+        warnings += modprobe(MODPROBE_FOR[what])
+    for warning in warnings:
         Console().warn(warning)
+
+
+def modprobe(module: str, candidates: tuple[str, ...] | None = None) -> list[str]:
+    """Run the first of ``candidates`` (default :data:`MODPROBE`) that exists as
+    ``modprobe -q MODULE``; warnings if it could not be run or failed."""
+    candidates = candidates or MODPROBE
+    command = next((c for c in candidates if os.access(c, os.X_OK)), None)
+    if command is None:
+        return [f"cannot load kernel module {module}: no modprobe ({', '.join(candidates)})"]
+    try:
+        pid = os.posix_spawn(command, [command, "-q", module], os.environ)
+        status = os.waitpid(pid, 0)[1]
+    except OSError as e:
+        return [f"cannot run {command} for kernel module {module}: {e.strerror}"]
+    code = os.waitstatus_to_exitcode(status)
+    if code != 0:
+        return [f"kernel module {module} did not load: {command} exited with status {code}"]
+    return []
 
 
 def _load(path: str, warnings: list[str]) -> str | None:

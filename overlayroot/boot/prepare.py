@@ -402,7 +402,7 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
 
         try:
             if not os.path.exists(watchdog.DEVICE):
-                modload.need("watchdog")  # softdog, when the image lists it
+                modload.need("watchdog")  # softdog: listed, or the generator's modprobe
             armed = watchdog.arm(boot.opts.watchdog)
         except OSError as e:
             boot.console.warn(

@@ -133,38 +133,29 @@ def test_build_for_the_systemd_hook_adds_a_unit_before_initrd_root_fs(tmp_path: 
     assert os.readlink(wants) == "../overlayroot-prepare.service"
 
 
-def test_the_systemd_unit_is_the_dracut_one_but_for_the_softdog(tmp_path: Path) -> None:
+def test_the_systemd_unit_is_the_dracut_one(tmp_path: Path) -> None:
     _, _, root = build(tmp_path, systemd=True)
     ours = (root / "usr/lib/systemd/system/overlayroot-prepare.service").read_text()
     dracut = (HOOKS.parent / "dracut/90overlayroot/overlayroot-prepare.service").read_text()
 
     def settings(text: str) -> list[str]:
-        return [
-            line
-            for line in text.splitlines()
-            if line and not line.startswith("#") and "softdog" not in line
-        ]
+        return [line for line in text.splitlines() if line and not line.startswith("#")]
 
     assert settings(ours) == settings(dracut)
 
 
-def test_the_systemd_image_loads_the_softdog_without_a_shell(tmp_path: Path) -> None:
+def test_no_unit_of_the_systemd_image_needs_a_shell(tmp_path: Path) -> None:
     # Without mkinitcpio's base hook a systemd image has no /bin/sh: a unit that needs one
-    # fails (silently, with "-"), and trial boots get no watchdog.
+    # fails (silently, with "-"). The softdog of a trial boot is the stage's own modprobe.
     proc, _, root = build(tmp_path, systemd=True)
     assert "build=0" in proc.stdout, proc.stderr
     units = root / "usr/lib/systemd/system"
+    assert [u.name for u in units.glob("*.service")] == ["overlayroot-prepare.service"]
     for unit in units.glob("*.service"):
         for line in unit.read_text().splitlines():
             if line.startswith("Exec"):
                 program = line.partition("=")[2].lstrip("-@!:+").split()[0]
                 assert program in ("modprobe", PREPARE), f"{unit.name}: {line}"
-    softdog = (units / "overlayroot-softdog.service").read_text().splitlines()
-    assert "ConditionPathExists=!/dev/watchdog" in softdog
-    assert "ExecStart=-modprobe -q softdog" in softdog
-    assert "Before=overlayroot-prepare.service" in softdog
-    wants = units / "initrd-root-fs.target.wants/overlayroot-softdog.service"
-    assert os.readlink(wants) == "../overlayroot-softdog.service"
 
 
 def test_build_fails_through_an_add_function_when_the_builder_fails(tmp_path: Path) -> None:

@@ -89,6 +89,66 @@ def test_a_need_without_a_listing_is_nothing_to_do(tmp_path: Path, loaded: list[
     assert loaded == []
 
 
+def fake_modprobe(tmp_path: Path, name: str, status: int) -> str:
+    """A modprobe stand-in that records its arguments next to itself and exits ``status``."""
+    path = tmp_path / name
+    path.write_text(f'#!/bin/sh\necho "$@" >> "{path}.calls"\nexit {status}\n')
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_without_a_listing_a_watchdog_is_loaded_by_the_generators_modprobe(
+    tmp_path: Path, loaded: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # dracut, initramfs-tools, mkinitcpio: no listing of ours, their modprobe and modules.
+    modprobe = fake_modprobe(tmp_path, "modprobe", 0)
+    monkeypatch.setattr(modload, "MODPROBE", (str(tmp_path / "missing"), modprobe))
+    missing = str(tmp_path / "no-listing")
+    modload.need("fs-erofs", missing)  # the kernel asks modprobe for a filesystem by itself
+    assert not os.path.exists(modprobe + ".calls")
+    modload.need("watchdog", missing)
+    assert Path(modprobe + ".calls").read_text() == "-q softdog\n"
+    assert loaded == []
+
+
+def test_with_a_listing_the_watchdog_comes_from_it_not_from_modprobe(
+    tmp_path: Path, loaded: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    modprobe = fake_modprobe(tmp_path, "modprobe", 0)
+    monkeypatch.setattr(modload, "MODPROBE", (modprobe,))
+    modload.need("watchdog", listing(tmp_path, "virtio", "softdog watchdog"))
+    assert loaded == ["softdog"]
+    assert not os.path.exists(modprobe + ".calls")
+
+
+def test_a_modprobe_that_fails_or_is_missing_is_a_warning(tmp_path: Path) -> None:
+    failing = fake_modprobe(tmp_path, "modprobe", 1)
+    assert modload.modprobe("softdog", (failing,)) == [
+        f"kernel module softdog did not load: {failing} exited with status 1"
+    ]
+    missing = (str(tmp_path / "a"), str(tmp_path / "b"))
+    assert modload.modprobe("softdog", missing) == [
+        f"cannot load kernel module softdog: no modprobe ({tmp_path}/a, {tmp_path}/b)"
+    ]
+    broken = tmp_path / "broken"
+    broken.write_text("no interpreter line\n")
+    broken.chmod(0o755)
+    assert modload.modprobe("softdog", (str(broken),)) == [
+        f"cannot run {broken} for kernel module softdog: Exec format error"
+    ]
+
+
+def test_a_watchdog_modprobe_that_fails_says_so_on_the_console(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setattr(modload, "MODPROBE", (fake_modprobe(tmp_path, "modprobe", 1),))
+    modload.need("watchdog", str(tmp_path / "no-listing"))
+    assert capsys.readouterr().out == (
+        f"overlayroot: warning: kernel module softdog did not load: {tmp_path}/modprobe exited"
+        " with status 1\n"
+    )
+
+
 def test_modules_that_fail_are_warnings_and_the_boot_goes_on(
     tmp_path: Path, loaded: list[str], capsys: pytest.CaptureFixture[str]
 ) -> None:
