@@ -42,3 +42,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     same in every worker, as pytest-xdist requires)."""
     if hasattr(config, "workerinput"):
         items[:] = sorted(items, key=workers.schedule_rank)
+
+
+@pytest.fixture(autouse=True)
+def _no_modprobe_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A trial boot that a test runs in-process, on a host without /dev/watchdog, would ask the
+    host's modprobe for softdog (:func:`overlayroot.boot.modload.need`): no test loads a
+    module into the kernel it runs on."""
+    from overlayroot.boot import modload
+
+    monkeypatch.setattr(modload, "MODPROBE", ("/nonexistent/modprobe",))

@@ -126,10 +126,9 @@ def test_a_modprobe_that_fails_or_is_missing_is_a_warning(tmp_path: Path) -> Non
     assert modload.modprobe("softdog", (failing,)) == [
         f"kernel module softdog did not load: {failing} exited with status 1"
     ]
-    missing = (str(tmp_path / "a"), str(tmp_path / "b"))
-    assert modload.modprobe("softdog", missing) == [
-        f"cannot load kernel module softdog: no modprobe ({tmp_path}/a, {tmp_path}/b)"
-    ]
+    # No modprobe (our standalone image without modules): the watchdog step says what is
+    # missing ("no watchdog armed").
+    assert modload.modprobe("softdog", (str(tmp_path / "a"), str(tmp_path / "b"))) == []
     broken = tmp_path / "broken"
     broken.write_text("no interpreter line\n")
     broken.chmod(0o755)
