@@ -5,8 +5,9 @@
 
 1. move the state filesystem from ``sysroot`` to ``<run_dir>/state``, with ``nosuid,nodev``:
    nobody may run a set-id program or open a device node of a deployment kept for rollback;
-2. mount the deployment's lower read-only on ``sysroot`` (a loop device for an erofs or
-   squashfs image, readable by root only; a read-only bind for a directory tree);
+2. mount the deployment's lower read-only on ``sysroot`` (an image, readable by root only:
+   erofs from its file where the kernel can, Linux 6.12 and later, else through a loop
+   device, as squashfs always; a read-only bind for a directory tree);
 3. check the lower has the mount points and the init it needs;
 4. mount ``/etc`` as an overlay with the deployment's persistent upper (or a tmpfs upper, or
    leave it read-only), per ``overlayroot.etc=``;
@@ -175,6 +176,16 @@ def _mount_lower(manifest: Manifest, image: str, target: str) -> str | None:
             pass
     fstype = FORMATS[manifest.format].fstype
     modload.need(f"fs-{fstype}")
+    if fstype == "erofs":
+        # Linux 6.12 and later (EROFS_FS_BACKED_BY_FILE) mount an erofs image from its file:
+        # no loop device, one block layer less under every read of the root, and no loop
+        # device for udev to probe in the booted system. Other kernels say ENOTBLK.
+        try:
+            syscalls.mount(image, target, fstype, syscalls.MS_RDONLY)
+            return None
+        except OSError as e:
+            if e.errno != errno.ENOTBLK:
+                raise _does_not_mount(what, image, fstype, e) from None
     try:
         attached = loop.attach(image)
     except OSError as e:
@@ -183,12 +194,16 @@ def _mount_lower(manifest: Manifest, image: str, target: str) -> str | None:
         try:
             syscalls.mount(attached.path, target, fstype, syscalls.MS_RDONLY)
         except OSError as e:
-            raise BootError(
-                f"{what}: its image {image} does not mount as {fstype} ({e.strerror});"
-                " the image is damaged or not a filesystem: redeploy it, or boot another"
-                " deployment with overlayroot.deployment=ID"
-            ) from None
+            raise _does_not_mount(what, image, fstype, e) from None
         return attached.path
+
+
+def _does_not_mount(what: str, image: str, fstype: str | None, e: OSError) -> BootError:
+    return BootError(
+        f"{what}: its image {image} does not mount as {fstype} ({e.strerror});"
+        " the image is damaged or not a filesystem: redeploy it, or boot another"
+        " deployment with overlayroot.deployment=ID"
+    )
 
 
 def _noun(manifest: Manifest) -> str:

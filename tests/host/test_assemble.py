@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -64,20 +65,78 @@ def test_an_empty_var_is_seeded_from_the_image_once(env: Env) -> None:
 def test_booted_says_what_was_booted(env: Env) -> None:
     env.deploy("v1")
     env.deploy("v2", "squashfs")
-    booted = env.assemble("overlayroot.etc=transient", "v1").to_dict()
-    assert booted["deployment"] == "v1"
+    booted = env.assemble("overlayroot.etc=transient", "v2").to_dict()
+    assert booted["deployment"] == "v2"
     assert booted["device"] == "/dev/test"
-    assert booted["lower"] == "erofs"
+    assert booted["lower"] == "squashfs"
     assert booted["etc"] == "transient"
     assert booted["init"] == "/sbin/init"
     assert str(booted["loop"]).startswith("/dev/loop")
     assert booted["manifest"]["sha256"]  # type: ignore[index]
 
 
+def kernel_mounts_erofs_files(tmp_path: Path) -> bool:
+    """Whether this kernel mounts an erofs image from its file (Linux 6.12+,
+    EROFS_FS_BACKED_BY_FILE): a real probe."""
+    make_tree(tmp_path / "tree")
+    image = tmp_path / "probe.erofs"
+    subprocess.run(["mkfs.erofs", "--quiet", str(image), str(tmp_path / "tree")], check=True)
+    (tmp_path / "mnt").mkdir()
+    try:
+        syscalls.mount(str(image), str(tmp_path / "mnt"), "erofs", syscalls.MS_RDONLY)
+    except OSError as e:
+        assert e.errno == errno.ENOTBLK, e
+        return False
+    syscalls.umount(str(tmp_path / "mnt"))
+    return True
+
+
+def test_an_erofs_image_is_mounted_from_its_file_where_the_kernel_can(
+    env: Env, tmp_path: Path
+) -> None:
+    if not kernel_mounts_erofs_files(tmp_path):
+        pytest.skip(f"Linux {os.uname().release} mounts erofs only from a block device")
+    env.deploy("v1")
+    booted = env.assemble().to_dict()
+    assert booted["loop"] is None
+    with open("/proc/self/mountinfo") as f:
+        root = next(line.split() for line in f if line.split()[4] == str(env.sysroot))
+    assert root[root.index("-") + 1 :][:2] == ["erofs", str(booted["image"])]
+    assert (env.sysroot / "etc/release").read_text() == "v1\n"
+
+
+def test_a_kernel_without_erofs_files_gets_a_loop_device(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Before Linux 6.12 (Debian 12's 6.1) the kernel says ENOTBLK to an erofs file; the
+    stage then attaches the image to a loop device (booted by the Debian 12 QEMU tests)."""
+    env.deploy("v1")
+    mount = syscalls.mount
+    refused: list[str] = []
+
+    def old_kernel(
+        source: str | None,
+        target: str,
+        fstype: str | None = None,
+        flags: int = 0,
+        data: str | None = None,
+    ) -> None:
+        if fstype == "erofs" and source is not None and not source.startswith("/dev/"):
+            refused.append(source)
+            raise OSError(errno.ENOTBLK, os.strerror(errno.ENOTBLK), source)
+        mount(source, target, fstype, flags, data)
+
+    monkeypatch.setattr(syscalls, "mount", old_kernel)
+    booted = env.assemble().to_dict()
+    assert refused == [booted["image"]]
+    assert str(booted["loop"]).startswith("/dev/loop")
+    assert (env.sysroot / "etc/release").read_text() == "v1\n"
+
+
 def test_the_image_is_read_with_direct_io(env: Env) -> None:
     """One copy of each block in memory, not two (overlayroot/core/loop.py): the kernel took
     the loop device's direct I/O on the state's ext4."""
-    env.deploy("v1")
+    env.deploy("v1", "squashfs")
     loop = str(env.assemble().to_dict()["loop"])
     name = os.path.basename(loop)
     assert Path(f"/sys/block/{name}/loop/dio").read_text().strip() == "1"
