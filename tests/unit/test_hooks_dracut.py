@@ -86,7 +86,6 @@ def test_install_for_the_shell_init_adds_an_early_pre_pivot_hook(tmp_path: Path)
     assert "install=0" in proc.stdout, proc.stderr
     assert f"inst_hook pre-pivot 10 {MODULE}/overlayroot-prepare.sh" in calls
     assert not any("overlayroot-prepare.service" in c for c in calls)
-    assert not any("modules-load.d" in c for c in calls)  # the hook runs modprobe itself
     prepare = initdir / PREPARE.lstrip("/")
     assert os.access(prepare, os.X_OK)
     assert (initdir / "usr/lib/python311.zip").is_file()
@@ -107,17 +106,6 @@ def test_install_for_the_systemd_initrd_adds_the_unit_to_initrd_root_fs(tmp_path
         " overlayroot-prepare.service"
     ) in calls
     assert not any(c.startswith("inst_hook") for c in calls)
-    # systemd-modules-load loads the modules early; the unit starts no modprobe of its own.
-    conf = MODULE / "overlayroot-modules.conf"
-    assert f"inst_simple {conf} /usr/lib/modules-load.d/overlayroot.conf" in calls
-    assert [w for w in conf.read_text().split("\n") if w and not w.startswith("#")] == [
-        "overlay",
-        "loop",
-        "erofs",
-    ]
-    unit = (MODULE / "overlayroot-prepare.service").read_text()
-    assert "After=sysroot.mount systemd-fsck-root.service systemd-modules-load.service" in unit
-    assert "ExecStartPre" not in unit
 
 
 def test_install_stops_dracut_when_the_builder_fails(tmp_path: Path) -> None:

@@ -65,9 +65,6 @@ install() {
     inst_multiple modprobe
 
     if dracut_module_included "systemd"; then
-        # systemd-modules-load.service (a process the initrd starts anyway) loads the modules
-        # early: no modprobe of our own once root= is mounted.
-        inst_simple "$moddir/overlayroot-modules.conf" /usr/lib/modules-load.d/overlayroot.conf
         inst_simple "$moddir/overlayroot-prepare.service" \
             "$systemdsystemunitdir/overlayroot-prepare.service"
         $SYSTEMCTL -q --root "$initdir" add-wants initrd-root-fs.target overlayroot-prepare.service
