@@ -288,8 +288,9 @@ class ModulesDir:
         return index
 
 
-# Requested modules loaded only for a need (besides filesystems, by their fs- alias).
-ON_DEMAND = {"softdog": "watchdog"}
+# Requested modules loaded only for a need (besides filesystems, by their fs- alias): a loop
+# device only where an image does not mount from its file (before Linux 6.12, squashfs).
+ON_DEMAND = {"softdog": "watchdog", "loop": "loop"}
 
 
 def resolve_modules(modules_dir: Path, names: list[str] | tuple[str, ...]) -> ModuleSet:

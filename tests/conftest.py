@@ -47,8 +47,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(autouse=True)
 def _no_modprobe_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     """A trial boot that a test runs in-process, on a host without /dev/watchdog, would ask the
-    host's modprobe for softdog (:func:`overlayroot.boot.modload.need`): no test loads a
-    module into the kernel it runs on."""
+    host's modprobe for softdog, or load it from the host's modules.dep
+    (:func:`overlayroot.boot.modload.need`): no test loads a module into the kernel it runs on."""
     from overlayroot.boot import modload
 
     monkeypatch.setattr(modload, "MODPROBE", ("/nonexistent/modprobe",))
+    monkeypatch.setattr(modload, "MODULES_DEP", ("/nonexistent/{release}/modules.dep",))
+    monkeypatch.setattr(modload, "_depmods", {})

@@ -186,6 +186,7 @@ def _mount_lower(manifest: Manifest, image: str, target: str) -> str | None:
         except OSError as e:
             if e.errno != errno.ENOTBLK:
                 raise _does_not_mount(what, image, fstype, e) from None
+    modload.need("loop")
     try:
         attached = loop.attach(image)
     except OSError as e:

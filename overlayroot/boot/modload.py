@@ -8,6 +8,10 @@ module's signature check and relocation cost the boot time in proportion to its 
 normal boot of an erofs deployment does not pay for squashfs or softdog. Last come the
 ``cpu:`` modalias patterns of a module for a CPU feature (crc32c-intel: SSE 4.2): it is skipped
 on a CPU whose ``/sys/devices/system/cpu/modalias`` matches none, where it would refuse to load.
+
+Under another generator (dracut, initramfs-tools, mkinitcpio) there is no listing of ours, but
+the generator ran ``depmod`` on its image: a need loads its module and that module's
+dependencies from ``modules.dep`` (:class:`Depmod`), without a ``modprobe`` process.
 """
 
 from __future__ import annotations
@@ -113,26 +117,93 @@ def load_listed(listing: str | None = None) -> tuple[list[str], list[str]]:
     return _listing(listing or listing_for(os.uname().release)).load(None)
 
 
-# What a need loads through the generator's modprobe where the initramfs has no listing of ours.
-MODPROBE_FOR = {"watchdog": "softdog"}
+# The module a need other than a filesystem's (``fs-<type>``: the module <type>) loads where the
+# initramfs has no listing of ours; a module that its modules.dep does not have is asked of the
+# generator's modprobe.
+MODULE_FOR = {"watchdog": "softdog", "loop": "loop"}
 MODPROBE = ("/usr/sbin/modprobe", "/sbin/modprobe", "/usr/bin/modprobe", "/bin/modprobe")
+MODULES_DEP = ("/lib/modules/{release}/modules.dep", "/usr/lib/modules/{release}/modules.dep")
+COMPRESSED = (".xz", ".zst", ".gz")
 
 
 def need(what: str, listing: str | None = None) -> None:
-    """Load the modules listed for ``what`` (``fs-erofs``, ``watchdog``) that were not loaded
-    yet; a warning on the console for each that fails (the step that needed it then fails with
-    its own message).
+    """Load the modules listed for ``what`` (``fs-erofs``, ``loop``, ``watchdog``) that were not
+    loaded yet; a warning on the console for each that fails (the step that needed it then fails
+    with its own message).
 
     Under another initramfs generator (dracut, initramfs-tools, mkinitcpio) there is no listing
-    of ours: the kernel asks modprobe for a filesystem by itself, but nothing asks for a
-    watchdog, so :data:`MODPROBE_FOR` names what the generator's ``modprobe`` loads then. Only a
-    trial boot needs one: a blessed boot spends nothing on it."""
-    found = _listing(listing or listing_for(os.uname().release))
-    warnings = found.load(what)[1]
-    if not found.lines and what in MODPROBE_FOR:
-        warnings += modprobe(MODPROBE_FOR[what])
+    of ours: the module comes with its dependencies from the generator's ``modules.dep``
+    (:func:`depmod`). One it does not list is, for a filesystem, asked of modprobe by the kernel
+    itself when it is mounted; for a loop device or a watchdog (which only a trial boot arms),
+    of the generator's ``modprobe``."""
+    release = os.uname().release
+    found = _listing(listing or listing_for(release))
+    if found.lines:
+        warnings = found.load(what)[1]
+    else:
+        module = MODULE_FOR.get(what) or (what[3:] if what.startswith("fs-") else what)
+        known, warnings = depmod(release).load(module)
+        if not known and what in MODULE_FOR:
+            warnings += modprobe(module)
     for warning in warnings:
         Console().warn(warning)
+
+
+class Depmod:
+    """The modules of a generator's image, from the ``modules.dep`` that ``depmod`` wrote:
+    ``path: dependency-path ...`` a line, paths relative to its directory."""
+
+    __slots__ = ("done", "files")
+
+    def __init__(self, path: str | None) -> None:
+        self.files: dict[str, tuple[str, list[str]]] = {}
+        self.done: set[str] = set()
+        if path is None:
+            return
+        base = os.path.dirname(path)
+        try:
+            with open(path) as f:
+                lines = f.read().splitlines()
+        except OSError:
+            return
+        for line in lines:
+            module, _, deps = line.partition(":")
+            module = module.strip()
+            if module:
+                paths = [os.path.join(base, p) for p in (module, *deps.split())]
+                self.files[_name(paths[0])] = (paths[0], paths[1:])
+
+    def load(self, name: str) -> tuple[bool, list[str]]:
+        """Load ``name`` after its dependencies, each once; whether ``modules.dep`` has it,
+        and warnings for the modules that failed."""
+        name = name.replace("-", "_")
+        if name not in self.files:
+            return False, []
+        warnings: list[str] = []
+        self._load(self.files[name][0], warnings)
+        return True, warnings
+
+    def _load(self, path: str, warnings: list[str]) -> None:
+        name = _name(path)
+        if name in self.done:
+            return
+        self.done.add(name)
+        # Each dependency after its own: the order of a modules.dep line is not relied on.
+        for dep in self.files.get(name, (path, []))[1]:
+            self._load(dep, warnings)
+        _load(path, warnings)
+
+
+_depmods: dict[str, Depmod] = {}
+
+
+def depmod(release: str) -> Depmod:
+    """The image's ``modules.dep`` for kernel ``release`` (empty when it has none: our
+    standalone image, a kernel with no modules)."""
+    if release not in _depmods:
+        paths = [p.format(release=release) for p in MODULES_DEP]
+        _depmods[release] = Depmod(next((p for p in paths if os.path.exists(p)), None))
+    return _depmods[release]
 
 
 def modprobe(module: str, candidates: tuple[str, ...] | None = None) -> list[str]:
@@ -154,17 +225,33 @@ def modprobe(module: str, candidates: tuple[str, ...] | None = None) -> list[str
     return []
 
 
+def _name(path: str) -> str:
+    """A module's name from its file: ``.../fs/erofs/erofs.ko.xz`` -> ``erofs``."""
+    return os.path.basename(path).split(".", 1)[0].replace("-", "_")
+
+
 def _load(path: str, warnings: list[str]) -> str | None:
-    name = os.path.basename(path).split(".", 1)[0]
+    name = _name(path)
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:
         warnings.append(f"cannot open kernel module {path}: {e.strerror}")
         return None
+    # Debian 13's modules are .ko.xz: the kernel decompresses them (the builder of our
+    # standalone image stores them decompressed).
+    compressed = path.endswith(COMPRESSED)
     try:
-        syscalls.finit_module(fd, name)
+        syscalls.finit_module(
+            fd, name, flags=syscalls.MODULE_INIT_COMPRESSED_FILE if compressed else 0
+        )
         return name
     except OSError as e:
+        if compressed and e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+            # A kernel that cannot decompress it (before 5.17: EINVAL, the flag unknown;
+            # without MODULE_DECOMPRESS: EOPNOTSUPP): the generator's modprobe can.
+            failed = modprobe(name)
+            warnings += failed
+            return None if failed else name
         # EEXIST: already loaded. ENODEV: a driver or an alternative implementation (e.g.
         # crc32c-intel on a CPU without SSE 4.2) for hardware this machine does not have.
         if e.errno not in (errno.EEXIST, errno.ENODEV):

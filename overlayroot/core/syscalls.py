@@ -84,11 +84,16 @@ def reboot(command: int) -> None:
     _check(_lib.reboot(command))
 
 
-def finit_module(fd: int, name: str, params: str = "") -> None:
+# finit_module(2) flag: the file is compressed (.ko.xz, .ko.zst, .ko.gz); the kernel decompresses
+# it (CONFIG_MODULE_DECOMPRESS, Linux 5.17 and later; EOPNOTSUPP without).
+MODULE_INIT_COMPRESSED_FILE = 4
+
+
+def finit_module(fd: int, name: str, params: str = "", flags: int = 0) -> None:
     number = _FINIT_MODULE.get(os.uname().machine)
     if number is None:
         raise OSError(38, f"finit_module: unknown syscall number on {os.uname().machine}", name)
-    args = (ffi.cast("long", fd), ffi.new("char[]", params.encode()), ffi.cast("long", 0))
+    args = (ffi.cast("long", fd), ffi.new("char[]", params.encode()), ffi.cast("long", flags))
     _check(_lib.syscall(number, *args), name)
 
 

@@ -20,11 +20,18 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """finit_module(2) stands in: records the names; 'absent' has no device (ENODEV), 'broken'
     a bad signature (EKEYREJECTED), 'twice' is loaded already (EEXIST)."""
     calls: list[str] = []
-    failures = {"absent": errno.ENODEV, "broken": errno.EKEYREJECTED, "twice": errno.EEXIST}
+    failures = {
+        "absent": errno.ENODEV,
+        "broken": errno.EKEYREJECTED,
+        "twice": errno.EEXIST,
+        "old_kernel": errno.EINVAL,  # before 5.17, the compressed flag is unknown
+        "no_decompress": errno.EOPNOTSUPP,  # without MODULE_DECOMPRESS
+    }
 
-    def finit_module(fd: int, name: str, params: str = "") -> None:
+    def finit_module(fd: int, name: str, params: str = "", flags: int = 0) -> None:
         os.fstat(fd)  # an open descriptor
-        calls.append(name)
+        assert flags in (0, syscalls.MODULE_INIT_COMPRESSED_FILE)
+        calls.append(name if not flags else f"{name} (compressed)")
         if name in failures:
             raise OSError(failures[name], os.strerror(failures[name]), name)
 
@@ -205,3 +212,117 @@ def test_a_module_for_a_cpu_feature_is_skipped_on_a_cpu_without_it(
 @given(st.text(alphabet="ab*", max_size=8), st.text(alphabet="ab", max_size=8))
 def test_glob_match_is_fnmatch_for_stars(pattern: str, text: str) -> None:
     assert modload.glob_match(pattern, text) == fnmatch.fnmatchcase(text, pattern)
+
+
+RELEASE = os.uname().release
+
+
+@pytest.fixture
+def modules_dep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A generator's image: no listing of ours, its depmod's modules.dep for the running
+    release (the lines in an order a dependency-first loader must not rely on)."""
+    base = tmp_path / "lib/modules" / RELEASE
+    lines = {
+        "kernel/fs/overlayfs/overlay.ko": "",
+        "kernel/fs/erofs/erofs.ko.xz": "kernel/lib/libcrc32c.ko kernel/lib/crc32c-generic.ko",
+        "kernel/lib/libcrc32c.ko": "kernel/lib/crc32c-generic.ko",
+        "kernel/lib/crc32c-generic.ko": "",
+        "kernel/drivers/watchdog/softdog.ko": "kernel/drivers/watchdog/watchdog.ko",
+        "kernel/drivers/watchdog/watchdog.ko": "",
+        "kernel/fs/old_kernel.ko.xz": "",
+        "kernel/fs/no_decompress.ko.zst": "",
+        "kernel/fs/broken.ko": "",
+        "kernel/fs/gone.ko": "",
+    }
+    for module in lines:
+        if "gone" not in module:
+            (base / module).parent.mkdir(parents=True, exist_ok=True)
+            (base / module).write_bytes(b"\x7fELF")
+    (base / "modules.dep").write_text("".join(f"{m}: {d}\n" for m, d in lines.items()) + "\n")
+    monkeypatch.setattr(
+        modload,
+        "MODULES_DEP",
+        (
+            str(tmp_path / "nope/{release}/modules.dep"),
+            str(tmp_path / "lib/modules/{release}/modules.dep"),
+        ),
+    )
+    monkeypatch.setattr(modload, "MODPROBE", (fake_modprobe(tmp_path, "modprobe", 0),))
+    return base
+
+
+def test_without_a_listing_a_need_loads_its_module_after_its_dependencies_from_modules_dep(
+    tmp_path: Path, loaded: list[str], modules_dep: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "no-listing")
+    modload.need("fs-erofs", missing)
+    modload.need("fs-erofs", missing)
+    modload.need("fs-overlay", missing)
+    modload.need("watchdog", missing)
+    modload.need("fs-ext4", missing)  # built in, or asked of modprobe by the kernel itself
+    assert loaded == [
+        "crc32c_generic",
+        "libcrc32c",
+        "erofs (compressed)",
+        "overlay",
+        "watchdog",
+        "softdog",
+    ]
+    assert not (tmp_path / "modprobe.calls").exists()  # no process for any of them
+    assert capsys.readouterr().out == ""
+
+
+def test_without_a_listing_a_loop_device_or_watchdog_not_in_modules_dep_is_modprobes(
+    tmp_path: Path, loaded: list[str], modules_dep: Path
+) -> None:
+    modload.need("loop", str(tmp_path / "no-listing"))  # loop is built in, or not in the image
+    assert (tmp_path / "modprobe.calls").read_text() == "-q loop\n"
+    (modules_dep / "modules.dep").write_text("kernel/drivers/block/loop.ko:\n")
+    (modules_dep / "kernel/drivers/block").mkdir(parents=True)
+    (modules_dep / "kernel/drivers/block/loop.ko").write_bytes(b"\x7fELF")
+    modload._depmods.clear()  # another image
+    modload.need("loop", str(tmp_path / "no-listing"))
+    assert loaded == ["loop"]
+    assert (tmp_path / "modprobe.calls").read_text() == "-q loop\n"
+
+
+def test_a_compressed_module_the_kernel_cannot_decompress_is_modprobes(
+    tmp_path: Path, loaded: list[str], modules_dep: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    missing = str(tmp_path / "no-listing")
+    modload.need("fs-old-kernel", missing)
+    modload.need("fs-no_decompress", missing)
+    assert loaded == ["old_kernel (compressed)", "no_decompress (compressed)"]
+    assert (tmp_path / "modprobe.calls").read_text() == "-q old_kernel\n-q no_decompress\n"
+    assert capsys.readouterr().out == ""
+
+
+def test_a_module_of_modules_dep_that_fails_is_a_warning(
+    tmp_path: Path,
+    loaded: list[str],
+    modules_dep: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    missing = str(tmp_path / "no-listing")
+    modload.need("fs-broken", missing)
+    modload.need("fs-gone", missing)
+    monkeypatch.setattr(modload, "MODPROBE", (fake_modprobe(tmp_path, "failing", 3),))
+    modload.need("fs-no_decompress", missing)
+    assert loaded == ["broken", "no_decompress (compressed)"]
+    assert capsys.readouterr().out == (
+        "overlayroot: warning: kernel module broken did not load: Key was rejected by service\n"
+        f"overlayroot: warning: cannot open kernel module {modules_dep}/kernel/fs/gone.ko: No"
+        " such file or directory\n"
+        "overlayroot: warning: kernel module no_decompress did not load:"
+        f" {tmp_path}/failing exited with status 3\n"
+    )
+
+
+def test_a_modules_dep_that_is_unreadable_or_odd_is_no_modules(tmp_path: Path) -> None:
+    assert modload.Depmod(None).load("erofs") == (False, [])
+    assert modload.Depmod(str(tmp_path)).load("erofs") == (False, [])  # a directory
+    odd = tmp_path / "modules.dep"
+    odd.write_text("\n  \nno-colon.ko\n: orphan.ko\n")
+    depmod = modload.Depmod(str(odd))
+    assert sorted(depmod.files) == ["no_colon"]

@@ -5,11 +5,8 @@
 # shellcheck source=/dev/null
 type getarg > /dev/null 2>&1 || . /lib/dracut-lib.sh
 
-# squashfs: the kernel asks modprobe for it (fs-squashfs) when a deployment of that kind is
-# mounted; most are erofs, and every module loaded costs the boot time. softdog: the stage
-# loads it for a trial boot on a machine without a watchdog.
-modprobe -a -q overlay loop erofs
-
+# No modprobe: the stage loads overlay, erofs (squashfs, loop, softdog when a boot needs them)
+# and their dependencies itself, from the image's modules.dep.
 # PYTHONHASHSEED=0: no wait for the kernel's random pool (initrd/build.py, prepare_script).
 if ! PYTHONHASHSEED=0 /usr/lib/overlayroot/prepare "$NEWROOT"; then
     # Honours rd.shell and rd.emergency=reboot|poweroff|halt.
