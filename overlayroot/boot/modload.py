@@ -98,6 +98,8 @@ def glob_match(pattern: str, text: str) -> bool:
 
 
 _listings: dict[str, Listing] = {}
+# Every module this process loaded, in order (booted.json's "modules").
+LOADED: list[str] = []
 
 
 def _listing(path: str) -> Listing:
@@ -222,6 +224,7 @@ def modprobe(module: str, candidates: tuple[str, ...] | None = None) -> list[str
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         return [f"kernel module {module} did not load: {command} exited with status {code}"]
+    LOADED.append(module)
     return []
 
 
@@ -244,6 +247,7 @@ def _load(path: str, warnings: list[str]) -> str | None:
         syscalls.finit_module(
             fd, name, flags=syscalls.MODULE_INIT_COMPRESSED_FILE if compressed else 0
         )
+        LOADED.append(name)
         return name
     except OSError as e:
         if compressed and e.errno in (errno.EOPNOTSUPP, errno.EINVAL):

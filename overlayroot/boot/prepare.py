@@ -445,6 +445,7 @@ def hand_over(boot: Boot, booted: Booted, run_dir: str) -> Booted:
         "generation": boot.state.generation,
         "kernel": boot.running,
         "kexec": boot.opts.kexec,
+        "modules": list(modload.LOADED),
     }
     write_booted(run_dir, {**booted.to_dict(), **extra})
     return booted

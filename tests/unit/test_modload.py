@@ -37,6 +37,7 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 
     monkeypatch.setattr(syscalls, "finit_module", finit_module)
     monkeypatch.setattr(modload, "_listings", {})
+    monkeypatch.setattr(modload, "LOADED", [])
     return calls
 
 
@@ -270,6 +271,8 @@ def test_without_a_listing_a_need_loads_its_module_after_its_dependencies_from_m
     ]
     assert not (tmp_path / "modprobe.calls").exists()  # no process for any of them
     assert capsys.readouterr().out == ""
+    # booted.json's "modules"
+    assert modload.LOADED == [name.split()[0] for name in loaded]
 
 
 def test_without_a_listing_a_loop_device_or_watchdog_not_in_modules_dep_is_modprobes(
@@ -294,6 +297,7 @@ def test_a_compressed_module_the_kernel_cannot_decompress_is_modprobes(
     modload.need("fs-no_decompress", missing)
     assert loaded == ["old_kernel (compressed)", "no_decompress (compressed)"]
     assert (tmp_path / "modprobe.calls").read_text() == "-q old_kernel\n-q no_decompress\n"
+    assert modload.LOADED == ["old_kernel", "no_decompress"]  # by modprobe
     assert capsys.readouterr().out == ""
 
 
