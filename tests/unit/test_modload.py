@@ -271,8 +271,8 @@ def test_without_a_listing_a_need_loads_its_module_after_its_dependencies_from_m
     ]
     assert not (tmp_path / "modprobe.calls").exists()  # no process for any of them
     assert capsys.readouterr().out == ""
-    # booted.json's "modules"
-    assert modload.LOADED == [name.split()[0] for name in loaded[:]]
+    names = [name.split()[0] for name in loaded]
+    assert names == modload.LOADED  # booted.json's "modules"
 
 
 def test_without_a_listing_a_loop_device_or_watchdog_not_in_modules_dep_is_modprobes(
