@@ -23,10 +23,11 @@ What it measures
 
     standalone, initramfs-tools+overlayroot
                      the two images built inside it by its own Python 3.13 (qemu.trixie);
-    dracut+overlayroot
-                     the host's dracut with our module for that kernel;
-    dracut           the host's dracut without our module, the root as an ordinary ext4 root:
-                     the baseline.
+    dracut, dracut-shell, host-initramfs-tools, mkinitcpio, mkinitcpio-systemd (+overlayroot)
+                     the host's generators (Debian 12's dracut and initramfs-tools, mkinitcpio
+                     41) for that kernel, with our hook, and the first three without (the root
+                     as an ordinary ext4 root): ``dracut`` is the baseline of the ratios, each
+                     plain one that of its generator's hook x.
 
     Each boot is split, in guest seconds since the kernel started: *kernel* up to its
     ``Run /init as init process`` line, *initramfs* from there to the real init's start
@@ -210,23 +211,56 @@ def trixie_setups(work: Path, only: Sequence[str] = ()) -> list[Setup]:
             f"{on_state} panic=-1",
         ),
     ]
-    for name, overlayroot in (("dracut+overlayroot", True), ("dracut", False)):
+    kernel = image.kernel
+    # The host's generators (Debian 12's dracut, initramfs-tools, and mkinitcpio 41) for the
+    # trixie kernel, with our hook and without: the pairs of the hook x column.
+    host_built: list[tuple[str, Callable[[Path], Path]]] = [
+        ("dracut+overlayroot", lambda out: debian.dracut_initramfs(kernel, out, systemd=True)),
+        (
+            "dracut",
+            lambda out: debian.dracut_initramfs(kernel, out, systemd=True, overlayroot=False),
+        ),
+        (
+            "dracut-shell+overlayroot",
+            lambda out: debian.dracut_initramfs(kernel, out, systemd=False),
+        ),
+        (
+            "dracut-shell",
+            lambda out: debian.dracut_initramfs(kernel, out, systemd=False, overlayroot=False),
+        ),
+        (
+            "host-initramfs-tools+overlayroot",
+            lambda out: debian.initramfs_tools_initramfs(kernel, out),
+        ),
+        (
+            "host-initramfs-tools",
+            lambda out: debian.initramfs_tools_initramfs(kernel, out, overlayroot=False),
+        ),
+        (
+            "mkinitcpio+overlayroot",
+            lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.BUSYBOX),
+        ),
+        (
+            "mkinitcpio-systemd+overlayroot",
+            lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.SYSTEMD),
+        ),
+    ]
+    for name, build in host_built:
         if not wanted("trixie", name, only):
             continue
-        progress(f"trixie: building {name} for its kernel with the host's dracut")
-        initrd = debian.dracut_initramfs(
-            image.kernel, work / f"trixie-{name}.img", systemd=True, overlayroot=overlayroot
-        )
-        found.append(
-            Setup(
-                "trixie",
-                name,
-                image.kernel,
-                initrd,
-                state if overlayroot else plain,
-                on_state if overlayroot else f"root=LABEL={ROOT_LABEL} rw",
-            )
-        )
+        progress(f"trixie: building {name} for its kernel with the host's generator")
+        try:
+            initrd = build(work / f"trixie-{name}.img")
+        except mkinitcpio.MkinitcpioUnavailable as e:
+            progress(f"left out trixie/{name}: {e}")
+            continue
+        ours = name.endswith("+overlayroot")
+        cmdline = on_state if ours else f"root=LABEL={ROOT_LABEL} rw"
+        if name == "mkinitcpio+overlayroot":
+            cmdline += " init=/lib/systemd/systemd"
+        if "initramfs-tools" in name:
+            cmdline += " panic=-1"
+        found.append(Setup("trixie", name, kernel, initrd, state if ours else plain, cmdline))
     return [s for s in found if wanted("trixie", s.name, only)]
 
 
