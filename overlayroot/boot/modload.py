@@ -153,16 +153,17 @@ def need(what: str, listing: str | None = None) -> None:
 
 class Depmod:
     """The modules of a generator's image, from the ``modules.dep`` that ``depmod`` wrote:
-    ``path: dependency-path ...`` a line, paths relative to its directory."""
+    ``path: dependency-path ...`` a line, paths relative to its directory. Only the lines of
+    the modules loaded are split further (a generic image lists hundreds)."""
 
-    __slots__ = ("done", "files")
+    __slots__ = ("base", "done", "lines")
 
     def __init__(self, path: str | None) -> None:
-        self.files: dict[str, tuple[str, list[str]]] = {}
+        self.lines: dict[str, tuple[str, str]] = {}  # name -> (its path, its dependencies)
         self.done: set[str] = set()
+        self.base = os.path.dirname(path) if path else ""
         if path is None:
             return
-        base = os.path.dirname(path)
         try:
             with open(path) as f:
                 lines = f.read().splitlines()
@@ -172,28 +173,27 @@ class Depmod:
             module, _, deps = line.partition(":")
             module = module.strip()
             if module:
-                paths = [os.path.join(base, p) for p in (module, *deps.split())]
-                self.files[_name(paths[0])] = (paths[0], paths[1:])
+                self.lines[_name(module)] = (module, deps)
 
     def load(self, name: str) -> tuple[bool, list[str]]:
         """Load ``name`` after its dependencies, each once; whether ``modules.dep`` has it,
         and warnings for the modules that failed."""
         name = name.replace("-", "_")
-        if name not in self.files:
+        if name not in self.lines:
             return False, []
         warnings: list[str] = []
-        self._load(self.files[name][0], warnings)
+        self._load(self.lines[name][0], warnings)
         return True, warnings
 
-    def _load(self, path: str, warnings: list[str]) -> None:
-        name = _name(path)
+    def _load(self, module: str, warnings: list[str]) -> None:
+        name = _name(module)
         if name in self.done:
             return
         self.done.add(name)
         # Each dependency after its own: the order of a modules.dep line is not relied on.
-        for dep in self.files.get(name, (path, []))[1]:
+        for dep in self.lines.get(name, (module, ""))[1].split():
             self._load(dep, warnings)
-        _load(path, warnings)
+        _load(os.path.join(self.base, module), warnings)
 
 
 _depmods: dict[str, Depmod] = {}

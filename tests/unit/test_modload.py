@@ -329,4 +329,4 @@ def test_a_modules_dep_that_is_unreadable_or_odd_is_no_modules(tmp_path: Path) -
     odd = tmp_path / "modules.dep"
     odd.write_text("\n  \nno-colon.ko\n: orphan.ko\n")
     depmod = modload.Depmod(str(odd))
-    assert sorted(depmod.files) == ["no_colon"]
+    assert sorted(depmod.lines) == ["no_colon"]
