@@ -110,9 +110,10 @@ def test_the_bridge_initramfs_boots_under_both_kernels(
         assert f"Linux version {k.version} " in console
         assert "did not load" not in console and "cannot open kernel module" not in console
         # Its own modules, from its list: the ones every boot loads at the start (the rest load
-        # when a step needs them: erofs before its mount, overlay before /etc's).
+        # when a step needs them: erofs before its mount, overlay before /etc's, loop where the
+        # kernel cannot mount erofs from its file).
         loaded = re.search(r"overlayroot: .*loaded (\d+) kernel modules", console)
-        assert loaded is not None and int(loaded.group(1)) >= 2, "its own modules, from its list"
+        assert loaded is not None and int(loaded.group(1)) >= 1, "its own modules, from its list"
         assert "switching root to v1 (/sbin/init)" in console
         assert machine.markers()["root_ro"] == "yes"
 
