@@ -124,32 +124,13 @@ def bookworm_setups(
     )
     images: list[tuple[str, Callable[[Path], Path]]] = [
         ("standalone", lambda out: _standalone(kernel, out)),
-        ("dracut+overlayroot", lambda out: debian.dracut_initramfs(kernel, out, systemd=True)),
-        (
-            "dracut",
-            lambda out: debian.dracut_initramfs(kernel, out, systemd=True, overlayroot=False),
-        ),
-        (
-            "dracut-shell+overlayroot",
-            lambda out: debian.dracut_initramfs(kernel, out, systemd=False),
-        ),
-        (
-            "dracut-shell",
-            lambda out: debian.dracut_initramfs(kernel, out, systemd=False, overlayroot=False),
-        ),
+        *dracut_images(kernel),
         ("initramfs-tools+overlayroot", lambda out: debian.initramfs_tools_initramfs(kernel, out)),
         (
             "initramfs-tools",
             lambda out: debian.initramfs_tools_initramfs(kernel, out, overlayroot=False),
         ),
-        (
-            "mkinitcpio+overlayroot",
-            lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.BUSYBOX),
-        ),
-        (
-            "mkinitcpio-systemd+overlayroot",
-            lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.SYSTEMD),
-        ),
+        *mkinitcpio_images(kernel),
     ]
     result = []
     for name, build in images:
@@ -162,12 +143,7 @@ def bookworm_setups(
             progress(f"left out {name}: {e}")
             continue
         ours = name == "standalone" or name.endswith("+overlayroot")
-        if not ours:
-            cmdline = f"root=LABEL={ROOT_LABEL} rw"
-        elif name == "mkinitcpio+overlayroot":
-            cmdline = f"root=LABEL={STATE_LABEL} ro init=/lib/systemd/systemd"
-        else:
-            cmdline = f"root=LABEL={STATE_LABEL} ro"
+        cmdline = root_cmdline(name, ours)
         if name.startswith("initramfs-tools"):
             cmdline += " panic=-1"  # its failure path is a shell, not a panic: reboot instead
         result.append(Setup("bookworm", name, kernel, initrd, state if ours else plain, cmdline))
@@ -215,7 +191,28 @@ def trixie_setups(work: Path, only: Sequence[str] = ()) -> list[Setup]:
     # The host's generators (Debian 12's dracut, and mkinitcpio 41) for the trixie kernel, with
     # our hook and without: the pairs of the hook x column. Not the host's initramfs-tools: it
     # wants the kernel's /boot/config, which the image does not keep.
-    host_built: list[tuple[str, Callable[[Path], Path]]] = [
+    host_built = [*dracut_images(kernel), *mkinitcpio_images(kernel)]
+    for name, build in host_built:
+        if not wanted("trixie", name, only):
+            continue
+        progress(f"trixie: building {name} for its kernel with the host's generator")
+        try:
+            initrd = build(work / f"trixie-{name}.img")
+        except mkinitcpio.MkinitcpioUnavailable as e:
+            progress(f"left out trixie/{name}: {e}")
+            continue
+        ours = name.endswith("+overlayroot")
+        cmdline = root_cmdline(name, ours)
+        found.append(Setup("trixie", name, kernel, initrd, state if ours else plain, cmdline))
+    return [s for s in found if wanted("trixie", s.name, only)]
+
+
+Build = Callable[[Path], Path]
+
+
+def dracut_images(kernel: Kernel) -> list[tuple[str, Build]]:
+    """The host's dracut for ``kernel``, both modes, with our module and without."""
+    return [
         ("dracut+overlayroot", lambda out: debian.dracut_initramfs(kernel, out, systemd=True)),
         (
             "dracut",
@@ -229,6 +226,12 @@ def trixie_setups(work: Path, only: Sequence[str] = ()) -> list[Setup]:
             "dracut-shell",
             lambda out: debian.dracut_initramfs(kernel, out, systemd=False, overlayroot=False),
         ),
+    ]
+
+
+def mkinitcpio_images(kernel: Kernel) -> list[tuple[str, Build]]:
+    """mkinitcpio 41 for ``kernel`` with our hooks, busybox and systemd (no plain one)."""
+    return [
         (
             "mkinitcpio+overlayroot",
             lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.BUSYBOX),
@@ -238,21 +241,16 @@ def trixie_setups(work: Path, only: Sequence[str] = ()) -> list[Setup]:
             lambda out: mkinitcpio.mkinitcpio_initramfs(kernel, out, mkinitcpio.Variant.SYSTEMD),
         ),
     ]
-    for name, build in host_built:
-        if not wanted("trixie", name, only):
-            continue
-        progress(f"trixie: building {name} for its kernel with the host's generator")
-        try:
-            initrd = build(work / f"trixie-{name}.img")
-        except mkinitcpio.MkinitcpioUnavailable as e:
-            progress(f"left out trixie/{name}: {e}")
-            continue
-        ours = name.endswith("+overlayroot")
-        cmdline = on_state if ours else f"root=LABEL={ROOT_LABEL} rw"
-        if name == "mkinitcpio+overlayroot":
-            cmdline += " init=/lib/systemd/systemd"
-        found.append(Setup("trixie", name, kernel, initrd, state if ours else plain, cmdline))
-    return [s for s in found if wanted("trixie", s.name, only)]
+
+
+def root_cmdline(name: str, ours: bool) -> str:
+    """root= for a configuration: the state filesystem for ours, the ordinary root otherwise;
+    mkinitcpio's busybox /init is told where systemd is."""
+    if not ours:
+        return f"root=LABEL={ROOT_LABEL} rw"
+    if name == "mkinitcpio+overlayroot":
+        return f"root=LABEL={STATE_LABEL} ro init=/lib/systemd/systemd"
+    return f"root=LABEL={STATE_LABEL} ro"
 
 
 def _standalone(kernel: Kernel, output: Path) -> Path:
