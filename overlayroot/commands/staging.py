@@ -298,13 +298,14 @@ def stage(
             size = image.stat().st_size
             fsync_file(image)
         with progress.task(f"hashing {image.name}", size) as report:
-            sha256 = digest.image_sha256(image, report)
+            sha256, blake2b = digest.image_digests(image, report)
     manifest = layout.Manifest(
         id=deployment_id,
         created=layout.created_stamp(epoch),
         format=fmt,
         image=image.name,
         sha256=sha256,
+        blake2b=blake2b,
         size=size,
         origin=str(source.resolve()),
         kernel=own_kernel,

@@ -31,11 +31,12 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root: chroot")
 
 CHROOT = shutil.which("chroot") or "/usr/sbin/chroot"
 PYTHON_NAME = re.compile(r"python3\.(1[1-9]|[2-9][0-9])")
-# Run by the payload's own interpreter (-I -S, as the stage starts): the stage's digest of a
-# file of the payload, and which sha256 module served it.
+# Run by the payload's own interpreter (-I -S, as the stage starts): the stage's digests of a
+# file of the payload (sha256 and BLAKE2b-256), and which sha256 module served it.
 STAGE_DIGEST = (
     "import sys\nfrom overlayroot.core import digest\n"
-    "print(digest.sha256.__module__, digest.file_sha256(sys.argv[1]))"
+    "print(digest.sha256.__module__, digest.file_sha256(sys.argv[1]),"
+    " digest.HAS_BLAKE2B and digest.file_blake2b(sys.argv[1]))"
 )
 DIGESTED = "usr/lib/overlayroot/build.json"
 
@@ -56,15 +57,19 @@ def zip_modules(names: list[str]) -> list[str]:
 
 
 def check_payload(
-    info: dict[str, Any], zip_names: list[str], files: list[str], stage_digest: str, expected: str
+    info: dict[str, Any],
+    zip_names: list[str],
+    files: list[str],
+    stage_digest: str,
+    expected: tuple[str, str],
 ) -> None:
     version = tuple(int(p) for p in info["python_version"].split("."))
     assert len(version) == 2
     check_stage_stdlib((version[0], version[1]), zip_modules(zip_names))
     assert not [f for f in files if re.search(r"lib(crypto|ssl)\.so|_hashlib", f)], files
-    module, digest = stage_digest.split()
+    module, sha256, blake2b = stage_digest.split()
     assert module == ("_sha256" if version < (3, 12) else "_sha2")
-    assert digest == expected
+    assert (sha256, blake2b) == expected
 
 
 @pytest.mark.parametrize("python", host_pythons(), ids=lambda p: p.name)
@@ -101,7 +106,11 @@ def test_the_builder_freezes_the_stage_for_each_host_python(python: Path, tmp_pa
         env={},
     )
     assert ran.returncode == 0, ran.stderr
-    expected = hashlib.sha256((payload / DIGESTED).read_bytes()).hexdigest()
+    digested = (payload / DIGESTED).read_bytes()
+    expected = (
+        hashlib.sha256(digested).hexdigest(),
+        hashlib.blake2b(digested, digest_size=32).hexdigest(),
+    )
     check_payload(info, zipfile.ZipFile(zip_path).namelist(), files, ran.stdout, expected)
 
 
@@ -124,7 +133,9 @@ ran = subprocess.run(["/usr/sbin/chroot", payload, info["python"], "-I", "-S", "
 print(json.dumps({
     "builder": "%d.%d" % sys.version_info[:2], "info": info, "files": files,
     "zip": zipfile.ZipFile(zip_path).namelist(), "stage_digest": ran.stdout,
-    "expected": hashlib.sha256(open(payload + "/" + sys.argv[2], "rb").read()).hexdigest(),
+    "expected": [hashlib.sha256(open(payload + "/" + sys.argv[2], "rb").read()).hexdigest(),
+                 hashlib.blake2b(open(payload + "/" + sys.argv[2], "rb").read(),
+                                 digest_size=32).hexdigest()],
 }))
 """
 
@@ -139,7 +150,11 @@ def test_the_builder_inside_debian_13_freezes_the_stage_for_its_python_3_13() ->
     )
     assert found["builder"] == found["info"]["python_version"] == "3.13"
     check_payload(
-        found["info"], found["zip"], found["files"], found["stage_digest"], found["expected"]
+        found["info"],
+        found["zip"],
+        found["files"],
+        found["stage_digest"],
+        tuple(found["expected"]),
     )
 
 

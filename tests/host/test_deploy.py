@@ -108,6 +108,10 @@ def sha256_file(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def blake2b_file(path: Path) -> str:
+    return hashlib.blake2b(path.read_bytes(), digest_size=32).hexdigest()
+
+
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
 def test_image_deployment_mounts_as_the_source_tree(tree: Path, tmp_path: Path, fmt: str) -> None:
     sysroot = new_sysroot(tmp_path)
@@ -117,6 +121,7 @@ def test_image_deployment_mounts_as_the_source_tree(tree: Path, tmp_path: Path, 
     assert (manifest.id, manifest.format, manifest.image) == ("one", fmt, image.name)
     assert manifest.size == image.stat().st_size
     assert manifest.sha256 == sha256_file(image)
+    assert manifest.blake2b == blake2b_file(image)
     assert manifest.origin == str(tree)
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", manifest.created)
     assert sorted(os.listdir(where)) == ["manifest.json", image.name]
@@ -183,6 +188,7 @@ def test_image_source_is_detected_and_copied_as_is(tree: Path, tmp_path: Path, f
     assert manifest.format == fmt
     assert filecmp.cmp(built, where / manifest.image, shallow=False)
     assert manifest.sha256 == sha256_file(built)
+    assert manifest.blake2b == blake2b_file(built)
     assert manifest.origin == str(built)
 
 

@@ -3,6 +3,7 @@ recovery of a damaged boot state, and a counter that cannot be written."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -70,19 +71,37 @@ def test_an_unblessed_update_falls_back_after_its_tries(env: Env) -> None:
     assert booted_ids == ["v2", "v2", "v1", "v1"]
 
 
-def test_an_image_that_does_not_mount_falls_back_in_the_same_boot(env: Env) -> None:
+@pytest.mark.parametrize("manifest", ["blake2b", "sha256 only"])
+def test_a_damaged_image_falls_back_in_the_same_boot(env: Env, manifest: str) -> None:
+    """The stage checks the manifest's BLAKE2b-256; a manifest written before it existed is
+    checked by its sha256."""
     env.deploy("v1")
     env.deploy("v2")
     layout = StateLayout(env.sysroot)
     state, _ = statefile.load(layout)
     statefile.save(layout, bless(state, "v1"))
+    written = layout.read_manifest("v2")
+    assert written.blake2b is not None
+    if manifest == "sha256 only":
+        written.blake2b = None
+        (env.sysroot / "overlayroot/deployments/v2/manifest.json").write_text(written.to_json())
+    algorithm, expected = manifest.split()[0], getattr(written, manifest.split()[0])
     image = env.sysroot / "overlayroot/deployments/v2/root.erofs"
     image.write_bytes(b"\0" * image.stat().st_size)
+    actual = {
+        "blake2b": hashlib.blake2b(image.read_bytes(), digest_size=32),
+        "sha256": hashlib.sha256(image.read_bytes()),
+    }[algorithm].hexdigest()
     booted, console = boot(env)
     assert booted["deployment"] == "v1"
     assert booted["failed"][0]["deployment"] == "v2"  # type: ignore[index]
-    assert "fails its digest check" in console and "falling back to deployment v1" in console
-    assert "fails its digest check" in str(state_of(env).entries["v2"].bad)
+    message = (
+        f"deployment 'v2': its image {env.sysroot}/overlayroot/deployments/v2/root.erofs fails"
+        f" its digest check ({algorithm} {actual[:16]}…, manifest says {expected[:16]}…): the"
+        " image is damaged; deploy it again"
+    )
+    assert message in console and "falling back to deployment v1" in console
+    assert message in str(state_of(env).entries["v2"].bad)
     assert [e["event"] for e in history(env)][-2:] == ["failed", "boot"]
 
 

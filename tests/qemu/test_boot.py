@@ -163,6 +163,7 @@ def test_an_image_that_is_not_a_filesystem(
     manifest_path = content / "overlayroot/deployments/v1/manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["sha256"] = hashlib.sha256(junk).hexdigest()
+    manifest["blake2b"] = hashlib.blake2b(junk, digest_size=32).hexdigest()
     manifest_path.write_text(json.dumps(manifest))
     disk = disk_from(tmp_path, content)
     m = expect_error(

@@ -169,6 +169,7 @@ def test_an_image_that_does_not_mount_or_verify_falls_back_in_the_same_boot(
     (nomount / "root.erofs").write_bytes(garbage)
     manifest = disk.layout.read_manifest("v2-nomount")
     manifest.sha256 = hashlib.sha256(garbage).hexdigest()
+    manifest.blake2b = hashlib.blake2b(garbage, digest_size=32).hexdigest()
     (nomount / "manifest.json").write_text(manifest.to_json())  # it verifies, but does not mount
     damaged = Path(disk.layout.deployment_dir("v3-damaged")) / "root.erofs"
     with open(damaged, "r+b") as f:

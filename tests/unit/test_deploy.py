@@ -112,6 +112,7 @@ def test_dir_deployment_is_laid_out_with_manifest_and_persistent_dirs(
     assert manifest.origin == str(tree)
     assert manifest.sha256 == digest.tree_sha256(where / "root")
     assert manifest.sha256 == digest.tree_sha256(tree)
+    assert manifest.blake2b is None  # a tree is not checked at boot
     # The bytes of its regular files: the hostname, the setuid tool, the seed and the init.
     assert manifest.size == len("test\n") + len("#!/bin/sh\necho hi\n") + len(
         "from the image\n"
@@ -250,7 +251,7 @@ def test_interrupt_leaves_nothing_staged(
     def interrupted(*args: object, **kwargs: object) -> str:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(digest, "image_sha256", interrupted)
+    monkeypatch.setattr(digest, "image_digests", interrupted)
     with pytest.raises(KeyboardInterrupt):
         staging.deploy(sysroot, tree, deployment_id="one", fmt="dir")
     assert os.listdir(layout.StateLayout(sysroot).deployments) == []

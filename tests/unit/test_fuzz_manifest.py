@@ -30,6 +30,7 @@ GOOD: dict[str, Any] = {
     "sha256": "0" * 64,
     "size": 4096,
     "origin": "/x",
+    "blake2b": "1" * 64,
 }
 # A good manifest with fields dropped or replaced by any JSON value, or a huge or odd number.
 ODD_NUMBERS = st.sampled_from(
@@ -164,6 +165,19 @@ DAMAGED = {
         json.dumps({k: v for k, v in GOOD.items() if k != "sha256"}).encode(),
         "no 'sha256'",
     ),
+    "sha256 in capitals": (
+        json.dumps({**GOOD, "sha256": "A" * 64}).encode(),
+        "'sha256' is not 64 lowercase hexadecimal digits",
+    ),
+    "sha256 too short": (
+        json.dumps({**GOOD, "sha256": "ab"}).encode(),
+        "'sha256' is not 64 lowercase hexadecimal digits",
+    ),
+    "blake2b a number": (json.dumps({**GOOD, "blake2b": 7}).encode(), "'blake2b' is not a string"),
+    "blake2b not hex": (
+        json.dumps({**GOOD, "blake2b": "g" * 64}).encode(),
+        "'blake2b' is not 64 lowercase hexadecimal digits",
+    ),
     "a list": (b"[1, 2]", "not a JSON object"),
     "60000 [": (b"[" * 60_000, "nested more than 16 levels"),  # within the 64 KiB limit
 }
@@ -190,6 +204,20 @@ def test_a_manifest_of_wrong_fields_says_the_deployment_cannot_be_used() -> None
         r" cannot be used: deploy its image again$",
     ):
         Manifest.from_json(json.dumps({**GOOD, "size": 1.5}), Path("m"))
+
+
+def test_a_manifest_written_before_blake2b_is_read_and_written_without_it() -> None:
+    old = json.dumps({k: v for k, v in GOOD.items() if k != "blake2b"})
+    manifest = Manifest.from_json(old, Path("m"))
+    assert manifest.blake2b is None
+    assert "blake2b" not in json.loads(manifest.to_json())
+    assert json.loads(manifest.to_json()) == json.loads(old)
+
+
+def test_a_manifest_keeps_its_blake2b() -> None:
+    manifest = Manifest.from_json(json.dumps(GOOD), Path("m"))
+    assert manifest.blake2b == "1" * 64
+    assert json.loads(manifest.to_json()) == GOOD
 
 
 def test_a_manifest_without_an_origin_is_still_read() -> None:
