@@ -103,26 +103,15 @@ def progress(message: str) -> None:
     print(f"bench: {message}", file=sys.stderr, flush=True)
 
 
+Build = Callable[[Path], Path]
+
+
 def bookworm_setups(
     kernel: Kernel, root: Path, work: Path, only: Sequence[str] = ()
 ) -> list[Setup]:
     progress("bookworm: building the state disk and the ordinary root disk")
-    content = work / "state-content"
-    content.mkdir()
-    deploy(content, root, deployment_id="bookworm", fmt="erofs", created=1_700_000_000)
-    state = make_state_disk(
-        work / "state.img",
-        content,
-        size_mb=640,
-        fs_label=STATE_LABEL,
-        fs_uuid="5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d1",
-        partlabel="overlayroot state",
-        partuuid="c0ffee00-1234-4abc-8def-0000000be7d1",
-    )
-    plain = make_raw_fs_disk(
-        work / "root.img", root, 640, ROOT_LABEL, "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d2"
-    )
-    images: list[tuple[str, Callable[[Path], Path]]] = [
+    state, plain = suite_disks("bookworm", root, work, "", size_mb=640, serial=1)
+    images: list[tuple[str, Build]] = [
         ("standalone", lambda out: _standalone(kernel, out)),
         *dracut_images(kernel),
         ("initramfs-tools+overlayroot", lambda out: debian.initramfs_tools_initramfs(kernel, out)),
@@ -132,22 +121,7 @@ def bookworm_setups(
         ),
         *mkinitcpio_images(kernel),
     ]
-    result = []
-    for name, build in images:
-        if not wanted("bookworm", name, only):
-            continue
-        progress(f"bookworm: building the {name} initramfs")
-        try:
-            initrd = build(work / f"{name}.img")
-        except mkinitcpio.MkinitcpioUnavailable as e:
-            progress(f"left out {name}: {e}")
-            continue
-        ours = name == "standalone" or name.endswith("+overlayroot")
-        cmdline = root_cmdline(name, ours)
-        if name.startswith("initramfs-tools"):
-            cmdline += " panic=-1"  # its failure path is a shell, not a panic: reboot instead
-        result.append(Setup("bookworm", name, kernel, initrd, state if ours else plain, cmdline))
-    return result
+    return built_setups("bookworm", kernel, images, work, "", state, plain, only)
 
 
 def wanted(suite: str, name: str, only: Sequence[str]) -> bool:
@@ -155,26 +129,72 @@ def wanted(suite: str, name: str, only: Sequence[str]) -> bool:
     return not only or name in only or f"{suite}/{name}" in only
 
 
+def suite_disks(
+    suite: str, root: Path, work: Path, prefix: str, *, size_mb: int, serial: int
+) -> tuple[Path, Path]:
+    """A suite's state disk (``root`` deployed as erofs, the deployment named after the suite)
+    and its ordinary root disk (``root`` as a plain ext4 filesystem), in ``work`` with file
+    names starting with ``prefix``; ``serial`` makes their UUIDs (the state's, the root's the
+    next number)."""
+    content = work / f"{prefix}state-content"
+    content.mkdir()
+    deploy(content, root, deployment_id=suite, fmt="erofs", created=1_700_000_000)
+    state = make_state_disk(
+        work / f"{prefix}state.img",
+        content,
+        size_mb=size_mb,
+        fs_label=STATE_LABEL,
+        fs_uuid=f"5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d{serial}",
+        partlabel="overlayroot state",
+        partuuid=f"c0ffee00-1234-4abc-8def-0000000be7d{serial}",
+    )
+    plain = make_raw_fs_disk(
+        work / f"{prefix}root.img",
+        root,
+        size_mb,
+        ROOT_LABEL,
+        f"5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d{serial + 1}",
+    )
+    return state, plain
+
+
+def built_setups(
+    suite: str,
+    kernel: Kernel,
+    images: Sequence[tuple[str, Build]],
+    work: Path,
+    prefix: str,
+    state: Path,
+    plain: Path,
+    only: Sequence[str],
+) -> list[Setup]:
+    """Build the wanted ``images`` for ``kernel`` (a mkinitcpio that cannot run is left out,
+    saying why) and boot each on its disk: ours (the standalone image, a generator with our
+    hook) on the ``state`` disk, the others on the ``plain`` root disk."""
+    result = []
+    for name, build in images:
+        if not wanted(suite, name, only):
+            continue
+        progress(f"{suite}: building the {name} initramfs for {kernel.version}")
+        try:
+            initrd = build(work / f"{prefix}{name}.img")
+        except mkinitcpio.MkinitcpioUnavailable as e:
+            progress(f"left out {suite}/{name}: {e}")
+            continue
+        ours = name == "standalone" or name.endswith("+overlayroot")
+        cmdline = root_cmdline(name, ours)
+        if name.startswith("initramfs-tools"):
+            cmdline += " panic=-1"  # its failure path is a shell, not a panic: reboot instead
+        result.append(Setup(suite, name, kernel, initrd, state if ours else plain, cmdline))
+    return result
+
+
 def trixie_setups(work: Path, only: Sequence[str] = ()) -> list[Setup]:
     """The trixie image's own kernel and the images built inside it, and plain dracut."""
     progress("trixie: building (or finding) the image, then its disks")
     image = trixie.trixie_image()
     root = trixie.deployment_root(image, work / "trixie" / "root")
-    content = work / "trixie-state-content"
-    content.mkdir()
-    deploy(content, root, deployment_id="trixie", fmt="erofs", created=1_700_000_000)
-    state = make_state_disk(
-        work / "trixie-state.img",
-        content,
-        size_mb=768,
-        fs_label=STATE_LABEL,
-        fs_uuid="5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d3",
-        partlabel="overlayroot state",
-        partuuid="c0ffee00-1234-4abc-8def-0000000be7d3",
-    )
-    plain = make_raw_fs_disk(
-        work / "trixie-root.img", root, 768, ROOT_LABEL, "5e1f0a4c-7a2b-4c3d-9e8f-0000000be7d4"
-    )
+    state, plain = suite_disks("trixie", root, work, "trixie-", size_mb=768, serial=3)
     on_state = f"root=LABEL={STATE_LABEL} ro"
     found = [
         Setup("trixie", "standalone", image.kernel, image.standalone, state, on_state),
@@ -187,27 +207,12 @@ def trixie_setups(work: Path, only: Sequence[str] = ()) -> list[Setup]:
             f"{on_state} panic=-1",
         ),
     ]
-    kernel = image.kernel
     # The host's generators (Debian 12's dracut, and mkinitcpio 41) for the trixie kernel, with
     # our hook and without: the pairs of the hook x column. Not the host's initramfs-tools: it
     # wants the kernel's /boot/config, which the image does not keep.
-    host_built = [*dracut_images(kernel), *mkinitcpio_images(kernel)]
-    for name, build in host_built:
-        if not wanted("trixie", name, only):
-            continue
-        progress(f"trixie: building {name} for its kernel with the host's generator")
-        try:
-            initrd = build(work / f"trixie-{name}.img")
-        except mkinitcpio.MkinitcpioUnavailable as e:
-            progress(f"left out trixie/{name}: {e}")
-            continue
-        ours = name.endswith("+overlayroot")
-        cmdline = root_cmdline(name, ours)
-        found.append(Setup("trixie", name, kernel, initrd, state if ours else plain, cmdline))
+    host_built = [*dracut_images(image.kernel), *mkinitcpio_images(image.kernel)]
+    found += built_setups("trixie", image.kernel, host_built, work, "trixie-", state, plain, only)
     return [s for s in found if wanted("trixie", s.name, only)]
-
-
-Build = Callable[[Path], Path]
 
 
 def dracut_images(kernel: Kernel) -> list[tuple[str, Build]]:
