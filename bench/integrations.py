@@ -39,9 +39,13 @@ What it measures
     of a machine after its deployment's first. Configurations alternate within a run. TCG guest
     clocks run at host real time: a busy host lengthens every figure; compare ratios of one run.
     Each boot records the host's 1-minute load and how many other QEMU guests ran beside it.
+    ``--clock instructions`` boots on QEMU's instruction clock instead (``-icount shift=0``:
+    1 ns per guest instruction, real time while the guest waits; see bench.boot_time): figures
+    that repeat whatever the host does, without the emulator's translation cost, at about twice
+    the wall time per boot.
 
     .venv/bin/python -m bench.integrations [--suites bookworm,trixie] [--boots first,later]
-        [--only NAME,...] [--runs 3] [--json]
+        [--only NAME,...] [--runs 3] [--clock host|instructions] [--json]
 """
 
 from __future__ import annotations
@@ -97,6 +101,10 @@ class Setup:
     @property
     def label(self) -> str:
         return f"{self.suite}/{self.name}"
+
+
+class BenchUnavailable(RuntimeError):
+    """The benchmark cannot run as asked here: the message says why."""
 
 
 def progress(message: str) -> None:
@@ -267,6 +275,7 @@ def _standalone(kernel: Kernel, output: Path) -> Path:
 
 def boot_once(
     accel: str,
+    icount: bool,
     setup: Setup,
     source: Path,
     work: Path,
@@ -284,7 +293,13 @@ def boot_once(
     copy_for_boot(source, disk)
     log = work / "logs" / f"{name}.log"
     machine = Machine(
-        setup.kernel, setup.initrd, log_path=log, disks=[disk], cmdline=setup.cmdline, accel=accel
+        setup.kernel,
+        setup.initrd,
+        log_path=log,
+        disks=[disk],
+        cmdline=setup.cmdline,
+        accel=accel,
+        icount=icount,
     )
     others = other_qemu_processes()
     try:
@@ -351,6 +366,9 @@ def phases(markers: dict[str, str], console: str, log: Path) -> dict[str, float]
 def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
     kernel = kernel_from_env() or debian_cloud_kernel(cache_dir())
     accel = choose_accel(kernel)
+    if args.clock == "instructions" and accel != "tcg":
+        raise BenchUnavailable(f"the instruction clock needs TCG; the accel here is {accel}")
+    icount = args.clock == "instructions"
     work = Path(tempfile.mkdtemp(prefix="bench-integrations.", dir=cache_dir()))
     try:
         configs: list[Setup] = []
@@ -376,7 +394,9 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
             """One boot; a failure drops the configuration (said, its log kept), not the run."""
             analysis: list[str] | None = [] if args.analyze else None
             try:
-                split = boot_once(accel, setup, source, work, name, args.timeout, keep, analysis)
+                split = boot_once(
+                    accel, icount, setup, source, work, name, args.timeout, keep, analysis
+                )
             except BootFailure as e:
                 kept = keep_log(e.log_path)
                 failed[setup.label] = f"{e.reason} (console log: {kept})"
@@ -413,6 +433,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
         configs = [s for s in configs if s.label not in failed]
         return {
             "accel": accel,
+            "clock": args.clock,
             "runs": args.runs,
             "configurations": [
                 {
@@ -451,7 +472,8 @@ def table(report: dict[str, object]) -> str:
         b["other_qemu"] for c in configurations for b in c.get("boots", []) if "other_qemu" in b
     ]
     lines = [
-        f"{report['accel']}, {report['runs']} boots each; medians in guest seconds; x: ratio"
+        f"{report['accel']}, {report.get('clock', 'host')} clock, {report['runs']} boots each;"
+        " medians in guest seconds; x: ratio"
         f" to plain {BASELINE} (same suite, same boot kind); hook x: to the same generator"
         " without our hook",
     ]
@@ -518,6 +540,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="only these configurations, by name or suite/name, comma-separated"
         " (e.g. standalone,dracut)",
     )
+    parser.add_argument(
+        "--clock",
+        choices=("host", "instructions"),
+        default="host",
+        help="guest clock: host (TCG at host real time; noisy) or instructions (-icount"
+        " shift=0: 1 ns per guest instruction, repeatable, about twice the wall time) (host)",
+    )
     parser.add_argument("--timeout", type=float, default=600, help="seconds per boot (600)")
     parser.add_argument("--json", action="store_true", help="print a JSON object, not a table")
     parser.add_argument("--keep", action="store_true", help="keep the work directory and logs")
@@ -544,6 +573,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         report = run_benchmark(args)
     except (
+        BenchUnavailable,
         BootFailure,
         debian.DebianUnavailable,
         debian.GeneratorFailed,

@@ -4,6 +4,7 @@ themselves are the benchmark's)."""
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
@@ -135,11 +136,13 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
     ]
     booted: list[str] = []
     cmdlines: set[str] = set()
+    clocks: set[bool] = set()
 
-    def boot_once(accel: str, setup: object, source: Path, work: Path, name: str,
+    def boot_once(accel: str, icount: bool, setup: object, source: Path, work: Path, name: str,
                   timeout: float, keep: Path | None = None,
                   analysis: list[str] | None = None) -> dict[str, float]:  # fmt: skip
         booted.append(name)
+        clocks.add(icount)
         assert isinstance(setup, integrations.Setup)
         cmdlines.add(setup.cmdline)
         if analysis is not None:
@@ -160,9 +163,11 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
     monkeypatch.setattr(integrations, "boot_once", boot_once)
     args = argparse.Namespace(
         suites=["trixie"], boots=["later"], only=[], runs=2, timeout=1.0, keep=False,
-        analyze=True, append="overlayroot.debug",
+        analyze=True, append="overlayroot.debug", clock="instructions",
     )  # fmt: skip
     report = integrations.run_benchmark(args)
+    assert clocks == {True}  # every boot, the priming ones too, on the instruction clock
+    assert report["clock"] == "instructions"
     assert booted == [
         "trixie-good-first-prime",
         "trixie-bad-first-prime",
@@ -185,6 +190,21 @@ def test_later_boots_only_and_a_failing_configuration_left_out(
         "trixie/good/later": ["blame: 1.0s trixie-good-later-1.service"],
     }
     assert "trixie/good/later: systemd-analyze\n  blame: 1.0s" in integrations.analysis_text(report)
+
+
+def test_the_instruction_clock_without_tcg_is_refused(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from bench import integrations
+    from qemu.kernel import Kernel
+
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(integrations, "kernel_from_env", lambda: Kernel(tmp_path, tmp_path, "6.12"))
+    monkeypatch.setattr(integrations, "choose_accel", lambda k: "kvm")
+    assert main(["--clock", "instructions"]) == 1
+    assert capsys.readouterr().err == (
+        "bench.integrations: the instruction clock needs TCG; the accel here is kvm\n"
+    )
 
 
 def test_the_guests_analysis_lines_are_read_from_the_console() -> None:
