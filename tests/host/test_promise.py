@@ -358,7 +358,7 @@ def test_a_power_cut_while_hashing_an_image_does_not_skip_its_check(
     def cut(path: str) -> str:
         raise KeyboardInterrupt  # the power goes while the image is hashed
 
-    monkeypatch.setattr(digest, "file_sha256", cut)
+    monkeypatch.setattr(digest, "file_blake2b", cut)  # the manifest has a BLAKE2b-256
     with pytest.raises(KeyboardInterrupt):
         system.boot()
     assert system.entries()["v2"].tries_left == 2 and not system.entries()["v2"].verified
@@ -375,7 +375,8 @@ def test_a_passed_check_is_recorded_and_not_repeated(
     system.boot()
     assert system.entries()["v2"].verified
     system.shutdown()
-    monkeypatch.setattr(digest, "file_sha256", lambda path: pytest.fail("hashed again"))
+    for name in ("file_sha256", "file_blake2b"):
+        monkeypatch.setattr(digest, name, lambda path: pytest.fail("hashed again"))
     assert system.boot()["deployment"] == "v2"
 
 
@@ -606,13 +607,15 @@ def test_an_image_being_deployed_is_never_open_to_others(
     system: System, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: list[int] = []
-    real = digest.image_sha256
+    real = digest.image_digests
 
-    def hashing(path: Path, progress: Callable[[int], None] | None = None) -> str:
+    def hashing(
+        path: Path, progress: Callable[[int], None] | None = None
+    ) -> tuple[str, str | None]:
         seen.append(path.parent.stat().st_mode & 0o777)
         return real(path, progress)
 
-    monkeypatch.setattr(digest, "image_sha256", hashing)
+    monkeypatch.setattr(digest, "image_digests", hashing)
     system.env.deploy("v1")
     assert seen == [0o700]  # the staging directory, while mkfs wrote the image in it
     assert (Path(system.state.deployments) / "v1").stat().st_mode & 0o777 == 0o755
