@@ -63,7 +63,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from bench.boot_time import other_qemu_processes
+from bench.boot_time import CLOCKS, HOST, INSTRUCTIONS, other_qemu_processes
 from initrd.build import BuildConfig, Compression, build_initramfs
 from overlayroot.commands.staging import deploy
 from qemu import debian, mkinitcpio, trixie
@@ -366,9 +366,9 @@ def phases(markers: dict[str, str], console: str, log: Path) -> dict[str, float]
 def run_benchmark(args: argparse.Namespace) -> dict[str, object]:
     kernel = kernel_from_env() or debian_cloud_kernel(cache_dir())
     accel = choose_accel(kernel)
-    if args.clock == "instructions" and accel != "tcg":
+    if args.clock == INSTRUCTIONS and accel != "tcg":
         raise BenchUnavailable(f"the instruction clock needs TCG; the accel here is {accel}")
-    icount = args.clock == "instructions"
+    icount = args.clock == INSTRUCTIONS
     work = Path(tempfile.mkdtemp(prefix="bench-integrations.", dir=cache_dir()))
     try:
         configs: list[Setup] = []
@@ -472,7 +472,7 @@ def table(report: dict[str, object]) -> str:
         b["other_qemu"] for c in configurations for b in c.get("boots", []) if "other_qemu" in b
     ]
     lines = [
-        f"{report['accel']}, {report.get('clock', 'host')} clock, {report['runs']} boots each;"
+        f"{report['accel']}, {report.get('clock', HOST)} clock, {report['runs']} boots each;"
         " medians in guest seconds; x: ratio"
         f" to plain {BASELINE} (same suite, same boot kind); hook x: to the same generator"
         " without our hook",
@@ -542,8 +542,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument(
         "--clock",
-        choices=("host", "instructions"),
-        default="host",
+        choices=CLOCKS,
+        default=HOST,
         help="guest clock: host (TCG at host real time; noisy) or instructions (-icount"
         " shift=0: 1 ns per guest instruction, repeatable, about twice the wall time) (host)",
     )
