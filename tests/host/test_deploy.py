@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import filecmp
 import hashlib
+import json
 import os
 import re
 import subprocess
@@ -190,6 +191,17 @@ def test_image_source_is_detected_and_copied_as_is(tree: Path, tmp_path: Path, f
     assert manifest.sha256 == sha256_file(built)
     assert manifest.blake2b == blake2b_file(built)
     assert manifest.origin == str(built)
+
+
+def test_a_python_without_blake2_deploys_with_sha256_only(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(digest, "HAS_BLAKE2B", False)
+    manifest, where = staging.deploy(new_sysroot(tmp_path), tree, deployment_id="one")
+    image = where / manifest.image
+    assert manifest.sha256 == sha256_file(image)
+    assert manifest.blake2b is None
+    assert "blake2b" not in json.loads((where / "manifest.json").read_text())
 
 
 @pytest.mark.parametrize("fmt", ["erofs", "squashfs"])
