@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 
+from overlayroot.boot.cmdline import split
 from overlayroot.boot.console import Console
 from overlayroot.core import syscalls
 
@@ -228,6 +229,95 @@ def modprobe(module: str, candidates: tuple[str, ...] | None = None) -> list[str
     return []
 
 
+# Where modprobe reads its configuration, the first of a file name winning (kmod's order).
+MODPROBE_D = (
+    "/etc/modprobe.d",
+    "/run/modprobe.d",
+    "/usr/local/lib/modprobe.d",
+    "/lib/modprobe.d",
+    "/usr/lib/modprobe.d",
+)
+CMDLINE = "/proc/cmdline"
+
+
+class ModuleOptions:
+    """The parameters of each module, read once: the ``options MODULE PARAM...`` lines of the
+    ``*.conf`` files in :data:`MODPROBE_D` (sorted by file name; a name in an earlier directory
+    hides the same name in a later one; ``#`` comments, ``\\`` continues a line), then the
+    command line's ``MODULE.PARAM[=VALUE]`` words. The kernel applies a module's parameters in
+    order, so the command line's win where both set one. Names compare with ``-`` and ``_``
+    equal. A file that cannot be read is skipped: the boot goes on without its options."""
+
+    __slots__ = ("options",)
+
+    def __init__(self, dirs: tuple[str, ...] = MODPROBE_D, cmdline: str | None = None) -> None:
+        self.options: dict[str, list[str]] = {}
+        files: dict[str, str] = {}
+        for directory in dirs:
+            try:
+                names = os.listdir(directory)
+            except OSError:
+                continue
+            for name in names:
+                if name.endswith(".conf") and name not in files:
+                    files[name] = os.path.join(directory, name)
+        for name in sorted(files):
+            try:
+                with open(files[name]) as f:
+                    text = f.read()
+            except (OSError, UnicodeDecodeError):
+                continue
+            for words in _config_lines(text):
+                if len(words) > 2 and words[0] == "options":
+                    self._add(words[1], words[2:])
+        if cmdline is None:
+            try:
+                with open(CMDLINE) as f:
+                    cmdline = f.read()
+            except OSError:
+                cmdline = ""
+        for key, value in split(cmdline)[0]:
+            module, dot, param = key.partition(".")
+            if dot and module and param:
+                self._add(module, [param if value is None else f"{param}={_quote(value)}"])
+
+    def _add(self, module: str, params: list[str]) -> None:
+        self.options.setdefault(module.replace("-", "_"), []).extend(params)
+
+    def of(self, module: str) -> str:
+        """``module``'s parameters, as finit_module(2) takes them (``""``: none)."""
+        return " ".join(self.options.get(module.replace("-", "_"), ()))
+
+
+def _config_lines(text: str) -> list[list[str]]:
+    """The words of each line of a modprobe.d file, continuations joined, comments dropped."""
+    lines: list[list[str]] = []
+    pending = ""
+    for line in text.splitlines():
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        line, pending = pending + line, ""
+        words = line.split("#", 1)[0].split()
+        if words:
+            lines.append(words)
+    return lines
+
+
+def _quote(value: str) -> str:
+    """A value as the kernel's parameter parser reads it back: quoted when it has a space."""
+    return f'"{value}"' if any(c in value for c in " \t\n") else value
+
+
+_options: list[ModuleOptions] = []  # read at the first module loaded
+
+
+def module_options() -> ModuleOptions:
+    if not _options:
+        _options.append(ModuleOptions())
+    return _options[0]
+
+
 def _name(path: str) -> str:
     """A module's name from its file: ``.../fs/erofs/erofs.ko.xz`` -> ``erofs``."""
     return os.path.basename(path).split(".", 1)[0].replace("-", "_")
@@ -243,9 +333,13 @@ def _load(path: str, warnings: list[str]) -> str | None:
     # Debian 13's modules are .ko.xz: the kernel decompresses them (the builder of our
     # standalone image stores them decompressed).
     compressed = path.endswith(COMPRESSED)
+    params = module_options().of(name)
     try:
         syscalls.finit_module(
-            fd, name, flags=syscalls.MODULE_INIT_COMPRESSED_FILE if compressed else 0
+            fd,
+            name,
+            params,
+            flags=syscalls.MODULE_INIT_COMPRESSED_FILE if compressed else 0,
         )
         LOADED.append(name)
         return name
@@ -259,7 +353,12 @@ def _load(path: str, warnings: list[str]) -> str | None:
         # EEXIST: already loaded. ENODEV: a driver or an alternative implementation (e.g.
         # crc32c-intel on a CPU without SSE 4.2) for hardware this machine does not have.
         if e.errno not in (errno.EEXIST, errno.ENODEV):
-            warnings.append(f"kernel module {name} did not load: {e.strerror}")
+            given = (
+                f" with the parameters {params!r} (modprobe.d and the kernel command line)"
+                if params
+                else ""
+            )
+            warnings.append(f"kernel module {name} did not load{given}: {e.strerror}")
         return None
     finally:
         os.close(fd)

@@ -42,6 +42,8 @@ if command -v overlayroot > /dev/null && [ -f /run/overlayroot/booted.json ]; th
     mark status "$(overlayroot status --json | tr -d '\n')"
 fi
 mark modules "$(while read -r name _; do printf '%s ' "$name"; done < /proc/modules)"
+# A module's parameter from the command line (loop.max_loop=): applied by whoever loaded it.
+mark loop_max_loop "$(cat /sys/module/loop/parameters/max_loop 2> /dev/null)"
 
 read_test_options
 # test.analyze=1 (bench.integrations --analyze): where systemd's part of the boot went, for the

@@ -73,8 +73,13 @@ def check_boots_twice(
     """The assertions of issue 4 for one initramfs: read-only root, writable /etc, persistent
     /etc /var /home across a reboot, no failed unit, the trial blessed after
     boot-complete.target and the next boot no trial."""
-    first = boot_debian(machine, initrd, disk, f"{cmdline} test.write=token-1", "write")
+    # loop.max_loop=: the stage loads loop itself on Debian 12's kernel (without modprobe, which
+    # would read the command line's module parameters); it must pass them on all the same.
+    first = boot_debian(
+        machine, initrd, disk, f"{cmdline} loop.max_loop=4 test.write=token-1", "write"
+    )
     check_read_only_system(first, DEPLOYMENT)
+    assert first["loop_max_loop"] == "4"
     assert json.loads(first["booted_json"])["trial"] is True
     # A trial boot arms a watchdog: softdog, on a machine without one, loaded by the stage.
     assert json.loads(first["booted_json"])["watchdog"]

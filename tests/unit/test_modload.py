@@ -32,12 +32,16 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         os.fstat(fd)  # an open descriptor
         assert flags in (0, syscalls.MODULE_INIT_COMPRESSED_FILE)
         calls.append(name if not flags else f"{name} (compressed)")
+        if params:
+            calls.append(f"{name} params: {params}")
         if name in failures:
             raise OSError(failures[name], os.strerror(failures[name]), name)
 
     monkeypatch.setattr(syscalls, "finit_module", finit_module)
     monkeypatch.setattr(modload, "_listings", {})
     monkeypatch.setattr(modload, "LOADED", [])
+    # Not this host's modprobe.d and command line: a test that wants options sets its own.
+    monkeypatch.setattr(modload, "_options", [modload.ModuleOptions((), "")])
     return calls
 
 
@@ -330,3 +334,72 @@ def test_a_modules_dep_that_is_unreadable_or_odd_is_no_modules(tmp_path: Path) -
     odd.write_text("\n  \nno-colon.ko\n: orphan.ko\n")
     depmod = modload.Depmod(str(odd))
     assert sorted(depmod.lines) == ["no_colon"]
+
+
+def write_conf(directory: Path, name: str, text: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text(text)
+
+
+def test_module_options_come_from_modprobe_d_then_the_command_line(tmp_path: Path) -> None:
+    etc, lib = tmp_path / "etc", tmp_path / "lib"
+    write_conf(
+        etc,
+        "loop.conf",
+        "# a comment\noptions loop max_loop=8 # the rest of the line too\n"
+        "options softdog \\\n  soft_margin=30\n",
+    )
+    write_conf(etc, "b.conf", "options erofs-x a=1\nblacklist loop\nalias foo loop\n")
+    write_conf(lib, "loop.conf", "options loop max_loop=99\n")  # hidden by /etc's loop.conf
+    write_conf(lib, "a.conf", "options loop part_shift=1\noptions\noptions loop\n")
+    write_conf(lib, "skipped.txt", "options loop max_loop=7\n")  # not a .conf file
+    (lib / "dir.conf").mkdir()  # cannot be read: skipped
+    (lib / "binary.conf").write_bytes(b"options loop \xff\n")  # not UTF-8: skipped
+    cmdline = (
+        'root=/dev/vda loop.max_loop=16 rd.break erofs_x.b="two words" overlayroot.debug -- x.y=1'
+    )
+    options = modload.ModuleOptions((str(etc), str(tmp_path / "missing"), str(lib)), cmdline)
+    # Files in name order (a.conf, b.conf, loop.conf), then the command line: the kernel applies
+    # them in order, so loop.max_loop=16 wins over the file's 8.
+    assert options.of("loop") == "part_shift=1 max_loop=8 max_loop=16"
+    assert options.of("softdog") == "soft_margin=30"
+    assert options.of("erofs_x") == options.of("erofs-x") == 'a=1 b="two words"'
+    assert options.of("rd") == "break"  # a bare word is a flag: harmless for a module not named so
+    assert options.of("x") == ""  # after --: init's arguments, not the kernel's
+    assert options.of("overlay") == ""
+
+
+def test_module_options_without_modprobe_d_read_the_running_kernels_command_line(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    cmdline = tmp_path / "cmdline"
+    cmdline.write_text("console=ttyS0 overlay.redirect_dir=off\n")
+    monkeypatch.setattr(modload, "CMDLINE", str(cmdline))
+    assert modload.ModuleOptions((str(tmp_path / "none"),)).of("overlay") == "redirect_dir=off"
+    monkeypatch.setattr(modload, "CMDLINE", str(tmp_path / "unreadable"))
+    assert modload.ModuleOptions((str(tmp_path / "none"),)).of("overlay") == ""
+
+
+def test_a_loaded_module_gets_its_options(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loaded: list[str]
+) -> None:
+    path = listing(tmp_path, "virtio", "loop loop", "erofs fs-erofs")
+    monkeypatch.setattr(modload, "_options", [modload.ModuleOptions((), "loop.max_loop=4")])
+    modload.load_listed(path)
+    modload.need("loop", path)
+    modload.need("fs-erofs", path)
+    assert loaded == ["virtio", "loop", "loop params: max_loop=4", "erofs"]
+
+
+def test_a_module_its_parameters_do_not_suit_says_which_it_was_given(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loaded: list[str]
+) -> None:
+    path = listing(tmp_path, "broken")
+    monkeypatch.setattr(modload, "_options", [modload.ModuleOptions((), "broken.size=huge")])
+    assert modload.load_listed(path) == (
+        [],
+        [
+            "kernel module broken did not load with the parameters 'size=huge' (modprobe.d"
+            " and the kernel command line): Key was rejected by service"
+        ],
+    )
