@@ -17,6 +17,10 @@ _BY_DIRS = {
     "by-partuuid": "PARTUUID",
     "by-partlabel": "PARTLABEL",
 }
+# The wait for the state device: a device that appears just after a scan is seen within 5 ms,
+# not a whole interval later; one that takes long is looked for every 50 ms (a scan reads each
+# device's first blocks).
+FIRST_POLL_INTERVAL = 0.005
 POLL_INTERVAL = 0.05
 
 
@@ -164,6 +168,7 @@ def find(
     """Wait up to ``timeout`` seconds for the device ``spec`` names."""
     kind, value = parse_spec(spec)
     deadline = time.monotonic() + timeout
+    interval = FIRST_POLL_INTERVAL
     while True:
         devices = scan(sysfs, dev)
         for device in devices:
@@ -171,7 +176,8 @@ def find(
                 return device
         if time.monotonic() >= deadline:
             break
-        time.sleep(POLL_INTERVAL)
+        time.sleep(interval)
+        interval = min(interval * 2, POLL_INTERVAL)
     seen = "\n".join("  " + d.describe() for d in devices) or "  (none)"
     raise BootError(
         f"the state device {spec} did not appear within {timeout:g} s. Block devices seen:\n"

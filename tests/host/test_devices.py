@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from overlayroot.boot import devices
 from overlayroot.boot.devices import find, scan
 from overlayroot.core.blkid import probe
 from overlayroot.core.errors import BootError
@@ -129,3 +130,22 @@ def test_probe_reads_erofs_and_squashfs_images(tmp_path: Path) -> None:
     assert squash is not None and squash.fstype == "squashfs"
     (tmp_path / "junk").write_bytes(b"\x01" * 70000)
     assert probe(str(tmp_path / "junk")) is None
+
+
+def test_the_wait_looks_again_soon_then_every_50_ms(
+    monkeypatch: pytest.MonkeyPatch, disk: str
+) -> None:
+    """A device that appears just after a scan is found within 5 ms, not a whole 50 ms later;
+    the intervals double up to 50 ms."""
+    real_scan = devices.scan
+    scans: list[int] = []
+    slept: list[float] = []
+
+    def late_scan(sysfs: str, dev: str) -> list[devices.BlockDevice]:
+        scans.append(1)
+        return real_scan(sysfs, dev) if len(scans) > 7 else []  # present from the 8th scan
+
+    monkeypatch.setattr(devices, "scan", late_scan)
+    monkeypatch.setattr(time, "sleep", slept.append)
+    assert find("LABEL=ortest-state", timeout=60).name == f"{disk.removeprefix('/dev/')}p1"
+    assert slept == [0.005, 0.01, 0.02, 0.04, 0.05, 0.05, 0.05]
