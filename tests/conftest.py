@@ -54,3 +54,5 @@ def _no_modprobe_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(modload, "MODPROBE", ("/nonexistent/modprobe",))
     monkeypatch.setattr(modload, "MODULES_DEP", ("/nonexistent/{release}/modules.dep",))
     monkeypatch.setattr(modload, "_depmods", {})
+    # overlayroot.debug in one test's command line (prepare.main sets it) is not the next one's.
+    monkeypatch.setattr(modload, "timed", False)

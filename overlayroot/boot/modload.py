@@ -20,7 +20,7 @@ import errno
 import os
 
 from overlayroot.boot.cmdline import split
-from overlayroot.boot.console import Console
+from overlayroot.boot.console import Console, now
 from overlayroot.core import syscalls
 
 MODULES_LIST = "/usr/lib/overlayroot/modules.list"
@@ -101,6 +101,10 @@ def glob_match(pattern: str, text: str) -> bool:
 _listings: dict[str, Listing] = {}
 # Every module this process loaded, in order (booted.json's "modules").
 LOADED: list[str] = []
+# overlayroot.debug: each module this process loads is timed on the console (set by /init and
+# the hooks' entry once they have read the command line). A load is mostly the kernel's check of
+# the module's signature: its time grows with the module's size.
+timed = False
 
 
 def _listing(path: str) -> Listing:
@@ -334,6 +338,7 @@ def _load(path: str, warnings: list[str]) -> str | None:
     # standalone image stores them decompressed).
     compressed = path.endswith(COMPRESSED)
     params = module_options().of(name)
+    started = now()
     try:
         syscalls.finit_module(
             fd,
@@ -342,6 +347,10 @@ def _load(path: str, warnings: list[str]) -> str | None:
             flags=syscalls.MODULE_INIT_COMPRESSED_FILE if compressed else 0,
         )
         LOADED.append(name)
+        if timed:
+            console = Console()
+            console.debug = True
+            console.step(f"loaded kernel module {name} in {(now() - started) * 1000:.0f} ms")
         return name
     except OSError as e:
         if compressed and e.errno in (errno.EOPNOTSUPP, errno.EINVAL):

@@ -403,3 +403,24 @@ def test_a_module_its_parameters_do_not_suit_says_which_it_was_given(
             " and the kernel command line): Key was rejected by service"
         ],
     )
+
+
+def test_overlayroot_debug_times_each_module_loaded(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    loaded: list[str],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = listing(tmp_path, "virtio", "absent", "loop loop")
+    modload.load_listed(path)
+    assert capsys.readouterr().out == ""  # not asked for
+    monkeypatch.setattr(modload, "timed", True)
+    modload.need("loop", path)
+    modload._listings.clear()
+    modload.load_listed(path)  # absent: ENODEV, not loaded, not timed
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ", 1)[1] for line in lines] == [
+        "loaded kernel module loop in 0 ms",
+        "loaded kernel module virtio in 0 ms",
+    ]
+    assert all(line.startswith("overlayroot: [") for line in lines)
