@@ -56,3 +56,5 @@ def _no_modprobe_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(modload, "_depmods", {})
     # overlayroot.debug in one test's command line (prepare.main sets it) is not the next one's.
     monkeypatch.setattr(modload, "timed", False)
+    # Which modules the host has loaded is not what a test's stand-in modules are.
+    monkeypatch.setattr(modload, "SYS_MODULE", "/nonexistent/sys/module")

@@ -327,8 +327,24 @@ def _name(path: str) -> str:
     return os.path.basename(path).split(".", 1)[0].replace("-", "_")
 
 
+SYS_MODULE = "/sys/module"
+
+
+def _live(name: str) -> bool:
+    """Whether ``name`` is loaded already (``/sys/module/NAME/initstate`` says ``live``). The
+    kernel checks a module's signature before it finds the module loaded, so asking it again
+    costs a whole load (5 ms for an 8 KB module on the instruction clock)."""
+    try:
+        with open(f"{SYS_MODULE}/{name}/initstate") as f:
+            return f.read().strip() == "live"
+    except OSError:
+        return False  # not loaded, built in, or no /sys: let finit_module(2) decide
+
+
 def _load(path: str, warnings: list[str]) -> str | None:
     name = _name(path)
+    if _live(name):
+        return None
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:

@@ -424,3 +424,18 @@ def test_overlayroot_debug_times_each_module_loaded(
         "loaded kernel module virtio in 0 ms",
     ]
     assert all(line.startswith("overlayroot: [") for line in lines)
+
+
+def test_a_module_loaded_already_is_not_asked_of_the_kernel_again(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loaded: list[str]
+) -> None:
+    """Its signature would be checked again before the kernel says EEXIST."""
+    sys_module = tmp_path / "sys"
+    for name, state in (("libcrc32c", "live\n"), ("coming", "coming\n")):
+        (sys_module / name).mkdir(parents=True)
+        (sys_module / name / "initstate").write_text(state)
+    (sys_module / "builtin").mkdir()  # a built-in module with parameters: no initstate
+    monkeypatch.setattr(modload, "SYS_MODULE", str(sys_module))
+    path = listing(tmp_path, "libcrc32c", "coming", "builtin", "erofs")
+    assert modload.load_listed(path) == (["coming", "builtin", "erofs"], [])
+    assert loaded == ["coming", "builtin", "erofs"]
