@@ -53,10 +53,14 @@ REPORT_UNIT_NAME = "overlayroot-test-report.service"
 BLESS_UNIT = REPO_ROOT / "hooks" / "systemd" / "overlayroot-bless.service"
 # The modules the booted Debian loads itself (the initramfs has loaded the disk, loop, overlay
 # and erofs drivers by then): systemd mounts binfmt_misc through an automount, which needs
-# autofs4. The root carries these and their dependencies, not the kernel's 90 MB of modules:
-# every MB of the image is hashed on a deployment's first boot, and that is slow under TCG.
-# udev asks for drivers of the virtual hardware too; without them nothing fails.
-ROOT_MODULES = ("autofs4",)
+# autofs4, and its modprobe@loop.service loads loop on every boot. The root carries these and
+# their dependencies, not the kernel's 90 MB of modules: every MB of the image is hashed on a
+# deployment's first boot, and that is slow under TCG. udev asks for drivers of the virtual
+# hardware too; without them nothing fails. loop matters to bench.integrations: an ordinary
+# root loads it after the switch, where our stage has loaded it before (Linux 6.1 mounts an
+# erofs image through a loop device); without it in the root, the plain boots would skip a
+# load a real Debian makes and the hook would seem to add it.
+ROOT_MODULES = ("autofs4", "loop")
 
 # The guest side, in files shellcheck sees: the report that runs once multi-user.target is
 # reached (the kernel command line drives it, like qemu/rootfs.py's init: test.write=TOKEN
@@ -163,6 +167,7 @@ def _add_modules(root: Path, kernel: Kernel) -> None:
     result = subprocess.run(
         [
             "modprobe",
+            "--all",  # every word a module (without it, the words after the first are its options)
             "--dirname",
             str(kernel.modules.parents[2]),
             "--set-version",
