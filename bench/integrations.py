@@ -2,7 +2,8 @@
 
 What it measures
     bookworm: the Debian 12 image of qemu.debian (systemd, minbase, the overlayroot command and
-    overlayroot-bless.service), booted by the harness kernel:
+    overlayroot-bless.service, the kernel modules its systemd loads: autofs4 and loop), booted
+    by the harness kernel:
 
     standalone       our initramfs (initrd.build, zstd), the root deployed as erofs on a state disk;
     dracut+overlayroot, dracut-shell+overlayroot
