@@ -50,11 +50,12 @@ def _no_modprobe_on_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
     host's modprobe for softdog, or load it from the host's modules.dep
     (:func:`overlayroot.boot.modload.need`): no test loads a module into the kernel it runs on."""
     from overlayroot.boot import modload
+    from overlayroot.boot.console import Console
 
     monkeypatch.setattr(modload, "MODPROBE", ("/nonexistent/modprobe",))
     monkeypatch.setattr(modload, "MODULES_DEP", ("/nonexistent/{release}/modules.dep",))
     monkeypatch.setattr(modload, "_depmods", {})
     # overlayroot.debug in one test's command line (prepare.main sets it) is not the next one's.
-    monkeypatch.setattr(modload, "timed", False)
+    monkeypatch.setattr(modload, "console", Console())
     # Which modules the host has loaded is not what a test's stand-in modules are.
     monkeypatch.setattr(modload, "SYS_MODULE", "/nonexistent/sys/module")

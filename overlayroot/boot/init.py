@@ -88,7 +88,7 @@ def boot(console: Console, imported: float) -> None:
     console.onfail = onfail_from(cmdline)
     opts, warnings = parse_options(cmdline)
     console.debug = opts.debug
-    modload.timed = opts.debug
+    modload.console.debug = opts.debug
     console.step("the interpreter started and imported the stage", at=imported)
     console.step("mounted /proc /sys /dev /run", at=mounted)
     console.step("read the command line")

@@ -101,10 +101,10 @@ def glob_match(pattern: str, text: str) -> bool:
 _listings: dict[str, Listing] = {}
 # Every module this process loaded, in order (booted.json's "modules").
 LOADED: list[str] = []
-# overlayroot.debug: each module this process loads is timed on the console (set by /init and
-# the hooks' entry once they have read the command line). A load is mostly the kernel's check of
-# the module's signature: its time grows with the module's size.
-timed = False
+# Where this module's warnings go; with ``console.debug`` (overlayroot.debug, set by /init and
+# the hooks' entry once they have read the command line) each module loaded is timed there too.
+# A load is mostly the kernel's check of the module's signature: its time grows with its size.
+console = Console()
 
 
 def _listing(path: str) -> Listing:
@@ -153,7 +153,7 @@ def need(what: str, listing: str | None = None) -> None:
         if not known and what in MODULE_FOR:
             warnings += modprobe(module)
     for warning in warnings:
-        Console().warn(warning)
+        console.warn(warning)
 
 
 class Depmod:
@@ -363,9 +363,7 @@ def _load(path: str, warnings: list[str]) -> str | None:
             flags=syscalls.MODULE_INIT_COMPRESSED_FILE if compressed else 0,
         )
         LOADED.append(name)
-        if timed:
-            console = Console()
-            console.debug = True
+        if console.debug:
             console.step(f"loaded kernel module {name} in {(now() - started) * 1000:.0f} ms")
         return name
     except OSError as e:

@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
         cmdline = read_cmdline()
         opts, warnings = parse_options(cmdline)
         console.debug = opts.debug
-        modload.timed = opts.debug
+        modload.console.debug = opts.debug
         # overlayroot.debug: the same stamps as the standalone /init's, for a hook's share.
         console.step("the interpreter started and imported the stage", at=started)
         for warning in warnings:

@@ -114,6 +114,8 @@ def test_the_bridge_initramfs_boots_under_both_kernels(
         # kernel cannot mount erofs from its file).
         loaded = re.search(r"overlayroot: .*loaded (\d+) kernel modules", console)
         assert loaded is not None and int(loaded.group(1)) >= 1, "its own modules, from its list"
+        # overlayroot.debug times each module the stage loads (erofs for the image at least).
+        assert re.search(r"overlayroot: \[ *[\d.]+\] loaded kernel module erofs in \d+ ms", console)
         assert "switching root to v1 (/sbin/init)" in console
         assert machine.markers()["root_ro"] == "yes"
 

@@ -414,7 +414,7 @@ def test_overlayroot_debug_times_each_module_loaded(
     path = listing(tmp_path, "virtio", "absent", "loop loop")
     modload.load_listed(path)
     assert capsys.readouterr().out == ""  # not asked for
-    monkeypatch.setattr(modload, "timed", True)
+    monkeypatch.setattr(modload.console, "debug", True)
     modload.need("loop", path)
     modload._listings.clear()
     modload.load_listed(path)  # absent: ENODEV, not loaded, not timed
