@@ -15,11 +15,22 @@ from overlayroot.boot import modload
 from overlayroot.core import syscalls
 
 
+class Calls(list[str]):
+    """The modules asked of the kernel, in order (with their parameters, if any, on a line of
+    their own); ``no_wait``: those asked with ``async_probe`` first (a need's), which is kept
+    out of the parameters recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.no_wait: list[str] = []
+        self.given: dict[str, str] = {}  # each module's parameters as the kernel got them
+
+
 @pytest.fixture
-def loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+def loaded(monkeypatch: pytest.MonkeyPatch) -> Calls:
     """finit_module(2) stands in: records the names; 'absent' has no device (ENODEV), 'broken'
     a bad signature (EKEYREJECTED), 'twice' is loaded already (EEXIST)."""
-    calls: list[str] = []
+    calls = Calls()
     failures = {
         "absent": errno.ENODEV,
         "broken": errno.EKEYREJECTED,
@@ -32,6 +43,11 @@ def loaded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         os.fstat(fd)  # an open descriptor
         assert flags in (0, syscalls.MODULE_INIT_COMPRESSED_FILE)
         calls.append(name if not flags else f"{name} (compressed)")
+        calls.given[name] = params
+        first, _, rest = params.partition(" ")
+        if first == modload.NO_WAIT:
+            calls.no_wait.append(name)
+            params = rest
         if params:
             calls.append(f"{name} params: {params}")
         if name in failures:
@@ -74,7 +90,7 @@ def test_the_start_loads_the_modules_without_needs_in_order(
 
 
 def test_a_need_loads_its_modules_once_and_in_order(
-    tmp_path: Path, loaded: list[str], capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, loaded: Calls, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path = listing(
         tmp_path,
@@ -92,6 +108,8 @@ def test_a_need_loads_its_modules_once_and_in_order(
     modload.need("fs-ext4", path)  # built in, or not listed: nothing to do
     modload.need("watchdog", path)
     assert loaded == ["virtio", "libcrc32c", "erofs", "xfs", "watchdog", "softdog"]
+    # Only the device driver of the start waits for the system's asynchronous device probes.
+    assert loaded.no_wait == ["libcrc32c", "erofs", "xfs", "watchdog", "softdog"]
     assert capsys.readouterr().out == ""
 
 
@@ -257,7 +275,7 @@ def modules_dep(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def test_without_a_listing_a_need_loads_its_module_after_its_dependencies_from_modules_dep(
-    tmp_path: Path, loaded: list[str], modules_dep: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, loaded: Calls, modules_dep: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     missing = str(tmp_path / "no-listing")
     modload.need("fs-erofs", missing)
@@ -277,6 +295,7 @@ def test_without_a_listing_a_need_loads_its_module_after_its_dependencies_from_m
     assert capsys.readouterr().out == ""
     names = [name.split()[0] for name in loaded]
     assert names == modload.LOADED  # booted.json's "modules"
+    assert loaded.no_wait == names  # none of them waits for other drivers' device probes
 
 
 def test_without_a_listing_a_loop_device_or_watchdog_not_in_modules_dep_is_modprobes(
@@ -439,3 +458,38 @@ def test_a_module_loaded_already_is_not_asked_of_the_kernel_again(
     path = listing(tmp_path, "libcrc32c", "coming", "builtin", "erofs")
     assert modload.load_listed(path) == (["coming", "builtin", "erofs"], [])
     assert loaded == ["coming", "builtin", "erofs"]
+
+
+def test_a_needs_module_does_not_wait_for_device_probes_unless_its_options_say_so(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loaded: Calls
+) -> None:
+    """``async_probe`` comes first: the kernel applies a module's parameters in order, so an
+    ``erofs.async_probe=0`` of the command line (or modprobe.d) wins."""
+    path = listing(tmp_path, "virtio", "erofs fs-erofs", "loop loop")
+    options = "virtio.x=1 erofs.async_probe=0 loop.max_loop=4"
+    monkeypatch.setattr(modload, "_options", [modload.ModuleOptions((), options)])
+    modload.load_listed(path)
+    modload.need("fs-erofs", path)
+    modload.need("loop", path)
+    assert loaded.given == {
+        "virtio": "x=1",
+        "erofs": "async_probe async_probe=0",
+        "loop": "async_probe max_loop=4",
+    }
+
+
+def test_a_needs_module_that_refuses_its_parameters_names_only_those_it_was_given(
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    loaded: Calls,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = listing(tmp_path, "broken fs-broken", "absent fs-absent")
+    monkeypatch.setattr(modload, "_options", [modload.ModuleOptions((), "broken.size=huge")])
+    modload.need("fs-broken", path)
+    modload.need("fs-absent", path)  # ENODEV: not this machine's, nothing to say
+    assert loaded.no_wait == ["broken", "absent"]
+    assert capsys.readouterr().out.splitlines() == [
+        "overlayroot: warning: kernel module broken did not load with the parameters"
+        " 'size=huge' (modprobe.d and the kernel command line): Key was rejected by service"
+    ]
