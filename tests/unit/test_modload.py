@@ -478,7 +478,7 @@ def test_a_needs_module_does_not_wait_for_device_probes_unless_its_options_say_s
     }
 
 
-def test_a_needs_module_that_refuses_its_parameters_names_only_those_it_was_given(
+def test_a_needs_module_that_refuses_its_parameters_names_the_users_not_async_probe(
     monkeypatch: pytest.MonkeyPatch,
     tmp_path: Path,
     loaded: Calls,
