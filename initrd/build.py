@@ -230,8 +230,13 @@ def make_tree(
     return tree, libraries
 
 
+# The scripts' first step: the stage's priority, before its imports
+# (:mod:`overlayroot.boot.priority`).
+HURRY = "from overlayroot.boot.priority import hurry\n\nhurry()\n"
+
+
 def init_script(python: PurePosixPath) -> bytes:
-    return f"#!{python} -IS\nfrom overlayroot.boot.init import main\n\nmain()\n".encode()
+    return f"#!{python} -IS\n{HURRY}from overlayroot.boot.init import main\n\nmain()\n".encode()
 
 
 def prepare_script(python: PurePosixPath) -> bytes:
@@ -251,7 +256,7 @@ def prepare_script(python: PurePosixPath) -> bytes:
         '    name.startswith("PYTHON") and name != "PYTHONHASHSEED" for name in os.environ\n'
         "):\n"
         '    os.execv(sys.executable, [sys.executable, "-IS", *sys.argv])\n'
-        "from overlayroot.boot.prepare import main\n\n"
+        f"{HURRY}from overlayroot.boot.prepare import main\n\n"
         "sys.exit(main())\n"
     ).encode()
 

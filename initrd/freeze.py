@@ -34,6 +34,7 @@ DEFAULT_ENTRIES = ("overlayroot.boot.init",)
 # that every module the stage imports, at the top or in a function, is frozen).
 LAZY_IMPORTS = (
     "overlayroot.boot.kexec",
+    "overlayroot.boot.priority",  # imported by the image's scripts first (build.HURRY)
     "overlayroot.boot.rescue",
     "overlayroot.core.digest",
     "overlayroot.core.treecopy",

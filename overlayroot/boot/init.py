@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import time
 
-from overlayroot.boot import devices, modload
+from overlayroot.boot import devices, modload, priority
 from overlayroot.boot.cmdline import BREAK_STEPS, Options, onfail_from, parse_options
 from overlayroot.boot.console import Console, describe_bug, now
 from overlayroot.boot.prepare import prepare_root, read_cmdline
@@ -89,7 +89,9 @@ def boot(console: Console, imported: float) -> None:
     opts, warnings = parse_options(cmdline)
     console.debug = opts.debug
     modload.console.debug = opts.debug
-    console.step("the interpreter started and imported the stage", at=imported)
+    console.step(
+        f"the interpreter started and imported the stage (nice {priority.nice()})", at=imported
+    )
     console.step("mounted /proc /sys /dev /run", at=mounted)
     console.step("read the command line")
     for warning in warnings:

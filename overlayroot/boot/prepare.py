@@ -42,7 +42,7 @@ from __future__ import annotations
 import os
 import sys
 
-from overlayroot.boot import modload
+from overlayroot.boot import modload, priority
 from overlayroot.boot.assemble import Booted, assemble
 from overlayroot.boot.cmdline import Options, kexec_cmdline, parse_options
 from overlayroot.boot.console import Console, describe_bug, now
@@ -485,7 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         console.debug = opts.debug
         modload.console.debug = opts.debug
         # overlayroot.debug: the same stamps as the standalone /init's, for a hook's share.
-        console.step("the interpreter started and imported the stage", at=started)
+        console.step(
+            f"the interpreter started and imported the stage (nice {priority.nice()})", at=started
+        )
         for warning in warnings:
             console.warn(warning)
         if not opts.enabled:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 
+from overlayroot.boot import priority
 from overlayroot.boot.console import Console
 from overlayroot.core import syscalls
 
@@ -54,6 +55,7 @@ def run(argv: list[str], session: bool = False) -> int:
     pid = os.fork()
     if pid == 0:
         try:
+            priority.relax()  # the shell and its commands run at the usual priority
             if session:
                 _take_console()
             os.execve(argv[0], argv, SHELL_ENV)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import stat
 
+from overlayroot.boot import priority
 from overlayroot.core import syscalls
 
 MOVED_MOUNTS = ("/proc", "/sys", "/dev", "/run")
@@ -48,4 +49,5 @@ def switch_root(new_root: str, init: str, argv: list[str]) -> None:
     syscalls.mount(".", "/", None, syscalls.MS_MOVE)
     os.chroot(".")
     os.chdir("/")
+    priority.relax()  # the real init and all it starts run at the usual priority
     os.execv(init, [init, *argv])

@@ -27,6 +27,7 @@ else
 fi
 probe etc_writable /etc/.overlayroot-test-probe
 mark_mounts
+mark_init_nice
 if [ -f /run/overlayroot/booted.json ]; then
     mark booted_json "$(tr -d '\n' < /run/overlayroot/booted.json)"
 fi

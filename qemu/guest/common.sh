@@ -75,3 +75,13 @@ read_tokens_back() {
     mark var_token "$(cat /var/test-token 2>/dev/null)"
     mark home_token "$(cat /home/test-token 2>/dev/null)"
 }
+
+# mark_init_nice: PID 1's nice value (field 19 of /proc/1/stat; its name, field 2, has no
+# spaces): the stage runs hurried and must hand the real init the usual priority.
+mark_init_nice() {
+    read -r stat < /proc/1/stat
+    # shellcheck disable=SC2086  # split into the fields
+    set -- $stat
+    shift 18
+    mark init_nice "$1"
+}

@@ -22,6 +22,7 @@ fi
 probe tmp_writable /tmp/.overlayroot-test-probe
 probe etc_writable /etc/.overlayroot-test-probe
 mark_mounts
+mark_init_nice
 
 failed=$(systemctl list-units --state=failed --plain --no-legend --no-pager |
     while read -r unit _; do printf '%s ' "$unit"; done)

@@ -60,6 +60,7 @@ def stand_in(tmp_path: Path) -> Path:
     (package / "__init__.py").write_text("")
     (package / "boot").mkdir()
     (package / "boot/__init__.py").write_text("")
+    (package / "boot/priority.py").write_text("def hurry():\n    pass\n")
     (package / "boot/init.py").write_text(
         "import json\n\ndef main():\n    print(json.dumps('ran'))\n"
     )
@@ -109,6 +110,8 @@ def test_init_runs_main_of_the_frozen_stage(tmp_path: Path, stand_in: Path) -> N
 def test_image_layout_follows_the_internals_contract(payload: Path) -> None:
     init = (payload / "init").read_text().splitlines()
     assert init[0] == f"#!{PYTHON} -IS"
+    # The stage's priority goes up before its imports (overlayroot/boot/priority.py).
+    assert init.index("hurry()") < init.index("from overlayroot.boot.init import main")
     console = (payload / "dev/console").lstat()
     assert stat.S_ISCHR(console.st_mode) and stat.S_IMODE(console.st_mode) == 0o600
     assert (os.major(console.st_rdev), os.minor(console.st_rdev)) == (5, 1)
@@ -278,7 +281,10 @@ def test_the_hooks_prepare_takes_its_hash_seed_from_the_environment(tmp_path: Pa
     payload = tmp_path / "hooks-payload"
     build(payload, payload=True, entries=("overlayroot.boot.prepare",))
     (payload / "dev/urandom").unlink()
-    assert (payload / "usr/lib/overlayroot/prepare").read_text().startswith(f"#!{PYTHON} -sSP\n")
+    script = (payload / "usr/lib/overlayroot/prepare").read_text()
+    assert script.startswith(f"#!{PYTHON} -sSP\n")
+    # Hurried before its imports, after the restart that an environment may ask for.
+    assert script.index("os.execv") < script.index("hurry()") < script.index("import main")
 
     def prepare(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
         return subprocess.run(

@@ -67,6 +67,7 @@ def check_read_only_system(markers: dict[str, str], deployment: str) -> None:
     assert markers["root_ro"] == "yes"
     assert markers["etc_writable"] == "yes"
     assert markers["tmp_writable"] == "yes"
+    assert markers["init_nice"] == "0"  # systemd, and all it starts, at the usual priority
     assert markers["mount_root"].split()[1] == "erofs"
     assert markers["mount_etc"].startswith("overlay overlay")
     assert markers["failed"] == ""

@@ -50,6 +50,7 @@ def test_boots_a_read_only_image_with_writable_etc(
     assert markers["root_ro"] == "yes"
     assert markers["root_write_error"] == "Read-only file system"
     assert markers["etc_writable"] == "yes"
+    assert markers["init_nice"] == "0"  # the stage ran hurried; the real init does not
     assert markers["mount_root"].split()[1] == fmt
     assert markers["mount_etc"].startswith("overlay overlay")
     booted = json.loads(markers["booted_json"])

@@ -116,8 +116,11 @@ def test_the_bridge_initramfs_boots_under_both_kernels(
         assert loaded is not None and int(loaded.group(1)) >= 1, "its own modules, from its list"
         # overlayroot.debug times each module the stage loads (erofs for the image at least).
         assert re.search(r"overlayroot: \[ *[\d.]+\] loaded kernel module erofs in \d+ ms", console)
+        # The stage runs hurried (overlayroot/boot/priority.py) and hands over at nice 0.
+        assert "the interpreter started and imported the stage (nice -20)" in console
         assert "switching root to v1 (/sbin/init)" in console
         assert machine.markers()["root_ro"] == "yes"
+        assert machine.markers()["init_nice"] == "0"
 
 
 FAKE = "6.1.0-99-fake-amd64"
