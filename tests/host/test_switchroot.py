@@ -3,24 +3,27 @@ starts at the usual priority although the stage ran hurried."""
 
 from __future__ import annotations
 
+import ctypes
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
+from initrd.elf import read_elf
 from overlayroot.boot import priority
 from overlayroot.boot.switchroot import MOVED_MOUNTS, switch_root
 from overlayroot.core import syscalls
 from tests.host.conftest import CLONE_NEWNS
 
 BUSYBOX = shutil.which("busybox")
+STATIC = BUSYBOX is not None and read_elf(Path(os.path.realpath(BUSYBOX))).interpreter is None
 # The nice value of the process, field 19 of its stat (its name, field 2, has no spaces here).
 PRINT_NICE = "read -r s < /proc/self/stat; set -- $s; echo ${19}"
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0, reason="needs root: a mount namespace and chroot"),
-    pytest.mark.skipif(BUSYBOX is None, reason="no busybox to stand in for the real init"),
+    pytest.mark.skipif(not STATIC, reason="no static busybox to stand in for the real init"),
     # switch_root frees the initramfs when / has an /init (a host like WSL's would lose files).
     pytest.mark.skipif(os.path.exists("/init"), reason="this host's / has an /init"),
 ]
@@ -36,8 +39,6 @@ def test_the_real_init_starts_at_the_usual_priority(tmp_path: Path) -> None:
         try:
             os.close(read)
             os.dup2(write, 1)
-            import ctypes
-
             if ctypes.CDLL(None, use_errno=True).unshare(CLONE_NEWNS) != 0:
                 os._exit(3)
             syscalls.mount(None, "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
