@@ -81,6 +81,26 @@ def test_a_refused_hurry_leaves_the_priority_and_relax_alone(
     assert in_child(body) == [False, 2, None]
 
 
+def test_a_refused_relax_keeps_the_priority_to_go_back_to(monkeypatch: pytest.MonkeyPatch) -> None:
+    """relax's error path: the stage stays hurried and a later relax still knows where to go."""
+    real = os.setpriority
+
+    def refuse(*args: int) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    def body() -> list[object]:
+        real(os.PRIO_PROCESS, 0, 4)
+        priority.hurry()
+        monkeypatch.setattr(os, "setpriority", refuse)
+        priority.relax()
+        refused = [nice(), priority._before]
+        monkeypatch.setattr(os, "setpriority", real)
+        priority.relax()
+        return [*refused, nice(), priority._before]
+
+    assert in_child(body) == [priority.HURRIED, 4, 4, None]
+
+
 @pytest.mark.skipif(shutil.which("nice") is None, reason="no nice(1) to report a priority")
 def test_the_rescue_shells_commands_run_at_the_usual_priority() -> None:
     """The stage stays hurried; what the shell runs does not."""
