@@ -7,7 +7,9 @@ and the pre-pivot hook being sourced (it must `return`, never `exit`).
 
 from __future__ import annotations
 
+import lzma
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ STANDINS = r"""
 record() { printf '%s\n' "$*" >> "$LOG"; }
 derror() { record derror "$@"; }
 dfatal() { record dfatal "$@"; }
+dwarn() { record dwarn "$@"; }
 instmods() { record instmods "hostonly=$hostonly" "$@"; }
 inst_multiple() { record inst_multiple "$@"; }
 inst_simple() { record inst_simple "$@"; }
@@ -37,12 +40,19 @@ systemdsystemunitdir=/usr/lib/systemd/system
 
 
 def dracut(
-    tmp_path: Path, calls: str, *, included: str = "", builder: str = str(BUILDER)
+    tmp_path: Path,
+    calls: str,
+    *,
+    included: str = "",
+    builder: str = str(BUILDER),
+    initdir: Path | None = None,
 ) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
-    log, initdir, tmpdir = tmp_path / "log", tmp_path / "initramfs", tmp_path / "dracut-tmp"
-    initdir.mkdir()
-    tmpdir.mkdir()
-    (initdir / "lib").symlink_to("usr/lib")
+    log, tmpdir = tmp_path / "log", tmp_path / "dracut-tmp"
+    if initdir is None:
+        initdir = tmp_path / "initramfs"
+        initdir.mkdir()
+        (initdir / "lib").symlink_to("usr/lib")
+    tmpdir.mkdir(exist_ok=True)
     script = f'{STANDINS}\n. "$MODULE/module-setup.sh"\n{calls}\n'
     env = dict(
         os.environ,
@@ -79,6 +89,90 @@ def test_check_refuses_without_the_builder(tmp_path: Path) -> None:
 def test_installkernel_adds_the_modules_even_in_host_only_mode(tmp_path: Path) -> None:
     _, calls, _ = dracut(tmp_path, "installkernel")
     assert calls == ["instmods hostonly= overlay loop erofs squashfs softdog"]
+
+
+KERNEL = "6.12.0-test"
+
+
+DEP = (
+    "kernel/fs/erofs/erofs.ko.xz: kernel/lib/libcrc32c.ko.xz\n"
+    "kernel/fs/overlayfs/overlay.ko.xz:\n"
+    "kernel/fs/btrfs/btrfs.ko.xz: kernel/lib/libcrc32c.ko.xz\n"
+)
+
+
+def fake_modules(tmp_path: Path, initdir: Path, files: dict[str, bytes], dep: str) -> Path:
+    """A kernel's module directory (``$srcmods``) with the modules.dep ``dep``, and ``files``
+    as dracut's instmods put them into the image (``.xz`` ones compressed)."""
+    srcmods = tmp_path / "srcmods"
+    srcmods.mkdir()
+    (srcmods / "modules.dep").write_text(dep)
+    modules = initdir / "lib" / "modules" / KERNEL
+    for name, content in files.items():
+        path = modules / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(lzma.compress(content) if name.endswith(".xz") else content)
+    return srcmods
+
+
+def installkernel(
+    tmp_path: Path, files: dict[str, bytes], path: str = "", dep: str = DEP
+) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
+    initdir = tmp_path / "initramfs"
+    initdir.mkdir()
+    (initdir / "usr" / "lib").mkdir(parents=True)
+    (initdir / "lib").symlink_to("usr/lib")
+    srcmods = fake_modules(tmp_path, initdir, files, dep)
+    setup = f"srcmods={srcmods}/; kernel={KERNEL}; {path} installkernel; echo installkernel=$?"
+    return dracut(tmp_path, setup, initdir=initdir)
+
+
+def test_installkernel_stores_the_stages_modules_and_their_needs_decompressed(
+    tmp_path: Path,
+) -> None:
+    files = {
+        "kernel/fs/erofs/erofs.ko.xz": b"erofs module",
+        "kernel/lib/libcrc32c.ko.xz": b"crc module",
+        "kernel/fs/overlayfs/overlay.ko.xz": b"overlay module",
+        "kernel/fs/btrfs/btrfs.ko.xz": b"btrfs module",
+    }
+    proc, calls, initdir = installkernel(tmp_path, files)
+    assert "installkernel=0" in proc.stdout, proc.stderr
+    modules = initdir / "lib" / "modules" / KERNEL
+    for name in ("fs/erofs/erofs", "lib/libcrc32c", "fs/overlayfs/overlay"):
+        assert (modules / f"kernel/{name}.ko").read_bytes() == files[f"kernel/{name}.ko.xz"]
+        assert not (modules / f"kernel/{name}.ko.xz").exists()
+    # Not the stage's: left as dracut installed it.
+    assert (
+        lzma.decompress((modules / "kernel/fs/btrfs/btrfs.ko.xz").read_bytes()) == b"btrfs module"
+    )
+    assert not any(c.startswith("dwarn") for c in calls)
+
+
+def test_installkernel_leaves_a_module_compressed_without_the_tool(tmp_path: Path) -> None:
+    files = {"kernel/fs/overlayfs/overlay.ko.xz": b"overlay module"}
+    bin_dir = tmp_path / "bin"  # grep, but no xz
+    bin_dir.mkdir()
+    grep = shutil.which("grep")
+    assert grep is not None
+    (bin_dir / "grep").symlink_to(grep)
+    proc, calls, initdir = installkernel(tmp_path, files, path=f"PATH={bin_dir}")
+    assert "installkernel=0" in proc.stdout, proc.stderr
+    assert (initdir / "lib/modules" / KERNEL / "kernel/fs/overlayfs/overlay.ko.xz").is_file()
+    assert not (initdir / "lib/modules" / KERNEL / "kernel/fs/overlayfs/overlay.ko").exists()
+    assert not any(c.startswith("dwarn") for c in calls)
+
+
+def test_installkernel_warns_of_a_module_it_cannot_decompress(tmp_path: Path) -> None:
+    proc, calls, initdir = installkernel(
+        tmp_path,
+        {"kernel/fs/overlayfs/overlay.ko.gz": b"not gzip"},
+        dep="kernel/fs/overlayfs/overlay.ko.gz:\n",
+    )
+    assert "installkernel=0" in proc.stdout, proc.stderr
+    broken = initdir / "lib/modules" / KERNEL / "kernel/fs/overlayfs/overlay.ko.gz"
+    assert broken.read_bytes() == b"not gzip"
+    assert f"dwarn overlayroot: could not decompress {broken}; it stays as it is" in calls
 
 
 def test_install_for_the_shell_init_adds_an_early_pre_pivot_hook(tmp_path: Path) -> None:
