@@ -235,6 +235,12 @@ def make_tree(
 HURRY = "from overlayroot.boot.priority import hurry\n\nhurry()\n"
 
 
+# How the hooks' prepare ends: without the interpreter's teardown, which frees every object one
+# by one (7 M instructions, 7 ms of the instruction clock, for a process that exits anyway; its
+# messages are flushed as they are written).
+LEAVE = "os._exit"
+
+
 def init_script(python: PurePosixPath) -> bytes:
     return f"#!{python} -IS\n{HURRY}from overlayroot.boot.init import main\n\nmain()\n".encode()
 
@@ -257,7 +263,7 @@ def prepare_script(python: PurePosixPath) -> bytes:
         "):\n"
         '    os.execv(sys.executable, [sys.executable, "-IS", *sys.argv])\n'
         f"{HURRY}from overlayroot.boot.prepare import main\n\n"
-        "sys.exit(main())\n"
+        f"{LEAVE}(main())\n"
     ).encode()
 
 

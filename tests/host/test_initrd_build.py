@@ -303,3 +303,21 @@ def test_the_hooks_prepare_takes_its_hash_seed_from_the_environment(tmp_path: Pa
         unseeded = prepare(env)
         assert unseeded.returncode != 0 and "Fatal Python error" in unseeded.stderr, env
         assert "random" in unseeded.stderr, env
+
+
+def test_the_hooks_prepare_leaves_without_the_interpreters_teardown(tmp_path: Path) -> None:
+    """The teardown frees every object one by one (7 M instructions) in a process that exits
+    anyway: prepare leaves with os._exit. ``-v`` makes Python print each module it frees."""
+    payload = tmp_path / "hooks-payload"
+    build(payload, payload=True, entries=("overlayroot.boot.prepare",))
+    verbose = subprocess.run(
+        [CHROOT, str(payload), PYTHON, "-v", "-IS", "/usr/lib/overlayroot/prepare"],
+        capture_output=True,
+        text=True,
+        env={},
+        check=False,
+    )
+    assert verbose.returncode == 2
+    assert "usage: python -m overlayroot.boot.prepare SYSROOT" in verbose.stderr
+    assert "import 'overlayroot.boot.prepare'" in verbose.stderr
+    assert "# cleanup" not in verbose.stderr
