@@ -45,6 +45,12 @@ fi
 mark modules "$(while read -r name _; do printf '%s ' "$name"; done < /proc/modules)"
 # A module's parameter from the command line (loop.max_loop=): applied by whoever loaded it.
 mark loop_max_loop "$(cat /sys/module/loop/parameters/max_loop 2> /dev/null)"
+# The loop devices that exist (the stage's loop.max_loop=0: only the one it asked for).
+loops=0
+for device in /sys/block/loop*; do
+    [ -e "$device" ] && loops=$((loops + 1))
+done
+mark loop_devices "$loops"
 
 read_test_options
 # test.analyze=1 (bench.integrations --analyze): where systemd's part of the boot went, for the

@@ -86,7 +86,7 @@ def test_the_start_loads_the_modules_without_needs_in_order(
         "softdog watchdog",
     )
     assert modload.load_listed(path) == (["virtio", "loop"], [])
-    assert loaded == ["virtio", "loop"]
+    assert loaded == ["virtio", "loop", "loop params: max_loop=0"]
 
 
 def test_a_need_loads_its_modules_once_and_in_order(
@@ -308,7 +308,7 @@ def test_without_a_listing_a_loop_device_or_watchdog_not_in_modules_dep_is_modpr
     (modules_dep / "kernel/drivers/block/loop.ko").write_bytes(b"\x7fELF")
     modload._depmods.clear()  # another image
     modload.need("loop", str(tmp_path / "no-listing"))
-    assert loaded == ["loop"]
+    assert loaded == ["loop", "loop params: max_loop=0"]
     assert (tmp_path / "modprobe.calls").read_text() == "-q loop\n"
 
 
@@ -407,7 +407,7 @@ def test_a_loaded_module_gets_its_options(
     modload.load_listed(path)
     modload.need("loop", path)
     modload.need("fs-erofs", path)
-    assert loaded == ["virtio", "loop", "loop params: max_loop=4", "erofs"]
+    assert loaded == ["virtio", "loop", "loop params: max_loop=0 max_loop=4", "erofs"]
 
 
 def test_a_module_its_parameters_do_not_suit_says_which_it_was_given(
@@ -474,8 +474,19 @@ def test_a_needs_module_does_not_wait_for_device_probes_unless_its_options_say_s
     assert loaded.given == {
         "virtio": "x=1",
         "erofs": "async_probe async_probe=0",
-        "loop": "async_probe max_loop=4",
+        "loop": "async_probe max_loop=0 max_loop=4",
     }
+
+
+def test_loop_makes_no_devices_ahead_unless_the_user_says(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loaded: Calls
+) -> None:
+    """``max_loop=0`` first: a ``loop.max_loop=`` of the command line or modprobe.d comes
+    after it and wins; other modules get nothing of ours beyond ``async_probe``."""
+    path = listing(tmp_path, "erofs fs-erofs", "loop loop")
+    modload.need("fs-erofs", path)
+    modload.need("loop", path)
+    assert loaded.given == {"erofs": "async_probe", "loop": "async_probe max_loop=0"}
 
 
 def test_a_needs_module_that_refuses_its_parameters_names_the_users_not_async_probe(
