@@ -221,8 +221,11 @@ def modprobe(module: str, candidates: tuple[str, ...] | None = None) -> list[str
     command = next((c for c in candidates or MODPROBE if os.access(c, os.X_OK)), None)
     if command is None:
         return []
+    # modprobe puts the parameters it is given after the user's (modprobe.d, the command line),
+    # so ours go only to a module the user gives none.
+    ours = [] if module_options().of(module) else OURS.get(module, "").split()
     try:
-        pid = os.posix_spawn(command, [command, "-q", module], os.environ)
+        pid = os.posix_spawn(command, [command, "-q", module, *ours], os.environ)
         status = os.waitpid(pid, 0)[1]
     except OSError as e:
         return [f"cannot run {command} for kernel module {module}: {e.strerror}"]

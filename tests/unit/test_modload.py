@@ -302,13 +302,23 @@ def test_without_a_listing_a_loop_device_or_watchdog_not_in_modules_dep_is_modpr
     tmp_path: Path, loaded: list[str], modules_dep: Path
 ) -> None:
     modload.need("loop", str(tmp_path / "no-listing"))  # loop is built in, or not in the image
-    assert (tmp_path / "modprobe.calls").read_text() == "-q loop\n"
+    assert (tmp_path / "modprobe.calls").read_text() == "-q loop max_loop=0\n"
     (modules_dep / "modules.dep").write_text("kernel/drivers/block/loop.ko:\n")
     (modules_dep / "kernel/drivers/block").mkdir(parents=True)
     (modules_dep / "kernel/drivers/block/loop.ko").write_bytes(b"\x7fELF")
     modload._depmods.clear()  # another image
     modload.need("loop", str(tmp_path / "no-listing"))
     assert loaded == ["loop", "loop params: max_loop=0"]
+    assert (tmp_path / "modprobe.calls").read_text() == "-q loop max_loop=0\n"
+
+
+def test_modprobe_gives_loop_no_parameter_of_ours_when_the_user_gives_one(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, loaded: list[str], modules_dep: Path
+) -> None:
+    """modprobe puts what it is given after modprobe.d and the command line: ours would win."""
+    monkeypatch.setattr(modload, "_options", [modload.ModuleOptions((), "loop.max_loop=4")])
+    modload.need("loop", str(tmp_path / "no-listing"))
+    modload.need("watchdog", str(tmp_path / "no-listing"))
     assert (tmp_path / "modprobe.calls").read_text() == "-q loop\n"
 
 
