@@ -44,7 +44,7 @@ installkernel() {
 
 # The stage's modules and what they need, stored decompressed, as initramfs-tools stores every
 # module "for boot speed": the kernel then does not decompress them at each boot (Debian 13's
-# .ko.xz: erofs and overlay load in 75 and 100 ms of the instruction clock instead of 103 and
+# .ko.xz: erofs and overlay load in 77 and 98 ms of the instruction clock instead of 103 and
 # 136), and the image is compressed as a whole anyway. The signature is inside the compressed
 # file, so the kernel checks it as before. dracut runs depmod on the image after every module's
 # installkernel, so modules.dep names the new files. Without the tool a module stays compressed,
