@@ -215,7 +215,8 @@ def depmod(release: str) -> Depmod:
 
 def modprobe(module: str, candidates: tuple[str, ...] | None = None) -> list[str]:
     """Run the first of ``candidates`` (default :data:`MODPROBE`) that exists as
-    ``modprobe -q MODULE``; warnings if it could not be run or failed. Without a modprobe
+    ``modprobe -q MODULE`` (and our parameters of :data:`OURS` when the user gives the module
+    none); warnings if it could not be run or failed. Without a modprobe
     (our standalone image built without kernel modules) there is nothing to ask: the step
     that needed the module says what is missing."""
     command = next((c for c in candidates or MODPROBE if os.access(c, os.X_OK)), None)
