@@ -39,19 +39,19 @@ systemdsystemunitdir=/usr/lib/systemd/system
 """
 
 
-def dracut(
-    tmp_path: Path,
-    calls: str,
-    *,
-    included: str = "",
-    builder: str = str(BUILDER),
-    initdir: Path | None = None,
-) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
-    log, tmpdir = tmp_path / "log", tmp_path / "dracut-tmp"
-    if initdir is None:
-        initdir = tmp_path / "initramfs"
-        initdir.mkdir()
+def initramfs(tmp_path: Path) -> Path:
+    """dracut's ``$initdir`` (made once): a merged /usr, /lib a link to usr/lib."""
+    initdir = tmp_path / "initramfs"
+    if not initdir.exists():
+        (initdir / "usr" / "lib").mkdir(parents=True)
         (initdir / "lib").symlink_to("usr/lib")
+    return initdir
+
+
+def dracut(
+    tmp_path: Path, calls: str, *, included: str = "", builder: str = str(BUILDER)
+) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
+    log, initdir, tmpdir = tmp_path / "log", initramfs(tmp_path), tmp_path / "dracut-tmp"
     tmpdir.mkdir(exist_ok=True)
     script = f'{STANDINS}\n. "$MODULE/module-setup.sh"\n{calls}\n'
     env = dict(
@@ -118,13 +118,9 @@ def fake_modules(tmp_path: Path, initdir: Path, files: dict[str, bytes], dep: st
 def installkernel(
     tmp_path: Path, files: dict[str, bytes], path: str = "", dep: str = DEP
 ) -> tuple[subprocess.CompletedProcess[str], list[str], Path]:
-    initdir = tmp_path / "initramfs"
-    initdir.mkdir()
-    (initdir / "usr" / "lib").mkdir(parents=True)
-    (initdir / "lib").symlink_to("usr/lib")
-    srcmods = fake_modules(tmp_path, initdir, files, dep)
+    srcmods = fake_modules(tmp_path, initramfs(tmp_path), files, dep)
     setup = f"srcmods={srcmods}/; kernel={KERNEL}; {path} installkernel; echo installkernel=$?"
-    return dracut(tmp_path, setup, initdir=initdir)
+    return dracut(tmp_path, setup)
 
 
 def test_installkernel_stores_the_stages_modules_and_their_needs_decompressed(
